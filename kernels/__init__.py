@@ -1,0 +1,1 @@
+"""Packed formats and kernels. Every packed format has a pure-torch reference."""

@@ -1,0 +1,84 @@
+"""Uniform integer quantization grids and the GPTQ-ecosystem bit packing.
+
+Grid (as in the GPTQ reference ``Quantizer``): asymmetric min-max gives
+``scale = (max - min) / maxq`` and an integer ``zero = round(-min / scale)``;
+symmetric uses ``max(|min|, max)`` and ``zero = (maxq + 1) / 2``.  Codes are
+``q = clamp(round(w / scale) + zero, 0, maxq)`` and ``w_hat = scale * (q - zero)``.
+
+Packing: codes are a little-endian bit stream along the packed dimension, 32 bits per
+int32 word, which is exactly the layout of GPTQ checkpoints for 2/4/8 bits (``32 / bits``
+values per word) and for 3 bits (32 values in 3 words, values straddling word edges).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def grid_params(
+    wmin: torch.Tensor, wmax: torch.Tensor, bits: int, sym: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point from per-row (or per-group) min and max."""
+    maxq = 2**bits - 1
+    wmin = torch.minimum(wmin, torch.zeros_like(wmin))
+    wmax = torch.maximum(wmax, torch.zeros_like(wmax))
+    if sym:
+        amax = torch.maximum(wmin.abs(), wmax)
+        wmin = torch.where(amax > 0, -amax, wmin)
+        wmax = amax
+    degenerate = (wmin == 0) & (wmax == 0)
+    wmin = torch.where(degenerate, torch.full_like(wmin, -1.0), wmin)
+    wmax = torch.where(degenerate, torch.full_like(wmax, 1.0), wmax)
+    scale = (wmax - wmin) / maxq
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-wmin / scale)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    maxq = 2**bits - 1
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (q - zero)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return dequantize_codes(quantize_codes(w, scale, zero, bits), scale, zero)
+
+
+def pack_bits(codes: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
+    """Pack integer codes in [0, 2**bits) into int32 words along ``dim`` (bit stream, LSB first).
+
+    ``codes.shape[dim] * bits`` must be a multiple of 32.
+    """
+    c = codes.movedim(dim, 0).to(torch.int64)
+    n = c.shape[0]
+    if (n * bits) % 32:
+        raise ValueError(f"{n} values of {bits} bits do not fill whole int32 words")
+    shifts = torch.arange(bits, dtype=torch.int64)
+    bitstream = ((c.unsqueeze(1) >> shifts.view(1, bits, *([1] * (c.dim() - 1)))) & 1).reshape(
+        n * bits, *c.shape[1:]
+    )
+    words = bitstream.reshape(n * bits // 32, 32, *c.shape[1:])
+    weights = (torch.ones(32, dtype=torch.int64) << torch.arange(32, dtype=torch.int64)).view(
+        1, 32, *([1] * (c.dim() - 1))
+    )
+    packed = (words * weights).sum(1)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    return packed.movedim(0, dim).contiguous()
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int, dim: int = 0) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: ``n`` codes along ``dim`` as int32 (values in [0, 2**bits))."""
+    p = packed.movedim(dim, 0).to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(32, dtype=torch.int64).view(1, 32, *([1] * (p.dim() - 1)))
+    bitstream = ((p.unsqueeze(1) >> shifts) & 1).reshape(p.shape[0] * 32, *p.shape[1:])[: n * bits]
+    bitstream = bitstream.reshape(n, bits, *p.shape[1:])
+    weights = (torch.ones(bits, dtype=torch.int64) << torch.arange(bits, dtype=torch.int64)).view(
+        1, bits, *([1] * (p.dim() - 1))
+    )
+    return (bitstream * weights).sum(1).to(torch.int32).movedim(0, dim).contiguous()

@@ -1,0 +1,287 @@
+"""Method protocol, config base, storage accounting and the lazy method registry.
+
+A method is a class with a ``name``, a frozen versioned config dataclass, a
+``needs_calibration`` flag and ``quantize(model, calib) -> model``.  Methods register
+themselves with :func:`register` in their own file; :data:`METHOD_MODULES` maps each
+registered name to the module that defines it so the registry can import lazily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error (unknown name, bad parameter value)."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    choices = sorted(choices)
+    close = difflib.get_close_matches(word, choices, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{hint}; valid: {', '.join(choices)}"
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method config: frozen, validated in ``__post_init__``, versioned."""
+
+    version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:  # subclasses call super().__post_init__() then validate
+        pass
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, method: str, params: dict[str, Any] | None) -> MethodConfig:
+        params = dict(params or {})
+        valid = cls.param_names()
+        for key in params:
+            if key not in valid:
+                raise ConfigError(f"unknown parameter '{key}' for {method}{did_you_mean(key, valid)}")
+        try:
+            return cls(**params)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"bad parameters for {method}: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["version"] = self.version
+        return d
+
+
+def check_choice(method: str, param: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"{method}: {param}={value!r} is not valid; valid: {choices}")
+
+
+# --------------------------------------------------------------------------- storage
+
+
+@dataclass
+class Storage:
+    """Bytes a module really occupies, by component (computed from real buffers)."""
+
+    packed_weights: int = 0
+    scales_zeros: int = 0
+    outliers: int = 0
+    unquantized: int = 0
+    quantized_weights: int = 0  # number of weight *elements* represented by packed_weights
+
+    @property
+    def total(self) -> int:
+        return self.packed_weights + self.scales_zeros + self.outliers + self.unquantized
+
+    def __add__(self, other: Storage) -> Storage:
+        return Storage(
+            self.packed_weights + other.packed_weights,
+            self.scales_zeros + other.scales_zeros,
+            self.outliers + other.outliers,
+            self.unquantized + other.unquantized,
+            self.quantized_weights + other.quantized_weights,
+        )
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(int(t.numel() * t.element_size()) for t in tensors if t is not None)
+
+
+class QuantizedModule(nn.Module):
+    """Base for modules that replace ``nn.Linear`` with quantized storage.
+
+    Subclasses keep the real packed buffers and implement ``storage()``.  ``in_features``
+    and ``out_features`` mirror ``nn.Linear``.  ``packed`` selects the packed kernel
+    (True) or the simulated dequantized path (False) where a format has both.
+    """
+
+    in_features: int
+    out_features: int
+    packed: bool = True
+
+    def storage(self) -> Storage:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
+        """The weight the module computes with, as a dense [out, in] float tensor."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+@dataclass
+class Calibration:
+    """Calibration data: ``tokens`` is a LongTensor [n_samples, seq_len], seeded, disjoint from eval."""
+
+    tokens: torch.Tensor
+    dataset: str
+    seed: int
+    tokenizer: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def batches(self, batch_size: int = 1) -> Iterator[torch.Tensor]:
+        for i in range(0, self.tokens.shape[0], batch_size):
+            yield self.tokens[i : i + batch_size]
+
+
+# --------------------------------------------------------------------------- methods
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    config_cls: ClassVar[type[MethodConfig]]
+    needs_calibration: ClassVar[bool] = False
+    #: what the method quantizes: "weights", "kv" or "weights+activations"
+    target: ClassVar[str] = "weights"
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        self.config = config if config is not None else self.config_cls()
+        #: anything the method wants recorded (allocation, loss curve path, diagnostics)
+        self.artifacts: dict[str, Any] = {}
+
+    @abstractmethod
+    def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
+        """Transform ``model`` (a fresh copy the method may modify in place) and return it."""
+
+
+# name -> module that registers it (lazy import).  Keep in sync with @register calls:
+# tests/methods/test_registry.py checks that every entry registers its name.
+METHOD_MODULES: dict[str, str] = {
+    "fp": "quantbench.methods.fp",
+    "rtn": "quantbench.methods.rtn",
+    "gptq": "quantbench.methods.gptq",
+    "w8a8": "quantbench.methods.smoothquant",
+    "smoothquant": "quantbench.methods.smoothquant",
+    "bitnet-ptq": "quantbench.methods.bitnet",
+    "bitnet-1bit": "quantbench.methods.bitnet",
+    "bitnet-qat": "quantbench.methods.bitnet",
+    "kv-fp16": "quantbench.methods.kvquant",
+    "kv-uniform": "quantbench.methods.kvquant",
+    "kivi": "quantbench.methods.kvquant",
+    "kvquant": "quantbench.methods.kvquant",
+    "llamacpp": "quantbench.methods.kquants",
+    "mixed": "quantbench.methods.mixed",
+}
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: ``@register`` on a Method subclass with ``name`` and ``config_cls``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise RuntimeError(f"method '{cls.name}' registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    return sorted(METHOD_MODULES)
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHOD_MODULES:
+        raise ConfigError(f"unknown method '{name}'{did_you_mean(name, METHOD_MODULES)}")
+    if name not in _REGISTRY:
+        importlib.import_module(METHOD_MODULES[name])
+    if name not in _REGISTRY:
+        raise RuntimeError(f"module {METHOD_MODULES[name]} did not register method '{name}'")
+    return _REGISTRY[name]
+
+
+def build_method(name: str, params: dict[str, Any] | None = None) -> Method:
+    cls = get_method(name)
+    return cls(cls.config_cls.from_dict(name, params))
+
+
+# --------------------------------------------------------------------------- module selection
+
+
+DEFAULT_SKIP = ("lm_head", "*embed*", "*wte*", "*wpe*")
+
+
+def iter_linears(
+    model: nn.Module, include: Iterable[str] = ("*",), exclude: Iterable[str] = DEFAULT_SKIP
+) -> Iterator[tuple[str, nn.Linear]]:
+    """Yield (qualified name, module) for every ``nn.Linear`` matching the glob patterns.
+
+    Embeddings and lm_head are excluded by default (``exclude``); patterns match the full
+    qualified name or its last component.
+    """
+    include, exclude = list(include), list(exclude)
+
+    def match(name: str, pats: list[str]) -> bool:
+        last = name.rsplit(".", 1)[-1]
+        return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(last, p) for p in pats)
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and match(name, include) and not match(name, exclude):
+            yield name, mod
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def model_storage(model: nn.Module) -> dict[str, Storage]:
+    """Storage of the whole model: ``{"linear": ..., "other": ..., "total": ...}``.
+
+    ``linear`` covers the transformer's linear layers (quantized or not, lm_head and
+    embeddings excluded); ``other`` covers every remaining parameter (embeddings, norms,
+    lm_head), counted once even when tied.
+    """
+    linear = Storage()
+    counted: set[int] = set()
+    quantized_prefixes: list[str] = []
+    for name, mod in model.named_modules():
+        if any(name.startswith(p + ".") for p in quantized_prefixes):
+            continue
+        if isinstance(mod, QuantizedModule):
+            linear = linear + mod.storage()
+            quantized_prefixes.append(name)
+            for t in list(mod.parameters()) + list(mod.buffers()):
+                counted.add(t.data_ptr())
+        elif isinstance(mod, nn.Linear) and "lm_head" not in name:
+            n = tensor_bytes(mod.weight, mod.bias)
+            linear = linear + Storage(unquantized=n)
+            for t in mod.parameters():
+                counted.add(t.data_ptr())
+    other = Storage()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in counted or t.numel() == 0:
+            continue
+        counted.add(t.data_ptr())
+        if t.is_floating_point() and t.dim() >= 1:
+            other = other + Storage(unquantized=tensor_bytes(t))
+    return {"linear": linear, "other": other, "total": linear + other}
+
+
+def linear_weight_count(model: nn.Module) -> int:
+    """Number of weight elements in the transformer's linear layers (quantized or not)."""
+    n = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantizedModule):
+            n += mod.in_features * mod.out_features
+        elif isinstance(mod, nn.Linear) and "lm_head" not in name:
+            n += mod.weight.numel()
+    return n
