@@ -15,10 +15,26 @@ from __future__ import annotations
 import torch
 
 
+def round_up_to(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale`` rounded to ``dtype`` and nudged up where rounding went down, returned as float32.
+
+    Packed layouts store scales in fp16; a scale rounded *up* keeps [min, max] on the grid, so
+    round-to-nearest keeps its |w - w_hat| <= scale / 2 bound.
+    """
+    s = scale.to(dtype)
+    low = s.float() < scale
+    s = torch.where(low, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
+    return s.float()
+
+
 def grid_params(
-    wmin: torch.Tensor, wmax: torch.Tensor, bits: int, sym: bool
+    wmin: torch.Tensor, wmax: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point from per-row (or per-group) min and max."""
+    """Scale and integer zero point from per-row (or per-group) min and max.
+
+    With ``scale_dtype`` (e.g. ``torch.float16``) the scale is first rounded up to that dtype and
+    the zero point computed against the rounded scale.
+    """
     maxq = 2**bits - 1
     wmin = torch.minimum(wmin, torch.zeros_like(wmin))
     wmax = torch.maximum(wmax, torch.zeros_like(wmax))
@@ -30,6 +46,8 @@ def grid_params(
     wmin = torch.where(degenerate, torch.full_like(wmin, -1.0), wmin)
     wmax = torch.where(degenerate, torch.full_like(wmax, 1.0), wmax)
     scale = (wmax - wmin) / maxq
+    if scale_dtype is not None:
+        scale = round_up_to(scale, scale_dtype)
     if sym:
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:

@@ -15,6 +15,7 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -157,6 +158,8 @@ class Method(ABC):
         self.config = config if config is not None else self.config_cls()
         #: anything the method wants recorded (allocation, loss curve path, diagnostics)
         self.artifacts: dict[str, Any] = {}
+        #: where the method may keep files (checkpoints, curves); set by the runner, may be None
+        self.artifact_dir: Path | None = None
 
     @abstractmethod
     def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:

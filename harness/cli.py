@@ -1,0 +1,192 @@
+"""The `quantbench` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from quantbench.methods.base import ConfigError
+
+log = logging.getLogger("quantbench")
+
+SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("urllib3", "filelock", "httpx", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from quantbench.harness.suite import load_suite
+
+    suite = load_suite(args.suite)
+    print(f"{suite.path}: ok — {len(suite.models)} model(s) x {len(suite.cells)} cell(s), "
+          f"metrics: {', '.join(suite.metrics)}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from quantbench.harness.report import markdown, provenance_footer, write_report
+    from quantbench.harness.records import read_records
+    from quantbench.harness.runner import run_suite
+    from quantbench.harness.suite import load_suite
+
+    suite = load_suite(args.suite)  # validated before any work starts
+    _threads(args.threads)
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+    cell_filter = None
+    if args.cells:
+        import fnmatch
+
+        pats = args.cells.split(",")
+        cell_filter = lambda c: any(fnmatch.fnmatch(c.name, p) for p in pats)  # noqa: E731
+    executor = getattr(args, "executor", "local")
+    if executor == "ray":
+        from quantbench.harness.ray_executor import run_suite_ray
+
+        run_dir = run_suite_ray(suite, Path(args.out) if args.out else None, args.resume, args.seed, args.limit,
+                                cell_filter, address=args.address)
+    else:
+        run_dir = run_suite(suite, Path(args.out) if args.out else None, args.resume, args.seed, args.limit,
+                            cell_filter)
+    path = write_report([run_dir])
+    try:
+        from quantbench.harness import publish
+
+        publish.render_extras([run_dir])
+    except ImportError:
+        pass
+    recs = read_records(run_dir / "records.jsonl")
+    print(markdown(recs, f"{suite.name}"))
+    print(provenance_footer([run_dir]))
+    print(f"\nrecords: {run_dir / 'records.jsonl'}\nleaderboard: {path}")
+    return 1 if any(r["status"] == "failed" for r in recs) and args.strict else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from quantbench.harness.records import read_records
+    from quantbench.harness.report import markdown, write_report
+
+    path = write_report(args.run_dirs, args.out)
+    try:
+        from quantbench.harness import publish
+
+        publish.render_extras(args.run_dirs, args.out)
+    except ImportError:
+        pass
+    recs = []
+    for d in args.run_dirs:
+        recs += read_records(Path(d) / "records.jsonl")
+    print(markdown(recs))
+    print(f"leaderboard: {path}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    what = args.what
+    if what == "methods":
+        from quantbench.methods.base import METHOD_MODULES, get_method
+
+        for name in sorted(METHOD_MODULES):
+            try:
+                cls = get_method(name)
+                params = ", ".join(cls.config_cls.param_names())
+                doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+                print(f"{name:14s} [{params}]\n{'':14s} {doc}")
+            except ImportError as e:
+                print(f"{name:14s} (not installed: {e})")
+    elif what == "metrics":
+        from quantbench.harness.metrics import METRICS
+
+        for name, spec in METRICS.items():
+            hib = {True: "higher is better", False: "lower is better", None: ""}[spec.higher_is_better]
+            print(f"{name:22s} {spec.unit:12s} {hib}")
+    elif what == "datasets":
+        from quantbench.harness.data import DATASETS
+
+        for name, c in DATASETS.items():
+            print(f"{name:10s} splits: {', '.join(c.splits):12s} {c.description} ({c.licence})")
+    elif what == "models":
+        from quantbench.harness.models import MODELS
+
+        for name, fn in MODELS.items():
+            print(f"{name:14s} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
+        print("or any HF causal-LM directory / GGUF file: {name: NAME, path: PATH}")
+    elif what == "suites":
+        for p in sorted(SUITES_DIR.glob("*.yaml")):
+            print(p.relative_to(SUITES_DIR.parent))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quantbench", description="Benchmark harness for LLM quantization")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a suite")
+    r.add_argument("suite")
+    r.add_argument("--out", help="run directory (default results/runs/<UTC time>-<suite>)")
+    r.add_argument("--resume", action="store_true", help="skip cells already recorded in --out")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--limit", type=int, help="cap on evaluation windows (and task examples) per cell")
+    r.add_argument("--cells", help="comma-separated glob patterns of cell names to run")
+    r.add_argument("--threads", type=int, help="torch intra-op threads")
+    r.add_argument("--executor", choices=["local", "ray"], default="local")
+    r.add_argument("--address", help="Ray cluster address (with --executor ray)")
+    r.add_argument("--strict", action="store_true", help="exit 1 if any cell failed")
+    r.set_defaults(fn=cmd_run)
+
+    v = sub.add_parser("validate", help="validate a suite without running it")
+    v.add_argument("suite")
+    v.set_defaults(fn=cmd_validate)
+
+    ls = sub.add_parser("ls", help="list registered things")
+    ls.add_argument("what", choices=["methods", "metrics", "datasets", "models", "suites"])
+    ls.set_defaults(fn=cmd_ls)
+
+    rep = sub.add_parser("report", help="leaderboard of one or more run directories")
+    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("--out", help="output directory (default: the first run directory)")
+    rep.set_defaults(fn=cmd_report)
+
+    from quantbench.harness import cli_extra
+
+    cli_extra.add_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished cells are kept (continue with --resume --out RUN_DIR)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Leaderboards from records: pandas tables, one row per cell, a column per metric (and protocol)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from quantbench.harness.records import read_records
+
+#: column order and display names for the leaderboard
+COLUMNS = {
+    "perplexity": "ppl",
+    "kl_divergence": "KL",
+    "top1_agreement": "top-1",
+    "accuracy": "acc",
+    "bits_per_weight": "bits/w",
+    "weight_bytes": "weight MB",
+    "kv_bytes_per_token": "KV B/tok",
+    "peak_memory_bytes": "peak MB",
+    "quantize_seconds": "quant s",
+    "prefill_tokens_per_s": "prefill tok/s",
+    "decode_ms_per_token": "decode ms/tok",
+    "energy_j_per_token": "J/tok",
+}
+SCALE = {"weight_bytes": 1e-6, "peak_memory_bytes": 1e-6}
+
+
+def protocol_tag(rec: dict[str, Any]) -> str:
+    """A short label of the protocol that makes a metric comparable (never mix two in a column)."""
+    p = rec.get("protocol") or {}
+    m = rec["metric"]
+    if m in ("perplexity", "kl_divergence", "top1_agreement"):
+        tag = f"{p.get('dataset')}/{p.get('name')}/{p.get('seq_len')}"
+        if p.get("name") == "sliding":
+            tag += f"/s{p.get('stride')}"
+        return tag
+    if m == "accuracy":
+        return f"{p.get('task')}/{p.get('shots', 0)}-shot"
+    if m in ("prefill_tokens_per_s", "decode_ms_per_token"):
+        keys = [k for k in ("prompt_len", "context", "batch") if k in p]
+        return "/".join(f"{k}{p[k]}" for k in keys)
+    return ""
+
+
+def load_runs(run_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
+    recs: list[dict[str, Any]] = []
+    for d in run_dirs:
+        p = Path(d)
+        recs.extend(read_records(p / "records.jsonl" if p.is_dir() else p))
+    return recs
+
+
+def latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last record of each (run, model, cell, metric, protocol): a resumed rerun wins."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        key = (r["run_id"], r["model"]["name"], r["cell"], r["metric"], protocol_tag(r))
+        out[key] = r
+    return list(out.values())
+
+
+def long_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = []
+    for r in latest(records):
+        tag = protocol_tag(r)
+        col = COLUMNS.get(r["metric"], r["metric"]) + (f" [{tag}]" if tag else "")
+        v = r["value"]
+        if v is not None and r["metric"] in SCALE:
+            v = v * SCALE[r["metric"]]
+        rows.append({"suite": r["suite"], "model": r["model"]["name"], "cell": r["cell"], "method": r["method"],
+                     "metric": r["metric"], "column": col, "value": v, "status": r["status"],
+                     "error": r["error"], "higher_is_better": r["higher_is_better"]})
+    return pd.DataFrame(rows)
+
+
+def leaderboard(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Wide table: rows (suite, model, cell) in suite order; columns per metric+protocol."""
+    df = long_table(records)
+    if df.empty:
+        return df
+    order = {c: i for i, c in enumerate(dict.fromkeys(df["cell"]))}
+    metric_order = {m: i for i, m in enumerate(COLUMNS)}
+    cols = sorted(dict.fromkeys(df["column"]),
+                  key=lambda c: (metric_order.get(df.loc[df["column"] == c, "metric"].iloc[0], 99), c))
+    idx = ["suite", "model", "cell", "method"]
+    wide = df.groupby(idx + ["column"], sort=False)["value"].agg(lambda s: s.iloc[-1]).unstack("column")
+    wide = wide.reindex(columns=[c for c in cols if c in wide.columns])
+    wide = wide.reset_index()
+    status = df.groupby(["suite", "model", "cell"])["status"].agg(
+        lambda s: "ok" if (s == "ok").all() else ("failed" if (s == "failed").any() else "partial"))
+    wide["status"] = [status.get((a, b, c), "ok") for a, b, c in zip(wide["suite"], wide["model"], wide["cell"])]
+    wide["_o"] = wide["cell"].map(order)
+    return wide.sort_values(["suite", "model", "_o"]).drop(columns="_o").reset_index(drop=True)
+
+
+def _fmt(v: Any, col: str) -> str:
+    if v is None or (isinstance(v, float) and pd.isna(v)):
+        return "—"
+    if isinstance(v, float):
+        if col.startswith("KL"):
+            return f"{v:.4f}"
+        if col.startswith("top-1") or col.startswith("acc"):
+            return f"{v:.3f}"
+        if abs(v) >= 100:
+            return f"{v:.1f}"
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
+    return str(v)
+
+
+def markdown(records: list[dict[str, Any]], title: str | None = None) -> str:
+    wide = leaderboard(records)
+    if wide.empty:
+        return "(no records)\n"
+    lines: list[str] = []
+    if title:
+        lines += [f"# {title}", ""]
+    metric_cols = [c for c in wide.columns if c not in ("suite", "model", "cell", "method", "status")]
+    for (suite, model), g in wide.groupby(["suite", "model"], sort=False):
+        lines += [f"## {suite} — {model}", ""]
+        fp = g[g["method"] == "fp"]
+        ppl_cols = [c for c in metric_cols if c.startswith("ppl")]
+        header = ["cell"] + metric_cols + [f"Δppl vs fp [{c[5:-1]}]" for c in ppl_cols[:1]] + ["status"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|")
+        for _, row in g.iterrows():
+            cells = [row["cell"]] + [_fmt(row[c], c) for c in metric_cols]
+            for c in ppl_cols[:1]:
+                if len(fp) and pd.notna(row[c]) and pd.notna(fp.iloc[0][c]):
+                    cells.append(f"{row[c] - fp.iloc[0][c]:+.3f}")
+                else:
+                    cells.append("—")
+            cells.append(row["status"])
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    failed = [r for r in latest(records) if r["status"] != "ok"]
+    if failed:
+        lines += ["### Not measured", ""]
+        seen = set()
+        for r in failed:
+            key = (r["cell"], r["metric"], r["status"], r["error"])
+            if key in seen:
+                continue
+            seen.add(key)
+            lines.append(f"- `{r['cell']}` {r['metric']}: {r['status']} — {r['error']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def provenance_footer(run_dirs: Iterable[str | Path]) -> str:
+    lines = []
+    for d in run_dirs:
+        env_path = Path(d) / "env.json"
+        if env_path.exists():
+            env = json.loads(env_path.read_text())
+            v = env.get("versions", {})
+            hw = env.get("hardware", {})
+            lines.append(
+                f"Run `{Path(d).name}`: git {str(env.get('git_sha'))[:10]}{' (dirty)' if env.get('dirty') else ''}, "
+                f"torch {v.get('torch')}, transformers {v.get('transformers')}, quantbench {v.get('quantbench')}; "
+                f"{hw.get('cpu')} ({hw.get('cores')} cores), GPU {hw.get('gpu')}, threads {env.get('threads')}."
+            )
+    return "\n".join(lines)
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Path:
+    """Write leaderboard.md into ``out_dir`` (default: the first run dir) and return its path."""
+    recs = load_runs(run_dirs)
+    out = Path(out_dir) if out_dir else Path(run_dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    title = "quantbench leaderboard"
+    md = markdown(recs, title) + "\n" + provenance_footer(run_dirs) + "\n"
+    path = out / "leaderboard.md"
+    path.write_text(md)
+    return path
