@@ -39,8 +39,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from quantbench.harness.report import markdown, provenance_footer, write_report
     from quantbench.harness.records import read_records
+    from quantbench.harness.report import markdown, provenance_footer, write_report
     from quantbench.harness.runner import run_suite
     from quantbench.harness.suite import load_suite
 

@@ -205,7 +205,7 @@ def _tiny_info(name: str, model: nn.Module, seed: int) -> dict[str, Any]:
         "params": _param_count(model),
         "dtype": "float32",
         "source_precision": "float32 (random)",
-        "architecture": model.config.model_type,
+        "architecture": getattr(model.config, "model_type", None),
     }
 
 

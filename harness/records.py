@@ -109,7 +109,7 @@ class RecordWriter:
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """All complete records of a JSONL file (a torn last line from a crash is skipped)."""
-    out = []
+    out: list[dict[str, Any]] = []
     p = Path(path)
     if not p.exists():
         return out

@@ -126,7 +126,7 @@ def _parse_chain(where: str, method: Any, params: Any) -> list[MethodSpec]:
             build_method(item["method"], p)  # validates the name and every parameter
         except ConfigError as e:
             raise _err(where, str(e)) from None
-        chain.append(MethodSpec(item["method"], dict(p)))
+        chain.append(MethodSpec(str(item["method"]), dict(p)))
     if not chain:
         raise _err(where, "empty method chain")
     return chain

