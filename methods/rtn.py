@@ -50,13 +50,16 @@ def rtn_quantize_weight(
     """codes [out, in], scales and integer zeros [out, n_groups] for a weight [out, in]."""
     out_f, in_f = w.shape
     gs = in_f if group_size == -1 else group_size
-    if in_f % gs:
-        raise ValueError(f"in_features {in_f} is not a multiple of group_size {gs}")
-    wg = w.float().reshape(out_f, in_f // gs, gs)
+    n_groups = -(-in_f // gs)  # a last, shorter group when gs does not divide in_f (as in GPTQ's g_idx)
+    w = w.float()
+    pad = n_groups * gs - in_f
+    # pad the last group with copies of its own last column: its min and max are unchanged
+    wp = torch.cat([w, w[:, -1:].expand(out_f, pad)], dim=1) if pad else w
+    wg = wp.reshape(out_f, n_groups, gs)
     # the packed layout stores fp16 scales: codes are computed against the scale dequantization uses
     scale, zero = grid_params(wg.amin(-1), wg.amax(-1), bits, sym, scale_dtype=torch.float16)
     codes = quantize_codes(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), bits)
-    return codes.reshape(out_f, in_f).to(torch.int32), scale, zero
+    return codes.reshape(out_f, n_groups * gs)[:, :in_f].to(torch.int32), scale, zero
 
 
 @register

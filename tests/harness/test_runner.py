@@ -9,6 +9,22 @@ from quantbench.harness import runner as runner_mod
 from quantbench.harness.records import read_records
 from quantbench.harness.runner import run_suite
 from quantbench.harness.suite import parse_suite
+from quantbench.methods import base
+from quantbench.methods.fp import FPConfig
+
+
+class Boom(base.Method):
+    name = "boom"
+    config_cls = FPConfig
+
+    def quantize(self, model, calib):
+        raise RuntimeError("boom at quantize")
+
+
+@pytest.fixture(autouse=True)
+def _boom_method(monkeypatch):
+    monkeypatch.setitem(base.METHOD_MODULES, "boom", __name__)
+    monkeypatch.setitem(base._REGISTRY, "boom", Boom)
 
 SUITE = {
     "name": "t",
@@ -19,8 +35,8 @@ SUITE = {
     "metrics": ["perplexity", "kl_divergence", "top1_agreement", "bits_per_weight"],
     "cells": [
         {"name": "fp", "method": "fp"},
-        # group_size 96 does not divide 256: quantize raises, the cell is recorded as failed
-        {"name": "broken", "method": "rtn", "params": {"bits": 4, "group_size": 96}},
+        # quantize raises: the cell is recorded as failed
+        {"name": "broken", "method": "boom"},
         {"name": "r4", "method": "rtn", "params": {"bits": 4, "group_size": 64}},
     ],
 }
@@ -32,7 +48,7 @@ def test_records_failed_cell_and_continues(tmp_path):
     assert len(recs) == 3 * 4
     by = {(r["cell"], r["metric"]): r for r in recs}
     assert by[("broken", "perplexity")]["status"] == "failed"
-    assert "group_size 96" in by[("broken", "perplexity")]["error"] and by[("broken", "perplexity")]["value"] is None
+    assert by[("broken", "perplexity")]["error"] == "RuntimeError: boom at quantize" and by[("broken", "perplexity")]["value"] is None
     assert by[("fp", "kl_divergence")]["value"] == pytest.approx(0.0, abs=1e-6)
     assert by[("fp", "top1_agreement")]["value"] == 1.0
     r4 = by[("r4", "perplexity")]
