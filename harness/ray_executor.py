@@ -1,0 +1,129 @@
+"""The Ray executor: each cell a Ray task with its resource request; the driver alone writes records.
+
+Resources come from the cell's ``resources:`` (else the suite's): ``num_cpus`` (default 1),
+``num_gpus`` (default 0), ``memory`` (bytes) and ``max_retries`` (default 0; Ray retries a task
+whose worker died).  A task that raises, or whose worker is lost after its retries, is recorded as
+``status: failed`` and the other cells go on.  ``--resume`` reads the same ``records.jsonl`` as the
+local executor, so a run can be continued with either.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from quantbench.harness.metrics import METRICS
+from quantbench.harness.models import model_key
+from quantbench.harness.records import (
+    RecordWriter,
+    completed_cells,
+    environment,
+    make_record,
+    read_records,
+    utc_now,
+)
+from quantbench.harness.suite import Cell, Suite, parse_suite, resolved_yaml
+
+log = logging.getLogger(__name__)
+
+_RUNNERS: dict[tuple, Any] = {}  # per worker process: one loaded base model per (suite, model, seed, limit)
+
+
+def _run_cell_task(suite_raw: dict[str, Any], model_spec: Any, cell_name: str, run_dir: str | None,
+                   seed: int, limit: int | None, run_id: str, env: dict[str, Any]) -> list[dict[str, Any]]:
+    """Body of the Ray task (runs in a worker); reuses the worker's loaded model when it can."""
+    from quantbench.harness.runner import CellRunner
+
+    suite = parse_suite(suite_raw)
+    key = (json.dumps(suite_raw, sort_keys=True, default=str), model_key(model_spec), seed, limit)
+    if key not in _RUNNERS:
+        _RUNNERS.clear()  # keep one model per worker
+        _RUNNERS[key] = CellRunner(suite, model_spec, Path(run_dir) if run_dir else None, seed, limit)
+    cell = next(c for c in suite.cells if c.name == cell_name)
+    return _RUNNERS[key].run_cell(cell, run_id, {**env, "executor": "ray"})
+
+
+def _failed_records(suite: Suite, model_spec: Any, cell: Cell, run_id: str, env: dict[str, Any],
+                    error: str) -> list[dict[str, Any]]:
+    info = {"name": model_key(model_spec), "source": None, "sha256": None, "params": None,
+            "source_precision": None, "dtype": None}
+    prov = {**env, "executor": "ray", "started": utc_now(), "seconds": None}
+    configs = [{"method": m.method, **m.params} for m in cell.chain]
+    return [make_record(run_id=run_id, suite=suite.name, cell=cell.name, model=info, method=cell.method_label,
+                        method_config=configs[0] if len(configs) == 1 else configs, metric=name, value=None,
+                        unit=METRICS[name].unit, higher_is_better=METRICS[name].higher_is_better,
+                        status="failed", error=error, provenance=prov)
+            for name in cell.metrics]
+
+
+def run_suite_ray(
+    suite: Suite,
+    out: Path | None = None,
+    resume: bool = False,
+    seed: int | None = None,
+    limit: int | None = None,
+    cell_filter: Callable[[Cell], bool] | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+) -> Path:
+    try:
+        import ray
+    except ImportError as e:  # pragma: no cover - depends on the extra
+        from quantbench.methods.base import ConfigError
+
+        raise ConfigError("the Ray executor needs Ray: pip install 'quantbench[ray]'") from e
+    from quantbench.harness.runner import REPO_ROOT, default_run_dir
+
+    run_dir = Path(out) if out else default_run_dir(suite)
+    records_path = run_dir / "records.jsonl"
+    if records_path.exists() and not resume:
+        raise FileExistsError(f"{records_path} exists; pass --resume to continue that run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed = suite.seed if seed is None else seed
+    (run_dir / "suite.resolved.yaml").write_text(resolved_yaml(suite))
+    env = environment()
+    (run_dir / "env.json").write_text(json.dumps(env, indent=1))
+    existing = read_records(records_path)
+    done = completed_cells(existing)
+    run_id = existing[0]["run_id"] if existing else run_dir.name
+    writer = RecordWriter(records_path)
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "TQDM_DISABLE": "1"}})
+    try:
+        remote = ray.remote(_run_cell_task)
+        pending: dict[Any, tuple[Any, Cell]] = {}
+        for model_spec in suite.models:
+            for cell in suite.cells:
+                if (model_key(model_spec), cell.name) in done or (cell_filter and not cell_filter(cell)):
+                    continue
+                res = {**suite.raw.get("resources", {}), **cell.resources}
+                opts: dict[str, Any] = {"num_cpus": res.get("num_cpus", 1), "num_gpus": res.get("num_gpus", 0),
+                                        "max_retries": int(res.get("max_retries", 0)), "retry_exceptions": False}
+                if res.get("memory"):
+                    opts["memory"] = int(res["memory"])
+                ref = remote.options(**opts).remote(suite.raw, model_spec, cell.name, str(run_dir), seed, limit,
+                                                    run_id, env)
+                pending[ref] = (model_spec, cell)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            model_spec, cell = pending.pop(ready[0])
+            try:
+                recs = ray.get(ready[0])
+            except Exception as e:  # task raised, or its worker died after the retries
+                log.error("cell %s/%s lost: %s", model_key(model_spec), cell.name, type(e).__name__)
+                msg = str(e).strip().splitlines()
+                recs = _failed_records(suite, model_spec, cell, run_id, env,
+                                       f"{type(e).__name__}: {msg[-1] if msg else ''}"[:500])
+            writer.write_cell(recs)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return run_dir

@@ -1,0 +1,75 @@
+"""Ray executor on a local 2-CPU cluster: same values as the local executor, failures recorded."""
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from quantbench.harness.records import read_records  # noqa: E402
+from quantbench.harness.runner import run_suite  # noqa: E402
+from quantbench.harness.suite import parse_suite  # noqa: E402
+
+BASE = {
+    "name": "ray-t",
+    "models": ["tiny-llama"],
+    "seed": 0,
+    "eval": {"dataset": "wiki", "protocol": "gptq", "seq_len": 64, "max_windows": 2},
+    "calibration": {"dataset": "wiki", "n_samples": 2, "seq_len": 64},
+    "metrics": ["perplexity", "kl_divergence", "bits_per_weight"],
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    import os
+
+    marker = tmp_path_factory.mktemp("die") / "marker"
+    os.environ["QUANTBENCH_PLUGINS"] = "tests.harness.plugin_methods"
+    os.environ["QB_TEST_DIE_MARKER"] = str(marker)
+    from quantbench.harness.runner import REPO_ROOT
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1",
+                                       "QUANTBENCH_PLUGINS": "tests.harness.plugin_methods",
+                                       "QB_TEST_DIE_MARKER": str(marker)}})
+    yield
+    ray.shutdown()
+    os.environ.pop("QUANTBENCH_PLUGINS")
+
+
+def _values(recs):
+    return {(r["cell"], r["metric"]): r["value"] for r in recs}
+
+
+def test_ray_matches_local_and_records_failures(cluster, tmp_path):
+    from quantbench.harness.ray_executor import run_suite_ray
+
+    cells = [
+        {"name": "fp", "method": "fp"},
+        {"name": "r4", "method": "rtn", "params": {"bits": 4, "group_size": 64}},
+        {"name": "boom", "method": "test-boom"},
+        {"name": "lost", "method": "test-die"},
+        {"name": "retried", "method": "test-die-once", "resources": {"max_retries": 1}},
+    ]
+    suite = parse_suite({**BASE, "cells": cells})
+    ray_recs = read_records(run_suite_ray(suite, tmp_path / "ray") / "records.jsonl")
+    by = {(r["cell"], r["metric"]): r for r in ray_recs}
+    assert by[("boom", "perplexity")]["status"] == "failed" and "boom at quantize" in by[("boom", "perplexity")]["error"]
+    assert by[("lost", "perplexity")]["status"] == "failed"  # worker killed, no retries
+    assert by[("retried", "perplexity")]["status"] == "ok"  # worker killed once, retried
+    assert by[("retried", "perplexity")]["value"] == by[("fp", "perplexity")]["value"]
+    local_suite = parse_suite({**BASE, "cells": cells[:2]})
+    local = _values(read_records(run_suite(local_suite, tmp_path / "local") / "records.jsonl"))
+    ray_vals = _values(ray_recs)
+    for key, v in local.items():
+        assert ray_vals[key] == v, key
+
+
+def test_resume_across_executors(cluster, tmp_path):
+    from quantbench.harness.ray_executor import run_suite_ray
+
+    cells = [{"name": "fp", "method": "fp"}, {"name": "r3", "method": "rtn", "params": {"bits": 3, "group_size": 64}}]
+    suite = parse_suite({**BASE, "cells": cells})
+    run_suite(suite, tmp_path / "run", cell_filter=lambda c: c.name == "fp")
+    run_suite_ray(suite, tmp_path / "run", resume=True)
+    recs = read_records(tmp_path / "run" / "records.jsonl")
+    assert [r["cell"] for r in recs].count("fp") == 3 and [r["cell"] for r in recs].count("r3") == 3
