@@ -53,7 +53,8 @@ def test_ray_matches_local_and_records_failures(cluster, tmp_path):
     suite = parse_suite({**BASE, "cells": cells})
     ray_recs = read_records(run_suite_ray(suite, tmp_path / "ray") / "records.jsonl")
     by = {(r["cell"], r["metric"]): r for r in ray_recs}
-    assert by[("boom", "perplexity")]["status"] == "failed" and "boom at quantize" in by[("boom", "perplexity")]["error"]
+    boom = by[("boom", "perplexity")]
+    assert boom["status"] == "failed" and "boom at quantize" in boom["error"]
     assert by[("lost", "perplexity")]["status"] == "failed"  # worker killed, no retries
     assert by[("retried", "perplexity")]["status"] == "ok"  # worker killed once, retried
     assert by[("retried", "perplexity")]["value"] == by[("fp", "perplexity")]["value"]
