@@ -1,0 +1,262 @@
+"""`quantbench gpu-check`: validate and time every Triton kernel in one short run (issue J).
+
+On a machine with one NVIDIA GPU it
+1. checks each Triton kernel against its torch reference on fresh random inputs at realistic shapes
+   (fp16/bf16 activations): relative error ||out - ref|| / ||ref|| and max error, the output
+   poisoned with NaN before each run so an unwritten element fails;
+2. times each kernel against cuBLAS fp16 at decode (M = 1, 4, 16) and prefill (M = 512, 2048) shapes
+   for 4096x4096, 4096x14336 and 14336x4096 (median of CUDA-event timings after warm-up, inputs
+   rotated so the cache does not serve them), with achieved GB/s and TFLOP/s against the device's
+   measured copy bandwidth and bf16 matmul rate;
+3. optionally runs the smoke and default suites on the GPU (``--suites``);
+4. writes everything as JSONL records (``--out``) that ``quantbench report`` renders, and prints a
+   summary table last.
+
+``--dry-run`` runs the same checks on the CPU under ``TRITON_INTERPRET=1`` at small shapes, without
+timings; CI runs it so the script cannot rot between GPU sessions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FULL_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K in, N out)
+FULL_M = [1, 4, 16, 512, 2048]
+DRY_SHAPES = [(128, 64), (256, 128)]
+DRY_M = [1, 16]
+
+
+@dataclass
+class Case:
+    """One kernel: ``prepare(M, K, N, dtype, device, seed)`` returns an object with ``.run()`` (the
+    kernel), ``.reference()`` (torch reference, fp32/fp64), ``.out`` (the output tensor the kernel
+    writes, poisoned before each run) and ``.bytes``/``.flops`` (minimum traffic and work)."""
+
+    name: str
+    prepare: Callable[..., Any]
+    target: str  # the issue's speed target, for the summary
+    shapes: Callable[[bool], list[tuple[int, int, int]]] | None = None  # (M, K, N) list; None: the GEMM grid
+    tol: float = 2e-2
+
+
+@dataclass
+class Result:
+    case: str
+    M: int
+    K: int
+    N: int
+    rel_err: float | None = None
+    max_err: float | None = None
+    ok: bool | None = None
+    ms: float | None = None
+    ms_fp16: float | None = None
+    gbps: float | None = None
+    tflops: float | None = None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float | None:
+        return self.ms_fp16 / self.ms if self.ms and self.ms_fp16 else None
+
+
+def _cases() -> list[Case]:
+    """The registered kernel cases (each module provides ``gpu_check_case()``)."""
+    import importlib
+
+    cases = []
+    for mod in ("quantbench.kernels.triton_w4a16", "quantbench.kernels.triton_int8",
+                "quantbench.kernels.triton_ternary", "quantbench.kernels.triton_kv_attention"):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                log.warning("%s is not present; skipped", mod)
+                continue
+            raise
+        if hasattr(m, "gpu_check_case"):
+            cases.append(m.gpu_check_case())
+        else:
+            log.warning("%s has no gpu_check_case(); skipped", mod)
+    return cases
+
+
+def time_cuda(fn: Callable[[], Any], warmup: int = 10, repeats: int = 50) -> float:
+    """Median milliseconds of ``fn`` with CUDA events, after warm-up."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def device_ceilings() -> dict[str, float]:
+    """Measured copy bandwidth (GB/s, read + write) and bf16 matmul rate (TFLOP/s)."""
+    import torch
+
+    n = 1 << 28  # 512 MiB of bf16
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = time_cuda(lambda: dst.copy_(src), 3, 20)
+    bw = 2 * src.numel() * 2 / ms / 1e6
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms_mm = time_cuda(lambda: a @ b, 3, 20)
+    return {"copy_gbps": bw, "bf16_tflops": 2 * 8192**3 / ms_mm / 1e9}
+
+
+def check_case(case: Case, M: int, K: int, N: int, device: str, dtype: Any, timing: bool, seed: int) -> Result:
+    import torch
+
+    res = Result(case.name, M, K, N)
+    try:
+        inst = case.prepare(M, K, N, dtype, device, seed)
+        inst.out.fill_(float("nan"))
+        inst.run()
+        out = inst.out.double().cpu()
+        ref = inst.reference().double().cpu()
+        if torch.isnan(out).any():
+            res.ok, res.note = False, "unwritten (NaN) output elements"
+        else:
+            res.rel_err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+            res.max_err = float((out - ref).abs().max())
+            res.ok = res.rel_err <= case.tol
+        if timing and res.ok:
+            sets = [case.prepare(M, K, N, dtype, device, seed + 1 + i) for i in range(3)]  # rotate inputs
+            it = iter(range(1 << 30))
+            res.ms = time_cuda(lambda: sets[next(it) % 3].run())
+            if hasattr(inst, "run_fp16"):
+                it2 = iter(range(1 << 30))
+                res.ms_fp16 = time_cuda(lambda: sets[next(it2) % 3].run_fp16())
+            res.gbps = inst.bytes / res.ms / 1e6
+            res.tflops = inst.flops / res.ms / 1e9
+            res.extra = dict(getattr(inst, "extra", {}) or {})
+    except Exception as e:  # a failing case is reported, the check goes on
+        res.ok, res.note = False, f"{type(e).__name__}: {e}"[:200]
+    return res
+
+
+def run_checks(dry_run: bool, seed: int = 0, only: str | None = None) -> tuple[list[Result], dict[str, float]]:
+    import torch
+
+    if dry_run:
+        device, dtype, timing = "cpu", torch.float32, False
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("gpu-check needs a CUDA GPU (use --dry-run on the CPU)")
+        device, dtype, timing = "cuda", torch.float16, True
+    ceilings = device_ceilings() if timing else {}
+    results = []
+    for case in _cases():
+        if only and only not in case.name:
+            continue
+        grid = case.shapes(dry_run) if case.shapes else [
+            (m, k, n) for (k, n) in (DRY_SHAPES if dry_run else FULL_SHAPES) for m in (DRY_M if dry_run else FULL_M)]
+        for M, K, N in grid:
+            r = check_case(case, M, K, N, device, dtype, timing, seed)
+            if timing and r.gbps and ceilings:
+                r.extra["bw_frac"] = r.gbps / ceilings["copy_gbps"]
+            results.append(r)
+            log.info("%s M=%d K=%d N=%d ok=%s rel=%.2e ms=%s", r.case, M, K, N, r.ok, r.rel_err or -1, r.ms)
+    return results, ceilings
+
+
+def summary_table(results: list[Result], ceilings: dict[str, float], device_name: str) -> str:
+    lines = [f"gpu-check on {device_name}" + (
+        f" — copy {ceilings['copy_gbps']:.0f} GB/s, bf16 {ceilings['bf16_tflops']:.0f} TFLOP/s" if ceilings else ""),
+        "| kernel | M | K | N | ok | rel err | ms | fp16 ms | speedup | GB/s | %bw | TFLOP/s |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def f(v: float | None, fmt: str) -> str:
+        return "—" if v is None else format(v, fmt)
+
+    for r in results:
+        lines.append(f"| {r.case} | {r.M} | {r.K} | {r.N} | {'yes' if r.ok else 'NO ' + r.note} | "
+                     f"{f(r.rel_err, '.1e')} | {f(r.ms, '.4f')} | {f(r.ms_fp16, '.4f')} | {f(r.speedup, '.2f')} | "
+                     f"{f(r.gbps, '.0f')} | {f(r.extra.get('bw_frac') and 100 * r.extra['bw_frac'], '.0f')} | "
+                     f"{f(r.tflops, '.1f')} |")
+    return "\n".join(lines)
+
+
+def to_records(results: list[Result], ceilings: dict[str, float], device_name: str) -> list[dict[str, Any]]:
+    from quantbench.harness.records import environment, make_record, utc_now
+
+    env = {**environment(), "started": utc_now()}
+    out = []
+    for r in results:
+        cell = f"{r.case}/M{r.M}-K{r.K}-N{r.N}"
+        base = dict(run_id=f"gpu-check-{env['started']}", suite="gpu-check", cell=cell,
+                    model={"name": "kernel", "source": None, "sha256": None, "params": None,
+                           "source_precision": None, "dtype": None},
+                    method=r.case, method_config={"M": r.M, "K": r.K, "N": r.N}, provenance=env)
+        proto = {"device": device_name, **ceilings, **r.extra}
+        out.append(make_record(**base, metric="kernel_rel_error", value=r.rel_err, unit="rel",
+                               higher_is_better=False, protocol=proto,
+                               status="ok" if r.ok else "failed", error=r.note or None))
+        if r.ms is not None:
+            out.append(make_record(**base, metric="kernel_ms", value=r.ms, unit="ms", higher_is_better=False,
+                                   protocol={**proto, "fp16_ms": r.ms_fp16, "gbps": r.gbps, "tflops": r.tflops}))
+    return out
+
+
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
+    import torch
+
+    t0 = time.time()
+    results, ceilings = run_checks(args.dry_run, args.seed, args.only)
+    device_name = torch.cuda.get_device_name(0) if not args.dry_run else "CPU (TRITON_INTERPRET=1, dry run)"
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "records.jsonl", "w") as f:
+            for rec in to_records(results, ceilings, device_name):
+                f.write(json.dumps(rec) + "\n")
+    if args.suites and not args.dry_run:
+        from quantbench.harness.runner import run_suite
+        from quantbench.harness.suite import load_suite
+
+        for name in args.suites.split(","):
+            run_suite(load_suite(f"suites/{name}.yaml"), Path(args.out or "results/runs") / f"gpu-{name}")
+    print(summary_table(results, ceilings, device_name))
+    print(f"{sum(bool(r.ok) for r in results)} passed, {sum(not r.ok for r in results)} failed "
+          f"in {time.time() - t0:.0f} s")
+    return 0 if results and all(r.ok for r in results) else 1
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gpu-check", help="validate and time the Triton kernels (GPU; --dry-run on CPU)")
+    p.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, small shapes, no timing")
+    p.add_argument("--out", help="directory for records.jsonl (and suite runs)")
+    p.add_argument("--suites", help="comma-separated suites to run on the GPU afterwards, e.g. smoke,default")
+    p.add_argument("--only", help="substring of the kernel names to check")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_gpu_check)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from quantbench.harness.cli import main
+
+    sys.exit(main(["gpu-check", *sys.argv[1:]]))

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Validate and time every Triton kernel on one NVIDIA GPU (under 8 minutes), summary table last.
+# Needs a Python with this project's deps and a CUDA torch + triton (e.g. the GPU machine's own);
+# set PY to choose it. Extra arguments go to `quantbench gpu-check` (e.g. --suites smoke,default).
+# On a CPU: scripts/gpu_check.sh --dry-run  (TRITON_INTERPRET=1, small shapes, no timings).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+export PYTHONPATH="$PWD/quantbench_pkg/..:${PYTHONPATH:-}"
+exec timeout 480 "$PY" -m quantbench.harness.gpu_check --out "${OUT:-results/runs/gpu-check}" "$@"
