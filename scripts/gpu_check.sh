@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-export PYTHONPATH="$PWD/quantbench_pkg/..:${PYTHONPATH:-}"
+"$PY" -c "import quantbench.harness" 2>/dev/null || "$PY" -m pip install -q --no-deps -e .
 exec timeout 480 "$PY" -m quantbench.harness.gpu_check --out "${OUT:-results/runs/gpu-check}" "$@"
