@@ -103,7 +103,9 @@ def load_gguf(path: str | Path, name: str | None = None, dtype: torch.dtype = to
     return LoadedModel(model, tok, info)
 
 
-def load_hf_dir(path: str | Path, name: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_hf_dir(path: str | Path, name: str | None = None, dtype: torch.dtype = torch.float32,
+                device_map: str | dict | None = None) -> LoadedModel:
+    """An HF causal-LM directory; ``device_map="auto"`` spreads it over GPUs, CPU RAM and disk (accelerate)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _offline_env()
@@ -111,7 +113,7 @@ def load_hf_dir(path: str | Path, name: str | None = None, dtype: torch.dtype = 
     if not (path / "config.json").exists():
         raise ConfigError(f"{path} is not a Hugging Face model directory (no config.json)")
     tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device_map)
     model.eval()
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     h = hashlib.sha256()
@@ -226,9 +228,10 @@ def validate_model_spec(spec: Any) -> None:
             raise ConfigError(f"unknown model '{spec}'{did_you_mean(spec, MODELS)}; or give {{name, path}}")
         return
     if isinstance(spec, dict):
-        unknown = set(spec) - {"name", "path", "gguf_file", "dtype"}
+        unknown = set(spec) - {"name", "path", "gguf_file", "dtype", "device_map"}
         if unknown:
-            raise ConfigError(f"unknown model field(s) {sorted(unknown)}; valid: name, path, gguf_file, dtype")
+            raise ConfigError(
+                f"unknown model field(s) {sorted(unknown)}; valid: name, path, gguf_file, dtype, device_map")
         if "path" not in spec:
             raise ConfigError("a model given as a mapping needs 'path' (HF directory or .gguf file)")
         return
@@ -249,4 +252,4 @@ def load_model(spec: Any) -> LoadedModel:
         path = path / spec["gguf_file"]
     if path.suffix == ".gguf":
         return load_gguf(path, spec.get("name"), dtype)
-    return load_hf_dir(path, spec.get("name"), dtype)
+    return load_hf_dir(path, spec.get("name"), dtype, spec.get("device_map"))
