@@ -73,3 +73,12 @@ def test_packed_and_simulated_paths_agree():
         if isinstance(mod, IntQuantLinear):
             mod.packed = False
     assert torch.allclose(a, m(x).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_fast_row_unpack_equals_bitstream_unpack(bits):
+    from quantbench.methods.qlinear import unpack_rows
+
+    codes = torch.randint(0, 2**bits, (96, 40), dtype=torch.int32)
+    packed = pack_bits(codes, bits, 0)
+    assert torch.equal(unpack_rows(packed, bits, 96), codes)
