@@ -1,0 +1,26 @@
+"""The lazy method registry: every listed module registers its name; configs are frozen and versioned."""
+
+import dataclasses
+
+import pytest
+
+from quantbench.methods.base import METHOD_MODULES, ConfigError, build_method, get_method
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_MODULES))
+def test_every_listed_method_registers_itself(name):
+    cls = get_method(name)
+    assert cls.name == name
+    cfg = cls.config_cls()
+    if cfg.param_names():
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(cfg, cfg.param_names()[0], None)
+    d = cfg.to_dict()
+    assert d["version"] >= 1 and set(d) - {"version"} == set(cls.config_cls.param_names())
+
+
+def test_unknown_parameter_names_the_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        build_method("rtn", {"group": 128})
+    assert "unknown parameter 'group' for rtn (did you mean 'group_size'?); valid:" in str(e.value)
+    assert "bits" in str(e.value)
