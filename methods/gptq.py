@@ -1,0 +1,226 @@
+"""GPTQ (Frantar et al., 2022, arXiv:2210.17323): sequential, Hessian-aware weight quantization.
+
+The wiring around the per-layer solver (:mod:`quantbench.methods.gptq_solver`), as the paper's
+reference runs it:
+1. capture the inputs of the first transformer block for every calibration sample;
+2. for each block in order, and inside it for each ``true_sequential`` group of linears
+   (llama: q/k/v, o, gate/up, down; OPT: q/k/v, out_proj, fc1, fc2): accumulate each linear's
+   ``H = 2 X X^T / n`` in fp32 from its real inputs, run the solver, write the quantized weight back
+   so the next group sees it;
+3. run the quantized block once more: its outputs are the next block's inputs;
+4. replace the block's linears with :class:`~quantbench.methods.qlinear.IntQuantLinear` (packed codes).
+Embeddings and lm_head stay unquantized.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from quantbench.methods.base import (
+    DEFAULT_SKIP,
+    Calibration,
+    ConfigError,
+    Method,
+    MethodConfig,
+    check_choice,
+    iter_linears,
+    register,
+    set_module,
+)
+from quantbench.methods.gptq_solver import gptq_quantize
+from quantbench.methods.qlinear import IntQuantLinear
+
+log = logging.getLogger(__name__)
+
+#: true_sequential order inside a block, by the linear's last name component
+SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("o_proj", "out_proj"),
+    ("gate_proj", "up_proj", "fc1"),
+    ("down_proj", "fc2"),
+)
+
+
+@dataclass(frozen=True)
+class GPTQConfig(MethodConfig):
+    bits: int = 4
+    group_size: int = 128  # -1: one grid per output channel
+    sym: bool = False
+    act_order: bool = True
+    static_groups: bool = False
+    percdamp: float = 0.01
+    blocksize: int = 128
+    true_sequential: bool = True
+    mse: bool = False
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = DEFAULT_SKIP
+
+    def __post_init__(self) -> None:
+        check_choice("gptq", "bits", self.bits, (2, 3, 4, 8))
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ConfigError(f"gptq: group_size must be positive or -1 (per channel), got {self.group_size}")
+        if not 0 <= self.percdamp < 1:
+            raise ConfigError(f"gptq: percdamp must be in [0, 1), got {self.percdamp}")
+        if self.blocksize <= 0:
+            raise ConfigError(f"gptq: blocksize must be positive, got {self.blocksize}")
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+
+def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's list of decoder blocks (llama: ``model.layers``; OPT: ``model.decoder.layers``)."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n):
+            return name, mod
+    raise ValueError("gptq: no list of transformer blocks found in the model")
+
+
+class _Captured(Exception):
+    pass
+
+
+def capture_block_inputs(
+    model: nn.Module, block: nn.Module, calib: Calibration
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Inputs (hidden states and keyword arguments) of ``block`` for each calibration sample.
+
+    A pre-hook on the block records its arguments and stops the forward (the reference's trick).
+    """
+    inputs: list[torch.Tensor] = []
+    kwargs: list[dict[str, Any]] = []
+
+    def hook(_mod: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+        hs = args[0] if args else kw.pop("hidden_states")
+        inputs.append(hs.detach())
+        kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        kwargs.append(kw)
+        raise _Captured
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for tokens in calib.batches(1):
+            try:
+                model(tokens, use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return inputs, kwargs
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def sequential_groups(names: list[str], true_sequential: bool) -> list[list[str]]:
+    if not true_sequential:
+        return [names]
+    groups, left = [], list(names)
+    for suffixes in SEQUENTIAL_GROUPS:
+        g = [n for n in left if n.rsplit(".", 1)[-1] in suffixes]
+        if g:
+            groups.append(g)
+            left = [n for n in left if n not in g]
+    if left:
+        groups.append(left)
+    return groups
+
+
+@register
+class GPTQ(Method):
+    """GPTQ (Frantar et al., 2022): OBQ's column-wise error compensation, sequential over blocks."""
+
+    name = "gptq"
+    config_cls = GPTQConfig
+    needs_calibration = True
+
+    @torch.no_grad()
+    def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
+        c: GPTQConfig = self.config  # type: ignore[assignment]
+        if calib is None:
+            raise ConfigError("gptq needs calibration data")
+        t0 = time.perf_counter()
+        selected = {name for name, _ in iter_linears(model, c.include, c.exclude)}
+        prefix, blocks = transformer_blocks(model)
+        was_training = model.training
+        model.eval()
+        inps, kws = capture_block_inputs(model, blocks[0], calib)
+        layer_losses: dict[str, float] = {}
+        for b, block in enumerate(tqdm(blocks, desc="gptq", leave=False)):
+            bname = f"{prefix}.{b}"
+            names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and f"{bname}.{n}" in selected]
+            results = {}
+            for group in sequential_groups(names, c.true_sequential):
+                Hs = self._accumulate_hessians(block, group, inps, kws)
+                for n in group:
+                    lin: nn.Linear = block.get_submodule(n)
+                    r = gptq_quantize(
+                        lin.weight.data, Hs[n], c.bits, c.group_size, c.sym, c.act_order,
+                        c.static_groups, c.percdamp, c.blocksize, c.mse,
+                    )
+                    lin.weight.data.copy_(r.Q.to(lin.weight.dtype))
+                    layer_losses[f"{bname}.{n}"] = float(r.losses.sum())
+                    results[n] = r
+            # outputs of the quantized block are the next block's inputs
+            inps = [_block_output(block(x, **kw)) for x, kw in zip(inps, kws)]
+            for n, r in results.items():
+                lin = block.get_submodule(n)
+                q = IntQuantLinear.from_codes(
+                    r.codes, r.scales, r.zeros, c.bits, c.group_size, g_idx=r.g_idx,
+                    bias=None if lin.bias is None else lin.bias.data.clone(), sym=c.sym,
+                )
+                set_module(block, n, q)
+        model.train(was_training)
+        losses = list(layer_losses.values())
+        self.artifacts.update(
+            quantized_modules=len(losses),
+            quantize_seconds=time.perf_counter() - t0,
+            calibration_samples=int(calib.tokens.shape[0]),
+            calibration_seq_len=int(calib.tokens.shape[1]),
+            gptq_loss_mean=sum(losses) / max(len(losses), 1),
+            gptq_loss_max=max(losses, default=0.0),
+            gptq_loss_worst_layer=max(layer_losses, key=layer_losses.get) if losses else None,
+        )
+        log.info("gptq: %d linears in %.1f s", len(losses), self.artifacts["quantize_seconds"])
+        return model
+
+    @staticmethod
+    def _accumulate_hessians(
+        block: nn.Module, names: list[str], inps: list[torch.Tensor], kws: list[dict[str, Any]]
+    ) -> dict[str, torch.Tensor]:
+        """H = 2 X X^T / n for each named linear, as a running average over calibration tokens (fp32)."""
+        H: dict[str, torch.Tensor] = {}
+        count: dict[str, int] = {}
+        handles = []
+
+        def make_hook(n: str):
+            def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                tokens = x.shape[0]
+                if n not in H:
+                    H[n] = torch.zeros(x.shape[1], x.shape[1])
+                    count[n] = 0
+                H[n] *= count[n] / (count[n] + tokens)
+                count[n] += tokens
+                x = x * (2 / count[n]) ** 0.5
+                H[n] += x.t() @ x
+
+            return hook
+
+        for n in names:
+            handles.append(block.get_submodule(n).register_forward_hook(make_hook(n)))
+        try:
+            for x, kw in zip(inps, kws):
+                block(x, **kw)
+        finally:
+            for h in handles:
+                h.remove()
+        return H
