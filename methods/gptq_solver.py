@@ -144,8 +144,9 @@ def gptq_quantize(
                 g = col // gs
                 if col % gs == 0:
                     # the group's grid from the current (error-updated) weights: this block's
-                    # columns from W1, later blocks' columns from W
-                    cur = torch.cat([W1[:, i : i + gs], W[:, i2 : col + gs]], dim=1)
+                    # columns from W1; later blocks' columns from W plus this block's pending update
+                    later = W[:, i2 : col + gs] - Err1[:, :i] @ Hinv[i1:col, i2 : col + gs]
+                    cur = torch.cat([W1[:, i : i + gs], later], dim=1)
                     scale, zero = find_params(cur, bits, sym, mse)
             scales[:, g], zeros[:, g] = scale, zero
             g_perm[col] = g
