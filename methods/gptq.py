@@ -179,6 +179,7 @@ class GPTQ(Method):
                 )
                 set_module(block, n, q)
         model.train(was_training)
+        model.gptq_config = c.to_dict()  # read by gptq_export for quantize_config.json
         losses = list(layer_losses.values())
         self.artifacts.update(
             quantized_modules=len(losses),

@@ -40,14 +40,17 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
     if any((m.bits, m.group_size, m.sym) != (first.bits, first.group_size, first.sym) for m in layers):
         log.warning("layers differ in bits/group_size/sym; quantize_config.json records the first layer's")
     per_channel = first.group_size == first.in_features
+    run = getattr(model, "gptq_config", None) or {}  # set by the gptq method; absent for rtn models
     return {
         "quant_method": "gptq",
         "bits": first.bits,
         "group_size": -1 if per_channel else first.group_size,
         "desc_act": any(m.has_act_order() for m in layers),
         "sym": first.sym,
-        "true_sequential": True,
-        "static_groups": False,
+        "true_sequential": bool(run.get("true_sequential", False)),
+        "static_groups": bool(run.get("static_groups", False)),
+        "damp_percent": float(run.get("percdamp", 0.0)),
+        "mse": bool(run.get("mse", False)),
         "checkpoint_format": "gptq",
         "meta": {"quantizer": ["quantbench"]},
     }
