@@ -50,7 +50,6 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
         "true_sequential": bool(run.get("true_sequential", False)),
         "static_groups": bool(run.get("static_groups", False)),
         "damp_percent": float(run.get("percdamp", 0.0)),
-        "mse": bool(run.get("mse", False)),
         "checkpoint_format": "gptq",
         "meta": {"quantizer": ["quantbench"]},
     }
