@@ -27,6 +27,7 @@ COLUMNS = {
     "energy_j_per_token": "J/tok",
 }
 SCALE = {"weight_bytes": 1e-6, "peak_memory_bytes": 1e-6}
+ID_COLUMNS = ("suite", "model", "cell", "method")
 
 
 def protocol_tag(rec: dict[str, Any]) -> str:
@@ -111,6 +112,53 @@ def _fmt(v: Any, col: str) -> str:
     return str(v)
 
 
+def fp_row(group: pd.DataFrame) -> pd.Series | None:
+    """The unquantized reference row of one (suite, model) group: method ``fp`` (else a cell named fp)."""
+    for mask in (group["method"] == "fp", group["cell"] == "fp"):
+        if mask.any():
+            return group[mask].iloc[0]
+    return None
+
+
+def metric_columns(wide: pd.DataFrame) -> list[str]:
+    return [c for c in wide.columns if c not in ID_COLUMNS and c != "status"]
+
+
+def _tag_of(col: str) -> str:
+    return col[col.index("[") + 1 : -1] if "[" in col else ""
+
+
+def vs_fp(wide: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Add, per (suite, model), Δ vs the fp row for every perplexity column and recovery
+    (value / fp value) for every accuracy column; returns the table and the added column names."""
+    wide = wide.copy()
+    added: list[str] = []
+    for col in metric_columns(wide):
+        if col.startswith(COLUMNS["perplexity"]):
+            name, fn = f"Δppl vs fp [{_tag_of(col)}]", (lambda v, f: v - f)
+        elif col.startswith(COLUMNS["accuracy"]):
+            name, fn = f"recovery [{_tag_of(col)}]", (lambda v, f: v / f if f else float("nan"))
+        else:
+            continue
+        vals = pd.Series(float("nan"), index=wide.index, dtype=float)
+        for _, g in wide.groupby(["suite", "model"], sort=False):
+            fp = fp_row(g)
+            if fp is None or pd.isna(fp[col]):
+                continue
+            for i in g.index:
+                if pd.notna(wide.at[i, col]):
+                    vals[i] = fn(float(wide.at[i, col]), float(fp[col]))
+        wide[name] = vals
+        added.append(name)
+    return wide, added
+
+
+def _fmt_derived(v: Any, col: str) -> str:
+    if v is None or pd.isna(v):
+        return "—"
+    return f"{v:+.3f}" if col.startswith("Δ") else f"{v:.3f}"
+
+
 def markdown(records: list[dict[str, Any]], title: str | None = None) -> str:
     wide = leaderboard(records)
     if wide.empty:
@@ -118,21 +166,16 @@ def markdown(records: list[dict[str, Any]], title: str | None = None) -> str:
     lines: list[str] = []
     if title:
         lines += [f"# {title}", ""]
-    metric_cols = [c for c in wide.columns if c not in ("suite", "model", "cell", "method", "status")]
+    metric_cols = metric_columns(wide)
+    wide, derived = vs_fp(wide)
     for (suite, model), g in wide.groupby(["suite", "model"], sort=False):
         lines += [f"## {suite} — {model}", ""]
-        fp = g[g["method"] == "fp"]
-        ppl_cols = [c for c in metric_cols if c.startswith("ppl")]
-        header = ["cell"] + metric_cols + [f"Δppl vs fp [{c[5:-1]}]" for c in ppl_cols[:1]] + ["status"]
+        header = ["cell"] + metric_cols + derived + ["status"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|")
         for _, row in g.iterrows():
             cells = [row["cell"]] + [_fmt(row[c], c) for c in metric_cols]
-            for c in ppl_cols[:1]:
-                if len(fp) and pd.notna(row[c]) and pd.notna(fp.iloc[0][c]):
-                    cells.append(f"{row[c] - fp.iloc[0][c]:+.3f}")
-                else:
-                    cells.append("—")
+            cells += [_fmt_derived(row[c], c) for c in derived]
             cells.append(row["status"])
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
