@@ -1,0 +1,530 @@
+"""`quantbench compare BASELINE CURRENT` (CI regression gate) and `quantbench baseline update RUN_DIR`.
+
+Cells are matched by (model, cell name, method config): a cell whose name is kept but whose method
+config changed is still compared (and flagged), a renamed cell with an unchanged config is found by
+(model, method config).  Metrics are matched by (name, protocol tag): numbers of different protocols
+are never compared.
+
+Tolerances come from the suite's ``tolerances:`` block, one entry per metric, merged over
+:data:`DEFAULT_TOLERANCES` (a suite's entry replaces the default of that metric):
+
+- ``rel`` / ``abs``: the current value may be worse than the baseline by ``max(rel * |baseline|, abs)``;
+  "worse" follows the metric's direction (``higher_is_better``; both directions when it has none);
+- ``recovery``: the current value must be at least this fraction of the current run's fp row of the
+  same model and protocol (``value / fp`` when higher is better, ``fp / value`` when lower is better);
+- timing metrics (:data:`HARDWARE_BOUND`) are compared only when the hardware fingerprint (CPU model,
+  GPU model, threads) of the two records matches; otherwise they are skipped with a warning.
+
+A metric measured in the baseline and missing, failed or unavailable in the current run, and a
+baseline cell missing from the current run, are regressions unless ``--allow-missing``.
+Exit status: 1 on any regression, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quantbench.harness.records import VOLATILE_PROVENANCE, read_records
+from quantbench.harness.report import protocol_tag
+from quantbench.methods.base import ConfigError, did_you_mean
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BASELINES_DIR = REPO_ROOT / "results" / "baselines"
+SUITES_DIR = REPO_ROOT / "suites"
+
+HARDWARE_BOUND = {"quantize_seconds", "prefill_tokens_per_s", "decode_ms_per_token", "energy_j_per_token",
+                  "peak_memory_bytes"}
+DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
+    "perplexity": {"rel": 0.01},
+    "kl_divergence": {"rel": 0.10, "abs": 1e-4},
+    "top1_agreement": {"abs": 0.01},
+    "accuracy": {"abs": 0.01},
+    "bits_per_weight": {"rel": 0.0},
+    "weight_bytes": {"rel": 0.0},
+    "kv_bytes_per_token": {"rel": 0.0},
+    "peak_memory_bytes": {"rel": 0.10},
+    "quantize_seconds": {"rel": 0.50},
+    "prefill_tokens_per_s": {"rel": 0.15},
+    "decode_ms_per_token": {"rel": 0.15},
+    "energy_j_per_token": {"rel": 0.20},
+}
+TOLERANCE_KEYS = {"rel", "abs", "recovery"}
+RUN_ID_PREFIX = "baseline:"
+
+# result of one comparison, in order of severity
+REGRESSION, MISSING, IMPROVED, NEW, OK, SKIPPED, INFO = (
+    "REGRESSION", "MISSING", "improved", "new", "ok", "skipped", "info")
+FAILING = {REGRESSION, MISSING}
+SEVERITY = {k: i for i, k in enumerate([REGRESSION, MISSING, IMPROVED, NEW, SKIPPED, INFO, OK])}
+
+
+# --------------------------------------------------------------------------- loading
+def resolve_records_path(spec: str | Path) -> Path:
+    """A run directory, a records/baseline JSONL file, or a baseline name (results/baselines/<name>.jsonl)."""
+    p = Path(spec)
+    if p.is_dir():
+        p = p / "records.jsonl"
+    elif not p.exists() and (BASELINES_DIR / f"{p.name}.jsonl").exists():
+        p = BASELINES_DIR / f"{p.name}.jsonl"
+    if not p.exists():
+        raise ConfigError(f"no records at {spec} (expected a run directory, a .jsonl file or a baseline name)")
+    return p
+
+
+CellKey = tuple[str, str]  # (model name, cell name)
+MetricKey = tuple[str, str]  # (metric, protocol tag)
+
+
+@dataclass
+class CellRecords:
+    model: str
+    cell: str
+    config: Any
+    metrics: dict[MetricKey, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def config_key(self) -> str:
+        return json.dumps(self.config, sort_keys=True)
+
+
+def index_records(records: list[dict[str, Any]]) -> dict[CellKey, CellRecords]:
+    """(model, cell) -> its records by (metric, protocol tag); the last record of a key wins."""
+    out: dict[CellKey, CellRecords] = {}
+    for r in records:
+        key = (r["model"]["name"], r["cell"])
+        c = out.get(key)
+        if c is None:
+            c = out[key] = CellRecords(key[0], key[1], r.get("method_config"))
+        c.config = r.get("method_config")
+        c.metrics[(r["metric"], protocol_tag(r))] = r
+    return out
+
+
+# --------------------------------------------------------------------------- tolerances
+def _read_tolerances_yaml(path: Path) -> dict[str, Any]:
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping")
+    return dict(doc["tolerances"] or {}) if "tolerances" in doc else doc
+
+
+def validate_tolerances(tol: dict[str, Any], where: str = "tolerances") -> dict[str, dict[str, float]]:
+    from quantbench.harness.metrics import METRICS
+
+    known = set(METRICS) | set(DEFAULT_TOLERANCES)
+    out: dict[str, dict[str, float]] = {}
+    for metric, spec in tol.items():
+        if metric not in known:
+            raise ConfigError(f"{where}: unknown metric '{metric}'{did_you_mean(str(metric), known)}")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}.{metric}: expected a mapping of {sorted(TOLERANCE_KEYS)}, got {spec!r}")
+        for k, v in spec.items():
+            if k not in TOLERANCE_KEYS:
+                raise ConfigError(f"{where}.{metric}: unknown key '{k}'{did_you_mean(str(k), TOLERANCE_KEYS)}")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (k == "recovery" and v > 1):
+                raise ConfigError(f"{where}.{metric}.{k}: expected a number >= 0 (recovery <= 1), got {v!r}")
+        out[str(metric)] = {k: float(v) for k, v in spec.items()}
+    return out
+
+
+def load_tolerances(spec: str | Path | None, current: Path | None = None,
+                    suite_name: str | None = None) -> tuple[dict[str, dict[str, float]], str]:
+    """Tolerances merged over the defaults, and where they came from.
+
+    ``spec``: a YAML file (a suite, a file with a ``tolerances:`` key, or a bare mapping) or a
+    built-in suite's name; without it, the current run's suite.resolved.yaml, then suites/<suite>.yaml."""
+    source, raw = "defaults", {}
+    candidates: list[Path] = []
+    if spec:
+        p = Path(spec)
+        candidates = [p, SUITES_DIR / p.name, SUITES_DIR / f"{p.name}.yaml"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise ConfigError(f"tolerances: no file or built-in suite named {spec}")
+        raw, source = _read_tolerances_yaml(found), str(found)
+    else:
+        if current is not None and (current / "suite.resolved.yaml").is_file():
+            candidates.append(current / "suite.resolved.yaml")
+        if suite_name:
+            candidates.append(SUITES_DIR / f"{suite_name}.yaml")
+        for c in candidates:
+            if c.is_file():
+                raw, source = _read_tolerances_yaml(c), str(c)
+                break
+    tol = {k: dict(v) for k, v in DEFAULT_TOLERANCES.items()}
+    tol.update(validate_tolerances(raw, f"{Path(source).name}: tolerances"))
+    return tol, source
+
+
+# --------------------------------------------------------------------------- comparison
+@dataclass
+class Row:
+    model: str
+    cell: str
+    metric: str
+    protocol: str
+    baseline: float | None
+    current: float | None
+    result: str
+    tolerance: str = ""
+    note: str = ""
+    baseline_cell: str | None = None
+
+    @property
+    def delta(self) -> float | None:
+        if self.baseline is None or self.current is None:
+            return None
+        return self.current - self.baseline
+
+    @property
+    def rel_delta(self) -> float | None:
+        d = self.delta
+        if d is None or not self.baseline:
+            return None
+        return d / abs(self.baseline)
+
+
+@dataclass
+class Comparison:
+    baseline: str
+    current: str
+    tolerance_source: str
+    rows: list[Row]
+    missing_cells: list[str]
+    new_cells: list[str]
+    warnings: list[str]
+    allow_missing: bool = False
+
+    @property
+    def regressions(self) -> list[Row]:
+        failing = {REGRESSION} if self.allow_missing else FAILING
+        return [r for r in self.rows if r.result in failing]
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.regressions) or (bool(self.missing_cells) and not self.allow_missing)
+
+    def to_json(self) -> dict[str, Any]:
+        rows = []
+        for r in self.rows:
+            d = asdict(r)
+            d.update(delta=r.delta, rel_delta=r.rel_delta)
+            rows.append(d)
+        return {"passed": not self.failed, "regressions": len(self.regressions) + (
+                    0 if self.allow_missing else len(self.missing_cells)),
+                "baseline": self.baseline, "current": self.current, "tolerances": self.tolerance_source,
+                "missing_cells": self.missing_cells, "new_cells": self.new_cells, "warnings": self.warnings,
+                "rows": rows}
+
+
+def fingerprint(rec: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """Hardware identity for timing comparisons: (CPU model, GPU model, torch threads)."""
+    p = rec.get("provenance") or {}
+    hw = p.get("hardware") or {}
+    return hw.get("cpu"), hw.get("gpu"), p.get("threads")
+
+
+def _fmt_fp(fp: tuple[Any, Any, Any]) -> str:
+    return f"cpu {fp[0]}, gpu {fp[1]}, threads {fp[2]}"
+
+
+def _config_diff(a: Any, b: Any) -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+        return ", ".join(f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys)
+    return f"{json.dumps(a, sort_keys=True)} → {json.dumps(b, sort_keys=True)}"
+
+
+def _tol_text(tol: dict[str, float] | None) -> str:
+    if not tol:
+        return "—"
+    return ", ".join(f"{k} {v:g}" for k, v in tol.items())
+
+
+def _worse_by(base: float, cur: float, hib: bool | None) -> float:
+    """How much worse ``cur`` is than ``base`` (negative: better); both directions count when hib is None."""
+    if hib is None:
+        return abs(cur - base)
+    return base - cur if hib else cur - base
+
+
+def _recovery(value: float, fp: float, hib: bool | None) -> float | None:
+    if hib is None:
+        return None
+    if hib:
+        return value / fp if fp else None
+    return fp / value if value else None
+
+
+def compare_records(base_recs: list[dict[str, Any]], cur_recs: list[dict[str, Any]],
+                    tolerances: dict[str, dict[str, float]] | None = None, *, baseline_name: str = "baseline",
+                    current_name: str = "current", tolerance_source: str = "defaults",
+                    allow_missing: bool = False) -> Comparison:
+    tolerances = tolerances if tolerances is not None else DEFAULT_TOLERANCES
+    base, cur = index_records(base_recs), index_records(cur_recs)
+    warnings: list[str] = []
+    # --- match cells: same (model, name); then same (model, method config) among the rest
+    pairs: list[tuple[CellRecords, CellRecords, str]] = []
+    left_b = [k for k in base if k not in cur]
+    left_c = [k for k in cur if k not in base]
+    for k in base:
+        if k in cur:
+            note = ""
+            if base[k].config_key != cur[k].config_key:
+                note = f"method config changed ({_config_diff(base[k].config, cur[k].config)})"
+                warnings.append(f"`{k[0]}/{k[1]}`: {note}")
+            pairs.append((base[k], cur[k], note))
+    for kb in list(left_b):
+        for kc in left_c:
+            if kb[0] == kc[0] and base[kb].config_key == cur[kc].config_key:
+                pairs.append((base[kb], cur[kc], f"renamed from {kb[1]}"))
+                left_b.remove(kb)
+                left_c.remove(kc)
+                break
+    missing_cells = [f"{m}/{c}" for m, c in left_b]
+    new_cells = [f"{m}/{c}" for m, c in left_c]
+    # fp rows of the current run, for recovery
+    fp_cur: dict[tuple[str, MetricKey], dict[str, Any]] = {}
+    for c in cur.values():
+        for mk, r in c.metrics.items():
+            if r.get("method") == "fp" or c.cell == "fp":
+                fp_cur.setdefault((c.model, mk), r)
+
+    rows: list[Row] = []
+    hw_warned: set[tuple[Any, Any]] = set()
+    for b, c, cell_note in pairs:
+        for mk in dict.fromkeys([*b.metrics, *c.metrics]):
+            metric, tag = mk
+            rb, rc = b.metrics.get(mk), c.metrics.get(mk)
+            tol = tolerances.get(metric)
+            row = Row(c.model, c.cell, metric, tag, None, None, OK, _tol_text(tol), cell_note,
+                      b.cell if b.cell != c.cell else None)
+            rows.append(row)
+            if rb is not None and rb["status"] == "ok":
+                row.baseline = rb["value"]
+            if rc is not None and rc["status"] == "ok":
+                row.current = rc["value"]
+            if rb is None:
+                row.result = NEW
+                continue
+            if rc is None:
+                row.result, row.note = MISSING, _join(cell_note, "not measured in the current run")
+                continue
+            sb, sc = rb["status"], rc["status"]
+            hardware_bound = metric in HARDWARE_BOUND
+            if hardware_bound and fingerprint(rb) != fingerprint(rc):
+                row.result = SKIPPED
+                row.note = _join(cell_note, "hardware differs: timing not compared")
+                pair = (fingerprint(rb), fingerprint(rc))
+                if pair not in hw_warned:
+                    hw_warned.add(pair)
+                    warnings.append(f"{metric} and other timing tolerances skipped: hardware differs "
+                                    f"(baseline: {_fmt_fp(pair[0])}; current: {_fmt_fp(pair[1])})")
+                continue
+            if sb != "ok":
+                row.result = IMPROVED if sc == "ok" else OK
+                row.note = _join(cell_note, f"baseline {sb}" + (f", current {sc}" if sc != "ok" else ""))
+                continue
+            if sc != "ok":
+                row.result = REGRESSION if sc == "failed" else MISSING
+                row.note = _join(cell_note, f"current {sc}: {rc.get('error')}")
+                continue
+            _judge(row, rb, rc, tol, fp_cur.get((c.model, mk)), warnings)
+            pb, pc = rb.get("protocol") or {}, rc.get("protocol") or {}
+            if tag and pb != pc:  # a tagged protocol (text, windows, ...); untagged ones carry breakdowns
+                diff = _config_diff(pb, pc)
+                row.note = _join(row.note, f"protocol details differ ({diff})")
+                msg = f"protocol details of {metric} [{tag}] differ between the runs ({diff})"
+                if msg not in warnings:
+                    warnings.append(msg)
+    rows.sort(key=lambda r: SEVERITY.get(r.result, 99))
+    return Comparison(baseline_name, current_name, tolerance_source, rows, missing_cells, new_cells, warnings,
+                      allow_missing)
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+def _judge(row: Row, rb: dict[str, Any], rc: dict[str, Any], tol: dict[str, float] | None,
+           fp: dict[str, Any] | None, warnings: list[str]) -> None:
+    base, cur = rb["value"], rc["value"]
+    hib = rc.get("higher_is_better", rb.get("higher_is_better"))
+    if base is None or cur is None or any(isinstance(v, float) and not math.isfinite(v) for v in (base, cur)):
+        row.result = REGRESSION if base is not None else IMPROVED
+        return
+    if not tol:
+        row.result = INFO if base != cur else OK
+        return
+    results = []
+    if "rel" in tol or "abs" in tol:
+        allowed = max(tol.get("rel", 0.0) * abs(base), tol.get("abs", 0.0))
+        worse = _worse_by(base, cur, hib)
+        if worse > allowed * (1 + 1e-12) + 1e-15:
+            results.append(REGRESSION)
+            row.note = _join(row.note, f"worse than baseline by {worse:.4g} > allowed {allowed:.4g}")
+        elif hib is not None and -worse > allowed * (1 + 1e-12) + 1e-15:
+            results.append(IMPROVED)
+        else:
+            results.append(OK)
+    if "recovery" in tol:
+        if fp is None or fp["status"] != "ok" or fp["value"] is None:
+            msg = f"{row.metric} recovery not checked for `{row.model}/{row.cell}`: no fp row in the current run"
+            warnings.append(msg)
+        else:
+            rec = _recovery(cur, fp["value"], hib)
+            if rec is not None:
+                ok = rec >= tol["recovery"] - 1e-12
+                results.append(OK if ok else REGRESSION)
+                row.note = _join(row.note, f"recovery {rec:.4f} {'≥' if ok else '<'} {tol['recovery']:g} of fp")
+    row.result = min(results, key=lambda r: SEVERITY[r]) if results else OK
+
+
+# --------------------------------------------------------------------------- output
+def _num(v: float | None) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.6g}"
+
+
+def to_markdown(cmp: Comparison) -> str:
+    n_reg = len(cmp.regressions) + (0 if cmp.allow_missing else len(cmp.missing_cells))
+    head = f"## quantbench compare: {'REGRESSION' if cmp.failed else 'PASS'}"
+    counts = {k: sum(r.result == k for r in cmp.rows) for k in SEVERITY}
+    summary = [f"{v} {k.lower()}" for k, v in counts.items() if v]
+    if cmp.missing_cells:
+        summary.append(f"{len(cmp.missing_cells)} baseline cell(s) missing")
+    lines = [head, "",
+             f"baseline `{cmp.baseline}` · current `{cmp.current}` · tolerances: `{cmp.tolerance_source}`", "",
+             f"{len(cmp.rows)} metric comparisons, {n_reg} failing: " + ", ".join(summary), ""]
+    failing = [r for r in cmp.rows if r in cmp.regressions]
+    if failing or (cmp.missing_cells and not cmp.allow_missing):
+        lines += ["### Regressions", ""]
+        for r in failing:
+            rd = f" ({r.rel_delta:+.2%})" if r.rel_delta is not None else ""
+            lines.append(f"- `{r.model}/{r.cell}` **{r.metric}**{f' [{r.protocol}]' if r.protocol else ''}: "
+                         f"{_num(r.baseline)} → {_num(r.current)}{rd}; {r.result.lower()}"
+                         f"{f' — {r.note}' if r.note else ''} (tolerance {r.tolerance})")
+        if not cmp.allow_missing:
+            for c in cmp.missing_cells:
+                lines.append(f"- `{c}`: cell missing from the current run")
+        lines.append("")
+    if cmp.warnings:
+        lines += ["### Warnings", ""] + [f"- {w}" for w in cmp.warnings] + [""]
+    if cmp.missing_cells and cmp.allow_missing:
+        lines += ["Missing cells (allowed): " + ", ".join(f"`{c}`" for c in cmp.missing_cells), ""]
+    if cmp.new_cells:
+        lines += ["New cells (not in the baseline): " + ", ".join(f"`{c}`" for c in cmp.new_cells), ""]
+    lines += [f"<details><summary>all {len(cmp.rows)} comparisons</summary>", "",
+              "| model | cell | metric | protocol | baseline | current | Δ | Δ% | tolerance | result | note |",
+              "|---|---|---|---|---:|---:|---:|---:|---|---|---|"]
+    for r in cmp.rows:
+        d = f"{r.delta:+.4g}" if r.delta is not None else "—"
+        rd = f"{r.rel_delta:+.2%}" if r.rel_delta is not None else "—"
+        res = f"**{r.result}**" if r.result in FAILING else r.result
+        note = r.note.replace("|", "\\|")
+        lines.append(f"| {r.model} | {r.cell} | {r.metric} | {r.protocol or '—'} | {_num(r.baseline)} | "
+                     f"{_num(r.current)} | {d} | {rd} | {r.tolerance} | {res} | {note} |")
+    lines += ["", "</details>", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- baselines
+def baseline_records(records: list[dict[str, Any]], suite: str | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """Deterministic baseline records of one suite: latest record per (model, cell, metric, protocol),
+    volatile provenance and the run id stripped, sorted."""
+    suites = sorted({r["suite"] for r in records})
+    if not records:
+        raise ConfigError("no records to make a baseline from")
+    if suite is None:
+        if len(suites) > 1:
+            raise ConfigError(f"the run holds several suites ({', '.join(suites)}); pick one with --suite")
+        suite = suites[0]
+    elif suite in suites:
+        records = [r for r in records if r["suite"] == suite]
+    elif len(suites) > 1:
+        raise ConfigError(f"suite '{suite}' not in the run{did_you_mean(suite, suites)}")
+    latest: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for r in records:
+        latest[(r["model"]["name"], r["cell"], r["metric"], protocol_tag(r))] = r
+    out = []
+    for key in sorted(latest):
+        r = json.loads(json.dumps(latest[key]))
+        r["run_id"] = f"{RUN_ID_PREFIX}{suite}"
+        r["provenance"] = {k: v for k, v in (r.get("provenance") or {}).items() if k not in VOLATILE_PROVENANCE}
+        out.append(r)
+    return suite, out
+
+
+def update_baseline(run: str | Path, suite: str | None = None, out: str | Path | None = None) -> Path:
+    records = read_records(resolve_records_path(run))
+    name, recs = baseline_records(records, suite)
+    path = Path(out) if out else BASELINES_DIR / f"{name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in recs), encoding="utf-8")
+    bad = [r for r in recs if r["status"] == "failed"]
+    if bad:
+        log.warning("%d failed record(s) in the baseline (e.g. %s/%s %s)", len(bad), bad[0]["model"]["name"],
+                    bad[0]["cell"], bad[0]["metric"])
+    return path
+
+
+# --------------------------------------------------------------------------- CLI
+def cmd_compare(args: argparse.Namespace) -> int:
+    bpath, cpath = resolve_records_path(args.baseline), resolve_records_path(args.current)
+    base_recs, cur_recs = read_records(bpath), read_records(cpath)
+    suite = next((r["suite"] for r in cur_recs), None) or next((r["suite"] for r in base_recs), None)
+    cur_dir = cpath.parent if cpath.name == "records.jsonl" else None
+    tol, source = load_tolerances(args.tolerances, cur_dir, suite)
+    cmp = compare_records(base_recs, cur_recs, tol, baseline_name=str(args.baseline),
+                          current_name=str(args.current), tolerance_source=source,
+                          allow_missing=args.allow_missing)
+    sys.stdout.write(to_markdown(cmp))
+    if args.json:
+        Path(args.json).write_text(json.dumps(cmp.to_json(), indent=1) + "\n")
+    return 1 if cmp.failed else 0
+
+
+def cmd_baseline_update(args: argparse.Namespace) -> int:
+    path = update_baseline(args.run_dir, args.suite, args.out)
+    n = len(read_records(path))
+    print(f"wrote {path} ({n} records); review and commit it to change the baseline")
+    return 0
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("compare", help="compare a run with a baseline; exit 1 on a regression",
+                       description="Compare CURRENT with BASELINE (run directories, records/baseline .jsonl files "
+                                   "or baseline names in results/baselines/). Prints a Markdown diff; exit 1 on "
+                                   "a regression beyond the suite's tolerances.")
+    c.add_argument("baseline")
+    c.add_argument("current")
+    c.add_argument("--json", metavar="OUT", help="also write a JSON summary to OUT")
+    c.add_argument("--tolerances", metavar="SUITE_OR_YAML",
+                   help="suite (name or file) or YAML whose `tolerances:` to use "
+                        "(default: the current run's suite.resolved.yaml)")
+    c.add_argument("--allow-missing", action="store_true",
+                   help="report missing cells/metrics without failing")
+    c.set_defaults(fn=cmd_compare)
+
+    b = sub.add_parser("baseline", help="manage committed baselines (results/baselines/)")
+    bsub = b.add_subparsers(dest="baseline_command", required=True)
+    u = bsub.add_parser("update", help="write results/baselines/<suite>.jsonl from a run")
+    u.add_argument("run_dir")
+    u.add_argument("--suite", help="suite name (default: the run's suite)")
+    u.add_argument("--out", help="output file (default results/baselines/<suite>.jsonl)")
+    u.set_defaults(fn=cmd_baseline_update)
