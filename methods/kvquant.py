@@ -1,0 +1,421 @@
+"""KVQuant (Hooper et al., 2024, arXiv:2401.18079) and its KV-cache baselines.
+
+KVQuant, in the paper's order:
+1. Per-channel key quantization, 2. pre-RoPE keys (quantize k_proj's output),
+3. non-uniform datatype (NUQ): per layer, 2^b centroids from sensitivity-weighted k-means over
+   normalized calibration activations, weights = Fisher information (squared gradients of the
+   calibration loss w.r.t. the K/V activations; ``fisher=False``: uniform weights),
+4. per-vector dense-and-sparse: the top ``outlier_frac`` of each channel (keys, threshold and
+   inlier range calibrated offline) / token (values, online) kept in fp16, the normalization range
+   excluding them, 5. Q-Norm (for 2 bits): centroids shifted/scaled so the quantized calibration
+   data keeps the mean and std of the normalized data, 6. attention sink: the first ``sink``
+   tokens in fp16.
+
+Baselines: ``kv-fp16`` (K/V rounded to fp16), ``kv-uniform`` (per-token asymmetric int-b with
+``group_size`` channels), ``kivi`` (Liu et al., 2024: keys per channel in groups of ``group_size``
+tokens, values per token, the most recent ``residual_length`` tokens in fp16).
+
+Execution: the evaluation path wraps k_proj/v_proj (whatever their class, so it composes with
+weight methods) and quantize-dequantizes the whole sequence in the forward pass.  Keys are
+quantized pre-RoPE for every method here (KIVI and the naive baseline quantize post-RoPE keys in
+their papers: a documented deviation).  :func:`make_cache` builds the real quantized cache
+(:class:`quantbench.kernels.kvcache.QuantizedKVCache`) from the same per-layer specs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantbench.kernels.kvcache import (
+    KVSpec,
+    QuantizedKVCache,
+    q_norm,
+    qdq_sequence,
+    topk_outlier_mask,
+    weighted_kmeans_1d,
+)
+from quantbench.methods.base import Calibration, ConfigError, Method, MethodConfig, register
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_EVAL = "kv-qdq-forward"  # K/V quantize-dequantized over the whole window in the forward
+PROTOCOL_CACHE = "kv-real-cache"  # real packed cache during generation
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class KVFP16Config(MethodConfig):
+    pass
+
+
+@dataclass(frozen=True)
+class KVUniformConfig(MethodConfig):
+    bits: int = 4
+    group_size: int = -1  # channels per group within a token; -1 = the whole head dim
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise ConfigError(f"kv-uniform: bits must be one of [2, 3, 4, 8], got {self.bits}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ConfigError(f"kv-uniform: group_size must be positive or -1, got {self.group_size}")
+
+
+@dataclass(frozen=True)
+class KIVIConfig(MethodConfig):
+    bits: int = 2
+    group_size: int = 32
+    residual_length: int = 32
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise ConfigError(f"kivi: bits must be one of [2, 3, 4, 8], got {self.bits}")
+        if self.group_size <= 0 or self.residual_length < 0:
+            raise ConfigError("kivi: group_size must be > 0 and residual_length >= 0")
+
+
+@dataclass(frozen=True)
+class KVQuantConfig(MethodConfig):
+    bits: int = 4
+    outlier_frac: float = 0.01
+    sink: int = 1
+    fisher: bool = True
+    qnorm: bool | None = None  # None: on for 2 bits (as in the paper)
+    kmeans_iters: int = 50
+    max_calib_samples: int = 4
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4):
+            raise ConfigError(f"kvquant: bits must be one of [2, 3, 4], got {self.bits}")
+        if not 0.0 <= self.outlier_frac < 0.5:
+            raise ConfigError(f"kvquant: outlier_frac must be in [0, 0.5), got {self.outlier_frac}")
+        if self.sink < 0:
+            raise ConfigError(f"kvquant: sink must be >= 0, got {self.sink}")
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+class KVProj(nn.Module):
+    """Wraps a k_proj/v_proj (any module) and quantize-dequantizes its output per head.
+
+    ``mode``: "qdq" (evaluation path), "off", "record" (keep output for calibration, as a leaf
+    requiring grad when ``record_grad``), "capture" (hand the pre-RoPE output to the real cache).
+    """
+
+    def __init__(self, inner: nn.Module, spec: KVSpec, head_dim: int) -> None:
+        super().__init__()
+        self.inner, self.spec, self.head_dim = inner, spec, head_dim
+        self.mode = "qdq"
+        self.record_grad = False
+        self.recorded: list[torch.Tensor] = []
+        self.captured: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        B, T, HD = y.shape
+        if self.mode == "record":
+            if self.record_grad:
+                y = y.detach().requires_grad_(True)
+            self.recorded.append(y)
+            return y
+        if self.mode == "capture":
+            self.captured = y.view(B, T, HD // self.head_dim, self.head_dim).transpose(1, 2)
+            return y
+        if self.mode == "off":
+            return y
+        yh = y.view(B, T, HD // self.head_dim, self.head_dim).transpose(1, 2)
+        return qdq_sequence(yh, self.spec).transpose(1, 2).reshape(B, T, HD)
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Self-attention modules with k_proj and v_proj, in layer order (llama, OPT, ...)."""
+    return [m for m in model.modules() if hasattr(m, "k_proj") and hasattr(m, "v_proj")]
+
+
+def head_dim_of(model: nn.Module) -> int:
+    cfg = model.config
+    hd = getattr(cfg, "head_dim", None)
+    return int(hd) if hd else cfg.hidden_size // cfg.num_attention_heads
+
+
+def kv_wrappers(model: nn.Module) -> list[tuple[KVProj, KVProj]]:
+    return [(a.k_proj, a.v_proj) for a in attention_modules(model) if isinstance(a.k_proj, KVProj)]
+
+
+def install(model: nn.Module, specs: list[tuple[KVSpec, KVSpec]]) -> None:
+    hd = head_dim_of(model)
+    for attn, (ks, vs) in zip(attention_modules(model), specs, strict=True):
+        for name, spec in (("k_proj", ks), ("v_proj", vs)):
+            mod = getattr(attn, name)
+            if isinstance(mod, KVProj):
+                mod.spec = spec
+            else:
+                setattr(attn, name, KVProj(mod, spec, hd))
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    for k, v in kv_wrappers(model):
+        k.mode = v.mode = mode
+
+
+def model_specs(model: nn.Module) -> list[tuple[KVSpec, KVSpec]]:
+    return [(k.spec, v.spec) for k, v in kv_wrappers(model)]
+
+
+# --------------------------------------------------------------------------- methods
+
+
+class _KVMethod(Method):
+    target = "kv"
+
+    def layer_specs(self, model: nn.Module, calib: Calibration | None) -> list[tuple[KVSpec, KVSpec]]:
+        raise NotImplementedError
+
+    def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
+        t0 = time.perf_counter()
+        specs = self.layer_specs(model, calib)
+        install(model, specs)
+        set_mode(model, "qdq")
+        from quantbench.harness.kvcalc import kv_bytes_per_token_for
+
+        cfg = model.config
+        self.artifacts["protocol"] = PROTOCOL_EVAL
+        self.artifacts["kv_layers"] = len(specs)
+        self.artifacts["calc_bytes_per_token"] = kv_bytes_per_token_for(
+            self.name, self.config.to_dict(), n_layers=len(specs),
+            n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            head_dim=head_dim_of(model))
+        self.artifacts["seconds"] = round(time.perf_counter() - t0, 3)
+        return model
+
+
+@register
+class KVFP16(_KVMethod):
+    """The fp16 KV cache baseline: K/V rounded to fp16."""
+
+    name = "kv-fp16"
+    config_cls = KVFP16Config
+
+    def layer_specs(self, model: nn.Module, calib: Calibration | None) -> list[tuple[KVSpec, KVSpec]]:
+        return [(KVSpec(), KVSpec()) for _ in attention_modules(model)]
+
+
+@register
+class KVUniform(_KVMethod):
+    """Naive per-token asymmetric int-b KV quantization (groups of channels)."""
+
+    name = "kv-uniform"
+    config_cls = KVUniformConfig
+
+    def layer_specs(self, model: nn.Module, calib: Calibration | None) -> list[tuple[KVSpec, KVSpec]]:
+        c: KVUniformConfig = self.config  # type: ignore[assignment]
+        s = KVSpec("int", "token", c.bits, c.group_size)
+        return [(s, s) for _ in attention_modules(model)]
+
+
+@register
+class KIVI(_KVMethod):
+    """KIVI (Liu et al., 2024): per-channel keys, per-token values, fp16 recent window."""
+
+    name = "kivi"
+    config_cls = KIVIConfig
+
+    def layer_specs(self, model: nn.Module, calib: Calibration | None) -> list[tuple[KVSpec, KVSpec]]:
+        c: KIVIConfig = self.config  # type: ignore[assignment]
+        hd = head_dim_of(model)
+        ks = KVSpec("int", "channel", c.bits, c.group_size, residual=c.residual_length)
+        # values: per token (groups of group_size channels); the same recent window stays fp16
+        vs = KVSpec("int", "token", c.bits, c.group_size if hd % c.group_size == 0 else -1,
+                    residual=c.residual_length, span_group=c.group_size)
+        return [(ks, vs) for _ in attention_modules(model)]
+
+
+@register
+class KVQuant(_KVMethod):
+    """KVQuant: pre-RoPE per-channel keys, per-token values, Fisher-weighted NUQ, dense-and-sparse."""
+
+    name = "kvquant"
+    config_cls = KVQuantConfig
+    needs_calibration = True
+
+    def layer_specs(self, model: nn.Module, calib: Calibration | None) -> list[tuple[KVSpec, KVSpec]]:
+        c: KVQuantConfig = self.config  # type: ignore[assignment]
+        if calib is None:
+            raise ConfigError("kvquant needs calibration data")
+        keys, vals, kgrad, vgrad = record_kv(model, calib, c.fisher, c.max_calib_samples, c.sink)
+        qn = c.bits == 2 if c.qnorm is None else c.qnorm
+        specs, summary = [], []
+        for i in range(len(keys)):
+            ks = calibrate_keys(keys[i], kgrad[i], c, qn)
+            vs = calibrate_values(vals[i], vgrad[i], c, qn)
+            specs.append((ks, vs))
+            summary.append({"layer": i, "k_centroids": [round(float(x), 4) for x in ks.centroids],
+                            "v_centroids": [round(float(x), 4) for x in vs.centroids]})
+        self.artifacts["centroids"] = summary[:: max(1, len(summary) // 4)]
+        self.artifacts["outlier_frac"] = c.outlier_frac
+        self.artifacts["fisher"] = c.fisher
+        self.artifacts["qnorm"] = qn
+        self.artifacts["calib_tokens"] = int(keys[0].shape[0])
+        return specs
+
+
+# --------------------------------------------------------------------------- KVQuant calibration
+
+
+def record_kv(model: nn.Module, calib: Calibration, fisher: bool, max_samples: int, sink: int
+              ) -> tuple[list[torch.Tensor], ...]:
+    """Calibration K (pre-RoPE) and V activations [N, H, D] per layer and, with ``fisher``, their grads."""
+    hd = head_dim_of(model)
+    install(model, [(KVSpec(), KVSpec()) for _ in attention_modules(model)])
+    wr = kv_wrappers(model)
+    set_mode(model, "record")
+    for k, v in wr:
+        k.record_grad = v.record_grad = fisher
+        k.recorded, v.recorded = [], []
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for ids in calib.tokens[:max_samples]:
+            ids = ids.unsqueeze(0)
+            with torch.set_grad_enabled(fisher):
+                logits = model(ids).logits
+                if fisher:
+                    loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+                    loss.backward()
+    finally:
+        for p, r in zip(model.parameters(), req, strict=True):
+            p.requires_grad_(r)
+        set_mode(model, "qdq")
+
+    def stack(ts: list[torch.Tensor], grad: bool) -> torch.Tensor:
+        out = []
+        for t in ts:
+            x = (t.grad if grad else t).detach()[0, sink:]  # sink tokens are kept in fp16
+            out.append(x.reshape(x.shape[0], -1, hd).float())
+        return torch.cat(out)
+
+    keys = [stack(k.recorded, False) for k, _ in wr]
+    vals = [stack(v.recorded, False) for _, v in wr]
+    kg = [stack(k.recorded, True) if fisher else None for k, _ in wr]
+    vg = [stack(v.recorded, True) if fisher else None for _, v in wr]
+    for k, v in wr:
+        k.recorded, v.recorded = [], []
+        k.record_grad = v.record_grad = False
+    return keys, vals, kg, vg
+
+
+def _fit_centroids(xn: torch.Tensor, w: torch.Tensor | None, c: KVQuantConfig, qn: bool) -> torch.Tensor:
+    n = xn.numel()
+    if n > 200_000:  # subsample for speed (fixed stride, deterministic)
+        idx = torch.arange(0, n, n // 200_000 + 1)
+        xn, w = xn[idx], None if w is None else w[idx]
+    cent = weighted_kmeans_1d(xn, w, 2**c.bits, c.kmeans_iters)
+    return q_norm(cent, xn) if qn else cent
+
+
+def calibrate_keys(k: torch.Tensor, g: torch.Tensor | None, c: KVQuantConfig, qn: bool) -> KVSpec:
+    """Per channel: outlier threshold (top outlier_frac by magnitude), inlier range, NUQ centroids."""
+    N = k.shape[0]
+    n_out = int(round(c.outlier_frac * N))
+    a = k.abs()
+    if n_out > 0:
+        thresh = a.kthvalue(N - n_out, dim=0).values  # [H, D]; strictly above it: outliers
+    else:
+        thresh = a.amax(0) + 1.0
+    thresh = thresh.half().float()
+    inl = a <= thresh
+    lo = torch.where(inl, k, torch.full_like(k, torch.inf)).amin(0).half()
+    hi = torch.where(inl, k, torch.full_like(k, -torch.inf)).amax(0).half()
+    xn = (k - (hi.float() + lo.float()) / 2) / ((hi.float() - lo.float()) / 2).clamp_min(1e-6)
+    w = None if g is None else (g**2)[inl]
+    cent = _fit_centroids(xn[inl], w, c, qn)
+    return KVSpec("nuq", "channel", c.bits, outlier_frac=c.outlier_frac, sink=c.sink,
+                  centroids=cent, lo=lo, hi=hi, thresh=thresh.half())
+
+
+def calibrate_values(v: torch.Tensor, g: torch.Tensor | None, c: KVQuantConfig, qn: bool) -> KVSpec:
+    """Values are normalized per token online; the centroids are fitted on normalized calibration tokens."""
+    mask = topk_outlier_mask(v, c.outlier_frac)
+    lo = torch.where(mask, torch.full_like(v, torch.inf), v).amin(-1, keepdim=True).half().float()
+    hi = torch.where(mask, torch.full_like(v, -torch.inf), v).amax(-1, keepdim=True).half().float()
+    xn = (v - (hi + lo) / 2) / ((hi - lo) / 2).clamp_min(1e-6)
+    w = None if g is None else (g**2)[~mask]
+    cent = _fit_centroids(xn[~mask], w, c, qn)
+    return KVSpec("nuq", "token", c.bits, outlier_frac=c.outlier_frac, sink=c.sink, centroids=cent)
+
+
+# --------------------------------------------------------------------------- real cache + generation
+
+
+def make_cache(model: nn.Module) -> Any:
+    """A real quantized cache for ``model`` (quantized by one of the KV methods here; else fp16)."""
+    specs = model_specs(model)
+    if not specs:
+        install(model, [(KVSpec(), KVSpec()) for _ in attention_modules(model)])
+        specs = model_specs(model)
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    caps = [k for k, _ in kv_wrappers(model)]
+    return QuantizedKVCache(specs, rotary=rotary, captures=caps)
+
+
+@torch.no_grad()
+def generate_with_cache(model: nn.Module, input_ids: torch.Tensor, n_new: int, cache: Any,
+                        timings: list[float] | None = None) -> torch.Tensor:
+    """Greedy decoding through ``cache`` (prefill then one token a step); wrappers capture pre-RoPE keys."""
+    set_mode(model, "capture")
+    try:
+        out = model(input_ids, past_key_values=cache, use_cache=True)
+        ids = input_ids
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(n_new):
+            ids = torch.cat([ids, nxt], 1)
+            t = time.perf_counter()
+            out = model(nxt, past_key_values=cache, use_cache=True)
+            if timings is not None:
+                timings.append(time.perf_counter() - t)
+            nxt = out.logits[:, -1:].argmax(-1)
+        return ids
+    finally:
+        set_mode(model, "qdq")
+
+
+def decode_ms_per_token(model: nn.Module, context: int, n_new: int = 8, quantized: bool = True,
+                        seed: int = 0) -> dict[str, Any]:
+    """p50/p90 decode ms/token at ``context`` tokens: quantized cache, or transformers' fp DynamicCache."""
+    from transformers.cache_utils import DynamicCache
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=g)
+    times: list[float] = []
+    if quantized:
+        cache = make_cache(model)
+        generate_with_cache(model, ids, n_new, cache, times)
+        nb = cache.kv_bytes()
+    else:
+        set_mode(model, "off")
+        try:
+            cache = DynamicCache()
+            with torch.no_grad():
+                out = model(ids, past_key_values=cache, use_cache=True)
+                nxt = out.logits[:, -1:].argmax(-1)
+                for _ in range(n_new):
+                    t = time.perf_counter()
+                    out = model(nxt, past_key_values=cache, use_cache=True)
+                    times.append(time.perf_counter() - t)
+                    nxt = out.logits[:, -1:].argmax(-1)
+            nb = {"total": sum(t.numel() * 2 for lay in cache.layers for t in (lay.keys, lay.values))}
+        finally:
+            set_mode(model, "qdq")
+    ts = sorted(times[1:] or times)
+    return {"p50_ms": 1000 * ts[len(ts) // 2], "p90_ms": 1000 * ts[min(len(ts) - 1, int(0.9 * len(ts)))],
+            "context": context, "kv_bytes": nb, "protocol": PROTOCOL_CACHE}
