@@ -1,0 +1,45 @@
+"""Synthetic records in the schema of harness/records.py, for report/compare/HTML tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quantbench.harness.records import make_record
+
+HIB = {"perplexity": False, "kl_divergence": False, "top1_agreement": True, "accuracy": True,
+       "bits_per_weight": False, "weight_bytes": False, "decode_ms_per_token": False,
+       "kv_bytes_per_token": False, "quantize_seconds": False}
+PPL_PROTO = {"name": "gptq", "dataset": "wiki", "split": "test", "seq_len": 64, "windows": 2, "tokens": 126,
+             "text_sha256": "abc"}
+
+
+def hardware(cpu: str = "AMD EPYC", threads: int = 2) -> dict[str, Any]:
+    return {"git_sha": "deadbeef" * 5, "dirty": False, "versions": {"torch": "2.13.0+cpu", "quantbench": "0.1.0"},
+            "hardware": {"cpu": cpu, "cores": 2, "gpu": None}, "threads": threads, "hostname": "vm", "seed": 0,
+            "started": "2026-01-01T00:00:00Z", "seconds": 1.0}
+
+
+def rec(cell: str, metric: str, value: float | None, *, model: str = "tiny-llama", method: str | None = None,
+        config: Any = None, protocol: dict[str, Any] | None = None, status: str = "ok", run_id: str = "run",
+        suite: str = "t", prov: dict[str, Any] | None = None, error: str | None = None) -> dict[str, Any]:
+    method = method or cell.split("-")[0]
+    if config is None:
+        config = {"method": method, "version": 1}
+    if protocol is None:
+        if metric in ("perplexity", "kl_divergence", "top1_agreement"):
+            protocol = dict(PPL_PROTO)
+        elif metric == "accuracy":
+            protocol = {"task": "mmlu", "shots": 0}
+        elif metric == "decode_ms_per_token":
+            protocol = {"context": 128, "batch": 1, "p90": (value or 0) * 1.1}
+        else:
+            protocol = {}
+    return make_record(run_id=run_id, suite=suite, cell=cell, model={"name": model, "source": "test"},
+                       method=method, method_config=config, metric=metric, value=value, unit="u",
+                       higher_is_better=HIB.get(metric), protocol=protocol, status=status,
+                       error=error if error is not None or status == "ok" else "boom",
+                       provenance=prov or hardware())
+
+
+def cell(name: str, values: dict[str, float | None], **kw: Any) -> list[dict[str, Any]]:
+    return [rec(name, m, v, **kw) for m, v in values.items()]
