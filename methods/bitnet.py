@@ -1,0 +1,458 @@
+"""BitNet b1.58 (Ma et al., 2024, "The Era of 1-bit LLMs") and BitNet (Wang et al., 2023): BitLinear.
+
+Weights (b1.58): W~ = RoundClip(W / (gamma + eps), -1, 1) with gamma = mean|W| (per tensor; per-channel
+and per-group options).  Weights (BitNet, 1 bit): W~ = Sign(W - alpha), alpha = mean(W), scale
+beta = mean|W| (``centralize=False`` gives plain sign(W)).  Activations: int8 per token, absmax scaling
+Q_b = 127 / max|x|.  Training uses the straight-through estimator (STE).
+
+Methods:
+- ``bitnet-ptq``: ternarize a pretrained model post hoc (no training; the paper trains from scratch,
+  so expect a collapse — that is the result to show).
+- ``bitnet-1bit``: the same with the 1-bit sign quantizer.
+- ``bitnet-qat``: quantization-aware training from the pretrained weights on the calibration tokens
+  (STE, warm-up lambda = min(step / warmup, 1) blending fp and quantized weights and activations,
+  AdamW), checkpointed and resumable, then converted to the packed inference module.
+
+Default QAT budget (measured on the 2-core CPU, 2 threads, smollm2-135m): see ``BitNetQATConfig``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from quantbench.kernels import ternary as T
+from quantbench.methods.base import (
+    DEFAULT_SKIP,
+    Calibration,
+    ConfigError,
+    Method,
+    MethodConfig,
+    QuantizedModule,
+    Storage,
+    check_choice,
+    iter_linears,
+    register,
+    set_module,
+    tensor_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+GRANULARITIES = ("tensor", "channel", "group")
+EPS = 1e-5
+
+
+# --------------------------------------------------------------------------- quantizers (the paper's math)
+
+
+def absmean_scale(w: torch.Tensor, granularity: str = "tensor", group_size: int = 128) -> torch.Tensor:
+    """gamma = mean|W| over the tensor ([1]), each output row ([out, 1]) or each group ([out, n_groups, 1])."""
+    a = w.abs().float()
+    if granularity == "tensor":
+        return a.mean().reshape(1)
+    if granularity == "channel":
+        return a.mean(1, keepdim=True)
+    out_f, in_f = w.shape
+    if in_f % group_size:
+        raise ValueError(f"group_size {group_size} does not divide in_features {in_f}")
+    return a.reshape(out_f, in_f // group_size, group_size).mean(-1, keepdim=True)
+
+
+def _expand(scale: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if scale.dim() == 3:  # per group
+        return scale.expand(-1, -1, w.shape[1] // scale.shape[1]).reshape(w.shape)
+    return scale
+
+
+def ternary_codes(
+    w: torch.Tensor, granularity: str = "tensor", group_size: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoundClip(W / (gamma + eps), -1, 1): int8 codes [out, in] and gamma (per tensor/channel/group)."""
+    gamma = absmean_scale(w, granularity, group_size)
+    codes = (w.float() / (_expand(gamma, w) + EPS)).round().clamp(-1, 1).to(torch.int8)
+    return codes, gamma
+
+
+def binary_codes(w: torch.Tensor, centralize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """BitNet 1-bit: Sign(W - alpha) with alpha = mean(W) (sign(0) = +1) and beta = mean|W| ([1])."""
+    wf = w.float()
+    alpha = wf.mean() if centralize else wf.new_zeros(())
+    codes = torch.where(wf - alpha >= 0, 1, -1).to(torch.int8)
+    return codes, wf.abs().mean().reshape(1)
+
+
+def weight_quant(w: torch.Tensor, bits: str, granularity: str, group_size: int) -> torch.Tensor:
+    """Fake-quantized weight (codes * scale), no gradient handling."""
+    if bits == "1bit":
+        codes, s = binary_codes(w)
+        return codes.to(w.dtype) * s.to(w.dtype)
+    codes, s = ternary_codes(w, granularity, group_size)
+    return codes.to(w.dtype) * _expand(s, w).to(w.dtype)
+
+
+def act_quant(x: torch.Tensor) -> torch.Tensor:
+    """Fake-quantized activations: per-token absmax int8, returned in x's dtype."""
+    xq, qb = T.act_quant_int8(x)
+    return (xq.float() / qb).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- training module
+
+
+class BitLinear(nn.Linear):
+    """Training-time BitLinear: fp latent weights, quantized forward, STE backward.
+
+    ``lam`` (warm-up lambda) blends: W_used = W + lam * (Q(W) - W).detach(), likewise for activations;
+    lam = 1 is the paper's BitLinear.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, bits: str = "ternary",
+                 granularity: str = "tensor", group_size: int = 128, act_bits: int | None = 8) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.bits, self.granularity, self.group_size, self.act_bits = bits, granularity, group_size, act_bits
+        self.lam = 1.0
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, **kw: Any) -> BitLinear:
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, **kw)
+        m.to(lin.weight.device, lin.weight.dtype)
+        with torch.no_grad():
+            m.weight.copy_(lin.weight)
+            if lin.bias is not None:
+                m.bias.copy_(lin.bias)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = w + self.lam * (weight_quant(w, self.bits, self.granularity, self.group_size) - w).detach()
+        if self.act_bits == 8:
+            x = x + self.lam * (act_quant(x) - x).detach()
+        return F.linear(x, w, self.bias)
+
+
+# --------------------------------------------------------------------------- packed inference module
+
+
+class TernaryLinear(QuantizedModule):
+    """Inference BitLinear over packed codes (2-bit, base-3 or 1-bit) and fp32 scales.
+
+    Packed path: int8 activations x int8 codes through ``torch._int_mm`` (per-tensor / per-channel
+    scales), or the fp dequantized weight for per-group scales.  Simulated path: F.linear over the
+    dequantized weight with fake-quantized activations.  Both compute the same numbers up to fp rounding.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fmt: str = "2bit", granularity: str = "tensor",
+                 group_size: int = 128, act_bits: int | None = 8, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.fmt, self.granularity, self.group_size, self.act_bits = fmt, granularity, group_size, act_bits
+        n_scales = {"tensor": (1,), "channel": (out_features,),
+                    "group": (out_features, max(in_features // group_size, 1))}[granularity]
+        self.register_buffer("qweight", torch.zeros(out_features, T.packed_cols(in_features, fmt),
+                                                    dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(*n_scales, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.packed = True
+        self.cache_codes = True
+        self._codes_t: torch.Tensor | None = None
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, fmt: str = "2bit", granularity: str = "tensor",
+                   group_size: int = 128, act_bits: int | None = 8,
+                   bias: torch.Tensor | None = None) -> TernaryLinear:
+        out_f, in_f = codes.shape
+        m = cls(in_f, out_f, fmt, granularity, group_size, act_bits, bias is not None)
+        m.qweight.copy_(T.pack_ternary(codes, fmt))
+        m.scale.copy_(scale.float().reshape(m.scale.shape))
+        if bias is not None:
+            m.bias.copy_(bias.float())
+        return m
+
+    def codes(self) -> torch.Tensor:
+        return T.unpack_ternary(self.qweight, self.in_features, self.fmt)
+
+    def _scale_full(self) -> torch.Tensor:
+        if self.granularity == "group":
+            return self.scale.repeat_interleave(self.in_features // self.scale.shape[1], dim=1)
+        return self.scale.view(-1, 1)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.codes().float() * self._scale_full()
+
+    def storage(self) -> Storage:
+        return Storage(packed_weights=tensor_bytes(self.qweight), scales_zeros=tensor_bytes(self.scale),
+                       unquantized=tensor_bytes(self.bias), quantized_weights=self.in_features * self.out_features)
+
+    def _codes_transposed(self) -> torch.Tensor:
+        if self._codes_t is not None and self._codes_t.device == self.qweight.device:
+            return self._codes_t
+        ct = self.codes().T.contiguous()
+        if self.cache_codes:
+            self._codes_t = ct
+        return ct
+
+    def _apply(self, fn: Any, recurse: bool = True) -> TernaryLinear:  # device/dtype moves drop the cache
+        self._codes_t = None
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed and self.granularity != "group" and x.device.type == "cpu":
+            return T.ternary_linear(x, self._codes_transposed(), self.scale.view(-1), self.bias, self.act_bits)
+        xa = act_quant(x.float()) if self.act_bits == 8 else x.float()
+        y = F.linear(xa, self.dequantized_weight(), None if self.bias is None else self.bias.float())
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, fmt={self.fmt}, scale={self.granularity}, a{self.act_bits}"
+
+
+def to_packed(lin: nn.Linear, bits: str, fmt: str, granularity: str, group_size: int,
+              act_bits: int | None) -> TernaryLinear:
+    """Quantize a (Bit)Linear's weight and pack it."""
+    w = lin.weight.data
+    if bits == "1bit":
+        codes, s = binary_codes(w)
+        fmt, granularity = "1bit", "tensor"
+    else:
+        codes, s = ternary_codes(w, granularity, group_size)
+    bias = None if lin.bias is None else lin.bias.data
+    return TernaryLinear.from_codes(codes, s, fmt, granularity, group_size, act_bits, bias)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class BitNetConfig(MethodConfig):
+    fmt: str = "2bit"  # packed storage: "2bit" (4 codes/byte) or "base3" (5 trits/byte, 1.6 bits)
+    granularity: str = "tensor"  # gamma per "tensor" (paper), "channel" or "group"
+    group_size: int = 128
+    act_bits: int | None = 8  # 8: int8 per-token activations (paper); None: weight-only
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = DEFAULT_SKIP
+
+    def __post_init__(self) -> None:
+        check_choice("bitnet", "fmt", self.fmt, ("2bit", "base3"))
+        check_choice("bitnet", "granularity", self.granularity, GRANULARITIES)
+        check_choice("bitnet", "act_bits", self.act_bits, (8, None))
+        if self.group_size <= 0:
+            raise ConfigError(f"bitnet: group_size must be positive, got {self.group_size}")
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+
+@dataclass(frozen=True)
+class BitNet1bitConfig(MethodConfig):
+    act_bits: int | None = 8
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = DEFAULT_SKIP
+
+    def __post_init__(self) -> None:
+        check_choice("bitnet-1bit", "act_bits", self.act_bits, (8, None))
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+
+@dataclass(frozen=True)
+class BitNetQATConfig(BitNetConfig):
+    """QAT budget.  Default: 120 steps x batch 4 x seq_len 256 (~123k tokens), warm-up 40 steps, lr 1e-4.
+
+    Sized from one measured step on smollm2-135m at 2 threads (see the method docstring in the report):
+    the default run targets about 10 minutes on the 2-core CPU.
+    """
+
+    steps: int = 120
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    seq_len: int = 256
+    batch_size: int = 4
+    warmup: int = 40
+    checkpoint_every: int = 40
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for k in ("steps", "seq_len", "batch_size", "checkpoint_every"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"bitnet-qat: {k} must be positive, got {getattr(self, k)}")
+        if self.warmup < 0 or self.lr <= 0:
+            raise ConfigError("bitnet-qat: warmup must be >= 0 and lr > 0")
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def _pack_model(model: nn.Module, c: BitNetConfig | BitNet1bitConfig, bits: str) -> int:
+    layers = list(iter_linears(model, c.include, c.exclude))
+    fmt = getattr(c, "fmt", "1bit")
+    gran, gs = getattr(c, "granularity", "tensor"), getattr(c, "group_size", 128)
+    for name, lin in tqdm(layers, desc=f"bitnet-{bits}", leave=False):
+        set_module(model, name, to_packed(lin, bits, fmt, gran, gs, c.act_bits))
+    return len(layers)
+
+
+@register
+class BitNetPTQ(Method):
+    name = "bitnet-ptq"
+    config_cls = BitNetConfig
+    target = "weights+activations"
+
+    def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
+        self.artifacts["quantized_modules"] = _pack_model(model, self.config, "ternary")  # type: ignore[arg-type]
+        return model
+
+
+@register
+class BitNet1bit(Method):
+    name = "bitnet-1bit"
+    config_cls = BitNet1bitConfig
+    target = "weights+activations"
+
+    def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
+        self.artifacts["quantized_modules"] = _pack_model(model, self.config, "1bit")  # type: ignore[arg-type]
+        return model
+
+
+def qat_batch(tokens: torch.Tensor, step: int, batch_size: int, seq_len: int) -> torch.Tensor:
+    """Batch ``step``: rows of ``seq_len`` tokens cut from the calibration tokens, cycled deterministically."""
+    flat = tokens.reshape(-1)
+    n_rows = flat.numel() // seq_len
+    if n_rows == 0:
+        raise ValueError(f"calibration has {flat.numel()} tokens, fewer than seq_len={seq_len}")
+    rows = flat[: n_rows * seq_len].view(n_rows, seq_len)
+    idx = torch.arange(step * batch_size, (step + 1) * batch_size) % n_rows
+    return rows[idx]
+
+
+@register
+class BitNetQAT(Method):
+    name = "bitnet-qat"
+    config_cls = BitNetQATConfig
+    needs_calibration = True
+    target = "weights+activations"
+
+    def _checkpoints(self) -> list[Path]:
+        if self.artifact_dir is None:
+            return []
+        return sorted(Path(self.artifact_dir).glob("qat_step*.pt"), key=lambda p: int(p.stem[8:]))
+
+    def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
+        c: BitNetQATConfig = self.config  # type: ignore[assignment]
+        if calib is None:
+            raise ValueError("bitnet-qat needs calibration tokens")
+        # 1. replace the linears by training BitLinears (fp latent weights)
+        names = [n for n, _ in iter_linears(model, c.include, c.exclude)]
+        bitlins: dict[str, BitLinear] = {}
+        for name in names:
+            bl = BitLinear.from_linear(model.get_submodule(name), granularity=c.granularity,
+                                       group_size=c.group_size, act_bits=c.act_bits)
+            set_module(model, name, bl)
+            bitlins[name] = bl
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = [p for bl in bitlins.values() for p in bl.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        curve: list[list[float]] = []
+        start = 0
+        # 2. resume from the latest checkpoint, if any
+        ckpts = self._checkpoints()
+        if ckpts:
+            state = torch.load(ckpts[-1], weights_only=False)
+            if state["config"] != c.to_dict():
+                log.warning("bitnet-qat: checkpoint %s has a different config; starting over", ckpts[-1])
+            else:
+                for name, sd in state["linears"].items():
+                    bitlins[name].load_state_dict(sd)
+                opt.load_state_dict(state["optimizer"])
+                curve, start = state["loss_curve"], state["step"]
+                log.info("bitnet-qat: resumed from %s (step %d)", ckpts[-1], start)
+        # 3. train: STE through BitLinear, warm-up lambda = min(step / warmup, 1)
+        was_training = model.training
+        model.train()
+        for step in tqdm(range(start, c.steps), desc="bitnet-qat", leave=False, initial=start, total=c.steps):
+            lam = min(step / c.warmup, 1.0) if c.warmup > 0 else 1.0
+            for bl in bitlins.values():
+                bl.lam = lam
+            ids = qat_batch(calib.tokens, step, c.batch_size, c.seq_len)
+            logits = model(input_ids=ids).logits
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            curve.append([step + 1, float(loss.item())])
+            if not math.isfinite(curve[-1][1]):
+                raise FloatingPointError(f"bitnet-qat: loss is {curve[-1][1]} at step {step + 1}")
+            if self.artifact_dir is not None and ((step + 1) % c.checkpoint_every == 0 or step + 1 == c.steps):
+                self._save(step + 1, bitlins, opt, curve)
+        model.train(was_training)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # 4. convert to the packed inference module (lambda = 1 quantizer on the trained latent weights)
+        for name, bl in bitlins.items():
+            set_module(model, name, to_packed(bl, "ternary", c.fmt, c.granularity, c.group_size, c.act_bits))
+        self.artifacts["quantized_modules"] = len(bitlins)
+        self.artifacts["loss_curve"] = curve
+        if self.artifact_dir is not None:
+            Path(self.artifact_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.artifact_dir) / "loss_curve.json").write_text(json.dumps(curve))
+        return model
+
+    def _save(self, step: int, bitlins: dict[str, BitLinear], opt: torch.optim.Optimizer,
+              curve: list[list[float]]) -> None:
+        d = Path(self.artifact_dir)  # type: ignore[arg-type]
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"qat_step{step}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({"step": step, "config": self.config.to_dict(), "loss_curve": curve,
+                    "linears": {n: bl.state_dict() for n, bl in bitlins.items()},
+                    "optimizer": opt.state_dict()}, tmp)
+        tmp.replace(path)
+        for old in self._checkpoints():  # keep only the latest (a checkpoint holds weights + AdamW state)
+            if old != path:
+                old.unlink()
+
+
+# --------------------------------------------------------------------------- native BitNet checkpoints
+
+
+def load_bitnet_checkpoint(path: str | Path, fmt: str = "2bit", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a native BitNet b1.58 checkpoint (transformers' ``bitnet`` architecture) from a local HF directory
+    and replace its linears by :class:`TernaryLinear` (packed codes, int8 activations).
+
+    Works for checkpoints with dense (latent or already-ternary) weights and for packed ones that
+    transformers loads into its own ``BitLinear`` (uint8 weights, ``weight_scale`` = 1 / gamma).
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    n = 0
+    for name, mod in list(model.named_modules()):
+        if "lm_head" in name or "embed" in name:
+            continue
+        if type(mod).__name__ == "BitLinear" and hasattr(mod, "weight_scale") and mod.weight.dtype == torch.uint8:
+            from transformers.integrations.bitnet import unpack_weights
+
+            codes = unpack_weights(mod.weight, torch.float32).round().to(torch.int8)
+            gamma = 1.0 / mod.weight_scale.float().reshape(1)
+            bias = getattr(mod, "bias", None)
+            new = TernaryLinear.from_codes(codes, gamma, fmt, bias=None if bias is None else bias.data)
+        elif isinstance(mod, nn.Linear):
+            new = to_packed(mod, "ternary", fmt, "tensor", 128, 8)
+        else:
+            continue
+        set_module(model, name, new)
+        n += 1
+    log.info("load_bitnet_checkpoint: %d linears packed (%s)", n, fmt)
+    return model
