@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,11 @@ def long_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _natural(s: str) -> list[Any]:
+    """Sort key with numbers compared as numbers (seq_len 64 before 128)."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", s)]
+
+
 def leaderboard(records: list[dict[str, Any]]) -> pd.DataFrame:
     """Wide table: rows (suite, model, cell) in suite order; columns per metric+protocol."""
     df = long_table(records)
@@ -86,7 +92,7 @@ def leaderboard(records: list[dict[str, Any]]) -> pd.DataFrame:
     order = {c: i for i, c in enumerate(dict.fromkeys(df["cell"]))}
     metric_order = {m: i for i, m in enumerate(COLUMNS)}
     cols = sorted(dict.fromkeys(df["column"]),
-                  key=lambda c: (metric_order.get(df.loc[df["column"] == c, "metric"].iloc[0], 99), c))
+                  key=lambda c: (metric_order.get(df.loc[df["column"] == c, "metric"].iloc[0], 99), _natural(c)))
     idx = ["suite", "model", "cell", "method"]
     wide = df.groupby(idx + ["column"], sort=False)["value"].agg(lambda s: s.iloc[-1]).unstack("column")
     wide = wide.reindex(columns=[c for c in cols if c in wide.columns])

@@ -1,0 +1,168 @@
+"""Leaderboards: Markdown with Δ/recovery vs fp per protocol column, the self-contained HTML page, plots."""
+
+import json
+import re
+from html.parser import HTMLParser
+
+import pytest
+
+from quantbench.harness import publish
+from quantbench.harness.publish import kv_bits, loss_curves, pareto_front, render_extras
+from quantbench.harness.records import RecordWriter
+from quantbench.harness.report import leaderboard, markdown, vs_fp, write_report
+
+from .fake_records import PPL_PROTO, cell, rec
+
+PPL128 = dict(PPL_PROTO, seq_len=128)
+
+
+def _records():
+    recs = []
+    for name, method, ppl, ppl128, acc, bits, wb, dec in [
+        ("fp", "fp", 20.0, 18.0, 0.60, 16.0, 2.0e6, 5.0),
+        ("rtn-w4", "rtn", 22.5, 19.0, 0.54, 4.5, 0.6e6, 2.0),
+        ("gptq-w4", "gptq", 21.0, 18.5, 0.59, 4.5, 0.6e6, 2.1),
+        ("rtn-w3", "rtn", 30.0, None, 0.45, 3.5, 0.5e6, None),
+    ]:
+        recs += cell(name, {"perplexity": ppl, "accuracy": acc, "bits_per_weight": bits, "weight_bytes": wb},
+                     method=method)
+        if ppl128 is not None:
+            recs.append(rec(name, "perplexity", ppl128, method=method, protocol=PPL128))
+        if dec is not None:
+            recs.append(rec(name, "decode_ms_per_token", dec, method=method))
+    kv_cfg = [{"method": "gptq", "bits": 4}, {"method": "kivi", "bits": 2}]
+    recs += cell("gptq+kivi2", {"perplexity": 23.0, "bits_per_weight": 4.5}, method="gptq+kivi", config=kv_cfg)
+    recs.append(rec("gptq+kivi2", "kv_bytes_per_token", 100.0, method="gptq+kivi", config=kv_cfg,
+                    protocol={"kv_bits": 2.25}))
+    recs.append(rec("broken", "perplexity", None, method="rtn", status="failed", error="RuntimeError: nan"))
+    recs += cell("fp", {"perplexity": 40.0, "bits_per_weight": 32.0}, model="tiny-opt", method="fp")
+    recs += cell("rtn-w4", {"perplexity": 44.0, "bits_per_weight": 4.5}, model="tiny-opt", method="rtn")
+    return recs
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    d = tmp_path / "run"
+    RecordWriter(d / "records.jsonl").write_cell(_records())
+    (d / "env.json").write_text(json.dumps({"git_sha": "0123456789abcdef", "dirty": True,
+                                            "versions": {"torch": "2.13.0+cpu", "quantbench": "0.1.0"},
+                                            "hardware": {"cpu": "AMD EPYC", "cores": 2, "gpu": None}, "threads": 2}))
+    return d
+
+
+def test_protocols_never_share_a_column_and_deltas_vs_fp():
+    wide = leaderboard(_records())
+    cols = list(wide.columns)
+    assert "ppl [wiki/gptq/64]" in cols and "ppl [wiki/gptq/128]" in cols and "acc [mmlu/0-shot]" in cols
+    wide2, derived = vs_fp(wide)
+    assert derived == ["Δppl vs fp [wiki/gptq/64]", "Δppl vs fp [wiki/gptq/128]", "recovery [mmlu/0-shot]"]
+    row = wide2[(wide2["model"] == "tiny-llama") & (wide2["cell"] == "rtn-w4")].iloc[0]
+    assert row["Δppl vs fp [wiki/gptq/64]"] == pytest.approx(2.5)
+    assert row["Δppl vs fp [wiki/gptq/128]"] == pytest.approx(1.0)
+    assert row["recovery [mmlu/0-shot]"] == pytest.approx(0.9)
+    opt = wide2[(wide2["model"] == "tiny-opt") & (wide2["cell"] == "rtn-w4")].iloc[0]
+    assert opt["Δppl vs fp [wiki/gptq/64]"] == pytest.approx(4.0)  # against tiny-opt's own fp row
+
+
+def test_markdown_sections_and_values():
+    md = markdown(_records(), "lb")
+    assert md.startswith("# lb\n") and "## t — tiny-llama" in md and "## t — tiny-opt" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("| gptq-w4 |"))
+    assert "| 21.00 |" in line and "| +1.000 |" in line and "| 0.983 |" in line  # Δppl 1.0, recovery 0.59/0.6
+    assert "- `broken` perplexity: failed — RuntimeError: nan" in md
+    fp_line = next(ln for ln in md.splitlines() if ln.startswith("| fp |"))
+    assert "| +0.000 |" in fp_line and "| 1.000 |" in fp_line
+
+
+def test_pareto_front():
+    pts = [(16.0, 20.0), (4.5, 22.5), (4.5, 21.0), (3.5, 30.0), (8.0, 20.5), (8.0, 25.0), (2.0, 40.0)]
+    assert pareto_front(pts) == [6, 3, 2, 4, 0]
+    assert pareto_front([]) == []
+
+
+def test_kv_bits_sources():
+    recs = _records()
+    kv = [r for r in recs if r["cell"] == "gptq+kivi2"]
+    assert kv_bits(kv) == 2.25  # the record's protocol wins
+    assert kv_bits([dict(r, protocol={}) for r in kv]) == 2.0  # else the KV method's config
+    assert kv_bits([r for r in recs if r["cell"] == "rtn-w4"]) is None  # weight-only cell
+
+
+class _Table(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tables, self.in_td, self.scripts, self.external = [], False, 0, []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self.tables.append({"id": a.get("id"), "head": [], "rows": []})
+        elif tag == "tr" and self.tables:
+            self.tables[-1]["rows"].append([])
+        elif tag in ("td", "th"):
+            self.in_td = tag
+        for k in ("src", "href"):
+            if a.get(k) and not a[k].startswith(("data:", "#")):
+                self.external.append(a[k])
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.in_td = False
+
+    def handle_data(self, data):
+        if self.in_td == "th":
+            self.tables[-1]["head"].append(data)
+        elif self.in_td == "td":
+            self.tables[-1]["rows"][-1].append(data)
+
+
+def test_render_extras_writes_self_contained_html_and_plots(run_dir, tmp_path):
+    sens = {"layers": [0, 1, 2], "projections": ["q_proj", "k_proj"], "values": [[0.1, 0.2], [0.3, 0.1], [0.9, 0.4]]}
+    (run_dir / "sensitivity.json").write_text(json.dumps(sens))
+    qat = run_dir / "cells" / "bitnet-qat" / "bitnet-qat"
+    qat.mkdir(parents=True)
+    (qat / "loss_curve.json").write_text(json.dumps([[0, 5.0], [10, 3.0], [20, 2.5]]))
+    other = run_dir / "cells" / "qat2"
+    other.mkdir(parents=True)
+    (other / "artifacts.json").write_text(json.dumps({"bitnet-qat": {"loss_curve": {"step": [0, 1], "loss": [4, 3]}}}))
+    out = render_extras([run_dir], screenshot=False)
+    names = sorted(p.name for p in out["plots"])
+    assert names == sorted(f"{s}.{x}" for s in ("pareto_bits_ppl", "latency_memory", "kv_bits_ppl", "sensitivity",
+                                                 "qat_loss") for x in ("png", "svg"))
+    for p in out["plots"]:
+        head = p.read_bytes()[:8]
+        assert head == b"\x89PNG\r\n\x1a\n" if p.suffix == ".png" else b"<svg" in p.read_bytes()[:400]
+    assert set(loss_curves([run_dir])) == {"bitnet-qat", "qat2"}
+    html = (run_dir / "leaderboard.html").read_text()
+    parser = _Table()
+    parser.feed(html)
+    assert parser.external == []  # self-contained: no network, no sibling files
+    assert "<script>" in html and "<style>" in html and html.count("data:image/png;base64,") == 5
+    llama, opt = parser.tables
+    assert [r[0] for r in llama["rows"][1:]] == ["fp", "rtn-w4", "gptq-w4", "rtn-w3", "gptq+kivi2", "broken"]
+    assert [r[0] for r in opt["rows"][1:]] == ["fp", "rtn-w4"]
+    assert "recovery [mmlu/0-shot]" in llama["head"] and "Δppl vs fp [wiki/gptq/128]" in llama["head"]
+    assert "acc [mmlu/0-shot]" not in opt["head"]  # a model's section shows only its measured columns
+    gptq = dict(zip(llama["head"], llama["rows"][3]))
+    assert gptq["ppl [wiki/gptq/64]"] == "21.00" and gptq["recovery [mmlu/0-shot]"] == "0.983"
+    assert "git <code>0123456789ab</code> (dirty)" in html and "AMD EPYC" in html and "torch 2.13.0+cpu" in html
+    assert re.search(r"perplexity</code> \[wiki/gptq/128\]: <code>\{.*&quot;seq_len&quot;: 128", html)
+
+
+def test_absent_plots_are_skipped_quietly(tmp_path):
+    d = tmp_path / "run"
+    RecordWriter(d / "records.jsonl").write_cell(cell("fp", {"perplexity": 20.0}, method="fp"))
+    out = render_extras([d], tmp_path / "out", screenshot=False)
+    assert out["plots"] == [] and (tmp_path / "out" / "leaderboard.html").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["leaderboard.html"]
+
+
+def test_write_report_merges_runs(run_dir, tmp_path):
+    d2 = tmp_path / "run2"
+    RecordWriter(d2 / "records.jsonl").write_cell(
+        cell("gptq-w3", {"perplexity": 25.0}, method="gptq", run_id="run2", suite="t2"))
+    path = write_report([run_dir, d2], tmp_path / "merged")
+    md = path.read_text()
+    assert "## t — tiny-llama" in md and "## t2 — tiny-llama" in md and "| gptq-w3 | 25.00 |" in md
+    html = publish.render_html(publish.load_runs([run_dir, d2]), [run_dir, d2])
+    assert html.count("<section") == 3 and "Run <code>run2</code>" in html
