@@ -138,7 +138,7 @@ def _grid(n: int) -> tuple[Any, list[Any]]:
     plt = _plt()
     cols = min(n, 2)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.4 * rows), squeeze=False, layout="constrained")
     flat = [a for row in axes for a in row]
     for a in flat[n:]:
         a.set_visible(False)
@@ -166,6 +166,7 @@ def plot_bits_ppl(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         for name, x, y in pts:
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(_plt().FuncFormatter(lambda v, _pos: f"{v:g}"))
         ax.set_xlabel("bits / weight (effective, incl. scales)")
         ax.set_ylabel(f"perplexity [{tag}]")
         ax.set_title(f"{model}", fontsize=10)
@@ -318,7 +319,9 @@ def plot_qat_loss(run_dirs: list[Path], out_dir: Path) -> list[Path]:
         ax.plot(steps, loss, label=label, lw=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    if all(v > 0 for _, loss in curves.values() for v in loss):
+    lo = min(v for _, loss in curves.values() for v in loss)
+    hi = max(v for _, loss in curves.values() for v in loss)
+    if lo > 0 and hi / lo > 20:  # log scale only when the curve spans orders of magnitude
         ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
