@@ -259,7 +259,7 @@ def qdq_sequence(x: torch.Tensor, spec: KVSpec) -> torch.Tensor:
     s, e = quantized_span(x.shape[2], spec)
     parts = [x[:, :, :s].half().to(x.dtype)]
     if e > s:
-        parts.append(decode(encode(x[:, :, s:e], spec), spec).to(x.dtype))
+        parts.append(decode(encode(x[:, :, s:e].half().float(), spec), spec).to(x.dtype))
     parts.append(x[:, :, e:].half().to(x.dtype))
     return torch.cat(parts, dim=2)
 

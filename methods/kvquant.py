@@ -41,7 +41,14 @@ from quantbench.kernels.kvcache import (
     topk_outlier_mask,
     weighted_kmeans_1d,
 )
-from quantbench.methods.base import Calibration, ConfigError, Method, MethodConfig, register
+from quantbench.methods.base import (
+    Calibration,
+    ConfigError,
+    Method,
+    MethodConfig,
+    QuantizedModule,
+    register,
+)
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +291,10 @@ def record_kv(model: nn.Module, calib: Calibration, fisher: bool, max_samples: i
     req = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
+    # packed weight kernels (e.g. int4pack) have no backward: the Fisher pass uses simulated weights
+    packed = [(q, q.packed) for q in model.modules() if isinstance(q, QuantizedModule)]
+    for q, _ in packed:
+        q.packed = not fisher and q.packed
     try:
         for ids in calib.tokens[:max_samples]:
             ids = ids.unsqueeze(0)
@@ -295,6 +306,8 @@ def record_kv(model: nn.Module, calib: Calibration, fisher: bool, max_samples: i
     finally:
         for p, r in zip(model.parameters(), req, strict=True):
             p.requires_grad_(r)
+        for q, pk in packed:
+            q.packed = pk
         set_mode(model, "qdq")
 
     def stack(ts: list[torch.Tensor], grad: bool) -> torch.Tensor:
