@@ -22,6 +22,7 @@ the int32 bit stream of :func:`quantbench.kernels.intq.pack_bits`.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -392,10 +393,32 @@ def kv_bytes(cache: Any) -> dict[str, int]:
     return tot
 
 
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+# --------------------------------------------------------------------------- decode attention reference
+
+
+def dequant_per_token(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                      D: int) -> torch.Tensor:
+    """Reference dequantization of the per-token packed layout to float32 [B, H, T, D]."""
+    c = unpack_codes(codes, bits, D).float()
+    G = D // scale.shape[-1]
+    s = scale.float().repeat_interleave(G, -1)
+    z = zero.float().repeat_interleave(G, -1)
+    return c * s + z
+
+
+def decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor,
+                         k_zero: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
+                         v_zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Torch reference: q [B, H_q, D] against the packed cache; returns [B, H_q, D] float32."""
+    B, Hq, D = q.shape
+    k = dequant_per_token(k_codes, k_scale, k_zero, bits, D)
+    v = dequant_per_token(v_codes, v_scale, v_zero, bits, D)
+    rep = Hq // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = torch.einsum("bhd,bhtd->bht", q.float(), k) / math.sqrt(D)
+    return torch.einsum("bht,bhtd->bhd", s.softmax(-1), v)
 
 
 __all__ = ["KVSpec", "Encoded", "encode", "decode", "qdq_sequence", "pack_codes", "unpack_codes",
            "weighted_kmeans_1d", "q_norm", "topk_outlier_mask", "QuantizedKVCache", "kv_bytes",
-           "quantized_span"]
+           "quantized_span", "decode_attention_ref", "dequant_per_token"]

@@ -13,7 +13,9 @@ import math
 
 import torch
 
-from quantbench.kernels.kvcache import unpack_codes
+from quantbench.kernels.kvcache import decode_attention_ref, dequant_per_token
+
+__all__ = ["decode_attention_ref", "dequant_per_token", "decode_attention_triton", "HAS_TRITON"]
 
 try:  # triton is optional on CPU-only installs
     import triton
@@ -22,29 +24,6 @@ try:  # triton is optional on CPU-only installs
     HAS_TRITON = True
 except ImportError:  # pragma: no cover
     HAS_TRITON = False
-
-
-def dequant_per_token(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                      D: int) -> torch.Tensor:
-    """Reference dequantization of the per-token packed layout to float32 [B, H, T, D]."""
-    c = unpack_codes(codes, bits, D).float()
-    G = D // scale.shape[-1]
-    s = scale.float().repeat_interleave(G, -1)
-    z = zero.float().repeat_interleave(G, -1)
-    return c * s + z
-
-
-def decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor,
-                         k_zero: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
-                         v_zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Torch reference: q [B, H_q, D] against the packed cache; returns [B, H_q, D] float32."""
-    B, Hq, D = q.shape
-    k = dequant_per_token(k_codes, k_scale, k_zero, bits, D)
-    v = dequant_per_token(v_codes, v_scale, v_zero, bits, D)
-    rep = Hq // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    s = torch.einsum("bhd,bhtd->bht", q.float(), k) / math.sqrt(D)
-    return torch.einsum("bht,bhtd->bhd", s.softmax(-1), v)
 
 
 if HAS_TRITON:

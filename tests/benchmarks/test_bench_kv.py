@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from quantbench.kernels.kvcache import KVSpec, encode
-from quantbench.kernels.triton_kv_attention import decode_attention_ref
+from quantbench.kernels.kvcache import KVSpec, decode_attention_ref, encode
 
 B, HQ, HKV, T, D = 1, 8, 2, 8192, 64
 
