@@ -142,21 +142,21 @@ class SmoothGroup:
     fc_names: list[str]
 
 
+def _submodule(mod: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return mod.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def find_smooth_groups(model: nn.Module) -> list[SmoothGroup]:
     """The (norm -> linears) mappings of llama-style and OPT-style (pre-LN) decoder blocks."""
     groups: list[SmoothGroup] = []
     for name, mod in model.named_modules():
         pre = f"{name}." if name else ""
 
-        def present(*paths: str) -> list[str]:
-            out = []
-            for p in paths:
-                try:
-                    if isinstance(mod.get_submodule(p), nn.Linear):
-                        out.append(pre + p)
-                except AttributeError:
-                    pass
-            return out
+        def present(*paths: str, mod: nn.Module = mod, pre: str = pre) -> list[str]:
+            return [pre + p for p in paths if isinstance(_submodule(mod, p), nn.Linear)]
 
         if hasattr(mod, "input_layernorm") and hasattr(mod, "post_attention_layernorm"):  # llama-style
             if "gemma" in type(mod).__name__.lower():
