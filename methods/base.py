@@ -127,6 +127,17 @@ class QuantizedModule(nn.Module):
         raise NotImplementedError
 
 
+class QuantizedTensorModule(nn.Module):
+    """Base for quantized non-linear tensors (embeddings, lm_head) counted in ``model_storage``'s "other".
+
+    ``storage()`` reports the real packed bytes; the module's own buffers (e.g. a dequantized copy used
+    by a gather) are not counted again.
+    """
+
+    def storage(self) -> Storage:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
 # --------------------------------------------------------------------------- calibration
 
 
@@ -290,6 +301,11 @@ def model_storage(model: nn.Module) -> dict[str, Storage]:
             for t in mod.parameters():
                 counted.add(t.data_ptr())
     other = Storage()
+    for mod in model.modules():
+        if isinstance(mod, QuantizedTensorModule):
+            other = other + mod.storage()
+            for t in list(mod.parameters()) + list(mod.buffers()):
+                counted.add(t.data_ptr())
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() in counted or t.numel() == 0:
             continue
