@@ -18,7 +18,12 @@ tokens, values per token, the most recent ``residual_length`` tokens in fp16).
 Execution: the evaluation path wraps k_proj/v_proj (whatever their class, so it composes with
 weight methods) and quantize-dequantizes the whole sequence in the forward pass.  Keys are
 quantized pre-RoPE for every method here (KIVI and the naive baseline quantize post-RoPE keys in
-their papers: a documented deviation).  :func:`make_cache` builds the real quantized cache
+their papers: a documented deviation).  KIVI's eval path keeps in fp16 what its cache holds in
+fp16 after prefilling the whole window: the last ``residual_length`` tokens plus the tokens of
+an incomplete key group.  The real cache
+(:func:`make_cache`) stores keys pre-RoPE (captured from k_proj) and re-applies RoPE after
+dequantization, as the paper does; it holds packed codes, fp16 scales and sparse outliers and
+reports ``kv_bytes()`` from those buffers.  :func:`make_cache` builds the real quantized cache
 (:class:`quantbench.kernels.kvcache.QuantizedKVCache`) from the same per-layer specs.
 """
 
