@@ -1,0 +1,528 @@
+"""Per-module sensitivity: the KL / perplexity increase when ONLY one module is quantized.
+
+One shared base model; for each module (each linear of each block, plus the input embeddings and
+the lm_head) its weight is swapped for a fake-quantized copy (group-wise RTN on the uniform grid of
+:mod:`quantbench.kernels.intq`, the grid :class:`~quantbench.methods.qlinear.IntQuantLinear`
+stores), the model is evaluated on a small token budget, and the original weight object is put
+back (the model is restored exactly; tied weights stay tied).
+
+Efficiency: the unquantized inputs of every transformer block are cached once per window, so a
+module in block ``l`` costs only blocks ``l..L-1`` plus the final norm and lm_head (about half a
+forward on average); the unquantized log-probabilities are held in memory.  Results are cached on
+disk in ``cache_dir()/sensitivity/<key>.json``, keyed by a fingerprint of the model's weights, the
+bits, group size, quantizer and the exact tokens, and written as they are measured (an interrupted
+run resumes).
+
+``quantbench sensitivity --out DIR`` writes ``DIR/sensitivity.json`` (layer x projection KL, the
+format :func:`quantbench.harness.publish.plot_sensitivity` reads) and a heatmap (PNG + SVG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from quantbench.methods.base import Calibration, ConfigError, iter_linears
+from quantbench.methods.rtn import rtn_quantize_weight
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+EMBEDDINGS = "embeddings"
+LM_HEAD = "lm_head"
+
+
+# --------------------------------------------------------------------------- quantizers
+
+
+def rtn_fake_quantize(w: torch.Tensor, bits: int, group_size: int = 128, sym: bool = False) -> torch.Tensor:
+    """The dequantized weight RTN (asymmetric min-max grid, fp16 scales, per group of inputs) produces."""
+    codes, scales, zeros = rtn_quantize_weight(w, bits, group_size, sym)
+    in_f = w.shape[1]
+    gs = in_f if group_size == -1 else group_size
+    g = torch.arange(in_f) // gs
+    return ((codes.float() - zeros[:, g]) * scales[:, g]).to(w.dtype)
+
+
+# --------------------------------------------------------------------------- model anatomy
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 (first 16 hex) of every parameter's bytes, in order: identifies the weights exactly."""
+    h = hashlib.sha256()
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        h.update(name.encode())
+        h.update(p.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    from quantbench.methods.gptq import transformer_blocks as tb
+
+    return tb(model)
+
+
+def module_table(model: nn.Module, embeddings: bool = True, lm_head: bool = True) -> list[dict[str, Any]]:
+    """Every measurable module: {name, layer, projection, kind, weight shape} in model order."""
+    prefix, blocks = transformer_blocks(model)
+    rows: list[dict[str, Any]] = []
+    if embeddings:
+        emb = model.get_input_embeddings()
+        rows.append({"name": _qualname(model, emb), "layer": None, "projection": EMBEDDINGS, "kind": "embedding",
+                     "shape": list(emb.weight.shape)})
+    for name, lin in iter_linears(model):
+        if not name.startswith(prefix + "."):
+            continue
+        layer = int(name[len(prefix) + 1 :].split(".", 1)[0])
+        rows.append({"name": name, "layer": layer, "projection": name.rsplit(".", 1)[-1], "kind": "linear",
+                     "shape": list(lin.weight.shape)})
+    if lm_head:
+        head = model.get_output_embeddings()
+        if head is not None:
+            rows.append({"name": _qualname(model, head), "layer": None, "projection": LM_HEAD, "kind": "lm_head",
+                         "shape": list(head.weight.shape)})
+    return rows
+
+
+def _qualname(model: nn.Module, mod: nn.Module) -> str:
+    for n, m in model.named_modules():
+        if m is mod:
+            return n
+    raise ValueError("module not in model")
+
+
+@contextmanager
+def swapped_weight(model: nn.Module, name: str, new_weight: torch.Tensor):
+    """Temporarily give module ``name`` the weight ``new_weight``; the original Parameter object is restored.
+
+    Tied weights (input embeddings = lm_head) are untied for the duration and tied again after.
+    """
+    mod = model.get_submodule(name)
+    orig = mod.weight
+    mod.weight = nn.Parameter(new_weight.to(orig.dtype), requires_grad=False)
+    try:
+        yield mod
+    finally:
+        mod.weight = orig
+
+
+# --------------------------------------------------------------------------- the probe
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class SensitivityProbe:
+    """Measures KL(P_fp || P_q) and the NLL change when one module's weight is replaced.
+
+    ``windows`` is a LongTensor [n, T]; every position but the last predicts the next token.
+    """
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor) -> None:
+        self.model = model.eval()
+        self.windows = windows
+        self.prefix, self.blocks = transformer_blocks(model)
+        with torch.inference_mode():
+            calib = Calibration(windows, "probe", 0)
+            from quantbench.methods.gptq import capture_block_inputs
+
+            inps, self.kwargs = capture_block_inputs(model, self.blocks[0], calib)
+            # inputs[l][w]: the unquantized input of block l for window w
+            self.inputs: list[list[torch.Tensor]] = [inps]
+            for block in self.blocks[:-1]:
+                inps = [_block_output(block(x, **kw)) for x, kw in zip(inps, self.kwargs)]
+                self.inputs.append(inps)
+            self.ref = [self._full_logprobs(w) for w in range(len(windows))]
+        self.fp_nll = self._nll(self.ref)
+        self._tail = self._find_tail()
+        log.info("sensitivity probe: %d windows x %d tokens, block-suffix evaluation %s",
+                 windows.shape[0], windows.shape[1], "on" if self._tail else "off (full forwards)")
+
+    # -- forwards ------------------------------------------------------------------
+    def _full_logprobs(self, w: int) -> torch.Tensor:
+        out = self.model(self.windows[w : w + 1], use_cache=False)
+        logits = out.logits if hasattr(out, "logits") else out
+        return F.log_softmax(logits[0, :-1].float(), dim=-1)
+
+    def _find_tail(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """final norm (+ projection) + lm_head after the last block, checked against the full forward."""
+        dec = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        head = self.model.get_output_embeddings()
+        if dec is None or head is None:
+            return None
+        norm = getattr(dec, "norm", None) or getattr(dec, "final_layer_norm", None)
+        proj = getattr(dec, "project_out", None)
+        if norm is None:
+            return None
+
+        def tail(h: torch.Tensor) -> torch.Tensor:
+            h = norm(h)
+            if proj is not None:
+                h = proj(h)
+            return head(h)
+
+        try:
+            with torch.inference_mode():
+                lp = self._suffix_logprobs(0, 0, tail)
+        except Exception as e:  # architecture not understood: fall back to full forwards
+            log.debug("block-suffix evaluation unavailable: %s", e)
+            return None
+        if not torch.allclose(lp, self.ref[0], atol=1e-4, rtol=1e-4):
+            log.warning("block-suffix evaluation does not reproduce the full forward; using full forwards")
+            return None
+        return tail
+
+    def _suffix_logprobs(self, layer: int, w: int, tail: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        h = self.inputs[layer][w]
+        for block in self.blocks[layer:]:
+            h = _block_output(block(h, **self.kwargs[w]))
+        return F.log_softmax(tail(h)[0, :-1].float(), dim=-1)
+
+    def _logprobs(self, w: int, layer: int | None) -> torch.Tensor:
+        if layer is not None and self._tail is not None:
+            return self._suffix_logprobs(layer, w, self._tail)
+        return self._full_logprobs(w)
+
+    def _nll(self, lps: list[torch.Tensor]) -> float:
+        tot, n = 0.0, 0
+        for w, lp in enumerate(lps):
+            t = self.windows[w, 1:]
+            tot += float(-lp.gather(1, t.unsqueeze(1)).double().sum())
+            n += t.numel()
+        return tot / n
+
+    # -- measuring -----------------------------------------------------------------
+    def evaluate(self, layer: int | None = None) -> dict[str, float]:
+        """KL (mean per token, nats) and mean NLL of the model as it is now, vs the unquantized reference.
+
+        ``layer``: the first block whose weights differ from the reference (None: anything may differ).
+        """
+        kl_sum, n = 0.0, 0
+        lps = []
+        with torch.inference_mode():
+            for w in range(self.windows.shape[0]):
+                lp = self._logprobs(w, layer)
+                kl_sum += float(F.kl_div(lp, self.ref[w], log_target=True, reduction="sum"))
+                n += lp.shape[0]
+                lps.append(lp)
+        nll = self._nll(lps)
+        return {"kl": kl_sum / n, "nll": nll, "dnll": nll - self.fp_nll}
+
+    def measure(self, row: dict[str, Any], new_weight: torch.Tensor) -> dict[str, float]:
+        with swapped_weight(self.model, row["name"], new_weight):
+            return self.evaluate(row["layer"] if row["kind"] == "linear" else None)
+
+
+# --------------------------------------------------------------------------- cache + driver
+
+
+@dataclass(frozen=True)
+class SensitivitySpec:
+    bits: int
+    group_size: int = 128
+    quantizer: str = "rtn"
+    metric: str = "kl"  # "kl": measured; "fisher": diag-Fisher weighted weight error
+
+    def key(self, fingerprint: str, data_sha: str) -> str:
+        blob = json.dumps({"schema": SCHEMA, "model": fingerprint, "data": data_sha, **self.__dict__}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def tokens_sha(windows: torch.Tensor) -> str:
+    return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def cache_path(key: str) -> Path:
+    from quantbench.harness.data import cache_dir
+
+    return cache_dir() / "sensitivity" / f"{key}.json"
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+
+
+def measure_sensitivities(
+    model: nn.Module,
+    windows: torch.Tensor,
+    bits: Iterable[int],
+    group_size: int = 128,
+    rows: list[dict[str, Any]] | None = None,
+    metric: str = "kl",
+    fingerprint: str | None = None,
+    quantize_fn: Callable[[torch.Tensor, int, int], torch.Tensor] = rtn_fake_quantize,
+    quantizer: str = "rtn",
+    use_cache: bool = True,
+) -> dict[int, dict[str, dict[str, float]]]:
+    """{bits: {module name: {"kl", "nll", "dnll"}}} for each module of ``rows`` quantized alone.
+
+    ``metric="fisher"`` replaces the measured KL by ½ Σ F_ii (w - q)² / tokens (diag empirical
+    Fisher of the NLL, OBD/HAWQ-style): one forward+backward per window, then every (module, bits)
+    costs only its quantization.  Values are read from / written to the on-disk cache.
+    """
+    if metric not in ("kl", "fisher"):
+        raise ConfigError(f"sensitivity metric '{metric}' is not valid; valid: fisher, kl")
+    bits = list(bits)
+    rows = rows if rows is not None else module_table(model)
+    fingerprint = fingerprint or model_fingerprint(model)
+    dsha = tokens_sha(windows)
+    docs: dict[int, dict[str, Any]] = {}
+    paths: dict[int, Path] = {}
+    for b in bits:
+        spec = SensitivitySpec(b, group_size, quantizer, metric)
+        paths[b] = cache_path(spec.key(fingerprint, dsha))
+        doc = _load(paths[b]) if use_cache else {}
+        docs[b] = doc if doc.get("values") is not None else {
+            "spec": spec.__dict__, "model": fingerprint, "data": dsha,
+            "windows": list(windows.shape), "values": {}}
+    todo = [(b, r) for b in bits for r in rows if r["name"] not in docs[b]["values"]]
+    if todo:
+        t0 = time.perf_counter()
+        if metric == "kl":
+            _measure_kl(model, windows, todo, group_size, quantize_fn, docs, paths)
+        else:
+            _measure_fisher(model, windows, todo, group_size, quantize_fn, docs, paths)
+        log.info("measured %d (module, bits) sensitivities in %.1f s", len(todo), time.perf_counter() - t0)
+    return {b: {r["name"]: docs[b]["values"][r["name"]] for r in rows} for b in bits}
+
+
+def _measure_kl(model, windows, todo, group_size, quantize_fn, docs, paths) -> None:
+    probe = SensitivityProbe(model, windows)
+    last_save = time.perf_counter()
+    for b, row in tqdm(todo, desc="sensitivity", leave=False):
+        w = model.get_submodule(row["name"]).weight.data
+        res = probe.measure(row, quantize_fn(w, b, group_size))
+        res["fp_nll"] = probe.fp_nll
+        docs[b]["values"][row["name"]] = res
+        if time.perf_counter() - last_save > 20:
+            for bb in docs:
+                _save(paths[bb], docs[bb])
+            last_save = time.perf_counter()
+    for bb in docs:
+        _save(paths[bb], docs[bb])
+
+
+def fisher_diagonals(model: nn.Module, windows: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """Diag empirical Fisher of the NLL w.r.t. each named module's weight, per token: Σ_t (g_t ⊗ x_t)².
+
+    For a linear y = W x the per-position gradient of W is g_t x_t^T, so its square summed over
+    positions is (g²)^T (x²) — exact per-position squares without per-sample gradients.  Embedding
+    rows use the squared gradient of the whole window.
+    """
+    fis: dict[str, torch.Tensor] = {}
+    xs: dict[str, torch.Tensor] = {}
+    handles = []
+    linears = {n: model.get_submodule(n) for n in names}
+    for n, m in linears.items():
+        fis[n] = torch.zeros_like(m.weight, dtype=torch.float32)
+        if isinstance(m, nn.Linear):
+            def fwd(mod, args, out, n=n):
+                xs[n] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                out.register_hook(lambda g, n=n: _acc(n, g))
+            handles.append(m.register_forward_hook(fwd))
+
+    def _acc(n: str, g: torch.Tensor) -> None:
+        g2 = g.detach().reshape(-1, g.shape[-1]).float().pow(2)
+        fis[n] += g2.t() @ xs.pop(n).pow(2)
+
+    was = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    emb = [n for n, m in linears.items() if not isinstance(m, nn.Linear)]
+    for n in emb:
+        linears[n].weight.requires_grad_(True)
+    n_tok = 0
+    try:
+        for w in range(windows.shape[0]):
+            ids = windows[w : w + 1]
+            # activations must require grad for the hooks: feed embeddings with grad enabled
+            out = model(inputs_embeds=model.get_input_embeddings()(ids).detach().requires_grad_(True),
+                        use_cache=False) if not emb else model(ids, use_cache=False)
+            logits = out.logits[0, :-1].float()
+            loss = F.cross_entropy(logits, ids[0, 1:], reduction="sum")
+            loss.backward()
+            n_tok += ids.shape[1] - 1
+            for n in emb:
+                g = linears[n].weight.grad
+                if g is not None:
+                    fis[n] += g.float().pow(2)
+                    linears[n].weight.grad = None
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(was.get(n, False))
+            p.grad = None
+    return {n: f / n_tok for n, f in fis.items()}
+
+
+def _measure_fisher(model, windows, todo, group_size, quantize_fn, docs, paths) -> None:
+    names = sorted({r["name"] for _, r in todo})
+    fis = fisher_diagonals(model, windows, names)
+    for b, row in todo:
+        w = model.get_submodule(row["name"]).weight.data
+        err = (quantize_fn(w, b, group_size).float() - w.float()).pow(2)
+        docs[b]["values"][row["name"]] = {"kl": 0.5 * float((fis[row["name"]] * err).sum())}
+    for bb in docs:
+        _save(paths[bb], docs[bb])
+
+
+# --------------------------------------------------------------------------- map + CLI
+
+
+def sensitivity_map(
+    model: nn.Module, windows: torch.Tensor, bits: int, group_size: int = 128, metric: str = "kl",
+    fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """The layer x projection document of ``quantbench sensitivity`` (values: KL, nats/token)."""
+    rows = module_table(model)
+    fingerprint = fingerprint or model_fingerprint(model)
+    vals = measure_sensitivities(model, windows, [bits], group_size, rows, metric, fingerprint)[bits]
+    layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
+    projs: list[str] = []
+    for r in rows:
+        if r["kind"] == "linear" and r["projection"] not in projs:
+            projs.append(r["projection"])
+    grid: list[list[float | None]] = [[None] * len(projs) for _ in layers]
+    ppl_grid: list[list[float | None]] = [[None] * len(projs) for _ in layers]
+    fp_nll = next((v["fp_nll"] for v in vals.values() if "fp_nll" in v), None)
+    extra: dict[str, Any] = {}
+    for r in rows:
+        v = vals[r["name"]]
+        ppl = math.exp(v["nll"]) if "nll" in v else None
+        if r["kind"] == "linear":
+            i, j = layers.index(r["layer"]), projs.index(r["projection"])
+            grid[i][j], ppl_grid[i][j] = v["kl"], ppl
+        else:
+            extra[r["projection"]] = {"kl": v["kl"], "ppl": ppl, "module": r["name"]}
+    return {
+        "schema": SCHEMA, "bits": bits, "group_size": group_size, "quantizer": "rtn",
+        "metric": "kl_divergence (nats/token)" if metric == "kl" else "fisher-weighted weight error",
+        "layers": layers, "projections": projs, "values": grid,
+        "embeddings": extra.get(EMBEDDINGS), "lm_head": extra.get(LM_HEAD),
+        "ppl": {"fp": math.exp(fp_nll) if fp_nll is not None else None, "values": ppl_grid},
+        "tokens": list(windows.shape), "model_fingerprint": fingerprint,
+        "title": f"sensitivity: KL when one module is RTN {bits}-bit g{group_size}",
+    }
+
+
+def summarize(doc: dict[str, Any]) -> dict[str, Any]:
+    """Means by projection and by layer, and the top modules (for reports and docs)."""
+    import numpy as np
+
+    arr = np.array(doc["values"], dtype=float)
+    by_proj = dict(zip(doc["projections"], arr.mean(0).round(6).tolist()))
+    by_layer = dict(zip(doc["layers"], arr.mean(1).round(6).tolist()))
+    flat = [(arr[i, j], f"{doc['layers'][i]}.{doc['projections'][j]}")
+            for i in range(arr.shape[0]) for j in range(arr.shape[1])]
+    flat.sort(reverse=True)
+    return {"mean_by_projection": by_proj, "mean_by_layer": by_layer,
+            "top10": [(n, round(float(v), 5)) for v, n in flat[:10]]}
+
+
+def write_heatmap(doc: dict[str, Any], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    arr = np.array(doc["values"], dtype=float)
+    size = (max(4.0, 0.9 * len(doc["projections"]) + 2), max(3.0, 0.28 * len(doc["layers"]) + 1.5))
+    fig, ax = plt.subplots(figsize=size)
+    im = ax.imshow(np.log10(np.maximum(arr, 1e-8)), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(doc["projections"])), doc["projections"], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(doc["layers"])), [str(x) for x in doc["layers"]], fontsize=7)
+    ax.set_xlabel("projection")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, label="log10 KL (nats/token)")
+    ax.set_title(doc.get("title", "sensitivity"), fontsize=9)
+    fig.tight_layout()
+    paths = []
+    for ext in ("png", "svg"):
+        p = out_dir / f"sensitivity_heatmap.{ext}"
+        fig.savefig(p, dpi=120)
+        paths.append(p)
+    plt.close(fig)
+    return paths
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from quantbench.harness import data as datamod
+    from quantbench.harness.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model)
+    model = loaded.model.eval()
+    ids = datamod.tokens(args.dataset, args.split, loaded.tokenizer)
+    if args.split == "calib":
+        windows = datamod.sample_calibration(ids, args.windows, args.seq_len, args.seed)
+    else:  # the first non-overlapping windows of the test split (the gptq protocol's windows)
+        n = ids.numel() // args.seq_len
+        if n < args.windows:
+            raise ConfigError(f"{args.dataset}/{args.split} has only {n} windows of {args.seq_len} tokens")
+        windows = ids[: args.windows * args.seq_len].reshape(args.windows, args.seq_len)
+    t0 = time.perf_counter()
+    doc = sensitivity_map(model, windows, args.bits, args.group_size, args.metric)
+    doc.update(model=loaded.info.get("name"), dataset=args.dataset, split=args.split,
+               seconds=round(time.perf_counter() - t0, 1), summary=summarize(doc))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sensitivity.json").write_text(json.dumps(doc, indent=1))
+    paths = write_heatmap(doc, out)
+    s = doc["summary"]
+    print(f"sensitivity of {doc['model']} at {args.bits} bits (g{args.group_size}), "
+          f"{args.windows}x{args.seq_len} tokens of {args.dataset}/{args.split}, {doc['seconds']} s")
+    print("mean KL by projection: " + ", ".join(f"{k} {v:.4g}" for k, v in s["mean_by_projection"].items()))
+    for k in (EMBEDDINGS, LM_HEAD):
+        if doc.get(k):
+            print(f"{k}: KL {doc[k]['kl']:.4g}")
+    print(f"wrote {out / 'sensitivity.json'}, {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sensitivity",
+                       help="per-layer, per-projection sensitivity map (KL when one module is quantized)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--dataset", default="wiki")
+    p.add_argument("--split", choices=["test", "calib"], default="test")
+    p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="calibration window sampling seed (--split calib)")
+    p.add_argument("--metric", choices=["kl", "fisher"], default="kl")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", required=True, help="directory for sensitivity.json and the heatmap")
+    p.set_defaults(fn=cmd_sensitivity)
