@@ -27,7 +27,7 @@ def models():
     return {k: f().model for k, f in MODELS.items()}
 
 
-def calib(n=4, seq=64, seed=0):
+def calib(n=2, seq=48, seed=0):
     return Calibration(torch.randint(3, 256, (n, seq), generator=torch.Generator().manual_seed(seed)), "rand", seed)
 
 
