@@ -615,7 +615,8 @@ def _dq_blocks(b: np.ndarray, qtype: str) -> np.ndarray:
         return (d[:, None, None] * sc.astype(F32)[..., None] * q.astype(F32)
                 - dmin[:, None, None] * mn.astype(F32)[..., None]).reshape(B, QK_K)
     if qtype == "Q6_K":
-        ql, qh, sc, d = b[:, :128].reshape(B, 2, 64), b[:, 128:192].reshape(B, 2, 32), b[:, 192:208], _h(b[:, 208:210])[:, 0]
+        ql, qh = b[:, :128].reshape(B, 2, 64), b[:, 128:192].reshape(B, 2, 32)
+        sc, d = b[:, 192:208], _h(b[:, 208:210])[:, 0]
         lo = np.stack([ql[:, :, :32] & 0xF, ql[:, :, 32:] & 0xF, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4], axis=2)
         hi = (qh[:, :, None, :] >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)) & 3
         q = (lo | (hi << 4)).astype(F32).reshape(B, 16, 16) - 32
