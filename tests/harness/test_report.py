@@ -117,7 +117,7 @@ class _Table(HTMLParser):
 
 
 def test_render_extras_writes_self_contained_html_and_plots(run_dir, tmp_path):
-    sens = {"layers": [0, 1, 2], "projections": ["q_proj", "k_proj"], "values": [[0.1, 0.2], [0.3, 0.1], [0.9, 0.4]]}
+    sens = {"layers": [0, 1, 2], "projections": ["q_proj", "k_proj"], "values": [[0.1, 0.2], [0.3, None], [0.9, 0.4]]}
     (run_dir / "sensitivity.json").write_text(json.dumps(sens))
     qat = run_dir / "cells" / "bitnet-qat" / "bitnet-qat"
     qat.mkdir(parents=True)
