@@ -32,13 +32,26 @@ def interpreted() -> bool:
 
 @triton.jit
 def _w_int_matmul_kernel(
-    a_ptr, qw_ptr, s_ptr, qz_ptr, g_ptr, bias_ptr, c_ptr,
-    M, N, K,
-    stride_am, stride_ak,
-    stride_qk, stride_qn,
-    stride_sg, stride_sn,
-    stride_zg, stride_zn,
-    stride_cm, stride_cn,
+    a_ptr,
+    qw_ptr,
+    s_ptr,
+    qz_ptr,
+    g_ptr,
+    bias_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_qk,
+    stride_qn,
+    stride_sg,
+    stride_sn,
+    stride_zg,
+    stride_zn,
+    stride_cm,
+    stride_cn,
     BITS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     F32_DOT: tl.constexpr,
@@ -73,11 +86,11 @@ def _w_int_matmul_kernel(
         k_mask = offs_k < K
         a = tl.load(
             a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-            mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
         )
         kn_mask = k_mask[:, None] & n_mask[None, :]
-        qw = tl.load(qw_ptr + (offs_k[:, None] // PER) * stride_qk + offs_n[None, :] * stride_qn,
-                     mask=kn_mask, other=0)
+        qw = tl.load(qw_ptr + (offs_k[:, None] // PER) * stride_qk + offs_n[None, :] * stride_qn, mask=kn_mask, other=0)
         q = (qw >> ((offs_k[:, None] % PER) * BITS)) & MASK
         g = tl.load(g_ptr + offs_k, mask=k_mask, other=0)
         s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=kn_mask, other=0.0)
@@ -90,8 +103,11 @@ def _w_int_matmul_kernel(
             acc += tl.dot(a, w.to(a.dtype))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
-             acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(
+        c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+        acc.to(c_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
 
 
 def w_int_matmul(
@@ -118,17 +134,33 @@ def w_int_matmul(
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     _w_int_matmul_kernel[grid](
-        x, qweight, scales, qzeros, g_idx, bias if bias is not None else scales, out,
-        M, N, K,
-        x.stride(0), x.stride(1),
-        qweight.stride(0), qweight.stride(1),
-        scales.stride(0), scales.stride(1),
-        qzeros.stride(0), qzeros.stride(1),
-        out.stride(0), out.stride(1),
+        x,
+        qweight,
+        scales,
+        qzeros,
+        g_idx,
+        bias if bias is not None else scales,
+        out,
+        M,
+        N,
+        K,
+        x.stride(0),
+        x.stride(1),
+        qweight.stride(0),
+        qweight.stride(1),
+        scales.stride(0),
+        scales.stride(1),
+        qzeros.stride(0),
+        qzeros.stride(1),
+        out.stride(0),
+        out.stride(1),
         BITS=bits,
         HAS_BIAS=bias is not None,
         F32_DOT=interpreted() or x.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=8,
     )
     return out
 
@@ -136,6 +168,7 @@ def w_int_matmul(
 def triton_int_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
     """Forward of an :class:`IntQuantLinear` through the Triton kernel (any leading dims)."""
     shape = x.shape
-    y = w_int_matmul(x.reshape(-1, shape[-1]), layer.qweight, layer.scales, layer.qzeros, layer.g_idx,
-                     layer.bits, layer.bias)
+    y = w_int_matmul(
+        x.reshape(-1, shape[-1]), layer.qweight, layer.scales, layer.qzeros, layer.g_idx, layer.bits, layer.bias
+    )
     return y.reshape(*shape[:-1], layer.out_features)

@@ -100,7 +100,7 @@ def capture_block_inputs(
     def hook(_mod: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
         hs = args[0] if args else kw.pop("hidden_states")
         inputs.append(hs.detach())
-        kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "cache", "use_cache")}
         kwargs.append(kw)
         raise _Captured
 
@@ -163,8 +163,16 @@ class GPTQ(Method):
                 for n in group:
                     lin: nn.Linear = block.get_submodule(n)
                     r = gptq_quantize(
-                        lin.weight.data, Hs[n], c.bits, c.group_size, c.sym, c.act_order,
-                        c.static_groups, c.percdamp, c.blocksize, c.mse,
+                        lin.weight.data,
+                        Hs[n],
+                        c.bits,
+                        c.group_size,
+                        c.sym,
+                        c.act_order,
+                        c.static_groups,
+                        c.percdamp,
+                        c.blocksize,
+                        c.mse,
                     )
                     lin.weight.data.copy_(r.Q.to(lin.weight.dtype))
                     layer_losses[f"{bname}.{n}"] = float(r.losses.sum())
@@ -174,8 +182,14 @@ class GPTQ(Method):
             for n, r in results.items():
                 lin = block.get_submodule(n)
                 q = IntQuantLinear.from_codes(
-                    r.codes, r.scales, r.zeros, c.bits, c.group_size, g_idx=r.g_idx,
-                    bias=None if lin.bias is None else lin.bias.data.clone(), sym=c.sym,
+                    r.codes,
+                    r.scales,
+                    r.zeros,
+                    c.bits,
+                    c.group_size,
+                    g_idx=r.g_idx,
+                    bias=None if lin.bias is None else lin.bias.data.clone(),
+                    sym=c.sym,
                 )
                 set_module(block, n, q)
         model.train(was_training)

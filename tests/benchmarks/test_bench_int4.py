@@ -4,6 +4,8 @@ Timed by pytest-benchmark (``--benchmark-enable``); in the default run each case
 correctness test against the fp32 matmul of the same dequantized weight.
 """
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,10 +17,16 @@ from quantbench.methods.rtn import rtn_quantize_weight
 SHAPES = {"576x1536": (576, 1536), "1536x576": (1536, 576), "2048x2048": (2048, 2048)}
 
 
+@functools.cache
 def int4_layer(in_f: int, out_f: int) -> IntQuantLinear:
-    w = torch.randn(out_f, in_f) * 0.02
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0)) * 0.02
     codes, s, z = rtn_quantize_weight(w, 4, 128, False)
     return IntQuantLinear.from_codes(codes, s, z, 4, 128)
+
+
+@functools.cache
+def dequantized(in_f: int, out_f: int) -> torch.Tensor:
+    return int4_layer(in_f, out_f).dequantized_weight()
 
 
 @pytest.fixture(autouse=True)
@@ -34,8 +42,8 @@ def _one_thread():
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int4pack"])
 def test_bench_int4(benchmark, kind, shape, m):
     in_f, out_f = SHAPES[shape]
-    layer = int4_layer(in_f, out_f)
-    w = layer.dequantized_weight()
+    layer = int4_layer(in_f, out_f)  # built once per shape
+    w = dequantized(in_f, out_f)
     x = torch.randn(m, in_f)
     ref = F.linear(x, w)
     if kind == "fp32":
@@ -45,8 +53,14 @@ def test_bench_int4(benchmark, kind, shape, m):
     else:
         intmm.int4pack_linear(x, layer)  # build the cached packed weight outside the timing
         fn, args = intmm.int4pack_linear, (x.bfloat16(), layer)
-    benchmark.extra_info.update(kind=kind, shape=shape, m=m, weight_bytes=int(layer.qweight.numel() * 4)
-                                if kind == "int4pack" else int(w.numel() * (2 if kind == "bf16" else 4)))
+    benchmark.extra_info.update(
+        kind=kind,
+        shape=shape,
+        m=m,
+        weight_bytes=int(layer.qweight.numel() * 4)
+        if kind == "int4pack"
+        else int(w.numel() * (2 if kind == "bf16" else 4)),
+    )
     out = benchmark(fn, *args).float()
     err = (out - ref).pow(2).sum() / ref.pow(2).sum()
     assert 10 * torch.log10(1 / err) > (200 if kind == "fp32" else 40)

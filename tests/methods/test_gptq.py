@@ -110,8 +110,15 @@ def test_config_errors():
 
 
 def test_true_sequential_groups():
-    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    names = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
     assert sequential_groups(names, True) == [names[:3], names[3:4], names[4:6], names[6:]]
     opt = ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj", "fc1", "fc2"]
     assert sequential_groups(opt, True) == [opt[:3], ["self_attn.out_proj"], ["fc1"], ["fc2"]]
@@ -146,8 +153,11 @@ def test_end_to_end_gptq_beats_rtn(factory):
 
 
 def tensor_bias_bytes(model):
-    return sum(m.bias.numel() * m.bias.element_size() for m in model.modules()
-               if isinstance(m, IntQuantLinear) and m.bias is not None)
+    return sum(
+        m.bias.numel() * m.bias.element_size()
+        for m in model.modules()
+        if isinstance(m, IntQuantLinear) and m.bias is not None
+    )
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_opt])
