@@ -77,6 +77,12 @@ METRICS: dict[str, MetricSpec] = {
     "bits_per_weight": MetricSpec("bits", False, f"{_Q}:bits_per_weight"),
     "weight_bytes": MetricSpec("bytes", False, f"{_Q}:weight_bytes"),
     "quantize_seconds": MetricSpec("s", False, f"{_Q}:quantize_seconds"),
+    "accuracy": MetricSpec("fraction", True, "quantbench.harness.tasks:accuracy"),
+    "kv_bytes_per_token": MetricSpec("bytes", False, "quantbench.harness.memory:kv_bytes_per_token"),
+    "prefill_tokens_per_s": MetricSpec("tokens/s", True, "quantbench.harness.latency:prefill_tokens_per_s"),
+    "decode_ms_per_token": MetricSpec("ms", False, "quantbench.harness.latency:decode_ms_per_token"),
+    "peak_memory_bytes": MetricSpec("bytes", False, "quantbench.harness.memory:peak_memory_bytes"),
+    "energy_j_per_token": MetricSpec("J/token", False, "quantbench.harness.energy:energy_j_per_token"),
 }
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from quantbench.harness import data as datamod
+from quantbench.harness import memory
 from quantbench.harness.evaluate import EvalData, Reference, build_eval_data
 from quantbench.harness.metrics import METRICS, CellContext, MetricResult
 from quantbench.harness.models import LoadedModel, load_model, model_key
@@ -99,6 +100,7 @@ class CellRunner:
         model = None
         try:
             torch.manual_seed(self.seed)
+            memory.reset_peak()
             model = copy.deepcopy(self.base.model)
             tq = time.perf_counter()
             for spec in cell.chain:
@@ -108,9 +110,12 @@ class CellRunner:
                 model = m.quantize(model, calib)
                 methods.append(m)
             quantize_seconds = time.perf_counter() - tq
+            peak_quantize = memory.peak()
+            memory.reset_peak()
             model.eval()
             ctx = CellContext(self.suite, cell, model, self.base, self.eval_data, self.reference, methods,
                               quantize_seconds, self.seed, self.run_dir, self.limit)
+            ctx.memo["peak_quantize"] = peak_quantize
             results = [(name, self._measure(name, ctx)) for name in cell.metrics]
             self._save_artifacts(cell, methods)
         except Exception as e:  # a failing cell is recorded, the run goes on

