@@ -134,7 +134,7 @@ def _calib(vocab, n, seq, seed):
 def test_end_to_end_gptq_beats_rtn(factory):
     torch.set_num_threads(1)
     model = factory().model
-    calib = _calib(256, 32, 128, 1)
+    calib = _calib(256, 16, 128, 1)
     ev = _calib(256, 4, 64, 2).tokens
     with torch.no_grad():
         ref = model(ev).logits
