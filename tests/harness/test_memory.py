@@ -1,0 +1,56 @@
+"""Peak memory (VmHWM with per-phase reset) and KV bytes of a DynamicCache."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from quantbench.harness import memory
+
+
+def test_vmhwm_parse_and_reset_with_fake_proc(tmp_path):
+    (tmp_path / "status").write_text("Name:\tpython\nVmPeak:\t  900 kB\nVmHWM:\t  1234 kB\nVmRSS:\t 1000 kB\n")
+    assert memory.rss_hwm_bytes(tmp_path) == 1234 * 1024
+    assert memory.reset_peak(tmp_path) and (tmp_path / "clear_refs").read_text() == "5"
+    assert memory.rss_hwm_bytes(tmp_path / "absent") is None
+    assert memory.reset_peak(tmp_path / "absent") is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux")
+def test_real_peak_tracks_an_allocation_and_resets():
+    memory.reset_peak()
+    base = memory.peak()["rss_hwm_bytes"]
+    x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB touched
+    after = memory.peak()["rss_hwm_bytes"]
+    assert after - base >= 60 << 20
+    del x
+    if memory.reset_peak():
+        # after a reset the peak is back near the current RSS, below the 64 MiB high-water mark
+        assert memory.peak()["rss_hwm_bytes"] < after - (32 << 20)
+
+
+def test_dynamic_cache_bytes():
+    from transformers.cache_utils import DynamicCache
+
+    from quantbench.harness.models import tiny_llama
+
+    lm = tiny_llama()
+    r = memory.measure_kv_bytes_per_token(lm.model, n=12)
+    # 2 layers x (K + V) x 2 KV heads x head_dim 64 x 4 bytes
+    assert r["bytes_per_token"] == 2 * 2 * 2 * 64 * 4 and r["cache"] == "DynamicCache"
+    c = DynamicCache()
+    with torch.no_grad():
+        lm.model(torch.zeros(1, 5, dtype=torch.long), past_key_values=c, use_cache=True)
+    assert memory.dynamic_cache_bytes(c) == 5 * 2048
+
+
+def test_peak_metric_phases():
+    from tests.harness.test_latency import make_ctx
+
+    ctx = make_ctx()
+    ctx.memo["peak_quantize"] = {"rss_hwm_bytes": 1 << 40}
+    (r,) = memory.peak_memory_bytes(ctx)
+    assert r.value == float(1 << 40) and r.protocol["phases"]["quantize"] == 1 << 40
+    assert 0 < r.protocol["phases"]["eval"] < 1 << 40
