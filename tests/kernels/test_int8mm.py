@@ -33,7 +33,7 @@ def test_quantizers():
     q, s = int8mm.quantize_per_token(x)
     assert q.dtype == torch.int8 and q.abs().max() == 127
     torch.testing.assert_close(s, torch.tensor([2 / 127, int8mm.EPS / 127, 1.0]))
-    assert q[0].tolist() == [64, -127, 32]  # round(1 / (2/127)) = round(63.5) = 64 (half to even: 64)
+    assert q[0].tolist() == [64, -127, 32]  # 1 / (2/127) = 63.5 in fp32 rounds (half to even) to 64
     assert q[1].tolist() == [0, 0, 0]
     qs, ss = int8mm.quantize_per_tensor(x, 0.5)
     assert ss.shape == (3,) and qs[2].tolist() == [127, 6, -127] and qs[0].tolist() == [2, -4, 1]
