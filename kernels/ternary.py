@@ -19,7 +19,7 @@ packed rows, unpacking the 2-bit buffer on every call (see ``tests/benchmarks/te
     shape (in x out)   fp32 F.linear  bf16 F.linear  int_mm(cached int8)  add/sub(gather)  bf16 dequant
     576 x 1536         0.070          0.083          0.067                2.23             0.338   (unpack+int_mm: 1.96)
     1536 x 576         0.062          0.081          0.077                2.11             0.334   (unpack+int_mm: 1.73)
-    2048 x 2048        0.348          0.432          0.249               10.3              1.75    (unpack+int_mm: ~50, noisy)
+    2048 x 2048        0.348          0.432          0.249               10.3              1.75    (unpack+int_mm: ~50)
 
 ``"int_mm"`` (``torch._int_mm`` on int8 activations x int8 codes, int32 accumulation) is the fastest
 exact formulation and is the packed path; the add/subtract formulation (sum of the activations at the
