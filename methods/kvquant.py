@@ -140,11 +140,11 @@ class KVProj(nn.Module):
             self.recorded.append(y)
             return y
         if self.mode == "capture":
-            self.captured = y.view(B, T, HD // self.head_dim, self.head_dim).transpose(1, 2)
+            self.captured = y.reshape(B, T, HD // self.head_dim, self.head_dim).transpose(1, 2)
             return y
         if self.mode == "off":
             return y
-        yh = y.view(B, T, HD // self.head_dim, self.head_dim).transpose(1, 2)
+        yh = y.reshape(B, T, HD // self.head_dim, self.head_dim).transpose(1, 2)
         return qdq_sequence(yh, self.spec).transpose(1, 2).reshape(B, T, HD)
 
 
