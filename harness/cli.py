@@ -78,8 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from quantbench.harness.records import read_records
-    from quantbench.harness.report import markdown, write_report
+    from quantbench.harness.report import load_runs, markdown, write_report
 
     path = write_report(args.run_dirs, args.out)
     try:
@@ -88,9 +87,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         publish.render_extras(args.run_dirs, args.out)
     except ImportError:
         pass
-    recs = []
-    for d in args.run_dirs:
-        recs += read_records(Path(d) / "records.jsonl")
+    recs = load_runs(args.run_dirs)  # run directories or records/baseline .jsonl files
     print(markdown(recs))
     print(f"leaderboard: {path}")
     return 0

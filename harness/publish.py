@@ -512,7 +512,7 @@ def render_extras(run_dirs: Iterable[str | Path], out_dir: str | Path | None = N
     ``screenshot=None`` takes a screenshot when Chromium is found and ``QUANTBENCH_SCREENSHOT`` is not 0.
     Returns the written paths by kind ("html", "plots", "screenshot")."""
     dirs = [Path(d) for d in run_dirs]
-    out = Path(out_dir) if out_dir else dirs[0]
+    out = Path(out_dir) if out_dir else (dirs[0] if dirs[0].is_dir() else dirs[0].parent)
     out.mkdir(parents=True, exist_ok=True)
     records = load_runs(dirs)
     plots: list[Path] = []

@@ -203,8 +203,12 @@ def provenance_footer(run_dirs: Iterable[str | Path]) -> str:
     lines = []
     for d in run_dirs:
         env_path = Path(d) / "env.json"
+        env: dict[str, Any] = {}
         if env_path.exists():
             env = json.loads(env_path.read_text())
+        else:  # a records/baseline file: the records' own provenance
+            env = next((r["provenance"] for r in load_runs([d]) if r.get("provenance")), {})
+        if env:
             v = env.get("versions", {})
             hw = env.get("hardware", {})
             lines.append(
@@ -218,7 +222,8 @@ def provenance_footer(run_dirs: Iterable[str | Path]) -> str:
 def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Path:
     """Write leaderboard.md into ``out_dir`` (default: the first run dir) and return its path."""
     recs = load_runs(run_dirs)
-    out = Path(out_dir) if out_dir else Path(run_dirs[0])
+    first = Path(run_dirs[0])
+    out = Path(out_dir) if out_dir else (first if first.is_dir() else first.parent)
     out.mkdir(parents=True, exist_ok=True)
     title = "quantbench leaderboard"
     md = markdown(recs, title) + "\n" + provenance_footer(run_dirs) + "\n"
