@@ -273,9 +273,11 @@ def resolved_yaml(suite: Suite) -> str:
         "calibration": suite.calibration,
         "metrics": suite.metrics,
         "tolerances": suite.tolerances,
+        **{k: suite.raw[k] for k in ("tasks", "latency") if k in suite.raw},
         "cells": [
             {"name": c.name, "method": [m.config_dict() for m in c.chain], "calibration": c.calibration,
-             "metrics": c.metrics, **({"resources": c.resources} if c.resources else {})}
+             "metrics": c.metrics, **({"resources": c.resources} if c.resources else {}),
+             **({"tasks": c.tasks} if c.tasks else {}), **({"latency": c.latency} if c.latency else {})}
             for c in suite.cells
         ],
     }

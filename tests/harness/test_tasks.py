@@ -110,3 +110,26 @@ def test_accuracy_metric_records(task_cache):
     (r,) = METRICS["accuracy"].compute(ctx)
     assert r.status == "ok" and r.protocol["task"] == "bb_sports_understanding"
     assert r.protocol["shots"] == 2 and r.protocol["n"] == 6 and 0 <= r.value <= 1 and r.stderr is not None
+
+
+def test_quantbench_lm_registered_and_quantizes():
+    from lm_eval.api.registry import get_model
+
+    import quantbench.harness.lmeval  # noqa: F401  (registers "quantbench")
+    from quantbench.methods.qlinear import IntQuantLinear
+
+    cls = get_model("quantbench")
+    lm = cls.create_from_arg_string("method=rtn,bits=4,group_size=64,model=tiny-llama", {"batch_size": 2})
+    layers = [m for m in lm.model.modules() if isinstance(m, IntQuantLinear)]
+    assert len(layers) == 2 * 7 and all(m.bits == 4 and m.group_size == 64 for m in layers)
+    assert lm.quantbench_config == {"model": "tiny-llama", "method": "rtn", "bits": 4, "group_size": 64}
+    # loglikelihood through HFLM over the quantized model equals a direct forward
+    import torch
+    from lm_eval.api.instance import Instance
+
+    (ll, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("hello", " world"), 0)])
+    ids = torch.tensor([list(b"hello world")])
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(ids).logits[0, :-1].float(), -1)
+    ref = logp[torch.arange(4, 10), ids[0, 5:]].sum().item()
+    assert ll == pytest.approx(ref, abs=1e-3)
