@@ -401,33 +401,39 @@ def _measure_fisher(model, windows, todo, group_size, quantize_fn, docs, paths) 
 
 def sensitivity_map(
     model: nn.Module, windows: torch.Tensor, bits: int, group_size: int = 128, metric: str = "kl",
-    fingerprint: str | None = None,
+    fingerprint: str | None = None, layers: Iterable[int] | None = None,
 ) -> dict[str, Any]:
-    """The layer x projection document of ``quantbench sensitivity`` (values: KL, nats/token)."""
+    """The layer x projection document of ``quantbench sensitivity`` (values: KL, nats/token).
+
+    ``layers``: measure only these blocks (plus embeddings and lm_head); default all.
+    """
     rows = module_table(model)
+    if layers is not None:
+        keep = set(layers)
+        rows = [r for r in rows if r["layer"] is None or r["layer"] in keep]
     fingerprint = fingerprint or model_fingerprint(model)
     vals = measure_sensitivities(model, windows, [bits], group_size, rows, metric, fingerprint)[bits]
-    layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
+    layer_ids = sorted({r["layer"] for r in rows if r["layer"] is not None})
     projs: list[str] = []
     for r in rows:
         if r["kind"] == "linear" and r["projection"] not in projs:
             projs.append(r["projection"])
-    grid: list[list[float | None]] = [[None] * len(projs) for _ in layers]
-    ppl_grid: list[list[float | None]] = [[None] * len(projs) for _ in layers]
+    grid: list[list[float | None]] = [[None] * len(projs) for _ in layer_ids]
+    ppl_grid: list[list[float | None]] = [[None] * len(projs) for _ in layer_ids]
     fp_nll = next((v["fp_nll"] for v in vals.values() if "fp_nll" in v), None)
     extra: dict[str, Any] = {}
     for r in rows:
         v = vals[r["name"]]
         ppl = math.exp(v["nll"]) if "nll" in v else None
         if r["kind"] == "linear":
-            i, j = layers.index(r["layer"]), projs.index(r["projection"])
+            i, j = layer_ids.index(r["layer"]), projs.index(r["projection"])
             grid[i][j], ppl_grid[i][j] = v["kl"], ppl
         else:
             extra[r["projection"]] = {"kl": v["kl"], "ppl": ppl, "module": r["name"]}
     return {
         "schema": SCHEMA, "bits": bits, "group_size": group_size, "quantizer": "rtn",
         "metric": "kl_divergence (nats/token)" if metric == "kl" else "fisher-weighted weight error",
-        "layers": layers, "projections": projs, "values": grid,
+        "layers": layer_ids, "projections": projs, "values": grid,
         "embeddings": extra.get(EMBEDDINGS), "lm_head": extra.get(LM_HEAD),
         "ppl": {"fp": math.exp(fp_nll) if fp_nll is not None else None, "values": ppl_grid},
         "tokens": list(windows.shape), "model_fingerprint": fingerprint,
@@ -493,7 +499,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.dataset}/{args.split} has only {n} windows of {args.seq_len} tokens")
         windows = ids[: args.windows * args.seq_len].reshape(args.windows, args.seq_len)
     t0 = time.perf_counter()
-    doc = sensitivity_map(model, windows, args.bits, args.group_size, args.metric)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    doc = sensitivity_map(model, windows, args.bits, args.group_size, args.metric, layers=layers)
     doc.update(model=loaded.info.get("name"), dataset=args.dataset, split=args.split,
                seconds=round(time.perf_counter() - t0, 1), summary=summarize(doc))
     out = Path(args.out)
@@ -523,6 +530,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0, help="calibration window sampling seed (--split calib)")
     p.add_argument("--metric", choices=["kl", "fisher"], default="kl")
+    p.add_argument("--layers", help="comma-separated block indices to measure (default: all)")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", required=True, help="directory for sensitivity.json and the heatmap")
     p.set_defaults(fn=cmd_sensitivity)
