@@ -8,6 +8,8 @@ or per output channel.  Tested on CPU under ``TRITON_INTERPRET=1`` against the t
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -20,7 +22,7 @@ def _ternary_gemm_kernel(
     x_ptr, p_ptr, s_ptr, as_ptr, y_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_pn, stride_pk, stride_ym, stride_yn,
-    SCALE_PER_N: tl.constexpr, INT8_ACT: tl.constexpr,
+    SCALE_PER_N: tl.constexpr, INT8_ACT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -42,8 +44,10 @@ def _ternary_gemm_kernel(
         code = ((b.to(tl.int32) >> ((offs_k[:, None] % 4) * 2)) & 3) - 1
         if INT8_ACT:
             acc += tl.dot(x.to(tl.int8), code.to(tl.int8), out_dtype=tl.int32)
-        else:
-            acc += tl.dot(x.to(tl.float32), code.to(tl.float32))
+        elif DOT_FP32:  # fp32 activations, or the interpreter (whose bf16 math is wrong): exact ieee fp32
+            acc += tl.dot(x.to(tl.float32), code.to(tl.float32), input_precision="ieee")
+        else:  # fp16/bf16 on a GPU: codes are exact in x's dtype, fp32 accumulation on tensor cores
+            acc += tl.dot(x, code.to(x.dtype))
     if SCALE_PER_N:
         s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)
     else:
@@ -78,6 +82,7 @@ def ternary_matmul(
         x, packed, s, a_s, y, M, N, K,
         x.stride(0), x.stride(1), packed.stride(0), packed.stride(1), y.stride(0), y.stride(1),
         SCALE_PER_N=s.numel() == N and N > 1, INT8_ACT=int8,
+        DOT_FP32=x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return y

@@ -51,3 +51,11 @@ def test_bad_inputs():
         triton_ternary.ternary_matmul(torch.randn(2, 60), p, torch.ones(1))
     with pytest.raises(ValueError):
         triton_ternary.ternary_matmul(torch.zeros(2, 64, dtype=torch.int8), p, torch.ones(1))
+
+
+def test_half_activations_fp32_accumulation():
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(-1, 2, (32, 128), generator=g, dtype=torch.int8)
+    x = torch.randn(16, 128, generator=g).half()
+    y = triton_ternary.ternary_matmul(x, T.pack_ternary(codes), torch.full((1,), 0.5), out_dtype=torch.float32)
+    torch.testing.assert_close(y.double(), x.double() @ codes.double().T * 0.5, rtol=1e-5, atol=1e-4)
