@@ -208,6 +208,10 @@ class TernaryLinear(QuantizedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed and self.granularity != "group" and x.device.type == "cpu":
             return T.ternary_linear(x, self._codes_transposed(), self.scale.view(-1), self.bias, self.act_bits)
+        if self.packed and self.granularity != "group" and self.fmt == "2bit" and x.device.type == "cuda":
+            from quantbench.kernels.triton_ternary import triton_ternary_linear  # GPU: unpack inside the GEMM
+
+            return triton_ternary_linear(x, self)
         xa = act_quant(x.float()) if self.act_bits == 8 else x.float()
         y = F.linear(xa, self.dequantized_weight(), None if self.bias is None else self.bias.float())
         return y.to(x.dtype)
