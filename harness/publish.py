@@ -289,8 +289,12 @@ def loss_curves(run_dirs: list[Path]) -> dict[str, tuple[list[float], list[float
         cells = d / "cells"
         if not cells.is_dir():
             continue
-        for cell in sorted(p for p in cells.iterdir() if p.is_dir()):
-            label = cell.name if len(run_dirs) == 1 else f"{d.name}/{cell.name}"
+        # cells/<model>/<cell>/ (older runs: cells/<cell>/)
+        found_dirs = {f.parent.parent for f in cells.rglob("bitnet-qat/loss_curve.json")}
+        found_dirs |= {f.parent for f in cells.rglob("artifacts.json")}
+        for cell in sorted(found_dirs):
+            rel = cell.relative_to(cells).as_posix()
+            label = rel if len(run_dirs) == 1 else f"{d.name}/{rel}"
             found = None
             f = cell / "bitnet-qat" / "loss_curve.json"
             try:

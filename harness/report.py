@@ -58,8 +58,16 @@ def load_runs(run_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
 
 def latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The last record of each (run, model, cell, metric, protocol): a resumed rerun wins."""
+    # a failed cell's records carry no protocol: give them their metric's protocol from the same suite and
+    # model, so a failure sits in the metric's column (and a resumed success replaces it)
+    known: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        if r.get("protocol"):
+            known.setdefault((r["suite"], r["model"]["name"], r["metric"]), r["protocol"])
     out: dict[tuple, dict[str, Any]] = {}
     for r in records:
+        if not r.get("protocol") and r["status"] != "ok":
+            r = {**r, "protocol": known.get((r["suite"], r["model"]["name"], r["metric"]), {})}
         key = (r["run_id"], r["model"]["name"], r["cell"], r["metric"], protocol_tag(r))
         out[key] = r
     return list(out.values())

@@ -105,7 +105,7 @@ class CellRunner:
             tq = time.perf_counter()
             for spec in cell.chain:
                 m = build_method(spec.method, spec.params)
-                m.artifact_dir = (self.run_dir / "cells" / _safe(cell.name) / spec.method) if self.run_dir else None
+                m.artifact_dir = (self._cell_dir(cell) / spec.method) if self.run_dir else None
                 calib = self.calibration(cell.calibration) if m.needs_calibration else None
                 model = m.quantize(model, calib)
                 methods.append(m)
@@ -158,6 +158,11 @@ class CellRunner:
                 ))
         return out
 
+    def _cell_dir(self, cell: Cell) -> Path:
+        """Per model and cell: a method's checkpoints must never be resumed by another model's cell."""
+        assert self.run_dir is not None
+        return self.run_dir / "cells" / _safe(model_key(self.model_spec)) / _safe(cell.name)
+
     def _model_info(self) -> dict[str, Any]:
         i = self.base.info
         return {k: i.get(k) for k in ("name", "source", "sha256", "params", "source_precision", "dtype")}
@@ -167,7 +172,7 @@ class CellRunner:
             return
         arts = {m.name: m.artifacts for m in methods if m.artifacts}
         if arts:
-            d = self.run_dir / "cells" / _safe(cell.name)
+            d = self._cell_dir(cell)
             d.mkdir(parents=True, exist_ok=True)
             (d / "artifacts.json").write_text(json.dumps(arts, indent=1, default=str))
 
