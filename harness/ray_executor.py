@@ -19,14 +19,10 @@ from typing import Any
 from quantbench.harness.metrics import METRICS
 from quantbench.harness.models import model_key
 from quantbench.harness.records import (
-    RecordWriter,
-    completed_cells,
-    environment,
     make_record,
-    read_records,
     utc_now,
 )
-from quantbench.harness.suite import Cell, Suite, parse_suite, resolved_yaml
+from quantbench.harness.suite import Cell, Suite, parse_suite
 
 log = logging.getLogger(__name__)
 
@@ -76,21 +72,11 @@ def run_suite_ray(
         from quantbench.methods.base import ConfigError
 
         raise ConfigError("the Ray executor needs Ray: pip install 'quantbench[ray]'") from e
-    from quantbench.harness.runner import REPO_ROOT, default_run_dir
+    from quantbench.harness.runner import REPO_ROOT, start_run
 
-    run_dir = Path(out) if out else default_run_dir(suite)
-    records_path = run_dir / "records.jsonl"
-    if records_path.exists() and not resume:
-        raise FileExistsError(f"{records_path} exists; pass --resume to continue that run")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = start_run(suite, out, resume)
+    run_dir, env, done, run_id, writer = run.dir, run.env, run.done, run.run_id, run.writer
     seed = suite.seed if seed is None else seed
-    (run_dir / "suite.resolved.yaml").write_text(resolved_yaml(suite))
-    env = environment()
-    (run_dir / "env.json").write_text(json.dumps(env, indent=1))
-    existing = read_records(records_path)
-    done = completed_cells(existing)
-    run_id = existing[0]["run_id"] if existing else run_dir.name
-    writer = RecordWriter(records_path)
 
     started_here = not ray.is_initialized()
     if started_here:

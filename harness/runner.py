@@ -16,6 +16,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,30 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in name)
 
 
+@dataclass
+class RunState:
+    dir: Path
+    env: dict[str, Any]
+    done: set[tuple[str, str]]
+    run_id: str
+    writer: RecordWriter
+
+
+def start_run(suite: Suite, out: Path | None, resume: bool) -> RunState:
+    """Create (or, with ``resume``, reopen) a run directory; shared by every executor."""
+    run_dir = Path(out) if out else default_run_dir(suite)
+    records_path = run_dir / "records.jsonl"
+    if records_path.exists() and not resume:
+        raise FileExistsError(f"{records_path} exists; pass --resume to continue that run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "suite.resolved.yaml").write_text(resolved_yaml(suite))
+    env = environment()
+    (run_dir / "env.json").write_text(json.dumps(env, indent=1))
+    existing = read_records(records_path)
+    run_id = existing[0]["run_id"] if existing else run_dir.name
+    return RunState(run_dir, env, completed_cells(existing), run_id, RecordWriter(records_path))
+
+
 def run_suite(
     suite: Suite,
     out: Path | None = None,
@@ -190,19 +215,9 @@ def run_suite(
     cell_filter: Callable[[Cell], bool] | None = None,
 ) -> Path:
     """Run every pending cell of ``suite`` locally; returns the run directory."""
-    run_dir = Path(out) if out else default_run_dir(suite)
-    records_path = run_dir / "records.jsonl"
-    if records_path.exists() and not resume:
-        raise FileExistsError(f"{records_path} exists; pass --resume to continue that run")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = start_run(suite, out, resume)
+    run_dir, env, done, run_id, writer = run.dir, run.env, run.done, run.run_id, run.writer
     seed = suite.seed if seed is None else seed
-    (run_dir / "suite.resolved.yaml").write_text(resolved_yaml(suite))
-    env = environment()
-    (run_dir / "env.json").write_text(json.dumps(env, indent=1))
-    existing = read_records(records_path)
-    done = completed_cells(existing)
-    run_id = existing[0]["run_id"] if existing else run_dir.name
-    writer = RecordWriter(records_path)
 
     for model_spec in suite.models:
         mname = model_key(model_spec)
@@ -218,7 +233,7 @@ def run_suite(
             try:
                 recs = runner.run_cell(cell, run_id, env)
             except KeyboardInterrupt:
-                log.warning("interrupted: finished cells are in %s; continue with --resume", records_path)
+                log.warning("interrupted: finished cells are in %s; continue with --resume", writer.path)
                 raise
             writer.write_cell(recs)
             failed = [r for r in recs if r["status"] == "failed"]
