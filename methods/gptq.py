@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,6 +60,7 @@ class GPTQConfig(MethodConfig):
     blocksize: int = 128
     true_sequential: bool = True
     mse: bool = False
+    offload: bool = False  # keep fp blocks on disk (safetensors), one in memory at a time
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_SKIP
 
@@ -154,7 +156,21 @@ class GPTQ(Method):
         model.eval()
         inps, kws = capture_block_inputs(model, blocks[0], calib)
         layer_losses: dict[str, float] = {}
+        store = None
+        tmp = None
+        if c.offload:
+            import tempfile
+
+            from quantbench.methods.offload import BlockStore
+
+            tmp = tempfile.TemporaryDirectory(prefix="gptq-offload-",
+                                              dir=str(self.artifact_dir) if self.artifact_dir else None)
+            store = BlockStore(blocks, Path(tmp.name))
+        max_resident = 0
         for b, block in enumerate(tqdm(blocks, desc="gptq", leave=False)):
+            if store is not None:
+                store.load(b)
+                max_resident = max(max_resident, store.resident_block_bytes())
             bname = f"{prefix}.{b}"
             names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and f"{bname}.{n}" in selected]
             results = {}
@@ -192,6 +208,10 @@ class GPTQ(Method):
                     sym=c.sym,
                 )
                 set_module(block, n, q)
+            if store is not None:
+                max_resident = max(max_resident, store.resident_block_bytes())
+        if tmp is not None:
+            tmp.cleanup()
         model.train(was_training)
         model.gptq_config = c.to_dict()  # read by gptq_export for quantize_config.json
         losses = list(layer_losses.values())
@@ -204,6 +224,9 @@ class GPTQ(Method):
             gptq_loss_max=max(losses, default=0.0),
             gptq_loss_worst_layer=max(layer_losses, key=layer_losses.get) if losses else None,
         )
+        if store is not None:
+            # fp block bytes ever resident at once: one block (plus the quantized blocks before it)
+            self.artifacts["offload_max_resident_block_bytes"] = max_resident
         log.info("gptq: %d linears in %.1f s", len(losses), self.artifacts["quantize_seconds"])
         return model
 
