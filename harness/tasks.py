@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantbench.harness import data
-from quantbench.methods.base import ConfigError, did_you_mean
+from quantbench.methods.base import ConfigError, QuantizedTensorModule, did_you_mean
 
 if TYPE_CHECKING:
     from quantbench.harness.metrics import CellContext, MetricResult
@@ -323,6 +323,10 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[dict[str, Any]], batc
         ensure_task(t["name"])
     include_defaults = any(t["name"] not in LOCAL_TASKS for t in tasks)
     tm = _task_manager(include_defaults)
+    if any(isinstance(m, QuantizedTensorModule) for m in model.modules()):
+        # quantized embeddings/lm_head are shared modules already; HFLM's tie_weights() would try to
+        # assign their dequantized buffer as a Parameter and fail
+        model.tie_weights = lambda *a, **k: None  # type: ignore[method-assign]
     lm = HFLM(pretrained=model, tokenizer=hf_tokenizer(tokenizer), batch_size=batch_size)
     out = []
     for t in tasks:
