@@ -106,7 +106,7 @@ def leaderboard(records: list[dict[str, Any]]) -> pd.DataFrame:
     wide = wide.reindex(columns=[c for c in cols if c in wide.columns])
     wide = wide.reset_index()
     status = df.groupby(["suite", "model", "cell"])["status"].agg(
-        lambda s: "ok" if (s == "ok").all() else ("failed" if (s == "failed").any() else "partial"))
+        lambda s: "ok" if s.isin(["ok", "unavailable"]).all() else ("failed" if (s == "failed").any() else "partial"))
     wide["status"] = [status.get((a, b, c), "ok") for a, b, c in zip(wide["suite"], wide["model"], wide["cell"])]
     wide["_o"] = wide["cell"].map(order)
     return wide.sort_values(["suite", "model", "_o"]).drop(columns="_o").reset_index(drop=True)
