@@ -11,8 +11,6 @@ import gc
 import json
 import time
 
-import torch
-
 from quantbench.harness import data
 from quantbench.harness.memory import reset_peak, rss_hwm_bytes
 from quantbench.harness.models import load_smollm2

@@ -48,7 +48,8 @@ def test_records_failed_cell_and_continues(tmp_path):
     assert len(recs) == 3 * 4
     by = {(r["cell"], r["metric"]): r for r in recs}
     assert by[("broken", "perplexity")]["status"] == "failed"
-    assert by[("broken", "perplexity")]["error"] == "RuntimeError: boom at quantize" and by[("broken", "perplexity")]["value"] is None
+    broken = by[("broken", "perplexity")]
+    assert broken["error"] == "RuntimeError: boom at quantize" and broken["value"] is None
     assert by[("fp", "kl_divergence")]["value"] == pytest.approx(0.0, abs=1e-6)
     assert by[("fp", "top1_agreement")]["value"] == 1.0
     r4 = by[("r4", "perplexity")]
