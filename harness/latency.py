@@ -124,7 +124,7 @@ def _kv_module(ctx: CellContext) -> Any:
 def _ids(model: torch.nn.Module, b: int, n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     dev = next(model.parameters()).device
-    return torch.randint(0, model.config.vocab_size, (b, n), generator=g).to(dev)
+    return torch.randint(0, model.config.vocab_size, (b, n), generator=g).to(dev)  # type: ignore[union-attr,arg-type]  # HF model attribute on nn.Module
 
 
 @torch.no_grad()

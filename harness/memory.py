@@ -108,7 +108,7 @@ def measure_kv_bytes_per_token(model: torch.nn.Module, n: int = 256, kv_module: 
 
     g = torch.Generator().manual_seed(seed)
     dev = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(dev)
+    ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(dev)  # type: ignore[union-attr,arg-type]  # HF model attribute on nn.Module
     if kv_module is not None:
         cache = kv_module.make_cache(model)
         kv_module.generate_with_cache(model, ids, 0, cache)

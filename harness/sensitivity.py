@@ -85,7 +85,7 @@ def module_table(model: nn.Module, embeddings: bool = True, lm_head: bool = True
     prefix, blocks = transformer_blocks(model)
     rows: list[dict[str, Any]] = []
     if embeddings:
-        emb = model.get_input_embeddings()
+        emb = model.get_input_embeddings()  # type: ignore[operator]  # HF model attribute on nn.Module
         rows.append({"name": _qualname(model, emb), "layer": None, "projection": EMBEDDINGS, "kind": "embedding",
                      "shape": list(emb.weight.shape)})
     for name, lin in iter_linears(model):
@@ -95,7 +95,7 @@ def module_table(model: nn.Module, embeddings: bool = True, lm_head: bool = True
         rows.append({"name": name, "layer": layer, "projection": name.rsplit(".", 1)[-1], "kind": "linear",
                      "shape": list(lin.weight.shape)})
     if lm_head:
-        head = model.get_output_embeddings()
+        head = model.get_output_embeddings()  # type: ignore[operator]  # HF model attribute on nn.Module
         if head is not None:
             rows.append({"name": _qualname(model, head), "layer": None, "projection": LM_HEAD, "kind": "lm_head",
                          "shape": list(head.weight.shape)})
@@ -117,7 +117,7 @@ def swapped_weight(model: nn.Module, name: str, new_weight: torch.Tensor):
     """
     mod = model.get_submodule(name)
     orig = mod.weight
-    mod.weight = nn.Parameter(new_weight.to(orig.dtype), requires_grad=False)
+    mod.weight = nn.Parameter(new_weight.to(orig.dtype), requires_grad=False)  # type: ignore[arg-type]  # HF model attribute on nn.Module
     try:
         yield mod
     finally:
@@ -165,8 +165,8 @@ class SensitivityProbe:
 
     def _find_tail(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """final norm (+ projection) + lm_head after the last block, checked against the full forward."""
-        dec = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
-        head = self.model.get_output_embeddings()
+        dec = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None  # type: ignore[operator]  # HF model attribute on nn.Module
+        head = self.model.get_output_embeddings()  # type: ignore[operator]  # HF model attribute on nn.Module
         if dec is None or head is None:
             return None
         norm = getattr(dec, "norm", None) or getattr(dec, "final_layer_norm", None)
@@ -343,7 +343,7 @@ def fisher_diagonals(model: nn.Module, windows: torch.Tensor, names: list[str]) 
     handles = []
     linears = {n: model.get_submodule(n) for n in names}
     for n, m in linears.items():
-        fis[n] = torch.zeros_like(m.weight, dtype=torch.float32)
+        fis[n] = torch.zeros_like(m.weight, dtype=torch.float32)  # type: ignore[arg-type]  # HF model attribute on nn.Module
         if isinstance(m, nn.Linear):
             def fwd(mod, args, out, n=n):
                 xs[n] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
@@ -365,7 +365,7 @@ def fisher_diagonals(model: nn.Module, windows: torch.Tensor, names: list[str]) 
         for w in range(windows.shape[0]):
             ids = windows[w : w + 1]
             # activations must require grad for the hooks: feed embeddings with grad enabled
-            out = model(inputs_embeds=model.get_input_embeddings()(ids).detach().requires_grad_(True),
+            out = model(inputs_embeds=model.get_input_embeddings()(ids).detach().requires_grad_(True),  # type: ignore[operator]  # HF model attribute on nn.Module
                         use_cache=False) if not emb else model(ids, use_cache=False)
             logits = out.logits[0, :-1].float()
             loss = F.cross_entropy(logits, ids[0, 1:], reduction="sum")
@@ -374,7 +374,7 @@ def fisher_diagonals(model: nn.Module, windows: torch.Tensor, names: list[str]) 
             for n in emb:
                 g = linears[n].weight.grad
                 if g is not None:
-                    fis[n] += g.float().pow(2)
+                    fis[n] += g.float().pow(2)  # type: ignore[operator]  # HF model attribute on nn.Module
                     linears[n].weight.grad = None
     finally:
         for h in handles:

@@ -264,7 +264,7 @@ def load_suite(path: str | Path) -> Suite:
 
 def resolved_yaml(suite: Suite) -> str:
     """The suite with defaults filled in and every method config resolved (for the run dir)."""
-    doc = {
+    doc: dict[str, Any] = {
         "name": suite.name,
         "description": suite.description,
         "models": suite.models,
