@@ -178,8 +178,9 @@ class Reference:
         return cls(path, data, vocab), stats
 
     def window(self, i: int) -> torch.Tensor:
-        mm = np.load(self.path, mmap_mode="r")
-        return torch.from_numpy(np.array(mm[self.offsets[i] : self.offsets[i + 1]]))
+        if getattr(self, "_mm", None) is None:  # opened once, not per window
+            self._mm = np.load(self.path, mmap_mode="r")
+        return torch.from_numpy(np.array(self._mm[self.offsets[i] : self.offsets[i + 1]]))
 
 
 def _accumulate_nll(stats: EvalStats, lp: torch.Tensor, w: Window) -> None:

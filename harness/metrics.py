@@ -60,6 +60,14 @@ class CellContext:
     def tokenizer(self) -> Any:
         return self.base.tokenizer
 
+    def storage(self) -> dict[str, Any]:
+        """``model_storage`` of the cell's model, computed once (bits_per_weight and weight_bytes share it)."""
+        if "storage" not in self.memo:
+            from quantbench.methods.base import model_storage
+
+            self.memo["storage"] = model_storage(self.model)
+        return self.memo["storage"]
+
     def eval_stats(self) -> EvalStats:
         """One evaluation pass shared by perplexity, kl_divergence and top1_agreement."""
         if "eval" not in self.memo:
@@ -120,9 +128,9 @@ def top1_agreement(ctx: CellContext) -> list[MetricResult]:
 
 
 def bits_per_weight(ctx: CellContext) -> list[MetricResult]:
-    from quantbench.methods.base import linear_weight_count, model_storage
+    from quantbench.methods.base import linear_weight_count
 
-    st = model_storage(ctx.model)
+    st = ctx.storage()
     n_linear = linear_weight_count(ctx.model)
     lin = st["linear"]
     params = ctx.base.info.get("params") or 1
@@ -137,9 +145,8 @@ def bits_per_weight(ctx: CellContext) -> list[MetricResult]:
 
 
 def weight_bytes(ctx: CellContext) -> list[MetricResult]:
-    from quantbench.methods.base import model_storage
 
-    st = model_storage(ctx.model)
+    st = ctx.storage()
     t = st["total"]
     return [MetricResult(
         float(t.total),

@@ -48,7 +48,7 @@ def _failed_records(suite: Suite, model_spec: Any, cell: Cell, run_id: str, env:
     info = {"name": model_key(model_spec), "source": None, "sha256": None, "params": None,
             "source_precision": None, "dtype": None}
     prov = {**env, "executor": "ray", "started": utc_now(), "seconds": None}
-    configs = [{"method": m.method, **m.params} for m in cell.chain]
+    configs = [m.config_dict() for m in cell.chain]  # the same resolved configs the local executor records
     return [make_record(run_id=run_id, suite=suite.name, cell=cell.name, model=info, method=cell.method_label,
                         method_config=configs[0] if len(configs) == 1 else configs, metric=name, value=None,
                         unit=METRICS[name].unit, higher_is_better=METRICS[name].higher_is_better,

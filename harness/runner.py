@@ -145,7 +145,7 @@ class CellRunner:
 
     def _records(self, cell: Cell, methods: list[Method], results: list[tuple[str, list[MetricResult]]],
                  run_id: str, prov: dict[str, Any]) -> list[dict[str, Any]]:
-        configs = [{"method": s.method, **build_method(s.method, s.params).config.to_dict()} for s in cell.chain]
+        configs = [s.config_dict() for s in cell.chain]
         method_config: Any = configs[0] if len(configs) == 1 else configs
         out = []
         for name, res in results:
