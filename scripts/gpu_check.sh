@@ -6,5 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-"$PY" -c "import quantbench.harness" 2>/dev/null || "$PY" -m pip install -q --no-deps -e .
+if ! "$PY" -c "import quantbench.harness" 2>/dev/null; then
+  # no install (the GPU machine is offline): a package tree of links mirroring pyproject's package-dir
+  site=$(mktemp -d); mkdir "$site/quantbench"; cp quantbench_pkg/__init__.py "$site/quantbench/"
+  for d in harness methods kernels; do ln -s "$PWD/$d" "$site/quantbench/$d"; done
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 exec timeout 480 "$PY" -m quantbench.harness.gpu_check --out "${OUT:-results/runs/gpu-check}" "$@"
