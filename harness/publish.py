@@ -34,6 +34,7 @@ from quantbench.harness.report import (
     latest,
     leaderboard,
     load_runs,
+    method_details,
     metric_columns,
     protocol_tag,
     vs_fp,
@@ -492,6 +493,10 @@ def render_html(records: list[dict[str, Any]], run_dirs: list[Path], plots: list
                 body.append(f"<li><code>{e(r['model']['name'])}/{e(r['cell'])}</code> {e(r['metric'])}: "
                             f"{e(r['status'])} — {e(str(r['error']))}</li>")
         body.append("</ul>")
+    details = method_details(run_dirs, records)
+    if details:
+        items = [ln[2:] for ln in details.splitlines() if ln.startswith("- ")]
+        body.append("<h3>Method details</h3><ul>" + "".join(f"<li>{e(i)}</li>" for i in items) + "</ul>")
     pngs = [p for p in plots or [] if p.suffix == ".png" and p.exists()]
     if pngs:
         body.append('<h2>Plots</h2><div class="plots">')

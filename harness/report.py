@@ -227,6 +227,41 @@ def provenance_footer(run_dirs: Iterable[str | Path]) -> str:
     return "\n".join(lines)
 
 
+def _hist(h: dict[str, Any]) -> str:
+    return ", ".join(f"{k} ×{v}" for k, v in h.items() if v)
+
+
+def method_details(run_dirs: Iterable[str | Path], records: list[dict[str, Any]] | None = None) -> str:
+    """Per-cell method choices from the cells' artifacts.json: llama.cpp per-tensor type histograms,
+    mixed-precision bit allocations, KV protocol and calculator bytes; each beside its bits/weight."""
+    bpw = {(r["cell"], (r.get("model") or {}).get("name")): r["value"] for r in (records or [])
+           if r.get("metric") == "bits_per_weight" and r.get("status") == "ok"}
+    lines: list[str] = []
+    for d in run_dirs:
+        for path in sorted(Path(d).glob("cells/*/*/artifacts.json")):
+            try:
+                arts = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            cell, model = path.parent.name, path.parent.parent.name
+            b = next((v for (c, _m), v in bpw.items() if c == cell), None)
+            tag = f"`{cell}` ({model}{'' if b is None else f', {b:.3f} bits/w'})"
+            for name, a in arts.items():
+                if "type_histogram" in a:
+                    im = " with imatrix" if a.get("imatrix") else ""
+                    lines.append(f"- {tag}: {name}{im} tensor types {_hist(a['type_histogram'])}")
+                elif "bits_histogram" in a:
+                    gh = a.get("group_histogram")
+                    lines.append(f"- {tag}: {name} bits {_hist(a['bits_histogram'])}"
+                                 + (f", groups {_hist(gh)}" if gh else "")
+                                 + f"; target {a.get('target_bpw')} bpw, achieved {a.get('achieved_bpw', 0):.4f}"
+                                 + f" (sensitivity: {a.get('sensitivity')})")
+                elif "calc_bytes_per_token" in a:
+                    lines.append(f"- {tag}: {name} KV protocol {a.get('protocol')}, calculator "
+                                 f"{a['calc_bytes_per_token']:.1f} B/token (fp16 scales, outliers, fp windows)")
+    return ("### Method details\n\n" + "\n".join(lines) + "\n") if lines else ""
+
+
 def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Path:
     """Write leaderboard.md into ``out_dir`` (default: the first run dir) and return its path."""
     recs = load_runs(run_dirs)
@@ -234,7 +269,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     out = Path(out_dir) if out_dir else (first if first.is_dir() else first.parent)
     out.mkdir(parents=True, exist_ok=True)
     title = "quantbench leaderboard"
-    md = markdown(recs, title) + "\n" + provenance_footer(run_dirs) + "\n"
+    md = markdown(recs, title) + "\n" + method_details(run_dirs, recs) + "\n" + provenance_footer(run_dirs) + "\n"
     path = out / "leaderboard.md"
     path.write_text(md)
     return path

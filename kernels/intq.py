@@ -77,14 +77,12 @@ def pack_bits(codes: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     n = c.shape[0]
     if (n * bits) % 32:
         raise ValueError(f"{n} values of {bits} bits do not fill whole int32 words")
-    shifts = torch.arange(bits, dtype=torch.int64)
-    bitstream = ((c.unsqueeze(1) >> shifts.view(1, bits, *([1] * (c.dim() - 1)))) & 1).reshape(
-        n * bits, *c.shape[1:]
-    )
+    shifts = torch.arange(bits, dtype=torch.int64, device=c.device)
+    bitstream = ((c.unsqueeze(1) >> shifts.view(1, bits, *([1] * (c.dim() - 1)))) & 1).reshape(n * bits, *c.shape[1:])
     words = bitstream.reshape(n * bits // 32, 32, *c.shape[1:])
-    weights = (torch.ones(32, dtype=torch.int64) << torch.arange(32, dtype=torch.int64)).view(
-        1, 32, *([1] * (c.dim() - 1))
-    )
+    weights = (
+        torch.ones(32, dtype=torch.int64, device=c.device) << torch.arange(32, dtype=torch.int64, device=c.device)
+    ).view(1, 32, *([1] * (c.dim() - 1)))
     packed = (words * weights).sum(1)
     packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
     return packed.movedim(0, dim).contiguous()
@@ -93,10 +91,10 @@ def pack_bits(codes: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, bits: int, n: int, dim: int = 0) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: ``n`` codes along ``dim`` as int32 (values in [0, 2**bits))."""
     p = packed.movedim(dim, 0).to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(32, dtype=torch.int64).view(1, 32, *([1] * (p.dim() - 1)))
+    shifts = torch.arange(32, dtype=torch.int64, device=p.device).view(1, 32, *([1] * (p.dim() - 1)))
     bitstream = ((p.unsqueeze(1) >> shifts) & 1).reshape(p.shape[0] * 32, *p.shape[1:])[: n * bits]
     bitstream = bitstream.reshape(n, bits, *p.shape[1:])
-    weights = (torch.ones(bits, dtype=torch.int64) << torch.arange(bits, dtype=torch.int64)).view(
-        1, bits, *([1] * (p.dim() - 1))
-    )
+    weights = (
+        torch.ones(bits, dtype=torch.int64, device=p.device) << torch.arange(bits, dtype=torch.int64, device=p.device)
+    ).view(1, bits, *([1] * (p.dim() - 1)))
     return (bitstream * weights).sum(1).to(torch.int32).movedim(0, dim).contiguous()

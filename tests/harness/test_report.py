@@ -166,3 +166,21 @@ def test_write_report_merges_runs(run_dir, tmp_path):
     assert "## t — tiny-llama" in md and "## t2 — tiny-llama" in md and "| gptq-w3 | 25.00 |" in md
     html = publish.render_html(publish.load_runs([run_dir, d2]), [run_dir, d2])
     assert html.count("<section") == 3 and "Run <code>run2</code>" in html
+
+
+def test_method_details_lists_type_histograms_and_allocations(tmp_path):
+    from quantbench.harness.report import method_details
+
+    cells = tmp_path / "cells" / "m"
+    (cells / "q4km").mkdir(parents=True)
+    (cells / "q4km" / "artifacts.json").write_text(json.dumps(
+        {"llamacpp": {"type_histogram": {"Q4_K": 16, "Q5_0": 166}, "imatrix": True}}))
+    (cells / "mix").mkdir()
+    (cells / "mix" / "artifacts.json").write_text(json.dumps(
+        {"mixed": {"bits_histogram": {"2": 0, "3": 10, "4": 2}, "target_bpw": 3.0, "achieved_bpw": 2.9969,
+                   "sensitivity": "kl"}}))
+    recs = [{"cell": "q4km", "model": {"name": "m"}, "metric": "bits_per_weight", "value": 5.534, "status": "ok"}]
+    md = method_details([tmp_path], recs)
+    assert "- `q4km` (m, 5.534 bits/w): llamacpp with imatrix tensor types Q4_K ×16, Q5_0 ×166" in md
+    assert "- `mix` (m): mixed bits 3 ×10, 4 ×2; target 3.0 bpw, achieved 2.9969 (sensitivity: kl)" in md
+    assert method_details([tmp_path / "nothing"]) == ""
