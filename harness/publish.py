@@ -31,6 +31,7 @@ from quantbench.harness.report import (
     SCALE,
     _fmt,
     _fmt_derived,
+    kv_scaling_rows,
     latest,
     leaderboard,
     load_runs,
@@ -497,6 +498,14 @@ def render_html(records: list[dict[str, Any]], run_dirs: list[Path], plots: list
     if details:
         items = [ln[2:] for ln in details.splitlines() if ln.startswith("- ")]
         body.append("<h3>Method details</h3><ul>" + "".join(f"<li>{e(i)}</li>" for i in items) + "</ul>")
+    kv_rows = kv_scaling_rows(records)
+    if kv_rows:
+        body.append("<h3>KV cache for Llama-3-70B at 128k tokens (calculator)</h3><p class=\"note\">L=80, H_kv=8, "
+                    "d_h=128, T=131072, batch 1; each KV cell's configuration with its overheads.</p>"
+                    "<table><thead><tr><th>cell</th><th>method</th><th>GB</th><th>bits/element</th></tr></thead><tbody>"
+                    + "".join(f"<tr><td>{e(r['cell'])}</td><td>{e(r['method'])}</td><td>{r['GB']:.2f}</td>"
+                              f"<td>{r['bits_per_element']:.3f}</td></tr>" for r in kv_rows)
+                    + "</tbody></table>")
     pngs = [p for p in plots or [] if p.suffix == ".png" and p.exists()]
     if pngs:
         body.append('<h2>Plots</h2><div class="plots">')

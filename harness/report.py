@@ -262,6 +262,44 @@ def method_details(run_dirs: Iterable[str | Path], records: list[dict[str, Any]]
     return ("### Method details\n\n" + "\n".join(lines) + "\n") if lines else ""
 
 
+KV_METHODS = ("kv-fp16", "kv-uniform", "kivi", "kvquant")
+
+
+def kv_scaling_rows(records: list[dict[str, Any]], tokens: int = 131072) -> list[dict[str, Any]]:
+    """What each KV cell's configuration gives for Llama-3-70B (L=80, H_kv=8, d_h=128) at ``tokens``
+    tokens, batch 1 (the calculator, :mod:`quantbench.harness.kvcalc`), with the fp16 cache first."""
+    from quantbench.harness.kvcalc import LLAMA3_70B, kv_cache_bytes
+
+    seen: dict[str, dict[str, Any]] = {}
+    for r in records:
+        cfgs = r.get("method_config")
+        for c in cfgs if isinstance(cfgs, list) else [cfgs]:
+            if isinstance(c, dict) and c.get("method") in KV_METHODS and r["cell"] not in seen:
+                seen[r["cell"]] = {k: v for k, v in c.items() if k not in ("method", "version")} | {
+                    "_method": c["method"]}
+    if not seen:
+        return []
+    rows = [("fp16 cache", "kv-fp16", {})] + [(cell, p.pop("_method"), p) for cell, p in seen.items()]
+    elems = 2 * LLAMA3_70B["n_layers"] * LLAMA3_70B["n_kv_heads"] * LLAMA3_70B["head_dim"] * tokens
+    out = []
+    for cell, method, params in rows:
+        b = kv_cache_bytes(method, params, tokens=tokens, **LLAMA3_70B)["total"]
+        out.append({"cell": cell, "method": method, "GB": b / 1e9, "bits_per_element": 8 * b / elems})
+    return out
+
+
+def kv_scaling_markdown(records: list[dict[str, Any]]) -> str:
+    rows = kv_scaling_rows(records)
+    if not rows:
+        return ""
+    lines = ["### KV cache for Llama-3-70B at 128k tokens (calculator)", "",
+             "L=80, H_kv=8, d_h=128, T=131072, batch 1; each KV cell's configuration with its overheads "
+             "(scales, outliers, fp16 sink/window, calibrated state).", "",
+             "| cell | method | GB | bits/element |", "|---|---|---:|---:|"]
+    lines += [f"| {r['cell']} | {r['method']} | {r['GB']:.2f} | {r['bits_per_element']:.3f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Path:
     """Write leaderboard.md into ``out_dir`` (default: the first run dir) and return its path."""
     recs = load_runs(run_dirs)
@@ -269,7 +307,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     out = Path(out_dir) if out_dir else (first if first.is_dir() else first.parent)
     out.mkdir(parents=True, exist_ok=True)
     title = "quantbench leaderboard"
-    md = markdown(recs, title) + "\n" + method_details(run_dirs, recs) + "\n" + provenance_footer(run_dirs) + "\n"
+    md = markdown(recs, title) + "\n" + method_details(run_dirs, recs) + "\n" + kv_scaling_markdown(recs)
+    md += "\n" + provenance_footer(run_dirs) + "\n"
     path = out / "leaderboard.md"
     path.write_text(md)
     return path

@@ -138,7 +138,8 @@ def test_render_extras_writes_self_contained_html_and_plots(run_dir, tmp_path):
     parser.feed(html)
     assert parser.external == []  # self-contained: no network, no sibling files
     assert "<script>" in html and "<style>" in html and html.count("data:image/png;base64,") == 5
-    llama, opt = parser.tables
+    llama, opt, kv70b = parser.tables  # the two leaderboards, then the KV calculator table (a kivi cell)
+    assert [r[0] for r in kv70b["rows"][1:]] == ["fp16 cache", "gptq+kivi2"]
     assert [r[0] for r in llama["rows"][1:]] == ["fp", "rtn-w4", "gptq-w4", "rtn-w3", "gptq+kivi2", "broken"]
     assert [r[0] for r in opt["rows"][1:]] == ["fp", "rtn-w4"]
     assert "recovery [mmlu/0-shot]" in llama["head"] and "Δppl vs fp [wiki/gptq/128]" in llama["head"]
@@ -184,3 +185,18 @@ def test_method_details_lists_type_histograms_and_allocations(tmp_path):
     assert "- `q4km` (m, 5.534 bits/w): llamacpp with imatrix tensor types Q4_K ×16, Q5_0 ×166" in md
     assert "- `mix` (m): mixed bits 3 ×10, 4 ×2; target 3.0 bpw, achieved 2.9969 (sensitivity: kl)" in md
     assert method_details([tmp_path / "nothing"]) == ""
+
+
+def test_kv_scaling_rows_reproduce_the_calculator():
+    from quantbench.harness.report import kv_scaling_markdown, kv_scaling_rows
+
+    recs = [{"cell": "kvq4", "method": "gptq+kvquant", "method_config": [
+        {"method": "gptq", "bits": 4}, {"method": "kvquant", "bits": 4, "outlier_frac": 0.01, "version": 1}]},
+        {"cell": "rtn", "method": "rtn", "method_config": {"method": "rtn", "bits": 4}}]
+    rows = {r["cell"]: r for r in kv_scaling_rows(recs)}
+    assert set(rows) == {"fp16 cache", "kvq4"}
+    assert rows["fp16 cache"]["GB"] == pytest.approx(2 * 80 * 8 * 128 * 131072 * 2 / 1e9)  # 42.95 GB
+    # 4-bit codes + fp16 per-token value range (2x2 B per 128 channels... per head) + 1% outliers at 6 B
+    assert 4.5 < rows["kvq4"]["bits_per_element"] < 4.6
+    assert "| fp16 cache | kv-fp16 | 42.95 | 16.000 |" in kv_scaling_markdown(recs)
+    assert kv_scaling_rows(recs[1:]) == []
