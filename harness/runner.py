@@ -98,6 +98,7 @@ class CellRunner:
         """Quantize a fresh copy and measure; never raises for a failing cell (returns failed records)."""
         started, t0 = utc_now(), time.perf_counter()
         methods: list[Method] = []
+        metric_seconds: dict[str, float] = {}
         model = None
         try:
             torch.manual_seed(self.seed)
@@ -117,7 +118,11 @@ class CellRunner:
             ctx = CellContext(self.suite, cell, model, self.base, self.eval_data, self.reference, methods,
                               quantize_seconds, self.seed, self.run_dir, self.limit)
             ctx.memo["peak_quantize"] = peak_quantize
-            results = [(name, self._measure(name, ctx)) for name in cell.metrics]
+            results = []
+            for name in cell.metrics:
+                tm = time.perf_counter()
+                results.append((name, self._measure(name, ctx)))
+                metric_seconds[name] = round(time.perf_counter() - tm, 3)  # shared work counts once, first
             self._save_artifacts(cell, methods)
         except Exception as e:  # a failing cell is recorded, the run goes on
             log.error("cell %s failed: %s", cell.name, e)
@@ -127,7 +132,10 @@ class CellRunner:
         finally:
             del model
             gc.collect()
-        prov = {**env, "seed": self.seed, "started": started, "seconds": round(time.perf_counter() - t0, 3)}
+        prov = {**env, "seed": self.seed, "started": started, "seconds": round(time.perf_counter() - t0, 3),
+                "metric_seconds": metric_seconds}
+        log.info("cell %s: %.1f s (%s)", cell.name, prov["seconds"],
+                 ", ".join(f"{k} {v:.1f}" for k, v in metric_seconds.items()))
         return self._records(cell, methods, results, run_id, prov)
 
     def _measure(self, name: str, ctx: CellContext) -> list[MetricResult]:
