@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = 1
-VOLATILE_PROVENANCE = ("git_sha", "dirty", "started", "seconds", "hostname")
+VOLATILE_PROVENANCE = ("git_sha", "dirty", "started", "seconds", "metric_seconds", "hostname")
 
 
 def utc_now() -> str:
