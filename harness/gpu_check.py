@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 FULL_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K in, N out)
 FULL_M = [1, 4, 16, 512, 2048]
-DRY_SHAPES = [(128, 64), (256, 128)]
-DRY_M = [1, 16]
+DRY_SHAPES = [(128, 64), (200, 72)]  # K = 200: not a multiple of the K tiles (masks, a short group)
+DRY_M = [1, 16, 33]  # decode (split-K) and mid-size tiles
 
 
 @dataclass
@@ -62,6 +62,8 @@ class Result:
     ok: bool | None = None
     ms: float | None = None
     ms_fp16: float | None = None
+    ms_graph: float | None = None  # per call, replayed from a CUDA graph: GPU time without launch overhead
+    ms_fp16_graph: float | None = None
     gbps: float | None = None
     tflops: float | None = None
     note: str = ""
@@ -71,12 +73,23 @@ class Result:
     def speedup(self) -> float | None:
         return self.ms_fp16 / self.ms if self.ms and self.ms_fp16 else None
 
+    @property
+    def graph_speedup(self) -> float | None:
+        return self.ms_fp16_graph / self.ms_graph if self.ms_graph and self.ms_fp16_graph else None
+
 
 class _Inst:
     """A prepared kernel call: ``run`` writes ``out``; ``reference`` recomputes it in fp32 torch."""
 
-    def __init__(self, run: Callable[[], Any], reference: Callable[[], Any], out: Any, nbytes: float, flops: float,
-                 run_fp16: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self,
+        run: Callable[[], Any],
+        reference: Callable[[], Any],
+        out: Any,
+        nbytes: float,
+        flops: float,
+        run_fp16: Callable[[], Any] | None = None,
+    ) -> None:
         self._run, self.reference, self.out, self.bytes, self.flops = run, reference, out, nbytes, flops
         if run_fp16 is not None:
             self.run_fp16 = run_fp16
@@ -99,7 +112,7 @@ def _gen(seed: int, device: str) -> Any:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _w4a16(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Inst:
+def _w4a16(M: int, K: int, N: int, dtype: Any, device: str, seed: int, act_order: bool = True) -> _Inst:
     import torch
 
     from quantbench.kernels.triton_w4a16 import w_int_matmul
@@ -109,16 +122,25 @@ def _w4a16(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Inst:
     g = _gen(seed, "cpu")
     w = torch.randn(N, K, generator=g)
     codes, scales, zeros = rtn_quantize_weight(w, 4, 128, False)
-    perm = torch.randperm(K, generator=g)  # act-order style g_idx
-    g_idx = (torch.arange(K) // 128)[perm]
+    g_idx = torch.arange(K) // 128  # sorted groups: the common checkpoint layout
+    if act_order:  # GPTQ desc_act: the groups in a permuted column order
+        g_idx = g_idx[torch.randperm(K, generator=g)]
     layer = IntQuantLinear.from_codes(codes, scales, zeros, 4, 128, g_idx=g_idx).to(device)
     x = torch.randn(M, K, generator=g).to(device, dtype)
     out = torch.empty(M, N, device=device, dtype=dtype)
     w16 = layer.dequantized_weight().to(device, dtype)
-    return _Inst(lambda: w_int_matmul(x, layer.qweight, layer.scales, layer.qzeros, layer.g_idx, 4),
-                 lambda: x.double() @ layer.dequantized_weight().double().t(), out,
-                 nbytes=K * N / 2 + 2 * (M * K + M * N) + (K // 128) * N * 2.5, flops=2 * M * K * N,
-                 run_fp16=lambda: x @ w16.t())
+    return _Inst(
+        lambda: w_int_matmul(x, layer.qweight, layer.scales, layer.qzeros, layer.g_idx, 4),
+        lambda: x.double() @ layer.dequantized_weight().double().t(),
+        out,
+        nbytes=K * N / 2 + 2 * (M * K + M * N) + (K // 128) * N * 2.5,
+        flops=2 * M * K * N,
+        run_fp16=lambda: x @ w16.t(),
+    )
+
+
+def _w4a16_sorted(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Inst:
+    return _w4a16(M, K, N, dtype, device, seed, act_order=False)
 
 
 def _int8(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Inst:
@@ -134,9 +156,14 @@ def _int8(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Inst:
     xq, xs, wq, ws = xq.to(device), xs.to(device), wq.to(device), ws.to(device)
     out = torch.empty(M, N, device=device, dtype=dtype)
     x16, w16 = x.to(device, dtype), w.to(device, dtype)
-    return _Inst(lambda: int8_matmul_triton(xq, xs, wq, ws, out_dtype=dtype),
-                 lambda: int8_matmul_reference(xq.cpu(), xs.cpu(), wq.cpu(), ws.cpu()), out,
-                 nbytes=M * K + K * N + 2 * M * N, flops=2 * M * K * N, run_fp16=lambda: x16 @ w16.t())
+    return _Inst(
+        lambda: int8_matmul_triton(xq, xs, wq, ws, out_dtype=dtype),
+        lambda: int8_matmul_reference(xq.cpu(), xs.cpu(), wq.cpu(), ws.cpu()),
+        out,
+        nbytes=M * K + K * N + 2 * M * N,
+        flops=2 * M * K * N,
+        run_fp16=lambda: x16 @ w16.t(),
+    )
 
 
 def _ternary(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Inst:
@@ -149,12 +176,18 @@ def _ternary(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Ins
     codes = torch.randint(-1, 2, (N, K), generator=g, dtype=torch.int8)
     scale = torch.rand(1, generator=g) + 0.5
     packed = pack_ternary(codes, "2bit").to(device)
+    scale_d = scale.to(device)
     x = torch.randn(M, K, generator=g).to(device, dtype)
     out = torch.empty(M, N, device=device, dtype=dtype)
     w16 = (codes.float() * scale).to(device, dtype)
-    return _Inst(lambda: ternary_matmul(x, packed, scale.to(device), out_dtype=dtype),
-                 lambda: x.double().cpu() @ (codes.double() * scale.double()).t(), out,
-                 nbytes=K * N / 4 + 2 * (M * K + M * N), flops=2 * M * K * N, run_fp16=lambda: x @ w16.t())
+    return _Inst(
+        lambda: ternary_matmul(x, packed, scale_d, out_dtype=dtype),
+        lambda: x.double().cpu() @ (codes.double() * scale.double()).t(),
+        out,
+        nbytes=K * N / 4 + 2 * (M * K + M * N),
+        flops=2 * M * K * N,
+        run_fp16=lambda: x @ w16.t(),
+    )
 
 
 def _kv_decode(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Inst:
@@ -164,36 +197,44 @@ def _kv_decode(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _I
     from quantbench.kernels.kvcache import decode_attention_ref, pack_codes
     from quantbench.kernels.triton_kv_attention import decode_attention_triton
 
-    g = _gen(seed, "cpu")
+    g = _gen(seed, device)  # generated where they are used: the 32k x batch-8 inputs took minutes on a CPU
     B, T, Hq, Hkv, D, bits, gs = M, K, N, max(1, N // 4), 128, 4, 32
-    q = torch.randn(B, Hq, D, generator=g)
-    kc, vc = (pack_codes(torch.randint(0, 16, (B, Hkv, T, D), generator=g), bits) for _ in range(2))
-    ks, vs = (torch.rand(B, Hkv, T, D // gs, generator=g) * 0.1 + 0.01 for _ in range(2))
-    kz, vz = (torch.randn(B, Hkv, T, D // gs, generator=g) * 0.1 for _ in range(2))
-    dev = [t.to(device) for t in (kc, ks, kz, vc, vs, vz)]
-    qd = q.to(device)
+    q = torch.randn(B, Hq, D, generator=g, device=device)
+    kc, vc = (
+        pack_codes(torch.randint(0, 16, (B, Hkv, T, D), generator=g, device=device, dtype=torch.uint8), bits)
+        for _ in range(2)
+    )
+    ks, vs = (torch.rand(B, Hkv, T, D // gs, generator=g, device=device) * 0.1 + 0.01 for _ in range(2))
+    kz, vz = (torch.randn(B, Hkv, T, D // gs, generator=g, device=device) * 0.1 for _ in range(2))
+    dev = [kc, ks, kz, vc, vs, vz]
+    qd = q
     out = torch.empty(B, Hq, D, device=device, dtype=torch.float32)
-    kf = torch.randn(B, Hq, T, D, generator=g).to(device, dtype)
-    vf = torch.randn(B, Hq, T, D, generator=g).to(device, dtype)
-    q16 = q.to(device, dtype).unsqueeze(2)
+    kf = torch.randn(B, Hq, T, D, generator=g, device=device, dtype=dtype)
+    vf = torch.randn(B, Hq, T, D, generator=g, device=device, dtype=dtype)
+    q16 = q.to(dtype).unsqueeze(2)
 
     def fp16_attention() -> Any:
         return torch.nn.functional.scaled_dot_product_attention(q16, kf, vf)
 
-    return _Inst(lambda: decode_attention_triton(qd, *dev, bits),
-                 lambda: decode_attention_ref(q, kc, ks, kz, vc, vs, vz, bits), out,
-                 nbytes=B * Hkv * T * (D * bits / 8 * 2 + 4 * 4 * D // gs), flops=4 * B * Hq * T * D,
-                 run_fp16=fp16_attention)
+    return _Inst(
+        lambda: decode_attention_triton(qd, *dev, bits),
+        lambda: decode_attention_ref(q, kc, ks, kz, vc, vs, vz, bits),
+        out,
+        nbytes=B * Hkv * T * (D * bits / 8 * 2 + 4 * 4 * D // gs),
+        flops=4 * B * Hq * T * D,
+        run_fp16=fp16_attention,
+    )
 
 
 def _kv_shapes(dry: bool) -> list[tuple[int, int, int]]:
-    return [(1, 256, 8), (2, 128, 8)] if dry else [(1, 4096, 32), (1, 32768, 32), (8, 32768, 32)]
+    return [(1, 1000, 8), (2, 128, 8)] if dry else [(1, 4096, 32), (1, 32768, 32), (8, 32768, 32)]
 
 
 def _cases() -> list[Case]:
     """Every Triton kernel of the project, with its torch reference and the issue's speed target."""
     return [
         Case("w4a16-gptq", _w4a16, "M=1: >= 3x fp16 cuBLAS, >= 70% of copy bandwidth", tol=1e-2),
+        Case("w4a16-gptq-sorted", _w4a16_sorted, "as w4a16-gptq (sorted g_idx, no act-order)", tol=1e-2),
         Case("w8a8-int8", _int8, "M>=512: >= 1.5x fp16", tol=1e-2),
         Case("ternary-2bit", _ternary, "M=1: >= 5x fp16", tol=1e-2),
         Case("kv-int4-decode-attn", _kv_decode, "32k context: >= 2x fp16 attention", shapes=_kv_shapes, tol=1e-3),
@@ -215,6 +256,38 @@ def time_cuda(fn: Callable[[], Any], warmup: int = 10, repeats: int = 50) -> flo
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def time_graph(fns: list[Callable[[], Any]], repeats: int = 20) -> float:
+    """Median milliseconds per call of ``fns`` (run in turn) replayed from one CUDA graph.
+
+    Eager timings of a small kernel include its Python launch cost (the GPU idles while the
+    wrapper runs); the graph replay measures the GPU work alone, as a served model would see it."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (autotuning, caches) outside the capture
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / len(fns))
+    del graph
     return statistics.median(times)
 
 
@@ -259,12 +332,25 @@ def check_case(case: Case, M: int, K: int, N: int, device: str, dtype: Any, timi
             res.gbps = inst.bytes / res.ms / 1e6
             res.tflops = inst.flops / res.ms / 1e9
             res.extra = dict(getattr(inst, "extra", {}) or {})
+            try:
+                res.ms_graph = time_graph([lambda s=s: s.run_kernel() for s in sets])
+                if hasattr(inst, "run_fp16"):
+                    res.ms_fp16_graph = time_graph([lambda s=s: s.run_fp16() for s in sets])
+                res.extra["graph_gbps"] = inst.bytes / res.ms_graph / 1e6
+            except Exception as e:  # the eager timing stands
+                res.extra["graph_error"] = f"{type(e).__name__}: {e}"[:200]
     except Exception as e:  # a failing case is reported, the check goes on
         res.ok, res.note = False, f"{type(e).__name__}: {e}"[:200]
     return res
 
 
-def run_checks(dry_run: bool, seed: int = 0, only: str | None = None) -> tuple[list[Result], dict[str, float]]:
+def run_checks(
+    dry_run: bool,
+    seed: int = 0,
+    only: str | None = None,
+    on_result: Callable[[Result, dict[str, float]], None] | None = None,
+) -> tuple[list[Result], dict[str, float]]:
+    """Every case at its shapes; ``on_result(result, ceilings)`` after each (to save it at once)."""
     import torch
 
     if dry_run:
@@ -278,52 +364,119 @@ def run_checks(dry_run: bool, seed: int = 0, only: str | None = None) -> tuple[l
     for case in _cases():
         if only and only not in case.name:
             continue
-        grid = case.shapes(dry_run) if case.shapes else [
-            (m, k, n) for (k, n) in (DRY_SHAPES if dry_run else FULL_SHAPES) for m in (DRY_M if dry_run else FULL_M)]
+        grid = (
+            case.shapes(dry_run)
+            if case.shapes
+            else [
+                (m, k, n) for (k, n) in (DRY_SHAPES if dry_run else FULL_SHAPES) for m in (DRY_M if dry_run else FULL_M)
+            ]
+        )
         for M, K, N in grid:
             r = check_case(case, M, K, N, device, dtype, timing, seed)
             if timing and r.gbps and ceilings:
                 r.extra["bw_frac"] = r.gbps / ceilings["copy_gbps"]
             results.append(r)
-            log.info("%s M=%d K=%d N=%d ok=%s rel=%.2e ms=%s", r.case, M, K, N, r.ok, r.rel_err or -1, r.ms)
+            log.info(
+                "%s M=%d K=%d N=%d ok=%s rel=%.2e ms=%s graph ms=%s",
+                r.case,
+                M,
+                K,
+                N,
+                r.ok,
+                r.rel_err or -1,
+                r.ms,
+                r.ms_graph,
+            )
+            if on_result is not None:
+                on_result(r, ceilings)
     return results, ceilings
 
 
 def summary_table(results: list[Result], ceilings: dict[str, float], device_name: str) -> str:
-    lines = [f"gpu-check on {device_name}" + (
-        f" — copy {ceilings['copy_gbps']:.0f} GB/s, bf16 {ceilings['bf16_tflops']:.0f} TFLOP/s" if ceilings else ""),
-        "| kernel | M | K | N | ok | rel err | ms | fp16 ms | speedup | GB/s | %bw | TFLOP/s |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"gpu-check on {device_name}"
+        + (f" — copy {ceilings['copy_gbps']:.0f} GB/s, bf16 {ceilings['bf16_tflops']:.0f} TFLOP/s" if ceilings else ""),
+        "| kernel | M | K | N | ok | rel err | ms | fp16 ms | speedup | GB/s | %bw | TFLOP/s "
+        "| graph ms | fp16 graph ms | graph speedup |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
 
     def f(v: float | None, fmt: str) -> str:
         return "—" if v is None else format(v, fmt)
 
     for r in results:
-        lines.append(f"| {r.case} | {r.M} | {r.K} | {r.N} | {'yes' if r.ok else 'NO ' + r.note} | "
-                     f"{f(r.rel_err, '.1e')} | {f(r.ms, '.4f')} | {f(r.ms_fp16, '.4f')} | {f(r.speedup, '.2f')} | "
-                     f"{f(r.gbps, '.0f')} | {f(r.extra.get('bw_frac') and 100 * r.extra['bw_frac'], '.0f')} | "
-                     f"{f(r.tflops, '.1f')} |")
+        lines.append(
+            f"| {r.case} | {r.M} | {r.K} | {r.N} | {'yes' if r.ok else 'NO ' + r.note} | "
+            f"{f(r.rel_err, '.1e')} | {f(r.ms, '.4f')} | {f(r.ms_fp16, '.4f')} | {f(r.speedup, '.2f')} | "
+            f"{f(r.gbps, '.0f')} | {f(r.extra.get('bw_frac') and 100 * r.extra['bw_frac'], '.0f')} | "
+            f"{f(r.tflops, '.1f')} | {f(r.ms_graph, '.4f')} | {f(r.ms_fp16_graph, '.4f')} | "
+            f"{f(r.graph_speedup, '.2f')} |"
+        )
     return "\n".join(lines)
 
 
-def to_records(results: list[Result], ceilings: dict[str, float], device_name: str) -> list[dict[str, Any]]:
-    from quantbench.harness.records import environment, make_record, utc_now
+def run_environment() -> dict[str, Any]:
+    from quantbench.harness.records import environment, utc_now
 
-    env = {**environment(), "started": utc_now()}
+    return {**environment(), "started": utc_now()}
+
+
+def to_records(
+    results: list[Result], ceilings: dict[str, float], device_name: str, env: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    from quantbench.harness.records import make_record
+
+    env = env or run_environment()
     out = []
     for r in results:
         cell = f"{r.case}/M{r.M}-K{r.K}-N{r.N}"
-        base = dict(run_id=f"gpu-check-{env['started']}", suite="gpu-check", cell=cell,
-                    model={"name": "kernel", "source": None, "sha256": None, "params": None,
-                           "source_precision": None, "dtype": None},
-                    method=r.case, method_config={"M": r.M, "K": r.K, "N": r.N}, provenance=env)
+        base = dict(
+            run_id=f"gpu-check-{env['started']}",
+            suite="gpu-check",
+            cell=cell,
+            model={
+                "name": "kernel",
+                "source": None,
+                "sha256": None,
+                "params": None,
+                "source_precision": None,
+                "dtype": None,
+            },
+            method=r.case,
+            method_config={"M": r.M, "K": r.K, "N": r.N},
+            provenance=env,
+        )
         proto = {"device": device_name, **ceilings, **r.extra}
-        out.append(make_record(**base, metric="kernel_rel_error", value=r.rel_err, unit="rel",
-                               higher_is_better=False, protocol=proto,
-                               status="ok" if r.ok else "failed", error=r.note or None))
+        out.append(
+            make_record(
+                **base,
+                metric="kernel_rel_error",
+                value=r.rel_err,
+                unit="rel",
+                higher_is_better=False,
+                protocol=proto,
+                status="ok" if r.ok else "failed",
+                error=r.note or None,
+            )
+        )
         if r.ms is not None:
-            out.append(make_record(**base, metric="kernel_ms", value=r.ms, unit="ms", higher_is_better=False,
-                                   protocol={**proto, "fp16_ms": r.ms_fp16, "gbps": r.gbps, "tflops": r.tflops}))
+            out.append(
+                make_record(
+                    **base,
+                    metric="kernel_ms",
+                    value=r.ms,
+                    unit="ms",
+                    higher_is_better=False,
+                    protocol={
+                        **proto,
+                        "fp16_ms": r.ms_fp16,
+                        "gbps": r.gbps,
+                        "tflops": r.tflops,
+                        "graph_ms": r.ms_graph,
+                        "fp16_graph_ms": r.ms_fp16_graph,
+                    },
+                )
+            )
     return out
 
 
@@ -333,14 +486,21 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     import torch
 
     t0 = time.time()
-    results, ceilings = run_checks(args.dry_run, args.seed, args.only)
-    device_name = torch.cuda.get_device_name(0) if not args.dry_run else "CPU (TRITON_INTERPRET=1, dry run)"
+    gpu = not args.dry_run and torch.cuda.is_available()
+    device_name = torch.cuda.get_device_name(0) if gpu else "CPU (TRITON_INTERPRET=1, dry run)"
+    save = None
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "records.jsonl", "w") as f:
-            for rec in to_records(results, ceilings, device_name):
-                f.write(json.dumps(rec) + "\n")
+        path, env = out / "records.jsonl", run_environment()
+        path.write_text("")
+
+        def save(r: Result, ceilings: dict[str, float]) -> None:  # after every case: a timeout keeps the rest
+            with open(path, "a") as f:
+                for rec in to_records([r], ceilings, device_name, env):
+                    f.write(json.dumps(rec) + "\n")
+
+    results, ceilings = run_checks(args.dry_run, args.seed, args.only, on_result=save)
     if args.suites and not args.dry_run:
         from quantbench.harness.runner import run_suite
         from quantbench.harness.suite import load_suite
@@ -348,8 +508,10 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
         for name in args.suites.split(","):
             run_suite(load_suite(f"suites/{name}.yaml"), Path(args.out or "results/runs") / f"gpu-{name}")
     print(summary_table(results, ceilings, device_name))
-    print(f"{sum(bool(r.ok) for r in results)} passed, {sum(not r.ok for r in results)} failed "
-          f"in {time.time() - t0:.0f} s")
+    print(
+        f"{sum(bool(r.ok) for r in results)} passed, {sum(not r.ok for r in results)} failed "
+        f"in {time.time() - t0:.0f} s"
+    )
     return 0 if results and all(r.ok for r in results) else 1
 
 

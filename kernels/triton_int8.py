@@ -4,35 +4,59 @@ Each program computes a [BLOCK_M, BLOCK_N] tile of ``xq @ wq^T`` with ``tl.dot``
 accumulating in int32 (exact, as the tensor cores' IMMA), then applies
 ``acc * x_scale[m] * w_scale[n] + bias[n]`` in fp32 and stores in the output dtype.  ``x_scale``
 is per row (per-token dynamic scales; a static per-tensor scale is passed expanded or with
-stride 0); ``wq`` is read as [N, K] through its strides, so no transposed copy is made.
+stride 0); ``wq`` is read as [N, K] through its strides (K-major B tiles, as the tensor cores
+want them), so no transposed copy is made.
 
-On CPU it runs only under ``TRITON_INTERPRET=1`` (set before importing triton).  The int8 dot is
-exact there too; the epilogue is fp32 either way.
+Decode (M <= 16) splits K over a second grid axis: each program scales its exact int32 partial
+and adds it into a zeroed fp32 buffer with ``tl.atomic_add`` (a 4096-wide layer has only 32-64
+column tiles; the split gives ~4 programs per SM to stream the int8 weights).  Larger M uses big
+autotuned tiles (128x128x128 and up) for the int8 tensor cores, whose peak is twice bf16's.
+
+On CPU it runs only under ``TRITON_INTERPRET=1`` (set before importing triton), with one fixed
+small config (split-K on at decode, so the atomic path is tested).  The int8 dot is exact there
+too; the epilogue is fp32 either way.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+from quantbench.kernels.triton_tuning import autotune, cfg, interpreted, m_bucket
+
 
 @triton.jit
 def _int8_matmul_kernel(
-    a_ptr, b_ptr, xs_ptr, ws_ptr, bias_ptr, c_ptr,
-    M, N, K,
-    stride_am, stride_ak,
-    stride_bn, stride_bk,
+    a_ptr,
+    b_ptr,
+    xs_ptr,
+    ws_ptr,
+    bias_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    stride_am,
+    stride_ak,
+    stride_bn,
+    stride_bk,
     stride_xs,
-    stride_cm, stride_cn,
+    stride_cm,
+    stride_cn,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     # grouped program order: GROUP_M row tiles reuse the same weight column tiles from L2
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_pid_n
@@ -45,25 +69,56 @@ def _int8_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    offs_am = offs_m % M  # wrapped: the loads need no M/N masks (the store is masked)
+    offs_bn = offs_n % N
 
+    k_tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_lo = pid_k * k_tiles * BLOCK_K
+    k_hi = min(k_lo + k_tiles * BLOCK_K, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0)
-        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0)
+        a = tl.load(a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=k_mask[None, :], other=0)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn, mask=k_mask[:, None], other=0)
         acc += tl.dot(a, b, out_dtype=tl.int32)
 
     # fused dequant epilogue: row scale x column scale (+ bias), in fp32
-    xs = tl.load(xs_ptr + offs_m * stride_xs, mask=m_mask, other=0.0).to(tl.float32)
-    ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    xs = tl.load(xs_ptr + offs_am * stride_xs).to(tl.float32)
+    ws = tl.load(ws_ptr + offs_bn).to(tl.float32)
     y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
     if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
-             y.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        bias = tl.load(bias_ptr + offs_bn).to(tl.float32)
+        if SPLIT_K > 1:
+            bias = bias * (pid_k == 0).to(tl.float32)
+        y += bias[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:
+        tl.atomic_add(c_ptrs, y, mask=c_mask)  # c is a zeroed fp32 buffer
+    else:
+        tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+_DECODE_CONFIGS = [
+    cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=4, GROUP_M=8),
+    cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, GROUP_M=8),
+    cfg(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=8, GROUP_M=8),
+    cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, SPLIT_K=4, GROUP_M=8),
+    cfg(8, 3, BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, SPLIT_K=8, GROUP_M=8),
+]
+_LARGE_CONFIGS = [
+    cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, SPLIT_K=1, GROUP_M=8),
+    cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8),
+    cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8),
+    cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8),
+    cfg(4, 4, BLOCK_M=32, BLOCK_N=128, BLOCK_K=256, SPLIT_K=1, GROUP_M=8),
+]
+_INTERP_DECODE = cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, GROUP_M=8)
+_INTERP_LARGE = cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GROUP_M=8)
+_KEY = ["M_BUCKET", "N", "K", "HAS_BIAS"]
+_decode_tuned = autotune(_DECODE_CONFIGS, _KEY, reset_to_zero=["c_ptr"])(_int8_matmul_kernel)
+_large_tuned = autotune(_LARGE_CONFIGS, _KEY)(_int8_matmul_kernel)
 
 
 def int8_matmul_triton(
@@ -74,10 +129,12 @@ def int8_matmul_triton(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
     block_m: int | None = None,
-    block_n: int = 64,
-    block_k: int = 64,
+    block_n: int | None = None,
+    block_k: int | None = None,
 ) -> torch.Tensor:
-    """``y = (xq @ wq^T) * x_scale[:, None] * w_scale[None, :] + bias``: xq [M, K] int8, wq [N, K] int8."""
+    """``y = (xq @ wq^T) * x_scale[:, None] * w_scale[None, :] + bias``: xq [M, K] int8, wq [N, K] int8.
+
+    ``block_m/n/k`` pin the tile (no autotuning; BLOCK_K >= 32 for the int8 dot)."""
     if xq.dtype != torch.int8 or wq.dtype != torch.int8:
         raise ValueError(f"int8 operands expected, got {xq.dtype} and {wq.dtype}")
     M, K = xq.shape
@@ -91,18 +148,52 @@ def int8_matmul_triton(
         stride_xs = x_scale.stride(0)
     else:
         raise ValueError(f"x_scale has {x_scale.numel()} entries; expected 1 or M={M}")
-    if block_m is None:
-        block_m = 16 if M <= 16 else 64
-    out = torch.empty(M, N, dtype=out_dtype, device=xq.device)
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    _int8_matmul_kernel[grid](
-        xq, wq, x_scale, w_scale, bias if bias is not None else w_scale, out,
-        M, N, K,
-        xq.stride(0), xq.stride(1),
-        wq.stride(0), wq.stride(1),
+    if M == 0:
+        return torch.zeros(0, N, dtype=out_dtype, device=xq.device)
+    decode = M <= 16
+    if decode:  # split-K partials meet in a zeroed fp32 buffer
+        out = torch.zeros(M, N, dtype=torch.float32, device=xq.device)
+    else:
+        out = torch.empty(M, N, dtype=out_dtype, device=xq.device)
+    args = (
+        xq,
+        wq,
+        x_scale,
+        w_scale,
+        bias if bias is not None else w_scale,
+        out,
+        M,
+        N,
+        K,
+        m_bucket(M),
+        xq.stride(0),
+        xq.stride(1),
+        wq.stride(0),
+        wq.stride(1),
         stride_xs,
-        out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+        out.stride(0),
+        out.stride(1),
     )
-    return out
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    pinned = block_m is not None or block_n is not None or block_k is not None
+    if pinned or interpreted():
+        c = _INTERP_DECODE if decode else _INTERP_LARGE
+        meta = dict(c.kwargs)
+        if pinned:
+            meta.update(
+                BLOCK_M=max(16, block_m or meta["BLOCK_M"]), BLOCK_N=block_n or 64, BLOCK_K=max(32, block_k or 64)
+            )
+        _int8_matmul_kernel[grid(meta)](
+            *args, HAS_BIAS=bias is not None, **meta, num_warps=c.num_warps, num_stages=c.num_stages
+        )
+    else:
+        tuned = _decode_tuned if decode else _large_tuned
+        n_cached = len(tuned.cache)
+        tuned[grid](*args, HAS_BIAS=bias is not None)
+        if decode and len(tuned.cache) != n_cached:  # this call autotuned: the atomics ran more than once
+            out.zero_()
+            tuned[grid](*args, HAS_BIAS=bias is not None)
+    return out.to(out_dtype) if out.dtype != out_dtype else out

@@ -4,7 +4,12 @@ Layout (:mod:`quantbench.kernels.kvcache`, kv-uniform / per-token int format): c
 ``[B, H_kv, T, D * bits / 8]`` uint8 (value i of a token in byte i // (8/bits), bit offset
 (i % (8/bits)) * bits), fp16 ``scale``/``zero`` ``[B, H_kv, T, D / group]``; x = code * scale + zero.
 One query token per (batch, query head); GQA maps query head h to KV head h // (H_q / H_kv).
-The kernel streams BLOCK_T tokens at a time with an online softmax (flash-decoding, one split).
+Flash-decoding: the T axis is split over ``num_splits`` programs per (batch, KV head); each
+streams BLOCK_T tokens at a time with an online softmax and writes its partial output (normalized)
+and log-sum-exp, and a second small kernel merges the splits.  At B = 1 and 32 heads one program
+per head left 100 of 132 SMs idle and walked 32k tokens serially; the splits fill the GPU.
+Each program serves all the query heads of one KV head (GQA), so a K/V token is read and
+dequantized once for them; scores and P @ V run as [16, BLOCK_T] / [16, D] ``tl.dot`` tiles (3xTF32).
 """
 
 from __future__ import annotations
@@ -29,59 +34,130 @@ except ImportError:  # pragma: no cover
 if HAS_TRITON:
 
     @triton.jit
-    def _kv_decode_kernel(
-        Q, KC, KS, KZ, VC, VS, VZ, O,
-        T, sm_scale,
-        s_qb, s_qh,
-        s_kb, s_kh, s_kt,  # packed codes strides (K and V share the layout)
-        s_sb, s_sh, s_st,  # scale/zero strides (shared)
-        s_ob, s_oh,
-        H_Q: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
-        BITS: tl.constexpr, BLOCK_T: tl.constexpr,
+    def _kv_decode_split_kernel(
+        Q,
+        KC,
+        KS,
+        KZ,
+        VC,
+        VS,
+        VZ,
+        PO,
+        PL,
+        T,
+        T_SPLIT,
+        sm_scale,
+        s_qb,
+        s_qh,
+        s_kb,
+        s_kh,
+        s_kt,  # packed codes strides (K and V share the layout)
+        s_sb,
+        s_sh,
+        s_st,  # scale/zero strides (shared)
+        NUM_SPLITS,
+        H_Q: tl.constexpr,
+        H_KV: tl.constexpr,
+        D: tl.constexpr,
+        GROUP: tl.constexpr,
+        BITS: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+    ):
+        """One (batch, KV head, T split): all H_Q / H_KV query heads of the KV head at once, so each
+        K/V token is loaded and dequantized once; scores and P @ V are [BLOCK_H, .] tl.dots."""
+        pid = tl.program_id(0)  # b * H_KV + hk
+        split = tl.program_id(1)
+        b = pid // H_KV
+        hk = pid % H_KV
+        G: tl.constexpr = H_Q // H_KV
+        PER: tl.constexpr = 8 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        hh = tl.arange(0, BLOCK_H)
+        hmask = hh < G
+        h = hk * G + hh
+        d = tl.arange(0, D)
+        q = tl.load(Q + b * s_qb + h[:, None] * s_qh + d[None, :], mask=hmask[:, None], other=0.0)
+        q = q.to(tl.float32) * sm_scale  # [BLOCK_H, D]; padded rows are 0
+        m_i = tl.full([BLOCK_H], -float("inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, D], tl.float32)
+        byte = d // PER
+        shift = (d % PER) * BITS
+        grp = d // GROUP
+        kv_off = b.to(tl.int64) * s_kb + hk * s_kh
+        sz_off = b.to(tl.int64) * s_sb + hk * s_sh
+        t_lo = split * T_SPLIT
+        t_hi = min(t_lo + T_SPLIT, T)
+        for t0 in range(t_lo, t_hi, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            tm = t < t_hi
+            m2 = tm[:, None]
+            code_ptr = t[:, None] * s_kt + byte[None, :]
+            sz_ptr = t[:, None] * s_st + grp[None, :]
+            kc = tl.load(KC + kv_off + code_ptr, mask=m2, other=0)
+            ks = tl.load(KS + sz_off + sz_ptr, mask=m2, other=0.0)
+            kz = tl.load(KZ + sz_off + sz_ptr, mask=m2, other=0.0)
+            k = ((kc.to(tl.int32) >> shift[None, :]) & MASK).to(tl.float32) * ks.to(tl.float32) + kz.to(
+                tl.float32
+            )  # [BLOCK_T, D]
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_H, BLOCK_T]
+            s = tl.where(tm[None, :], s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            vc = tl.load(VC + kv_off + code_ptr, mask=m2, other=0)
+            vs = tl.load(VS + sz_off + sz_ptr, mask=m2, other=0.0)
+            vz = tl.load(VZ + sz_off + sz_ptr, mask=m2, other=0.0)
+            v = ((vc.to(tl.int32) >> shift[None, :]) & MASK).to(tl.float32) * vs.to(tl.float32) + vz.to(tl.float32)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PREC)
+            m_i = m_new
+        # every split holds at least one token (the host sizes them), so l_i > 0
+        row = (b * H_Q + h) * NUM_SPLITS + split
+        tl.store(PO + row[:, None] * D + d[None, :], acc / l_i[:, None], mask=hmask[:, None])
+        tl.store(PL + row, m_i + tl.log(l_i), mask=hmask)
+
+    @triton.jit
+    def _kv_decode_merge_kernel(
+        PO, PL, O, s_ob, s_oh, NUM_SPLITS, H_Q: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr
     ):
         pid = tl.program_id(0)
         b = pid // H_Q
         h = pid % H_Q
-        hk = h // (H_Q // H_KV)
-        PER: tl.constexpr = 8 // BITS
-        MASK: tl.constexpr = (1 << BITS) - 1
+        sp = tl.arange(0, SPLITS_P2)
+        smask = sp < NUM_SPLITS
         d = tl.arange(0, D)
-        q = tl.load(Q + b * s_qb + h * s_qh + d).to(tl.float32)
-        m_i = tl.full([1], -float("inf"), tl.float32)
-        l_i = tl.zeros([1], tl.float32)
-        acc = tl.zeros([D], tl.float32)
-        byte = d // PER
-        shift = (d % PER) * BITS
-        grp = d // GROUP
-        for t0 in range(0, T, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            tm = t < T
-            m2 = tm[:, None]
-            kc = tl.load(KC + b * s_kb + hk * s_kh + t[:, None] * s_kt + byte[None, :], mask=m2, other=0)
-            ks = tl.load(KS + b * s_sb + hk * s_sh + t[:, None] * s_st + grp[None, :], mask=m2, other=0.0)
-            kz = tl.load(KZ + b * s_sb + hk * s_sh + t[:, None] * s_st + grp[None, :], mask=m2, other=0.0)
-            k = ((kc.to(tl.int32) >> shift[None, :]) & MASK).to(tl.float32) * ks.to(tl.float32) \
-                + kz.to(tl.float32)
-            s = tl.sum(k * q[None, :], axis=1) * sm_scale
-            s = tl.where(tm, s, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new)
-            vc = tl.load(VC + b * s_kb + hk * s_kh + t[:, None] * s_kt + byte[None, :], mask=m2, other=0)
-            vs = tl.load(VS + b * s_sb + hk * s_sh + t[:, None] * s_st + grp[None, :], mask=m2, other=0.0)
-            vz = tl.load(VZ + b * s_sb + hk * s_sh + t[:, None] * s_st + grp[None, :], mask=m2, other=0.0)
-            v = ((vc.to(tl.int32) >> shift[None, :]) & MASK).to(tl.float32) * vs.to(tl.float32) \
-                + vz.to(tl.float32)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            m_i = m_new
-        tl.store(O + b * s_ob + h * s_oh + d, acc / l_i)
+        lse = tl.load(PL + pid * NUM_SPLITS + sp, mask=smask, other=-float("inf"))
+        w = tl.exp(lse - tl.max(lse, axis=0))
+        o = tl.load(PO + (pid * NUM_SPLITS + sp)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+        tl.store(O + b * s_ob + h * s_oh + d, tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0))
 
 
-def decode_attention_triton(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor,
-                            k_zero: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
-                            v_zero: torch.Tensor, bits: int, block_t: int = 64) -> torch.Tensor:
-    """Triton decode attention over the packed layout (same contract as :func:`decode_attention_ref`)."""
+def _num_splits(B: int, Hkv: int, T: int, block_t: int, device: torch.device) -> int:
+    """Splits of the T axis: about 4 programs per SM, each with at least 4 BLOCK_T tiles."""
+    from quantbench.kernels.triton_tuning import num_sms
+
+    want = max(1, -(-4 * num_sms(device) // (B * Hkv)))
+    return max(1, min(want, T // (4 * block_t)))
+
+
+def decode_attention_triton(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    bits: int,
+    block_t: int = 64,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Triton decode attention over the packed layout (same contract as :func:`decode_attention_ref`).
+
+    ``num_splits`` (default: sized to the GPU) is how many programs share each head's T axis."""
     if not HAS_TRITON:  # pragma: no cover
         raise RuntimeError("triton is not installed")
     if bits not in (2, 4, 8):
@@ -90,14 +166,59 @@ def decode_attention_triton(q: torch.Tensor, k_codes: torch.Tensor, k_scale: tor
     _, Hkv, T, _ = k_codes.shape
     assert k_codes.stride() == v_codes.stride() and k_scale.stride() == v_scale.stride()
     assert k_scale.stride() == k_zero.stride() == v_zero.stride()
+    splits = num_splits or _num_splits(B, Hkv, T, block_t, q.device)
+    t_split = -(-max(T, 1) // splits)
+    t_split = -(-t_split // block_t) * block_t
+    splits = max(1, -(-T // t_split))  # no empty split
     out = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
-    _kv_decode_kernel[(B * Hq,)](
-        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, out,
-        T, 1.0 / math.sqrt(D),
-        q.stride(0), q.stride(1),
-        k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
-        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
-        out.stride(0), out.stride(1),
-        H_Q=Hq, H_KV=Hkv, D=D, GROUP=D // k_scale.shape[-1], BITS=bits, BLOCK_T=block_t,
+    part_o = torch.empty(B * Hq * splits, D, dtype=torch.float32, device=q.device)
+    part_l = torch.empty(B * Hq * splits, dtype=torch.float32, device=q.device)
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads do not share {Hkv} KV heads evenly")
+    from quantbench.kernels.triton_tuning import interpreted
+
+    # fp32 scores and P @ V: 3xTF32 on tensor cores keeps fp32 accuracy (IEEE in the interpreter)
+    prec = "ieee" if interpreted() or q.device.type != "cuda" else "tf32x3"
+    _kv_decode_split_kernel[(B * Hkv, splits)](
+        q,
+        k_codes,
+        k_scale,
+        k_zero,
+        v_codes,
+        v_scale,
+        v_zero,
+        part_o,
+        part_l,
+        T,
+        t_split,
+        1.0 / math.sqrt(D),
+        q.stride(0),
+        q.stride(1),
+        k_codes.stride(0),
+        k_codes.stride(1),
+        k_codes.stride(2),
+        k_scale.stride(0),
+        k_scale.stride(1),
+        k_scale.stride(2),
+        splits,
+        H_Q=Hq,
+        H_KV=Hkv,
+        D=D,
+        GROUP=D // k_scale.shape[-1],
+        BITS=bits,
+        BLOCK_T=block_t,
+        BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
+        DOT_PREC=prec,
+    )
+    _kv_decode_merge_kernel[(B * Hq,)](
+        part_o,
+        part_l,
+        out,
+        out.stride(0),
+        out.stride(1),
+        splits,
+        H_Q=Hq,
+        D=D,
+        SPLITS_P2=triton.next_power_of_2(splits),
     )
     return out

@@ -3,44 +3,83 @@
 ``y[m, n] = scale[n] * a_scale[m] * sum_k x[m, k] * c[n, k]`` with ``c = ((byte >> 2*(k % 4)) & 3) - 1``.
 Activations are either int8 (the BitNet b1.58 path: ``tl.dot`` int8 x int8 -> int32, ``a_scale = 1 / Q_b``)
 or floating point (fp16/bf16/fp32, fp32 accumulation, ``a_scale = 1``).  Scales are per tensor (broadcast)
-or per output channel.  Tested on CPU under ``TRITON_INTERPRET=1`` against the torch reference.
+or per output channel.  Tested on CPU under ``TRITON_INTERPRET=1`` against the torch reference
+(one fixed small config there; on a GPU the tiles are autotuned per (M bucket, N, K)).
+
+Decode (M <= 16) splits K over a second grid axis and adds the scaled fp32 partials into a zeroed
+fp32 buffer with ``tl.atomic_add``: the 2-bit weights are 1/8 of fp16's bytes, and only with ~4
+programs per SM are enough of them in flight to stream at memory speed.  Larger M uses
+128x128-class tiles so each unpacked weight tile feeds a large MMA.
 """
 
 from __future__ import annotations
 
-import os
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 from quantbench.kernels.ternary import act_quant_int8
+from quantbench.kernels.triton_tuning import autotune, cfg, interpreted, m_bucket
 
 
 @triton.jit
 def _ternary_gemm_kernel(
-    x_ptr, p_ptr, s_ptr, as_ptr, y_ptr,
-    M, N, K,
-    stride_xm, stride_xk, stride_pn, stride_pk, stride_ym, stride_yn,
-    SCALE_PER_N: tl.constexpr, INT8_ACT: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    p_ptr,
+    s_ptr,
+    as_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    stride_xm,
+    stride_xk,
+    stride_pn,
+    stride_pk,
+    stride_ym,
+    stride_yn,
+    SCALE_PER_N: tl.constexpr,
+    HAS_A_SCALE: tl.constexpr,
+    INT8_ACT: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # grouped program order: GROUP_M row tiles reuse the same packed weight tiles from L2
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_xm = offs_m % M  # wrapped: the loads need no M/N masks (the store is masked)
+    offs_pn = offs_n % N
     if INT8_ACT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_lo = pid_k * k_tiles * BLOCK_K
+    k_hi = min(k_lo + k_tiles * BLOCK_K, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mk = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & mk[None, :], other=0)
+        x = tl.load(x_ptr + offs_xm[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mk[None, :], other=0)
         # [BLOCK_K, BLOCK_N] tile of packed bytes (each byte read by 4 consecutive k)
-        b = tl.load(p_ptr + offs_n[None, :] * stride_pn + (offs_k[:, None] // 4) * stride_pk,
-                    mask=mk[:, None] & (offs_n[None, :] < N), other=85)  # 85 = 0b01010101: four zero codes
+        b = tl.load(
+            p_ptr + offs_pn[None, :] * stride_pn + (offs_k[:, None] // 4) * stride_pk, mask=mk[:, None], other=85
+        )  # 85 = 0b01010101: four zero codes
         code = ((b.to(tl.int32) >> ((offs_k[:, None] % 4) * 2)) & 3) - 1
         if INT8_ACT:
             acc += tl.dot(x.to(tl.int8), code.to(tl.int8), out_dtype=tl.int32)
@@ -49,20 +88,54 @@ def _ternary_gemm_kernel(
         else:  # fp16/bf16 on a GPU: codes are exact in x's dtype, fp32 accumulation on tensor cores
             acc += tl.dot(x, code.to(x.dtype))
     if SCALE_PER_N:
-        s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)
+        s = tl.load(s_ptr + offs_pn)
     else:
-        s = tl.load(s_ptr + offs_n * 0)
-    a_s = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
-    y = acc.to(tl.float32) * s[None, :] * a_s[:, None]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             y.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        s = tl.load(s_ptr + offs_pn * 0)
+    y = acc.to(tl.float32) * s[None, :]
+    if HAS_A_SCALE:
+        y = y * tl.load(as_ptr + offs_xm)[:, None]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K > 1:
+        tl.atomic_add(y_ptrs, y, mask=y_mask)  # y is a zeroed fp32 buffer
+    else:
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+_DECODE_CONFIGS = [
+    cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=4, GROUP_M=8),
+    cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, GROUP_M=8),
+    cfg(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=16, GROUP_M=8),
+    cfg(8, 3, BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, SPLIT_K=8, GROUP_M=8),
+    cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, SPLIT_K=4, GROUP_M=8),
+]
+_LARGE_CONFIGS = [
+    cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, GROUP_M=8),
+    cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, SPLIT_K=1, GROUP_M=8),
+    cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, GROUP_M=8),
+    cfg(4, 4, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8),
+    cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8),
+]
+_INTERP_DECODE = cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, GROUP_M=8)
+_INTERP_LARGE = cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GROUP_M=8)
+_KEY = ["M_BUCKET", "N", "K", "INT8_ACT"]
+_decode_tuned = autotune(_DECODE_CONFIGS, _KEY, reset_to_zero=["y_ptr"])(_ternary_gemm_kernel)
+_large_tuned = autotune(_LARGE_CONFIGS, _KEY)(_ternary_gemm_kernel)
 
 
 def ternary_matmul(
-    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, a_scale: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None, block_m: int = 16, block_n: int = 32, block_k: int = 64,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    a_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
 ) -> torch.Tensor:
-    """x [M, K] (int8 with ``a_scale`` [M], or float) @ unpack(packed [N, ceil(K/4)])^T * scale -> [M, N]."""
+    """x [M, K] (int8 with ``a_scale`` [M], or float) @ unpack(packed [N, ceil(K/4)])^T * scale -> [M, N].
+
+    ``block_m/n/k`` pin the tile (no autotuning)."""
     if x.dim() != 2 or packed.dim() != 2 or packed.dtype != torch.uint8:
         raise ValueError("x must be [M, K] and packed a uint8 [N, ceil(K/4)] matrix")
     M, K = x.shape
@@ -72,20 +145,64 @@ def ternary_matmul(
     int8 = x.dtype == torch.int8
     if int8 and a_scale is None:
         raise ValueError("int8 activations need a_scale (1 / Q_b per row)")
-    a_s = (a_scale if a_scale is not None else torch.ones(M, device=x.device)).float().reshape(M).contiguous()
+    a_s = a_scale.float().reshape(M).contiguous() if a_scale is not None else None
     s = scale.float().reshape(-1).contiguous()
     if s.numel() not in (1, N):
         raise ValueError(f"scale must have 1 or N={N} elements, got {s.numel()}")
-    y = torch.empty(M, N, device=x.device, dtype=out_dtype or (torch.float32 if int8 else x.dtype))
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _ternary_gemm_kernel[grid](
-        x, packed, s, a_s, y, M, N, K,
-        x.stride(0), x.stride(1), packed.stride(0), packed.stride(1), y.stride(0), y.stride(1),
-        SCALE_PER_N=s.numel() == N and N > 1, INT8_ACT=int8,
-        DOT_FP32=x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    out_dtype = out_dtype or (torch.float32 if int8 else x.dtype)
+    if M == 0:
+        return torch.zeros(0, N, device=x.device, dtype=out_dtype)
+    decode = M <= 16
+    if decode:  # split-K partials meet in a zeroed fp32 buffer
+        y = torch.zeros(M, N, device=x.device, dtype=torch.float32)
+    else:
+        y = torch.empty(M, N, device=x.device, dtype=out_dtype)
+    args = (
+        x,
+        packed,
+        s,
+        a_s if a_s is not None else s,
+        y,
+        M,
+        N,
+        K,
+        m_bucket(M),
+        x.stride(0),
+        x.stride(1),
+        packed.stride(0),
+        packed.stride(1),
+        y.stride(0),
+        y.stride(1),
     )
-    return y
+    flags = dict(
+        SCALE_PER_N=s.numel() == N and N > 1,
+        HAS_A_SCALE=a_s is not None,
+        INT8_ACT=int8,
+        DOT_FP32=x.dtype == torch.float32 or interpreted(),
+    )
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    pinned = block_m is not None or block_n is not None or block_k is not None
+    if pinned or interpreted():
+        c = _INTERP_DECODE if decode else _INTERP_LARGE
+        meta = dict(c.kwargs)
+        if pinned:
+            meta.update(
+                BLOCK_M=max(16, block_m or meta["BLOCK_M"]),
+                BLOCK_N=max(16, block_n or 32),
+                BLOCK_K=max(32, block_k or 64),
+            )
+        _ternary_gemm_kernel[grid(meta)](*args, **flags, **meta, num_warps=c.num_warps, num_stages=c.num_stages)
+    else:
+        tuned = _decode_tuned if decode else _large_tuned
+        n_cached = len(tuned.cache)
+        tuned[grid](*args, **flags)
+        if decode and len(tuned.cache) != n_cached:  # this call autotuned: the atomics ran more than once
+            y.zero_()
+            tuned[grid](*args, **flags)
+    return y.to(out_dtype) if y.dtype != out_dtype else y
 
 
 def triton_ternary_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:

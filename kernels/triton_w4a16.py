@@ -3,31 +3,57 @@
 Reads the buffers of :class:`~quantbench.methods.qlinear.IntQuantLinear` as they are:
 ``qweight`` int32 [K * bits / 32, N] (codes packed along K, LSB first), ``qzeros`` int32
 [n_groups, N * bits / 32] (integer zero points, packed along N, stored as used: ``w = s * (q - z)``),
-``scales`` fp16 [n_groups, N] and ``g_idx`` int32 [K] (the group of each input column, so act-order
-checkpoints need no reordering).  Each program computes a [BLOCK_M, BLOCK_N] tile of ``x @ W^T``:
-for every K tile it unpacks the codes, gathers each row's group scale and zero through ``g_idx``,
-dequantizes in registers and feeds ``tl.dot`` with fp32 accumulation.  2, 4 and 8 bits (``BITS``
-divides 32) share the kernel; W4A16 (fp16/bf16 activations, 4-bit weights) is the main case.
+``scales`` fp16 [n_groups, N] and ``g_idx`` int32 [K] (the group of each input column).
+2, 4 and 8 bits (``BITS`` divides 32) share the kernels; W4A16 (fp16/bf16 activations, 4-bit
+weights) is the main case.
+
+Three paths, chosen per call:
+
+* **decode** (M <= 16): one [16, BLOCK_N] tile per program and **split-K** (grid axis 1): each
+  program reduces a contiguous K range and adds its fp32 partial into a zeroed fp32 buffer with
+  ``tl.atomic_add`` (then one cast to the output dtype).  At M = 1 a 4096x4096 layer has only
+  32-64 column tiles; split-K gives the ~4 programs per SM that keep enough loads in flight to
+  stream the 4-bit weights at memory speed.
+* **mid** (16 < M < ``DEQUANT_MIN_M``): the same kernel, [BLOCK_M, BLOCK_N] tiles, no split.
+* **prefill** (M >= ``DEQUANT_MIN_M``): a Triton kernel dequantizes W once into an fp16/bf16
+  [K, N] buffer and cuBLAS does the GEMM (exllama's large-batch strategy: the dequantization is
+  O(K*N), the GEMM O(M*K*N), and cuBLAS beats a fused Triton kernel at large M).
+
+Scales and zeros: the layout of ``g_idx`` is analysed once per tensor (cached, one host sync):
+
+* sorted groups (``g_idx[k] = k // gs``, the common checkpoint layout, or one group): each
+  BLOCK_K tile lies inside one group (BLOCK_K divides gs), so the tile's scale and zero rows are
+  two [BLOCK_N] vector loads per K step instead of a [BLOCK_K, BLOCK_N] gather;
+* act-order (``g_idx`` a permutation of sorted groups, as GPTQ ``desc_act`` writes it): the
+  weight is repacked once with its K rows sorted by group (cached beside the tensor), and the
+  kernel reads the activations through the permutation (``x[:, perm]``, decode: in-kernel gather
+  of the small activation tile; mid: one torch ``index_select``), so it runs the sorted path;
+* anything else: the per-row gather of scales and zeros through ``g_idx`` (correct, slower).
 
 On CPU it runs only under ``TRITON_INTERPRET=1`` (set before importing triton), where bf16 math is
-wrong: there the tiles are cast to fp32 after loading and the dot runs in IEEE fp32.
+wrong: there the tiles are cast to fp32 after loading and the dot runs in IEEE fp32; no autotuning
+there (one fixed config per path).
 """
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import triton
 import triton.language as tl
 
+from quantbench.kernels.triton_tuning import autotune, cfg, interpreted, m_bucket
+
 if TYPE_CHECKING:
     from quantbench.methods.qlinear import IntQuantLinear
 
+__all__ = ["DEQUANT_MIN_M", "interpreted", "triton_int_linear", "w_int_matmul", "dequantize_gptq"]
 
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEQUANT_MIN_M = 512  # from this many rows on: dequantize once + cuBLAS
+ONE_GROUP = 1 << 30  # GS for per-channel scales (k // GS == 0 for every k)
 
 
 @triton.jit
@@ -37,11 +63,13 @@ def _w_int_matmul_kernel(
     s_ptr,
     qz_ptr,
     g_ptr,
+    perm_ptr,
     bias_ptr,
     c_ptr,
     M,
     N,
     K,
+    M_BUCKET,  # autotune key only
     stride_am,
     stride_ak,
     stride_qk,
@@ -55,15 +83,19 @@ def _w_int_matmul_kernel(
     BITS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     F32_DOT: tl.constexpr,
+    GS: tl.constexpr,  # 0: gather scales/zeros through g_idx; else group of row k is k // GS
+    A_PERM: tl.constexpr,  # read activation column perm[k] for weight row k
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     PER: tl.constexpr = 32 // BITS  # codes per int32 word
     MASK: tl.constexpr = (1 << BITS) - 1
     # grouped program order: GROUP_M row tiles share the same weight column tiles in L2
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_pid_n
@@ -74,40 +106,215 @@ def _w_int_matmul_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    # wrapped row/column indices: loads need no M/N masks (the store is masked)
+    offs_am = offs_m % M
+    offs_bn = offs_n % N
     # zero-point word and bit offset of each output column (the same for every group)
-    z_word = offs_n // PER
-    z_shift = (offs_n % PER) * BITS
+    z_word = offs_bn // PER
+    z_shift = (offs_bn % PER) * BITS
+
+    # this program's K range: a whole number of BLOCK_K tiles
+    k_tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_lo = pid_k * k_tiles * BLOCK_K
+    k_hi = min(k_lo + k_tiles * BLOCK_K, K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        a = tl.load(
-            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
+        if A_PERM:
+            ka = tl.load(perm_ptr + offs_k, mask=k_mask, other=0)
+        else:
+            ka = offs_k
+        a = tl.load(a_ptr + offs_am[:, None] * stride_am + ka[None, :] * stride_ak, mask=k_mask[None, :], other=0.0)
+        qw = tl.load(
+            qw_ptr + (offs_k[:, None] // PER) * stride_qk + offs_bn[None, :] * stride_qn, mask=k_mask[:, None], other=0
         )
-        kn_mask = k_mask[:, None] & n_mask[None, :]
-        qw = tl.load(qw_ptr + (offs_k[:, None] // PER) * stride_qk + offs_n[None, :] * stride_qn, mask=kn_mask, other=0)
         q = (qw >> ((offs_k[:, None] % PER) * BITS)) & MASK
-        g = tl.load(g_ptr + offs_k, mask=k_mask, other=0)
-        s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=kn_mask, other=0.0)
-        qz = tl.load(qz_ptr + g[:, None] * stride_zg + z_word[None, :] * stride_zn, mask=kn_mask, other=0)
-        z = (qz >> z_shift[None, :]) & MASK
-        w = (q - z).to(tl.float32) * s.to(tl.float32)  # [BLOCK_K, BLOCK_N]
+        if GS > 0:  # the whole tile is in group k0 // GS: one scale row, one zero row
+            grp = k0 // GS
+            s = tl.load(s_ptr + grp * stride_sg + offs_bn * stride_sn)
+            z = (tl.load(qz_ptr + grp * stride_zg + z_word * stride_zn) >> z_shift) & MASK
+            w = (q - z[None, :]).to(tl.float32) * s.to(tl.float32)[None, :]
+        else:
+            g = tl.load(g_ptr + offs_k, mask=k_mask, other=0)
+            s = tl.load(s_ptr + g[:, None] * stride_sg + offs_bn[None, :] * stride_sn)
+            qz = tl.load(qz_ptr + g[:, None] * stride_zg + z_word[None, :] * stride_zn)
+            w = (q - ((qz >> z_shift[None, :]) & MASK)).to(tl.float32) * s.to(tl.float32)
         if F32_DOT:
             acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
         else:
             acc += tl.dot(a, w.to(a.dtype))
+    n_mask = offs_n < N
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
-        acc.to(c_ptr.dtype.element_ty),
-        mask=m_mask[:, None] & n_mask[None, :],
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if SPLIT_K > 1:
+            bias = bias * (pid_k == 0).to(tl.float32)
+        acc += bias[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = (offs_m[:, None] < M) & n_mask[None, :]
+    if SPLIT_K > 1:
+        tl.atomic_add(c_ptrs, acc, mask=c_mask)  # c is a zeroed fp32 buffer
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _dequant_kernel(
+    qw_ptr,
+    s_ptr,
+    qz_ptr,
+    g_ptr,
+    w_ptr,
+    N,
+    K,
+    stride_qk,
+    stride_qn,
+    stride_sg,
+    stride_sn,
+    stride_zg,
+    stride_zn,
+    BITS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """W [K, N] (row-major, w_ptr's dtype) = s[g_idx[k], n] * (q[k, n] - z[g_idx[k], n])."""
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_mask = offs_k < K
+    mask = k_mask[:, None] & (offs_n[None, :] < N)
+    qw = tl.load(qw_ptr + (offs_k[:, None] // PER) * stride_qk + offs_n[None, :] * stride_qn, mask=mask, other=0)
+    q = (qw >> ((offs_k[:, None] % PER) * BITS)) & MASK
+    g = tl.load(g_ptr + offs_k, mask=k_mask, other=0)
+    s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=mask, other=0.0)
+    qz = tl.load(qz_ptr + g[:, None] * stride_zg + (offs_n[None, :] // PER) * stride_zn, mask=mask, other=0)
+    z = (qz >> ((offs_n[None, :] % PER) * BITS)) & MASK
+    w = (q - z).to(tl.float32) * s.to(tl.float32)
+    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def _fit_block_k(configs: list[triton.Config], named_args: Any = None, **kwargs: Any) -> list[triton.Config]:
+    """Sorted-group mode needs every K tile inside one group: halve BLOCK_K until it divides GS."""
+    gs = kwargs.get("GS", 0)
+    out: dict[tuple, triton.Config] = {}
+    for c in configs:
+        meta = dict(c.kwargs)
+        while gs and gs % meta["BLOCK_K"] and meta["BLOCK_K"] > 16:
+            meta["BLOCK_K"] //= 2
+        key = (tuple(sorted(meta.items())), c.num_warps, c.num_stages)
+        out.setdefault(key, triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages))
+    return list(out.values())
+
+
+# decode: BLOCK_M = 16 (the smallest tl.dot tile), split-K so that M = 1 fills the GPU
+_DECODE_CONFIGS = [
+    cfg(4, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, GROUP_M=8),
+    cfg(4, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, GROUP_M=8),
+    cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, GROUP_M=8),
+    cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, SPLIT_K=16, GROUP_M=8),
+    cfg(8, 3, BLOCK_M=16, BLOCK_N=256, BLOCK_K=64, SPLIT_K=8, GROUP_M=8),
+    cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=16, GROUP_M=8),
+]
+_MID_CONFIGS = [
+    cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, GROUP_M=8),
+    cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, GROUP_M=8),
+    cfg(4, 4, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8),
+    cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, GROUP_M=8),
+    cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, SPLIT_K=1, GROUP_M=8),
+]
+# under the interpreter: small tiles, and split-K on so the atomic path is tested
+_INTERP_DECODE = cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, GROUP_M=8)
+_INTERP_MID = cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GROUP_M=8)
+
+_KEY = ["M_BUCKET", "N", "K", "GS", "A_PERM", "BITS"]
+_decode_tuned = autotune(
+    _DECODE_CONFIGS, _KEY, prune_configs_by={"early_config_prune": _fit_block_k}, reset_to_zero=["c_ptr"]
+)(_w_int_matmul_kernel)
+_mid_tuned = autotune(_MID_CONFIGS, _KEY, prune_configs_by={"early_config_prune": _fit_block_k})(_w_int_matmul_kernel)
+
+
+@dataclass
+class _Layout:
+    gs: int  # 0: gather through g_idx; ONE_GROUP: per-channel; else sorted groups of gs rows
+    perm: torch.Tensor | None  # act-order: the activation column read for each (repacked) weight row
+    qweight: torch.Tensor  # the packed weight the kernel reads (rows sorted by group for act-order)
+
+
+_LAYOUTS: dict[tuple[int, int], tuple[Any, Any, int, int, _Layout]] = {}
+
+
+def _repack_rows(qweight: torch.Tensor, perm: torch.Tensor, bits: int) -> torch.Tensor:
+    """``qweight`` with its K rows (codes, packed along K) reordered by ``perm``."""
+    from quantbench.methods.qlinear import unpack_rows
+
+    per = 32 // bits
+    k = perm.numel()
+    codes = unpack_rows(qweight, bits, k)[perm].view(k // per, per, -1)
+    out = torch.zeros_like(qweight)
+    for j in range(per):
+        out |= codes[:, j, :] << (j * bits)  # int32 shifts wrap into the sign bit like the packed words
+    return out
+
+
+def _analyse(qweight: torch.Tensor, g_idx: torch.Tensor, n_groups: int, bits: int) -> _Layout:
+    k = g_idx.numel()
+    if n_groups == 1:
+        return _Layout(ONE_GROUP, None, qweight)
+    g = g_idx.long()
+    gs = int((g == 0).sum())  # the one host sync, once per g_idx
+    if gs % 16 == 0 and k % (32 // bits) == 0:
+        natural = torch.arange(k, device=g.device) // gs
+        if torch.equal(g, natural):
+            return _Layout(gs, None, qweight)
+        perm = torch.argsort(g, stable=True)
+        if torch.equal(g[perm], natural):
+            return _Layout(gs, perm.to(torch.int32), _repack_rows(qweight, perm, bits))
+    return _Layout(0, None, qweight)
+
+
+def _layout(qweight: torch.Tensor, g_idx: torch.Tensor, n_groups: int, bits: int) -> _Layout:
+    """Cached :func:`_analyse` per (qweight, g_idx) pair; dropped when either tensor dies or is modified."""
+    key = (id(qweight), id(g_idx))
+    hit = _LAYOUTS.get(key)
+    if hit and hit[0]() is qweight and hit[1]() is g_idx and hit[2:4] == (qweight._version, g_idx._version):
+        return hit[4]
+    lay = _analyse(qweight, g_idx, n_groups, bits)
+
+    def drop(_: Any, key: tuple[int, int] = key) -> None:
+        _LAYOUTS.pop(key, None)
+
+    _LAYOUTS[key] = (weakref.ref(qweight, drop), weakref.ref(g_idx, drop), qweight._version, g_idx._version, lay)
+    return lay
+
+
+def dequantize_gptq(
+    qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor, bits: int, dtype: Any
+) -> torch.Tensor:
+    """W^T [K, N] in ``dtype`` from the GPTQ buffers (one Triton pass over the packed weight)."""
+    K, N = g_idx.numel(), scales.shape[1]
+    w = torch.empty(K, N, dtype=dtype, device=qweight.device)
+    bk, bn = 32, 128 if not interpreted() else 32
+    _dequant_kernel[(triton.cdiv(K, bk), triton.cdiv(N, bn))](
+        qweight,
+        scales,
+        qzeros,
+        g_idx,
+        w,
+        N,
+        K,
+        qweight.stride(0),
+        qweight.stride(1),
+        scales.stride(0),
+        scales.stride(1),
+        qzeros.stride(0),
+        qzeros.stride(1),
+        BITS=bits,
+        BLOCK_K=bk,
+        BLOCK_N=bn,
     )
+    return w
 
 
 def w_int_matmul(
@@ -119,50 +326,79 @@ def w_int_matmul(
     bits: int = 4,
     bias: torch.Tensor | None = None,
     block_m: int | None = None,
-    block_n: int = 64,
-    block_k: int = 32,
+    block_n: int | None = None,
+    block_k: int | None = None,
 ) -> torch.Tensor:
-    """``x [M, K] @ W^T`` with ``W`` [N, K] given in the GPTQ layout; output [M, N] in ``x.dtype``."""
+    """``x [M, K] @ W^T`` with ``W`` [N, K] given in the GPTQ layout; output [M, N] in ``x.dtype``.
+
+    ``block_m/n/k`` pin the fused kernel's tile (no autotuning, no dequantize + cuBLAS path)."""
     if 32 % bits:
         raise ValueError(f"the Triton kernel handles 2, 4 and 8 bits, not {bits}")
     M, K = x.shape
     N = scales.shape[1]
     if qweight.shape != (K * bits // 32, N) or g_idx.shape != (K,):
         raise ValueError(f"qweight {tuple(qweight.shape)} / g_idx {tuple(g_idx.shape)} do not match x [{M}, {K}]")
-    if block_m is None:
-        block_m = 16 if M <= 16 else 64
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    _w_int_matmul_kernel[grid](
+    pinned = block_m is not None or block_n is not None or block_k is not None
+    if M == 0:
+        return x.new_zeros(0, N)
+    if M >= DEQUANT_MIN_M and not pinned:
+        w = dequantize_gptq(qweight, scales, qzeros, g_idx, bits, x.dtype)
+        return torch.addmm(bias.to(x.dtype), x, w) if bias is not None else x @ w
+    lay = _layout(qweight, g_idx, scales.shape[0], bits)
+    decode = M <= 16
+    perm = lay.perm
+    if perm is not None and not decode:
+        x, perm = x.index_select(1, perm), None  # mid M: permute once, then contiguous activation tiles
+    f32 = interpreted() or x.dtype == torch.float32
+    if decode:  # split-K partials meet in a zeroed fp32 buffer
+        out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    args = (
         x,
-        qweight,
+        lay.qweight,
         scales,
         qzeros,
         g_idx,
+        perm if perm is not None else g_idx,
         bias if bias is not None else scales,
         out,
         M,
         N,
         K,
+        m_bucket(M),
         x.stride(0),
         x.stride(1),
-        qweight.stride(0),
-        qweight.stride(1),
+        lay.qweight.stride(0),
+        lay.qweight.stride(1),
         scales.stride(0),
         scales.stride(1),
         qzeros.stride(0),
         qzeros.stride(1),
         out.stride(0),
         out.stride(1),
-        BITS=bits,
-        HAS_BIAS=bias is not None,
-        F32_DOT=interpreted() or x.dtype == torch.float32,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        GROUP_M=8,
     )
-    return out
+    flags = dict(BITS=bits, HAS_BIAS=bias is not None, F32_DOT=f32, GS=lay.gs, A_PERM=perm is not None)
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    if pinned or interpreted():
+        c = _INTERP_DECODE if decode else _INTERP_MID
+        meta = dict(c.kwargs)
+        if pinned:
+            meta.update(BLOCK_M=block_m or meta["BLOCK_M"], BLOCK_N=block_n or 64, BLOCK_K=block_k or 64)
+            meta["BLOCK_M"] = max(16, meta["BLOCK_M"])
+        c = _fit_block_k([triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages)], GS=lay.gs)[0]
+        _w_int_matmul_kernel[grid(c.kwargs)](*args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+    else:
+        tuned = _decode_tuned if decode else _mid_tuned
+        n_cached = len(tuned.cache)
+        tuned[grid](*args, **flags)
+        if decode and len(tuned.cache) != n_cached:  # this call autotuned: the atomics ran more than once
+            out.zero_()
+            tuned[grid](*args, **flags)
+    return out.to(x.dtype) if out.dtype != x.dtype else out
 
 
 def triton_int_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:

@@ -43,7 +43,21 @@ def test_triton_decode_matches_reference(bits):
     out = decode_attention_triton(q, ek.codes, *ek.scales, ev.codes, *ev.scales, bits, block_t=32)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     # and the quantized attention is close to fp attention (int4 much closer than int2)
-    fp = torch.einsum("bht,bhtd->bhd", (torch.einsum("bhd,bhtd->bht", q, k.repeat_interleave(2, 1))
-                                        / 32**0.5).softmax(-1), v.repeat_interleave(2, 1))
+    fp = torch.einsum(
+        "bht,bhtd->bhd",
+        (torch.einsum("bhd,bhtd->bht", q, k.repeat_interleave(2, 1)) / 32**0.5).softmax(-1),
+        v.repeat_interleave(2, 1),
+    )
     err = (out - fp).norm() / fp.norm()
     assert err < (0.1 if bits == 4 else 0.5)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("splits,T", [(1, 100), (3, 100), (7, 70), (64, 5)])
+def test_triton_decode_split_t_matches_reference(splits, T):
+    _, _, ek, ev = _packed(4, B=2, T=T)
+    q = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(2))
+    ref = decode_attention_ref(q, ek.codes, *ek.scales, ev.codes, *ev.scales, 4)
+    out = decode_attention_triton(q, ek.codes, *ek.scales, ev.codes, *ev.scales, 4, block_t=16, num_splits=splits)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -54,3 +54,56 @@ def test_strided_input_and_bad_shapes():
         triton_w4a16.w_int_matmul(torch.randn(2, 64), layer.qweight, layer.scales, layer.qzeros, layer.g_idx, 4)
     with pytest.raises(ValueError):
         triton_w4a16.w_int_matmul(x, layer.qweight, layer.scales, layer.qzeros, layer.g_idx, 3)
+
+
+def test_layout_analysis_sorted_act_order_and_gather():
+    sorted_layer = make_layer(256, 32, 4, 64, act_order=False, bias=False)
+    act_layer = make_layer(256, 32, 4, 64, act_order=True, bias=False)
+    lay = triton_w4a16._layout(sorted_layer.qweight, sorted_layer.g_idx, 4, 4)
+    assert lay.gs == 64 and lay.perm is None and lay.qweight is sorted_layer.qweight
+    lay = triton_w4a16._layout(act_layer.qweight, act_layer.g_idx, 4, 4)
+    assert lay.gs == 64 and lay.perm is not None
+    # the repacked weight holds the codes of rows perm, in sorted-group order
+    from quantbench.methods.qlinear import unpack_rows
+
+    codes = unpack_rows(act_layer.qweight, 4, 256)
+    torch.testing.assert_close(unpack_rows(lay.qweight, 4, 256), codes[lay.perm.long()])
+    assert torch.equal(act_layer.g_idx[lay.perm.long()].long(), torch.arange(256) // 64)
+    # cached per tensor pair, and recomputed after an in-place change
+    assert triton_w4a16._layout(act_layer.qweight, act_layer.g_idx, 4, 4) is lay
+    odd = act_layer.g_idx.clone()
+    odd[:3] = torch.tensor([3, 3, 3])  # no longer a permutation of equal groups: gather path
+    assert triton_w4a16._layout(act_layer.qweight, odd, 4, 4).gs == 0
+
+
+@pytest.mark.parametrize("m", [1, 20])
+def test_gather_path_for_irregular_groups(m):
+    layer = make_layer(128, 64, 4, 32, act_order=True, bias=True)
+    g = torch.Generator().manual_seed(3)
+    layer.g_idx.copy_(torch.randint(0, 4, (128,), generator=g, dtype=torch.int32))
+    x = torch.randn(m, 128)
+    torch.testing.assert_close(
+        triton_w4a16.triton_int_linear(x, layer), reference_linear(x, layer), rtol=1e-4, atol=1e-3
+    )
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dequantize_then_matmul_path(monkeypatch, act_order):
+    monkeypatch.setattr(triton_w4a16, "DEQUANT_MIN_M", 8)
+    layer = make_layer(200, 40, 4, 64, act_order, bias=True)  # K not a multiple of the tiles
+    x = torch.randn(9, 200)
+    torch.testing.assert_close(
+        triton_w4a16.triton_int_linear(x, layer), reference_linear(x, layer), rtol=1e-4, atol=1e-3
+    )
+
+
+def test_pinned_tiles_and_k_edge():
+    layer = make_layer(200, 40, 4, 64, act_order=True, bias=False)  # last group holds 8 rows
+    for m in (1, 17):
+        x = torch.randn(m, 200)
+        out = triton_w4a16.w_int_matmul(
+            x, layer.qweight, layer.scales, layer.qzeros, layer.g_idx, 4, block_m=16, block_n=32, block_k=32
+        )
+        torch.testing.assert_close(out, reference_linear(x, layer), rtol=1e-4, atol=1e-3)
+        out = triton_w4a16.triton_int_linear(x, layer)
+        torch.testing.assert_close(out, reference_linear(x, layer), rtol=1e-4, atol=1e-3)
