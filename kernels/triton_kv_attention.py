@@ -135,6 +135,9 @@ if HAS_TRITON:
         tl.store(O + b * s_ob + h * s_oh + d, tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0))
 
 
+_DOT_PREC = {"gpu": "tf32x3"}
+
+
 def _num_splits(B: int, Hkv: int, T: int, block_t: int, device: torch.device) -> int:
     """Splits of the T axis: about 4 programs per SM, each with at least 4 BLOCK_T tiles."""
     from quantbench.kernels.triton_tuning import num_sms
@@ -178,38 +181,48 @@ def decode_attention_triton(
     from quantbench.kernels.triton_tuning import interpreted
 
     # fp32 scores and P @ V: 3xTF32 on tensor cores keeps fp32 accuracy (IEEE in the interpreter)
-    prec = "ieee" if interpreted() or q.device.type != "cuda" else "tf32x3"
-    _kv_decode_split_kernel[(B * Hkv, splits)](
-        q,
-        k_codes,
-        k_scale,
-        k_zero,
-        v_codes,
-        v_scale,
-        v_zero,
-        part_o,
-        part_l,
-        T,
-        t_split,
-        1.0 / math.sqrt(D),
-        q.stride(0),
-        q.stride(1),
-        k_codes.stride(0),
-        k_codes.stride(1),
-        k_codes.stride(2),
-        k_scale.stride(0),
-        k_scale.stride(1),
-        k_scale.stride(2),
-        splits,
-        H_Q=Hq,
-        H_KV=Hkv,
-        D=D,
-        GROUP=D // k_scale.shape[-1],
-        BITS=bits,
-        BLOCK_T=block_t,
-        BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
-        DOT_PREC=prec,
-    )
+    prec = "ieee" if interpreted() or q.device.type != "cuda" else _DOT_PREC["gpu"]
+
+    def launch(prec: str) -> None:
+        _kv_decode_split_kernel[(B * Hkv, splits)](
+            q,
+            k_codes,
+            k_scale,
+            k_zero,
+            v_codes,
+            v_scale,
+            v_zero,
+            part_o,
+            part_l,
+            T,
+            t_split,
+            1.0 / math.sqrt(D),
+            q.stride(0),
+            q.stride(1),
+            k_codes.stride(0),
+            k_codes.stride(1),
+            k_codes.stride(2),
+            k_scale.stride(0),
+            k_scale.stride(1),
+            k_scale.stride(2),
+            splits,
+            H_Q=Hq,
+            H_KV=Hkv,
+            D=D,
+            GROUP=D // k_scale.shape[-1],
+            BITS=bits,
+            BLOCK_T=block_t,
+            BLOCK_H=max(16, triton.next_power_of_2(Hq // Hkv)),
+            DOT_PREC=prec,
+        )
+
+    try:
+        launch(prec)
+    except Exception:  # a Triton without 3xTF32 dots: IEEE fp32 (FMA) dots, same results, slower
+        if prec == "ieee":
+            raise
+        _DOT_PREC["gpu"] = "ieee"
+        launch("ieee")
     _kv_decode_merge_kernel[(B * Hq,)](
         part_o,
         part_l,
