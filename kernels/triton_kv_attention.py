@@ -83,9 +83,11 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_H], -float("inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, D], tl.float32)
-        byte = d // PER
-        shift = (d % PER) * BITS
-        grp = d // GROUP
+        NG: tl.constexpr = D // GROUP
+        DB: tl.constexpr = D // PER
+        jb = tl.arange(0, DB)  # byte of a token's packed codes
+        jg = tl.arange(0, NG)  # scale/zero group
+        shifts = tl.arange(0, PER) * BITS
         kv_off = b.to(tl.int64) * s_kb + hk * s_kh
         sz_off = b.to(tl.int64) * s_sb + hk * s_sh
         t_lo = split * T_SPLIT
@@ -94,23 +96,28 @@ if HAS_TRITON:
             t = t0 + tl.arange(0, BLOCK_T)
             tm = t < t_hi
             m2 = tm[:, None]
-            code_ptr = t[:, None] * s_kt + byte[None, :]
-            sz_ptr = t[:, None] * s_st + grp[None, :]
+            # compact loads (each byte / scale once), unpacked and broadcast in registers
+            code_ptr = t[:, None] * s_kt + jb[None, :]
+            sz_ptr = t[:, None] * s_st + jg[None, :]
             kc = tl.load(KC + kv_off + code_ptr, mask=m2, other=0)
-            ks = tl.load(KS + sz_off + sz_ptr, mask=m2, other=0.0)
-            kz = tl.load(KZ + sz_off + sz_ptr, mask=m2, other=0.0)
-            k = ((kc.to(tl.int32) >> shift[None, :]) & MASK).to(tl.float32) * ks.to(tl.float32) + kz.to(
-                tl.float32
-            )  # [BLOCK_T, D]
+            ks = tl.load(KS + sz_off + sz_ptr, mask=m2, other=0.0).to(tl.float32)
+            kz = tl.load(KZ + sz_off + sz_ptr, mask=m2, other=0.0).to(tl.float32)
+            kq = tl.reshape((kc.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_T, D))
+            ks = tl.reshape(tl.broadcast_to(ks[:, :, None], (BLOCK_T, NG, GROUP)), (BLOCK_T, D))
+            kz = tl.reshape(tl.broadcast_to(kz[:, :, None], (BLOCK_T, NG, GROUP)), (BLOCK_T, D))
+            k = kq.to(tl.float32) * ks + kz  # [BLOCK_T, D]
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_H, BLOCK_T]
             s = tl.where(tm[None, :], s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             vc = tl.load(VC + kv_off + code_ptr, mask=m2, other=0)
-            vs = tl.load(VS + sz_off + sz_ptr, mask=m2, other=0.0)
-            vz = tl.load(VZ + sz_off + sz_ptr, mask=m2, other=0.0)
-            v = ((vc.to(tl.int32) >> shift[None, :]) & MASK).to(tl.float32) * vs.to(tl.float32) + vz.to(tl.float32)
+            vs = tl.load(VS + sz_off + sz_ptr, mask=m2, other=0.0).to(tl.float32)
+            vz = tl.load(VZ + sz_off + sz_ptr, mask=m2, other=0.0).to(tl.float32)
+            vq = tl.reshape((vc.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_T, D))
+            vs = tl.reshape(tl.broadcast_to(vs[:, :, None], (BLOCK_T, NG, GROUP)), (BLOCK_T, D))
+            vz = tl.reshape(tl.broadcast_to(vz[:, :, None], (BLOCK_T, NG, GROUP)), (BLOCK_T, D))
+            v = vq.to(tl.float32) * vs + vz
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PREC)
             m_i = m_new

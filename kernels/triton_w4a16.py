@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 __all__ = ["DEQUANT_MIN_M", "interpreted", "triton_int_linear", "w_int_matmul", "dequantize_gptq"]
 
 DEQUANT_MIN_M = 512  # from this many rows on: dequantize once + cuBLAS
+COMPACT_UNPACK = True  # fused kernel: load packed words once and unpack in registers (sm_90: ~1/3 the smem)
+REPACK_ACT_ORDER = True  # act-order: keep a group-sorted copy of the packed weight (+1x its 4-bit bytes)
 ONE_GROUP = 1 << 30  # GS for per-channel scales (k // GS == 0 for every k)
 
 
@@ -90,6 +92,7 @@ def _w_int_matmul_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    COMPACT: tl.constexpr,  # packed-word tile + in-register unpack (False: per-row word loads)
 ):
     PER: tl.constexpr = 32 // BITS  # codes per int32 word
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -127,10 +130,22 @@ def _w_int_matmul_kernel(
         else:
             ka = offs_k
         a = tl.load(a_ptr + offs_am[:, None] * stride_am + ka[None, :] * stride_ak, mask=k_mask[None, :], other=0.0)
-        qw = tl.load(
-            qw_ptr + (offs_k[:, None] // PER) * stride_qk + offs_bn[None, :] * stride_qn, mask=k_mask[:, None], other=0
-        )
-        q = (qw >> ((offs_k[:, None] % PER) * BITS)) & MASK
+        if COMPACT:  # load each packed word once ([BLOCK_K / PER, BLOCK_N]) and unpack in registers
+            offs_w = k0 // PER + tl.arange(0, BLOCK_K // PER)
+            qw = tl.load(
+                qw_ptr + offs_w[:, None] * stride_qk + offs_bn[None, :] * stride_qn,
+                mask=(offs_w < tl.cdiv(K, PER))[:, None],
+                other=0,
+            )
+            shifts = tl.arange(0, PER) * BITS
+            q = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
+        else:  # each word loaded by its PER rows (cache hits), shifted per row
+            qw = tl.load(
+                qw_ptr + (offs_k[:, None] // PER) * stride_qk + offs_bn[None, :] * stride_qn,
+                mask=k_mask[:, None],
+                other=0,
+            )
+            q = (qw >> ((offs_k[:, None] % PER) * BITS)) & MASK
         if GS > 0:  # the whole tile is in group k0 // GS: one scale row, one zero row
             grp = k0 // GS
             s = tl.load(s_ptr + grp * stride_sg + offs_bn * stride_sn)
@@ -154,7 +169,7 @@ def _w_int_matmul_kernel(
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     c_mask = (offs_m[:, None] < M) & n_mask[None, :]
     if SPLIT_K > 1:
-        tl.atomic_add(c_ptrs, acc, mask=c_mask)  # c is a zeroed fp32 buffer
+        tl.atomic_add(c_ptrs, acc, mask=c_mask, sem="relaxed")  # c is a zeroed fp32 buffer
     else:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
@@ -228,7 +243,7 @@ _MID_CONFIGS = [
 _INTERP_DECODE = cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, GROUP_M=8)
 _INTERP_MID = cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GROUP_M=8)
 
-_KEY = ["M_BUCKET", "N", "K", "GS", "A_PERM", "BITS"]
+_KEY = ["M_BUCKET", "N", "K", "GS", "A_PERM", "BITS", "COMPACT"]
 _decode_tuned = autotune(
     _DECODE_CONFIGS, _KEY, prune_configs_by={"early_config_prune": _fit_block_k}, reset_to_zero=["c_ptr"]
 )(_w_int_matmul_kernel)
@@ -242,7 +257,7 @@ class _Layout:
     qweight: torch.Tensor  # the packed weight the kernel reads (rows sorted by group for act-order)
 
 
-_LAYOUTS: dict[tuple[int, int], tuple[Any, Any, int, int, _Layout]] = {}
+_LAYOUTS: dict[tuple[int, int], tuple[Any, Any, tuple[int, ...], _Layout]] = {}
 
 
 def _repack_rows(qweight: torch.Tensor, perm: torch.Tensor, bits: int) -> torch.Tensor:
@@ -269,7 +284,7 @@ def _analyse(qweight: torch.Tensor, g_idx: torch.Tensor, n_groups: int, bits: in
         if torch.equal(g, natural):
             return _Layout(gs, None, qweight)
         perm = torch.argsort(g, stable=True)
-        if torch.equal(g[perm], natural):
+        if REPACK_ACT_ORDER and torch.equal(g[perm], natural):
             return _Layout(gs, perm.to(torch.int32), _repack_rows(qweight, perm, bits))
     return _Layout(0, None, qweight)
 
@@ -277,15 +292,16 @@ def _analyse(qweight: torch.Tensor, g_idx: torch.Tensor, n_groups: int, bits: in
 def _layout(qweight: torch.Tensor, g_idx: torch.Tensor, n_groups: int, bits: int) -> _Layout:
     """Cached :func:`_analyse` per (qweight, g_idx) pair; dropped when either tensor dies or is modified."""
     key = (id(qweight), id(g_idx))
+    state = (qweight._version, g_idx._version, qweight.data_ptr(), g_idx.data_ptr())
     hit = _LAYOUTS.get(key)
-    if hit and hit[0]() is qweight and hit[1]() is g_idx and hit[2:4] == (qweight._version, g_idx._version):
-        return hit[4]
+    if hit and hit[0]() is qweight and hit[1]() is g_idx and hit[2] == state:
+        return hit[3]
     lay = _analyse(qweight, g_idx, n_groups, bits)
 
     def drop(_: Any, key: tuple[int, int] = key) -> None:
         _LAYOUTS.pop(key, None)
 
-    _LAYOUTS[key] = (weakref.ref(qweight, drop), weakref.ref(g_idx, drop), qweight._version, g_idx._version, lay)
+    _LAYOUTS[key] = (weakref.ref(qweight, drop), weakref.ref(g_idx, drop), state, lay)
     return lay
 
 
@@ -378,7 +394,9 @@ def w_int_matmul(
         out.stride(0),
         out.stride(1),
     )
-    flags = dict(BITS=bits, HAS_BIAS=bias is not None, F32_DOT=f32, GS=lay.gs, A_PERM=perm is not None)
+    flags = dict(
+        BITS=bits, HAS_BIAS=bias is not None, F32_DOT=f32, GS=lay.gs, A_PERM=perm is not None, COMPACT=COMPACT_UNPACK
+    )
 
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])

@@ -107,3 +107,15 @@ def test_pinned_tiles_and_k_edge():
         torch.testing.assert_close(out, reference_linear(x, layer), rtol=1e-4, atol=1e-3)
         out = triton_w4a16.triton_int_linear(x, layer)
         torch.testing.assert_close(out, reference_linear(x, layer), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_unpack_variants(monkeypatch, compact, bits):
+    monkeypatch.setattr(triton_w4a16, "COMPACT_UNPACK", compact)
+    layer = make_layer(256, 64, bits, 64, act_order=True, bias=False)
+    for m in (1, 24):
+        x = torch.randn(m, 256)
+        torch.testing.assert_close(
+            triton_w4a16.triton_int_linear(x, layer), reference_linear(x, layer), rtol=1e-4, atol=1e-3
+        )
