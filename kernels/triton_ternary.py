@@ -69,6 +69,7 @@ def _ternary_gemm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    shifts = tl.arange(0, 4) * 2
     k_tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
     k_lo = pid_k * k_tiles * BLOCK_K
     k_hi = min(k_lo + k_tiles * BLOCK_K, K)
@@ -76,11 +77,14 @@ def _ternary_gemm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mk = offs_k < K
         x = tl.load(x_ptr + offs_xm[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mk[None, :], other=0)
-        # [BLOCK_K, BLOCK_N] tile of packed bytes (each byte read by 4 consecutive k)
+        # [BLOCK_K / 4, BLOCK_N] tile of packed bytes, each loaded once and unpacked in registers
+        offs_b = k0 // 4 + tl.arange(0, BLOCK_K // 4)
         b = tl.load(
-            p_ptr + offs_pn[None, :] * stride_pn + (offs_k[:, None] // 4) * stride_pk, mask=mk[:, None], other=85
-        )  # 85 = 0b01010101: four zero codes
-        code = ((b.to(tl.int32) >> ((offs_k[:, None] % 4) * 2)) & 3) - 1
+            p_ptr + offs_pn[None, :] * stride_pn + offs_b[:, None] * stride_pk,
+            mask=(offs_b < tl.cdiv(K, 4))[:, None],
+            other=85,  # 85 = 0b01010101: four zero codes
+        )
+        code = tl.reshape((b.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & 3, (BLOCK_K, BLOCK_N)) - 1
         if INT8_ACT:
             acc += tl.dot(x.to(tl.int8), code.to(tl.int8), out_dtype=tl.int32)
         elif DOT_FP32:  # fp32 activations, or the interpreter (whose bf16 math is wrong): exact ieee fp32
@@ -97,7 +101,7 @@ def _ternary_gemm_kernel(
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K > 1:
-        tl.atomic_add(y_ptrs, y, mask=y_mask)  # y is a zeroed fp32 buffer
+        tl.atomic_add(y_ptrs, y, mask=y_mask, sem="relaxed")  # y is a zeroed fp32 buffer
     else:
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=y_mask)
 

@@ -59,3 +59,15 @@ def test_half_activations_fp32_accumulation():
     x = torch.randn(16, 128, generator=g).half()
     y = triton_ternary.ternary_matmul(x, T.pack_ternary(codes), torch.full((1,), 0.5), out_dtype=torch.float32)
     torch.testing.assert_close(y.double(), x.double() @ codes.double().T * 0.5, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("m", [1, 21])
+def test_k_not_a_multiple_of_four(m):
+    g = torch.Generator().manual_seed(7)
+    codes = torch.randint(-1, 2, (24, 130), generator=g, dtype=torch.int8)
+    xq = torch.randint(-128, 128, (m, 130), generator=g, dtype=torch.int8)
+    y = triton_ternary.ternary_matmul(xq, T.pack_ternary(codes), torch.ones(1), torch.ones(m))
+    assert torch.equal(y.to(torch.int64), T.reference_ternary_matmul(xq, codes))
+    x = torch.randn(m, 130, generator=g)
+    y = triton_ternary.ternary_matmul(x, T.pack_ternary(codes), torch.full((1,), 0.5))
+    torch.testing.assert_close(y.double(), x.double() @ codes.double().T * 0.5, rtol=1e-5, atol=1e-5)
