@@ -95,7 +95,7 @@ def _int8_matmul_kernel(
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     c_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
-        tl.atomic_add(c_ptrs, y, mask=c_mask)  # c is a zeroed fp32 buffer
+        tl.atomic_add(c_ptrs, y, mask=c_mask, sem="relaxed")  # c is a zeroed fp32 buffer
     else:
         tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=c_mask)
 
