@@ -8,10 +8,11 @@ Tensors are ``[B, H_kv, T, D]`` (the layout of the attention's key/value states)
   channels of one token (kv-uniform, KIVI values), ``axis="channel"`` groups ``group_size``
   tokens of one channel (KIVI keys); scale and zero (= group min) stored in fp16;
 - ``nuq``: KVQuant's non-uniform datatype: a vector is normalized to [-1, 1] by its range
-  (``axis="channel"``: per channel, range calibrated offline; ``axis="token"``: per token,
-  computed online), rounded to the nearest of ``2**bits`` centroids; dense-and-sparse keeps
-  outliers (magnitude above a per-channel calibrated threshold for keys, the top
-  ``outlier_frac`` of each token for values) in fp16 as a sparse part (int32 flat index + fp16).
+  (``axis="channel"``: per channel, the lower/upper outlier thresholds calibrated offline;
+  ``axis="token"``: per token over all KV heads, the inlier min/max computed online), rounded to
+  the nearest of ``2**bits`` centroids; dense-and-sparse keeps outliers (keys: outside the
+  channel's thresholds; values: the ``outlier_frac / 2`` largest and smallest entries of each
+  token) in fp16 as a sparse part (int32 token-major flat index + fp16).
 
 Tokens before ``sink`` (attention sink) and, for ``residual`` > 0, the most recent tokens that
 do not fill a whole token group (KIVI's full-precision window) stay in fp16.  Codes are packed
@@ -26,6 +27,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -49,14 +51,15 @@ class KVSpec:
     residual: int = 0
     span_group: int = 0  # >0: the quantized span is a whole number of these token groups (KIVI values)
     centroids: torch.Tensor | None = None  # nuq: [2**bits] in [-1, 1]
-    lo: torch.Tensor | None = None  # nuq channel axis: calibrated inlier range [H, D]
+    # nuq channel axis (keys): per-channel lower/upper outlier thresholds calibrated offline, fp16
+    # [H, D]; they are also the normalization range (inliers normalize into [-1, 1])
+    lo: torch.Tensor | None = None
     hi: torch.Tensor | None = None
-    thresh: torch.Tensor | None = None  # nuq channel axis: outlier magnitude threshold [H, D]
 
     def static_bytes(self) -> int:
-        """Bytes of the calibrated per-layer state a cache needs (fp16 ranges/thresholds, centroids)."""
+        """Bytes of the calibrated per-layer state a cache needs (fp16 thresholds, centroids)."""
         n = 0
-        for t in (self.lo, self.hi, self.thresh, self.centroids):
+        for t in (self.lo, self.hi, self.centroids):
             if t is not None:
                 n += t.numel() * 2
         return n
@@ -97,6 +100,37 @@ def unpack_codes(packed: torch.Tensor, bits: int, D: int) -> torch.Tensor:
     return c.reshape(*packed.shape[:-1], D).long()
 
 
+def byte_lut(table: torch.Tensor, bits: int) -> torch.Tensor:
+    """[256, 8 // bits] float32: the ``table`` entries of the codes packed in each byte value."""
+    per = 8 // bits
+    b = torch.arange(256, dtype=torch.int64)
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    return table.float().cpu()[(b[:, None] >> shifts) & (2**bits - 1)].to(table.device)
+
+
+def lookup_codes(
+    packed: torch.Tensor, table: torch.Tensor, bits: int, D: int, lut: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``table[code]`` as float32 [..., D] straight from the packed codes (no int64 code tensor).
+
+    2/4/8 bits: one gather per byte from the [256, 8/b] :func:`byte_lut`; 3 bits: the int32 bit
+    stream read as bytes (little endian, so byte order = bit-stream order), 3 bytes = 8 codes.
+    """
+    if bits == 3:
+        by = packed.contiguous().view(torch.uint8).reshape(*packed.shape[:-1], -1, 3).to(torch.int32)
+        w = by[..., 0] | (by[..., 1] << 8) | (by[..., 2] << 16)
+        sh = torch.arange(0, 24, 3, dtype=torch.int32, device=packed.device)
+        codes = (w.unsqueeze(-1) >> sh) & 7
+        return table.float()[codes.reshape(*packed.shape[:-1], -1)[..., :D]]
+    if lut is None:
+        lut = byte_lut(table, bits)
+    if packed.device.type == "cpu":  # numpy's take on uint8 indices: no index conversion, ~3x faster
+        out = torch.from_numpy(np.take(lut.numpy(), packed.contiguous().numpy(), axis=0))
+    else:
+        out = torch.nn.functional.embedding(packed.to(torch.int32), lut)  # [..., D * b / 8, 8 / b]
+    return out.reshape(*packed.shape[:-1], D)
+
+
 # --------------------------------------------------------------------------- uniform int
 
 
@@ -104,8 +138,11 @@ def int_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int) -> tuple[torch
     """fp16 scale and zero (the group minimum) of an asymmetric min-max grid, as float32."""
     zero = xmin.to(torch.float16).float()
     scale = ((xmax - zero) / (2**bits - 1)).clamp_min(1e-8).to(torch.float16).float()
-    scale = torch.where(zero + scale * (2**bits - 1) < xmax, torch.nextafter(
-        scale.half(), torch.tensor(float("inf"), dtype=torch.float16)).float(), scale)
+    scale = torch.where(
+        zero + scale * (2**bits - 1) < xmax,
+        torch.nextafter(scale.half(), torch.tensor(float("inf"), dtype=torch.float16)).float(),
+        scale,
+    )
     return scale, zero
 
 
@@ -135,9 +172,7 @@ def nearest_centroid(xn: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(xn.contiguous(), mids)
 
 
-def weighted_kmeans_1d(
-    x: torch.Tensor, w: torch.Tensor | None, k: int, iters: int = 50
-) -> torch.Tensor:
+def weighted_kmeans_1d(x: torch.Tensor, w: torch.Tensor | None, k: int, iters: int = 50) -> torch.Tensor:
     """Sorted 1-D k-means centroids minimising sum w (x - c)^2 (Lloyd, weighted-quantile init)."""
     x = x.flatten().double()
     w = torch.ones_like(x) if w is None else w.flatten().double().clamp_min(0) + 1e-30
@@ -181,12 +216,18 @@ def topk_outlier_mask(x: torch.Tensor, frac: float) -> torch.Tensor:
 
 @dataclass
 class Encoded:
-    """One quantized chunk of n tokens: the real buffers a cache stores."""
+    """n quantized tokens: the real buffers a cache stores.
+
+    Per-token encodings (and per-channel ones whose range is calibrated offline or whose token
+    groups are whole) are independent across tokens, so encodings concatenate along the token
+    axis (:meth:`cat`): a cache keeps one contiguous store per layer.  Outlier indices are
+    token-major (``((t * B + b) * H + h) * D + d``) so appending only offsets the new ones.
+    """
 
     shape: tuple[int, int, int, int]
     codes: torch.Tensor
     scales: list[torch.Tensor] = field(default_factory=list)  # fp16 (scale, zero) or (lo, hi)
-    out_idx: torch.Tensor | None = None  # int32 flat indices into shape
+    out_idx: torch.Tensor | None = None  # int32 token-major flat indices
     out_val: torch.Tensor | None = None  # fp16
 
     def nbytes(self) -> dict[str, int]:
@@ -198,6 +239,53 @@ class Encoded:
             "scales": sum(b(t) for t in self.scales),
             "outliers": b(self.out_idx) + b(self.out_val),
         }
+
+    def cat(self, other: Encoded) -> Encoded:
+        """This encoding followed by ``other`` along the token axis (one buffer per component)."""
+        B, H, n, D = self.shape
+        if other.shape[:2] != (B, H) or other.shape[3] != D:
+            raise ValueError(f"Encoded.cat: shapes {self.shape} and {other.shape}")
+        idx = val = None
+        if self.out_idx is not None and other.out_idx is not None:
+            if (n + other.shape[2]) * B * H * D >= 2**31:
+                raise ValueError("Encoded.cat: outlier indices past int32")
+            idx = torch.cat([self.out_idx, other.out_idx + n * B * H * D])
+            assert self.out_val is not None and other.out_val is not None
+            val = torch.cat([self.out_val, other.out_val])
+        return Encoded(
+            (B, H, n + other.shape[2], D),
+            torch.cat([self.codes, other.codes], 2),
+            [torch.cat([x, y], 2) for x, y in zip(self.scales, other.scales, strict=True)],
+            idx,
+            val,
+        )
+
+
+def key_outlier_mask(x: torch.Tensor, spec: KVSpec) -> torch.Tensor:
+    """Keys' sparse part: outside the per-channel [lo, hi] thresholds calibrated offline."""
+    assert spec.lo is not None and spec.hi is not None
+    return (x > spec.hi[None, :, None, :].float()) | (x < spec.lo[None, :, None, :].float())
+
+
+def value_outlier_mask(x: torch.Tensor, frac: float) -> torch.Tensor:
+    """Values' sparse part, online per token (all heads): the ``round(frac * H * D / 2)`` largest
+    and as many smallest entries (at least one each when ``frac`` > 0), i.e. the 1 - frac/2 and
+    frac/2 quantile thresholds of the paper's per-vector dense-and-sparse scheme."""
+    B, H, n, D = x.shape
+    xt = x.transpose(1, 2).reshape(B, n, H * D)
+    m = torch.zeros_like(xt, dtype=torch.bool)
+    k = max(1, int(round(frac * H * D / 2))) if frac > 0 else 0
+    if k:
+        m.scatter_(-1, xt.topk(k, -1).indices, True)
+        m.scatter_(-1, (-xt).topk(k, -1).indices, True)
+    return m.reshape(B, n, H, D).transpose(1, 2)
+
+
+def token_range(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token (over all heads) inlier min and max as fp16 [B, 1, n, 1]."""
+    lo = x.masked_fill(mask, torch.inf).amin((1, 3), keepdim=True)
+    hi = x.masked_fill(mask, -torch.inf).amax((1, 3), keepdim=True)
+    return lo.half(), hi.half()
 
 
 def encode(x: torch.Tensor, spec: KVSpec) -> Encoded:
@@ -213,44 +301,54 @@ def encode(x: torch.Tensor, spec: KVSpec) -> Encoded:
     if spec.scheme != "nuq":
         raise ValueError(f"encode: scheme {spec.scheme}")
     assert spec.centroids is not None
-    if spec.axis == "channel":  # keys: calibrated per-channel threshold and range
-        assert spec.thresh is not None and spec.lo is not None and spec.hi is not None
-        mask = x.abs() > spec.thresh[None, :, None, :]
+    if spec.axis == "channel":  # keys: per-channel thresholds = range, calibrated offline
+        assert spec.lo is not None and spec.hi is not None
+        mask = key_outlier_mask(x, spec)
         lo, hi = spec.lo[None, :, None, :].float(), spec.hi[None, :, None, :].float()
         scales: list[torch.Tensor] = []
     else:  # values: per-token online outliers and range
-        mask = topk_outlier_mask(x, spec.outlier_frac)
-        inl_hi = torch.where(mask, torch.full_like(x, -torch.inf), x).amax(-1, keepdim=True)
-        inl_lo = torch.where(mask, torch.full_like(x, torch.inf), x).amin(-1, keepdim=True)
-        lo, hi = inl_lo.half(), inl_hi.half()
-        scales = [lo, hi]
-        lo, hi = lo.float(), hi.float()
+        mask = value_outlier_mask(x, spec.outlier_frac)
+        lo16, hi16 = token_range(x, mask)
+        scales = [lo16, hi16]
+        lo, hi = lo16.float(), hi16.float()
     xn = (x - (hi + lo) / 2) / ((hi - lo) / 2).clamp_min(1e-6)
     codes = nearest_centroid(xn, spec.centroids)
-    flat = mask.flatten().nonzero().flatten()
-    return Encoded(shape, pack_codes(codes, spec.bits), scales,
-                   flat.to(torch.int32), x.flatten()[flat].half())
+    mt = mask.permute(2, 0, 1, 3).reshape(-1)
+    flat = mt.nonzero().flatten()
+    return Encoded(
+        shape,
+        pack_codes(codes, spec.bits),
+        scales,
+        flat.to(torch.int32),
+        x.permute(2, 0, 1, 3).reshape(-1)[flat].half(),
+    )
 
 
-def decode(e: Encoded, spec: KVSpec) -> torch.Tensor:
-    """Dequantize an :class:`Encoded` chunk to float32 [B, H, n, D]."""
+def decode(e: Encoded, spec: KVSpec, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize an :class:`Encoded` to float32 [B, H, n, D]: a byte-LUT gather on the packed
+    codes, the scale/offset broadcast, then the sparse outliers written in place.  ``out``: a
+    float32 [B, H, n, D] view (e.g. a slice of the cache's output) to write into."""
     B, H, n, D = e.shape
-    codes = unpack_codes(e.codes, spec.bits, D).float()
     if spec.scheme == "int":
+        codes = lookup_codes(e.codes, torch.arange(2**spec.bits, dtype=torch.float32), spec.bits, D)
         scale, zero = (t.float() for t in e.scales)
-        xg = _groups(codes, spec) * scale.unsqueeze(-1) + zero.unsqueeze(-1)
-        return _ungroup(xg, spec, codes.shape)
+        xg = _groups(codes, spec).mul_(scale.unsqueeze(-1)).add_(zero.unsqueeze(-1))
+        x = _ungroup(xg, spec, codes.shape)
+        return x if out is None else out.copy_(x)
     assert spec.centroids is not None
-    xn = spec.centroids.float()[codes.long()]
+    xn = lookup_codes(e.codes, spec.centroids, spec.bits, D)
     if spec.axis == "channel":
         assert spec.lo is not None and spec.hi is not None
         lo, hi = spec.lo[None, :, None, :].float(), spec.hi[None, :, None, :].float()
     else:
         lo, hi = (t.float() for t in e.scales)
-    x = xn * ((hi - lo) / 2).clamp_min(1e-6) + (hi + lo) / 2
+    x = xn.mul_(((hi - lo) / 2).clamp_min(1e-6)).add_((hi + lo) / 2)
     if e.out_idx is not None and e.out_idx.numel():
-        x = x.flatten().index_put((e.out_idx.long(),), e.out_val.float()).reshape(B, H, n, D)
-    return x
+        assert e.out_val is not None
+        i = e.out_idx.long()  # token-major ((t * B + b) * H + h) * D + d -> [B, H, n, D] flat
+        t, r = i.div(B * H * D, rounding_mode="floor"), i % (B * H * D)
+        x.view(-1).index_put_(((r.div(D, rounding_mode="floor") * n + t) * D + r % D,), e.out_val.float())
+    return x if out is None else out.copy_(x)
 
 
 def qdq_sequence(x: torch.Tensor, spec: KVSpec) -> torch.Tensor:
@@ -268,20 +366,18 @@ def qdq_sequence(x: torch.Tensor, spec: KVSpec) -> torch.Tensor:
 # --------------------------------------------------------------------------- real cache
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class _KVStore:
-    """Quantized chunks + fp16 tokens of one of K/V of one layer, in token order."""
+    """One of K/V of one layer: fp16 sink tokens, one contiguous :class:`Encoded`, fp16 tail."""
 
     def __init__(self, spec: KVSpec) -> None:
         self.spec = spec
-        self.chunks: list[Encoded] = []
+        self.enc: Encoded | None = None
         self.head: torch.Tensor | None = None  # fp16 sink tokens
         self.tail: torch.Tensor | None = None  # fp16 tokens not (yet) quantized
-        self.n_quant = 0
+
+    @property
+    def n_quant(self) -> int:
+        return 0 if self.enc is None else self.enc.shape[2]
 
     def length(self) -> int:
         return sum(0 if t is None else t.shape[2] for t in (self.head, self.tail)) + self.n_quant
@@ -301,27 +397,63 @@ class _KVStore:
         _, end = quantized_span(T, self.spec)
         k = end - (T - self.tail.shape[2])
         if k > 0:
-            self.chunks.append(encode(self.tail[:, :, :k].float(), self.spec))
-            self.n_quant += k
+            new = encode(self.tail[:, :, :k].float(), self.spec)
+            self.enc = new if self.enc is None else self.enc.cat(new)
             self.tail = self.tail[:, :, k:]
 
     def materialize(self, dtype: torch.dtype) -> torch.Tensor:
-        parts = [] if self.head is None else [self.head.to(dtype)]
-        parts += [decode(c, self.spec).to(dtype) for c in self.chunks]
-        if self.tail is not None:
-            parts.append(self.tail.to(dtype))
-        return torch.cat(parts, dim=2)
+        """All tokens dequantized into one fresh buffer (transient: the store keeps only the packed
+        codes, scales, outliers and fp16 sink/tail)."""
+        if self.enc is None:
+            parts = [t for t in (self.head, self.tail) if t is not None]
+            return (parts[0] if len(parts) == 1 else torch.cat(parts, 2)).to(dtype)
+        B, H, n, D = self.enc.shape
+        s = 0 if self.head is None else self.head.shape[2]
+        out = torch.empty(B, H, self.length(), D, dtype=torch.float32, device=self.enc.codes.device)
+        if s:
+            out[:, :, :s] = self.head
+        decode(self.enc, self.spec, out=out[:, :, s : s + n])
+        if self.tail is not None and self.tail.shape[2]:
+            out[:, :, s + n :] = self.tail
+        return out.to(dtype)
 
     def nbytes(self) -> dict[str, int]:
         out = {"codes": 0, "scales": 0, "outliers": 0, "fp16": 0}
-        for c in self.chunks:
-            for k, v in c.nbytes().items():
-                out[k] += v
+        if self.enc is not None:
+            out.update(self.enc.nbytes())
         for t in (self.head, self.tail):
             if t is not None:
                 out["fp16"] += t.numel() * t.element_size()
         out["static"] = self.spec.static_bytes()
         return out
+
+
+class RopeTable:
+    """cos/sin of the model's rotary embedding for positions 0..n-1, shared by every layer and
+    grown geometrically, so a decode step slices it instead of recomputing all positions."""
+
+    def __init__(self, rotary: nn.Module) -> None:
+        self.rotary = rotary
+        self.cos: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None
+
+    def get(self, T: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos is None or self.cos.shape[2] < T or self.cos.dtype != like.dtype:
+            n = max(T, 2 * (0 if self.cos is None else self.cos.shape[2]))
+            pos = torch.arange(n, device=like.device).unsqueeze(0)
+            cos, sin = self.rotary(like, pos)
+            self.cos, self.sin = cos.unsqueeze(1).to(like.dtype), sin.unsqueeze(1).to(like.dtype)
+        assert self.sin is not None
+        return self.cos[:, :, :T], self.sin[:, :, :T]
+
+
+def apply_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``k * cos + rotate_half(k) * sin`` (transformers' formula) without the concatenation."""
+    h = k.shape[-1] // 2
+    out = k * cos
+    out[..., :h] -= k[..., h:] * sin[..., :h]
+    out[..., h:] += k[..., :h] * sin[..., h:]
+    return out
 
 
 class QuantizedKVCache:
@@ -332,8 +464,9 @@ class QuantizedKVCache:
     for positions 0..T-1 (``rotary`` = the model's rotary embedding; None for models without RoPE).
     """
 
-    def __new__(cls, specs: list[tuple[KVSpec, KVSpec]], rotary: nn.Module | None = None,
-                captures: list[Any] | None = None) -> Any:
+    def __new__(
+        cls, specs: list[tuple[KVSpec, KVSpec]], rotary: nn.Module | None = None, captures: list[Any] | None = None
+    ) -> Any:
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
         class QuantizedKVLayer(DynamicLayer):
@@ -347,8 +480,9 @@ class QuantizedKVCache:
                 self.device, self.dtype = key_states.device, key_states.dtype
                 self.is_initialized = True
 
-            def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-                       **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            def update(
+                self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+            ) -> tuple[torch.Tensor, torch.Tensor]:
                 if not self.is_initialized:
                     self.lazy_initialization(key_states, value_states)
                 pre = key_states
@@ -358,12 +492,8 @@ class QuantizedKVCache:
                 self.k_store.append(pre)
                 self.v_store.append(value_states)
                 keys = self.k_store.materialize(self.dtype)
-                if rotary is not None and self.capture is not None:
-                    T = keys.shape[2]
-                    pos = torch.arange(T, device=keys.device).unsqueeze(0)
-                    cos, sin = rotary(keys, pos)
-                    cos, sin = cos.unsqueeze(1).to(keys.dtype), sin.unsqueeze(1).to(keys.dtype)
-                    keys = keys * cos + _rotate_half(keys) * sin
+                if rope is not None and self.capture is not None:
+                    keys = apply_rope(keys, *rope.get(keys.shape[2], keys))
                 return keys, self.v_store.materialize(self.dtype)
 
             def get_seq_length(self) -> int:
@@ -373,6 +503,7 @@ class QuantizedKVCache:
                 return self.get_seq_length() + query_length, 0
 
         caps = captures or [None] * len(specs)
+        rope = None if rotary is None else RopeTable(rotary)
         layers = [QuantizedKVLayer(k, v, c) for (k, v), c in zip(specs, caps, strict=True)]
         cache = DynamicCache.__new__(DynamicCache)
         from transformers.cache_utils import Cache
@@ -396,8 +527,7 @@ def kv_bytes(cache: Any) -> dict[str, int]:
 # --------------------------------------------------------------------------- decode attention reference
 
 
-def dequant_per_token(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                      D: int) -> torch.Tensor:
+def dequant_per_token(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, D: int) -> torch.Tensor:
     """Reference dequantization of the per-token packed layout to float32 [B, H, T, D]."""
     c = unpack_codes(codes, bits, D).float()
     G = D // scale.shape[-1]
@@ -406,9 +536,16 @@ def dequant_per_token(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return c * s + z
 
 
-def decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor,
-                         k_zero: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
-                         v_zero: torch.Tensor, bits: int) -> torch.Tensor:
+def decode_attention_ref(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    bits: int,
+) -> torch.Tensor:
     """Torch reference: q [B, H_q, D] against the packed cache; returns [B, H_q, D] float32."""
     B, Hq, D = q.shape
     k = dequant_per_token(k_codes, k_scale, k_zero, bits, D)
@@ -419,6 +556,27 @@ def decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.
     return torch.einsum("bht,bhtd->bhd", s.softmax(-1), v)
 
 
-__all__ = ["KVSpec", "Encoded", "encode", "decode", "qdq_sequence", "pack_codes", "unpack_codes",
-           "weighted_kmeans_1d", "q_norm", "topk_outlier_mask", "QuantizedKVCache", "kv_bytes",
-           "quantized_span", "decode_attention_ref", "dequant_per_token"]
+__all__ = [
+    "KVSpec",
+    "Encoded",
+    "encode",
+    "decode",
+    "qdq_sequence",
+    "pack_codes",
+    "unpack_codes",
+    "weighted_kmeans_1d",
+    "q_norm",
+    "topk_outlier_mask",
+    "QuantizedKVCache",
+    "kv_bytes",
+    "quantized_span",
+    "decode_attention_ref",
+    "dequant_per_token",
+    "lookup_codes",
+    "byte_lut",
+    "key_outlier_mask",
+    "value_outlier_mask",
+    "token_range",
+    "apply_rope",
+    "RopeTable",
+]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,8 @@ from quantbench.kernels.kvcache import (
     QuantizedKVCache,
     q_norm,
     qdq_sequence,
-    topk_outlier_mask,
+    token_range,
+    value_outlier_mask,
     weighted_kmeans_1d,
 )
 from quantbench.methods.base import (
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_EVAL = "kv-qdq-forward"  # K/V quantize-dequantized over the whole window in the forward
 PROTOCOL_CACHE = "kv-real-cache"  # real packed cache during generation
+KMEANS_MAX_POINTS = 500_000
 
 
 # --------------------------------------------------------------------------- configs
@@ -96,6 +98,8 @@ class KIVIConfig(MethodConfig):
 
 @dataclass(frozen=True)
 class KVQuantConfig(MethodConfig):
+    # 2: keys' lower/upper per-channel thresholds are the range; values per token over all heads
+    version: ClassVar[int] = 2
     bits: int = 4
     outlier_frac: float = 0.01
     sink: int = 1
@@ -203,9 +207,12 @@ class _KVMethod(Method):
         self.artifacts["protocol"] = PROTOCOL_EVAL
         self.artifacts["kv_layers"] = len(specs)
         self.artifacts["calc_bytes_per_token"] = kv_bytes_per_token_for(
-            self.name, self.config.to_dict(), n_layers=len(specs),
+            self.name,
+            self.config.to_dict(),
+            n_layers=len(specs),
             n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-            head_dim=head_dim_of(model))
+            head_dim=head_dim_of(model),
+        )
         self.artifacts["seconds"] = round(time.perf_counter() - t0, 3)
         return model
 
@@ -246,8 +253,14 @@ class KIVI(_KVMethod):
         hd = head_dim_of(model)
         ks = KVSpec("int", "channel", c.bits, c.group_size, residual=c.residual_length)
         # values: per token (groups of group_size channels); the same recent window stays fp16
-        vs = KVSpec("int", "token", c.bits, c.group_size if hd % c.group_size == 0 else -1,
-                    residual=c.residual_length, span_group=c.group_size)
+        vs = KVSpec(
+            "int",
+            "token",
+            c.bits,
+            c.group_size if hd % c.group_size == 0 else -1,
+            residual=c.residual_length,
+            span_group=c.group_size,
+        )
         return [(ks, vs) for _ in attention_modules(model)]
 
 
@@ -270,8 +283,13 @@ class KVQuant(_KVMethod):
             ks = calibrate_keys(keys[i], kgrad[i], c, qn)
             vs = calibrate_values(vals[i], vgrad[i], c, qn)
             specs.append((ks, vs))
-            summary.append({"layer": i, "k_centroids": [round(float(x), 4) for x in ks.centroids],
-                            "v_centroids": [round(float(x), 4) for x in vs.centroids]})
+            summary.append(
+                {
+                    "layer": i,
+                    "k_centroids": [round(float(x), 4) for x in ks.centroids],
+                    "v_centroids": [round(float(x), 4) for x in vs.centroids],
+                }
+            )
         self.artifacts["centroids"] = summary[:: max(1, len(summary) // 4)]
         self.artifacts["outlier_frac"] = c.outlier_frac
         self.artifacts["fisher"] = c.fisher
@@ -283,8 +301,9 @@ class KVQuant(_KVMethod):
 # --------------------------------------------------------------------------- KVQuant calibration
 
 
-def record_kv(model: nn.Module, calib: Calibration, fisher: bool, max_samples: int, sink: int
-              ) -> tuple[list[torch.Tensor], ...]:
+def record_kv(
+    model: nn.Module, calib: Calibration, fisher: bool, max_samples: int, sink: int
+) -> tuple[list[torch.Tensor], ...]:
     """Calibration K (pre-RoPE) and V activations [N, H, D] per layer and, with ``fisher``, their grads."""
     hd = head_dim_of(model)
     install(model, [(KVSpec(), KVSpec()) for _ in attention_modules(model)])
@@ -334,39 +353,49 @@ def record_kv(model: nn.Module, calib: Calibration, fisher: bool, max_samples: i
 
 def _fit_centroids(xn: torch.Tensor, w: torch.Tensor | None, c: KVQuantConfig, qn: bool) -> torch.Tensor:
     n = xn.numel()
-    if n > 200_000:  # subsample for speed (fixed stride, deterministic)
-        idx = torch.arange(0, n, n // 200_000 + 1)
+    if n > KMEANS_MAX_POINTS:  # seeded random subsample (a fixed stride would skip whole channels)
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:KMEANS_MAX_POINTS]
         xn, w = xn[idx], None if w is None else w[idx]
     cent = weighted_kmeans_1d(xn, w, 2**c.bits, c.kmeans_iters)
     return q_norm(cent, xn) if qn else cent
 
 
-def calibrate_keys(k: torch.Tensor, g: torch.Tensor | None, c: KVQuantConfig, qn: bool) -> KVSpec:
-    """Per channel: outlier threshold (top outlier_frac by magnitude), inlier range, NUQ centroids."""
+def key_thresholds(k: torch.Tensor, outlier_frac: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel lower/upper outlier thresholds of calibration keys k [N, H, D], as fp16.
+
+    The paper's per-vector dense-and-sparse thresholds: the ``outlier_frac / 2`` and
+    ``1 - outlier_frac / 2`` quantiles of each channel (``round(outlier_frac / 2 * N)`` values in
+    each tail are outliers).  The thresholds are also the channel's normalization range, so every
+    inlier normalizes into [-1, 1] (a magnitude threshold with the inliers' min/max as the range
+    leaves values in [-thresh, min) unclipped-but-out-of-range at evaluation time).
+    """
     N = k.shape[0]
-    n_out = int(round(c.outlier_frac * N))
-    a = k.abs()
-    if n_out > 0:
-        thresh = a.kthvalue(N - n_out, dim=0).values  # [H, D]; strictly above it: outliers
+    n_t = int(round(outlier_frac / 2 * N))
+    if n_t > 0:
+        lo, hi = k.kthvalue(n_t + 1, dim=0).values, k.kthvalue(N - n_t, dim=0).values
     else:
-        thresh = a.amax(0) + 1.0
-    thresh = thresh.half().float()
-    inl = a <= thresh
-    lo = torch.where(inl, k, torch.full_like(k, torch.inf)).amin(0).half()
-    hi = torch.where(inl, k, torch.full_like(k, -torch.inf)).amax(0).half()
-    xn = (k - (hi.float() + lo.float()) / 2) / ((hi.float() - lo.float()) / 2).clamp_min(1e-6)
+        lo, hi = k.amin(0), k.amax(0)
+    return lo.half(), hi.half()
+
+
+def calibrate_keys(k: torch.Tensor, g: torch.Tensor | None, c: KVQuantConfig, qn: bool) -> KVSpec:
+    """Per channel: lower/upper thresholds calibrated offline (= the range), NUQ centroids on inliers."""
+    lo, hi = key_thresholds(k, c.outlier_frac)
+    lf, hf = lo.float(), hi.float()
+    inl = (k >= lf) & (k <= hf)
+    xn = (k - (hf + lf) / 2) / ((hf - lf) / 2).clamp_min(1e-6)
     w = None if g is None else (g**2)[inl]
     cent = _fit_centroids(xn[inl], w, c, qn)
-    return KVSpec("nuq", "channel", c.bits, outlier_frac=c.outlier_frac, sink=c.sink,
-                  centroids=cent, lo=lo, hi=hi, thresh=thresh.half())
+    return KVSpec("nuq", "channel", c.bits, outlier_frac=c.outlier_frac, sink=c.sink, centroids=cent, lo=lo, hi=hi)
 
 
 def calibrate_values(v: torch.Tensor, g: torch.Tensor | None, c: KVQuantConfig, qn: bool) -> KVSpec:
     """Values are normalized per token online; the centroids are fitted on normalized calibration tokens."""
-    mask = topk_outlier_mask(v, c.outlier_frac)
-    lo = torch.where(mask, torch.full_like(v, torch.inf), v).amin(-1, keepdim=True).half().float()
-    hi = torch.where(mask, torch.full_like(v, -torch.inf), v).amax(-1, keepdim=True).half().float()
-    xn = (v - (hi + lo) / 2) / ((hi - lo) / 2).clamp_min(1e-6)
+    x = v.permute(1, 0, 2).unsqueeze(0)  # [1, H, N, D], the cache layout
+    mask = value_outlier_mask(x, c.outlier_frac)
+    lo, hi = (t.float() for t in token_range(x, mask))
+    xn = ((x - (hi + lo) / 2) / ((hi - lo) / 2).clamp_min(1e-6))[0].permute(1, 0, 2)
+    mask = mask[0].permute(1, 0, 2)
     w = None if g is None else (g**2)[~mask]
     cent = _fit_centroids(xn[~mask], w, c, qn)
     return KVSpec("nuq", "token", c.bits, outlier_frac=c.outlier_frac, sink=c.sink, centroids=cent)
@@ -387,8 +416,9 @@ def make_cache(model: nn.Module) -> Any:
 
 
 @torch.no_grad()
-def generate_with_cache(model: nn.Module, input_ids: torch.Tensor, n_new: int, cache: Any,
-                        timings: list[float] | None = None) -> torch.Tensor:
+def generate_with_cache(
+    model: nn.Module, input_ids: torch.Tensor, n_new: int, cache: Any, timings: list[float] | None = None
+) -> torch.Tensor:
     """Greedy decoding through ``cache`` (prefill then one token a step); wrappers capture pre-RoPE keys."""
     set_mode(model, "capture")
     try:
@@ -407,8 +437,9 @@ def generate_with_cache(model: nn.Module, input_ids: torch.Tensor, n_new: int, c
         set_mode(model, "qdq")
 
 
-def decode_ms_per_token(model: nn.Module, context: int, n_new: int = 8, quantized: bool = True,
-                        seed: int = 0) -> dict[str, Any]:
+def decode_ms_per_token(
+    model: nn.Module, context: int, n_new: int = 8, quantized: bool = True, seed: int = 0
+) -> dict[str, Any]:
     """p50/p90 decode ms/token at ``context`` tokens: quantized cache, or transformers' fp DynamicCache."""
     from transformers.cache_utils import DynamicCache
 
@@ -435,5 +466,10 @@ def decode_ms_per_token(model: nn.Module, context: int, n_new: int = 8, quantize
         finally:
             set_mode(model, "qdq")
     ts = sorted(times[1:] or times)
-    return {"p50_ms": 1000 * ts[len(ts) // 2], "p90_ms": 1000 * ts[min(len(ts) - 1, int(0.9 * len(ts)))],
-            "context": context, "kv_bytes": nb, "protocol": PROTOCOL_CACHE}
+    return {
+        "p50_ms": 1000 * ts[len(ts) // 2],
+        "p90_ms": 1000 * ts[min(len(ts) - 1, int(0.9 * len(ts)))],
+        "context": context,
+        "kv_bytes": nb,
+        "protocol": PROTOCOL_CACHE,
+    }

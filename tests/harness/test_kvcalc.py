@@ -19,7 +19,8 @@ def test_method_overheads():
     assert kivi["fp16"] == 2 * (1024 - 896) * 128 * 2  # 896 = 28 whole groups quantized
     q = kv_cache_bytes("kvquant", {"bits": 4, "outlier_frac": 0.01, "sink": 1}, **kw)
     assert q["fp16"] == 2 * 128 * 2
-    assert q["outliers"] == pytest.approx((1023 * 128 * 0.01 + 1023 * 1) * 6)
+    assert q["outliers"] == pytest.approx((1023 * 128 * 0.01 + 1023 * 2) * 6)  # values: max + min
+    assert q["scales"] == 1023 * 4 and q["static"] == 2 * 128 * 2 + 2 * 16 * 2
 
 
 def test_table_orders_methods():

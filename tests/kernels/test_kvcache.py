@@ -5,15 +5,20 @@ import torch
 
 from quantbench.harness.kvcalc import kv_cache_bytes
 from quantbench.kernels.kvcache import (
+    Encoded,
     KVSpec,
     QuantizedKVCache,
+    RopeTable,
+    apply_rope,
+    byte_lut,
     decode,
     encode,
+    key_outlier_mask,
     kv_bytes,
+    lookup_codes,
     pack_codes,
     q_norm,
     qdq_sequence,
-    topk_outlier_mask,
     unpack_codes,
     weighted_kmeans_1d,
 )
@@ -63,7 +68,7 @@ def test_per_channel_groups_over_tokens():
 def test_weighted_kmeans_recovers_planted_clusters():
     g = torch.Generator().manual_seed(0)
     centers = torch.tensor([-0.8, -0.1, 0.3, 0.9])
-    x = (centers.repeat_interleave(500) + 0.01 * torch.randn(2000, generator=g))
+    x = centers.repeat_interleave(500) + 0.01 * torch.randn(2000, generator=g)
     c = weighted_kmeans_1d(x, None, 4)
     assert (c - centers).abs().max() < 0.01
     # weights pull the centroid: two points, weight 9:1 -> centroid at the weighted mean
@@ -82,22 +87,27 @@ def test_q_norm_matches_mean_and_std():
 
 
 def _nuq_value_spec(bits=2, frac=0.1):
-    return KVSpec("nuq", "token", bits, outlier_frac=frac, sink=1,
-                  centroids=torch.linspace(-1, 1, 2**bits))
+    return KVSpec("nuq", "token", bits, outlier_frac=frac, sink=1, centroids=torch.linspace(-1, 1, 2**bits))
 
 
-def test_dense_and_sparse_keeps_exactly_top_fraction():
+def test_dense_and_sparse_keeps_the_largest_and_smallest_of_each_token():
     x = _x(1, 2, 9, 40)
-    spec = _nuq_value_spec(frac=0.1)  # 4 of 40 per token
+    spec = _nuq_value_spec(frac=0.1)  # 0.05 * 80 = 4 largest and 4 smallest of each token (2 heads)
     e = encode(x, spec)
-    assert e.out_idx.numel() == 2 * 9 * 4
-    mask = topk_outlier_mask(x, 0.1)
-    assert torch.equal(e.out_idx.long(), mask.flatten().nonzero().flatten())
+    assert e.out_idx.numel() == 9 * 8
+    xt = x.transpose(1, 2).reshape(9, 80)  # a token's vector over all heads
+    ref = torch.zeros_like(xt, dtype=torch.bool)
+    ref.scatter_(-1, xt.topk(4, -1).indices, True).scatter_(-1, xt.topk(4, -1, largest=False).indices, True)
+    mask = ref.reshape(1, 9, 2, 40).transpose(1, 2)
+    assert torch.equal(e.out_idx.long(), mask.permute(2, 0, 1, 3).flatten().nonzero().flatten())  # token-major
     y = decode(e, spec)
     assert torch.equal(y[mask], x[mask].half().float())  # outliers exact in fp16
-    # inliers lie in the per-token inlier range, outliers are the largest magnitudes
-    thr = x.abs().masked_fill(mask, 0).amax(-1, keepdim=True)
-    assert (x.abs()[mask].view(1, 2, 9, 4) >= thr).all()
+    # the per-token range is the inliers' min/max: every inlier lies within it, outliers outside
+    lo = xt.masked_fill(ref, torch.inf).amin(-1, keepdim=True)
+    hi = xt.masked_fill(ref, -torch.inf).amax(-1, keepdim=True)
+    assert ((xt[ref].view(9, 8) >= hi) | (xt[ref].view(9, 8) <= lo)).all()
+    assert torch.equal(e.scales[0].flatten(), lo.flatten().half())
+    assert torch.equal(e.scales[1].flatten(), hi.flatten().half())
 
 
 def test_attention_sink_untouched():
@@ -119,7 +129,24 @@ def test_key_outliers_are_top_fraction_on_calibration_data():
     spec, x = _key_spec()
     xb = x.permute(1, 0, 2).unsqueeze(0)  # [1, H, N, D]
     e = encode(xb, spec)
-    assert e.out_idx.numel() == 4 * 2 * 16  # 2% of 200 tokens = 4 per channel
+    assert e.out_idx.numel() == 4 * 2 * 16  # 2% of 200 tokens = 2 above + 2 below per channel
+    srt = x.sort(0).values  # per channel: thresholds are the 3rd smallest and 3rd largest values
+    assert torch.equal(spec.lo.float(), srt[2].half().float()) and torch.equal(spec.hi.float(), srt[-3].half().float())
+
+
+def test_key_thresholds_are_the_range_so_inliers_never_clip():
+    """Eval-time keys (other data than calibration): every non-outlier normalizes into [-1, 1]."""
+    spec, _ = _key_spec()
+    x = (3 * _x(1, 2, 500, 16, seed=9)).half().float()  # wider than the calibration data
+    mask = key_outlier_mask(x, spec)
+    lo, hi = spec.lo[None, :, None, :].float(), spec.hi[None, :, None, :].float()
+    xn = (x - (hi + lo) / 2) / ((hi - lo) / 2)
+    assert xn[~mask].abs().max() <= 1 + 1e-6 and mask.any()
+    y = decode(encode(x, spec), spec)
+    assert torch.equal(y[mask], x[mask])
+    c = spec.centroids  # inliers: the nearest centroid, rescaled (reference formula)
+    ref = c[(xn.unsqueeze(-1) - c).abs().argmin(-1)] * (hi - lo) / 2 + (hi + lo) / 2
+    torch.testing.assert_close(y[~mask], ref.expand_as(x)[~mask], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["kvquant", "kivi", "uniform", "fp16"])
@@ -142,13 +169,101 @@ def test_real_cache_equals_eval_path_and_calculator(kind):
     torch.testing.assert_close(kk, qdq_sequence(k, ks), atol=1e-6, rtol=0)
     torch.testing.assert_close(vv, qdq_sequence(v, vs), atol=1e-6, rtol=0)
     nb = kv_bytes(cache)
-    name, prm = {"kvquant": ("kvquant", {"bits": 4, "outlier_frac": 1 / 16, "sink": 1}),
-                 "kivi": ("kivi", {"bits": 2, "group_size": 16, "residual_length": 8}),
-                 "uniform": ("kv-uniform", {"bits": 2, "group_size": 8}),
-                 "fp16": ("kv-fp16", {})}[kind]
-    kout = sum(0 if c.out_idx is None else c.out_idx.numel() for c in cache.layers[0].k_store.chunks)
+    name, prm = {
+        "kvquant": ("kvquant", {"bits": 4, "outlier_frac": 1 / 16, "sink": 1}),
+        "kivi": ("kivi", {"bits": 2, "group_size": 16, "residual_length": 8}),
+        "uniform": ("kv-uniform", {"bits": 2, "group_size": 8}),
+        "fp16": ("kv-fp16", {}),
+    }[kind]
+    kout = cache.layers[0].k_store.enc.out_idx.numel() if kind == "kvquant" else 0
     calc = kv_cache_bytes(name, prm, n_layers=1, n_kv_heads=H, head_dim=D, tokens=T, key_outliers=kout)
     for comp in ("codes", "scales", "outliers", "fp16"):
         assert nb[comp] == calc[comp], comp
     if kind == "kvquant":  # static: the calibrated key state (+ value centroids) once per layer
-        assert nb["static"] == 3 * H * D * 2 + 16 * 2 + 16 * 2
+        assert nb["static"] == 2 * H * D * 2 + 16 * 2 + 16 * 2
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_lookup_codes_equals_table_of_unpacked_codes(bits):
+    c = torch.randint(0, 2**bits, (2, 3, 7, 64), generator=torch.Generator().manual_seed(bits))
+    table = _x(2**bits, seed=bits)
+    p = pack_codes(c, bits)
+    assert torch.equal(lookup_codes(p, table, bits, 64), table[unpack_codes(p, bits, 64)])
+    if bits != 3:
+        lut = byte_lut(table, bits)
+        assert lut.shape == (256, 8 // bits) and torch.equal(lut[0x1B, 0], table[0x1B & (2**bits - 1)])
+
+
+def _concat_specs():
+    ks, _ = _key_spec(H=2, D=32)
+    return [ks, _nuq_value_spec(bits=3, frac=1 / 16), KVSpec("int", "token", 2, 8), KVSpec("int", "channel", 2, 4)]
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_encoded_cat_equals_encoding_the_concatenation(i):
+    """Chunks concatenated in one store decode exactly as the whole sequence encoded at once."""
+    spec = _concat_specs()[i]
+    x = _x(1, 2, 24, 32, seed=4)  # 3-bit codes pack 32 channels into whole int32 words
+    parts = [(0, 8), (8, 12), (12, 24)]
+    enc = encode(x[:, :, :8], spec)
+    for a, b in parts[1:]:
+        enc = enc.cat(encode(x[:, :, a:b], spec))
+    whole = encode(x, spec)
+    assert enc.shape == whole.shape and torch.equal(enc.codes, whole.codes)
+    assert all(torch.equal(a, b) for a, b in zip(enc.scales, whole.scales, strict=True))
+    if whole.out_idx is not None:
+        assert torch.equal(enc.out_idx, whole.out_idx) and torch.equal(enc.out_val, whole.out_val)
+    assert torch.equal(decode(enc, spec), decode(whole, spec))
+    assert enc.nbytes() == whole.nbytes()
+
+
+def test_decode_matches_reference_formula_with_outliers():
+    spec = _nuq_value_spec(bits=4, frac=1 / 8)
+    x = _x(2, 3, 5, 16, seed=6)
+    e = encode(x, spec)
+    B, H, n, D = x.shape
+    codes = unpack_codes(e.codes, 4, D)
+    lo, hi = (t.float() for t in e.scales)
+    ref = spec.centroids[codes] * ((hi - lo) / 2) + (hi + lo) / 2
+    for j, v in zip(e.out_idx.tolist(), e.out_val.tolist(), strict=True):  # token-major index
+        t, r = divmod(j, B * H * D)
+        b, r = divmod(r, H * D)
+        h, d = divmod(r, D)
+        ref[b, h, t, d] = v
+    torch.testing.assert_close(decode(e, spec), ref, atol=1e-6, rtol=0)
+    assert isinstance(e, Encoded) and e.out_idx.dtype == torch.int32
+
+
+def test_rope_table_and_apply_rope_match_transformers():
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from quantbench.harness.models import tiny_llama
+
+    cfg = tiny_llama().model.config
+    rot = LlamaRotaryEmbedding(cfg)
+    D = cfg.hidden_size // cfg.num_attention_heads
+    k = _x(1, 2, 50, D, seed=7)
+    table = RopeTable(rot)
+    for T in (7, 50, 13):  # grows, then slices
+        cos, sin = table.get(T, k)
+        c0, s0 = rot(k, torch.arange(T).unsqueeze(0))
+        torch.testing.assert_close(cos, c0.unsqueeze(1), atol=0, rtol=0)
+        torch.testing.assert_close(sin, s0.unsqueeze(1), atol=0, rtol=0)
+        ref, _ = apply_rotary_pos_emb(k[:, :, :T], k[:, :, :T], c0, s0)
+        torch.testing.assert_close(apply_rope(k[:, :, :T], cos, sin), ref, atol=1e-6, rtol=0)
+    assert table.cos.shape[2] == 50
+
+
+def test_cache_keeps_one_packed_store_and_no_float_copy():
+    ks, _ = _key_spec(H=2, D=16)
+    vs = _nuq_value_spec(bits=4, frac=1 / 16)
+    cache = QuantizedKVCache([(ks, vs)])
+    k, v = _x(1, 2, 40, 16, seed=1), _x(1, 2, 40, 16, seed=2)
+    cache.update(k[:, :, :30], v[:, :, :30], 0)
+    for t in range(30, 40):
+        cache.update(k[:, :, t : t + 1], v[:, :, t : t + 1], 0)
+    for st in (cache.layers[0].k_store, cache.layers[0].v_store):
+        assert st.enc.shape == (1, 2, 39, 16) and st.head.shape[2] == 1 and st.tail.shape[2] == 0
+        assert st.enc.codes.dtype == torch.uint8 and st.enc.codes.shape == (1, 2, 39, 8)
+        held = [t for t in vars(st).values() if isinstance(t, torch.Tensor)]
+        assert all(t.dtype == torch.float16 and t.shape[2] <= 1 for t in held)  # only the sink

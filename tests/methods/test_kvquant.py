@@ -44,8 +44,13 @@ def test_eval_path_orders_methods(llama):
     with torch.no_grad():
         ref = llama(ids).logits
     kl = {}
-    for name, prm in [("kv-fp16", {}), ("kv-uniform", {"bits": 2}), ("kv-uniform", {"bits": 4}),
-                      ("kvquant", {"bits": 4}), ("kvquant", {"bits": 2})]:
+    for name, prm in [
+        ("kv-fp16", {}),
+        ("kv-uniform", {"bits": 2}),
+        ("kv-uniform", {"bits": 4}),
+        ("kvquant", {"bits": 4}),
+        ("kvquant", {"bits": 2}),
+    ]:
         meth = build_method(name, prm)
         m = meth.quantize(copy.deepcopy(llama), _calib())
         kl[f"{name}{prm.get('bits', '')}"] = _kl(m, ref, ids)
@@ -56,8 +61,9 @@ def test_eval_path_orders_methods(llama):
     assert kl["kvquant4"] < kl["kvquant2"]
 
 
-@pytest.mark.parametrize("name,prm", [("kvquant", {"bits": 3}), ("kivi", {"bits": 2, "group_size": 16,
-                                                                          "residual_length": 16})])
+@pytest.mark.parametrize(
+    "name,prm", [("kvquant", {"bits": 3}), ("kivi", {"bits": 2, "group_size": 16, "residual_length": 16})]
+)
 def test_real_cache_prefill_and_decode_match_eval_path(llama, name, prm):
     m = build_method(name, prm).quantize(copy.deepcopy(llama), _calib())
     ids = _ids(1, 80, seed=2)
