@@ -2,8 +2,11 @@
 
 - ``reference_linear`` is the ground truth: unpack codes, dequantize with the fp16 group
   scales and integer zeros, and run a dense matmul.
-- ``int4pack_linear`` is the CPU fast path for 4-bit weights: torch's
-  ``_weight_int4pack_mm_for_cpu`` with bf16 activations.  That op dequantizes
+- ``int4pack_linear`` is the CPU fast path for 4-bit weights, and for 2- and 3-bit weights
+  whose codes (< 8) fit the same 4-bit slots: torch's ``_weight_int4pack_mm_for_cpu`` with bf16
+  activations.  For 2/3 bits the converted runtime copy takes 4 bits per weight in memory (as
+  llama.cpp repacks for its CPU kernels); the stored checkpoint, and ``bits_per_weight``, stay at
+  2/3 bits — the reference path unpacks the 3-bit stream on every call, ~4x slower than fp32.  That op dequantizes
   ``w = (q - 8) * s + z``; our grid is ``w = s * (q - zero)`` with an integer ``zero``, so
   ``z = s * (8 - zero)``.  The op's group size ``G`` (32..256) is any divisor of both our group
   size and ``in_features`` (each of our groups is split into ``group_size / G`` op groups with
@@ -32,6 +35,8 @@ if TYPE_CHECKING:
 CPU_FAST_PATH = True
 #: group sizes torch's CPU int4 op accepts, largest first
 INT4PACK_GROUPS = (256, 128, 64, 32)
+#: code widths whose codes fit the op's 4-bit slots (the dequantization formula is width independent)
+INT4PACK_BITS = (2, 3, 4)
 
 
 def reference_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
@@ -62,8 +67,8 @@ def _versions(layer: IntQuantLinear) -> tuple[int, int, int, int]:
 
 
 def int4pack_supported(layer: IntQuantLinear) -> bool:
-    """4 bits, ``out_features % 16 == 0``, an op group size that divides ours, contiguous groups."""
-    if layer.bits != 4 or layer.out_features % 16 or _op_group(layer) is None:
+    """2-4 bits, ``out_features % 16 == 0``, an op group size that divides ours, contiguous groups."""
+    if layer.bits not in INT4PACK_BITS or layer.out_features % 16 or _op_group(layer) is None:
         return False
     return _group_perm(layer) is not False
 
@@ -84,7 +89,10 @@ def convert_int4pack(layer: IntQuantLinear) -> Int4Pack:
     perm = _group_perm(layer)
     if G is None or perm is False:
         raise ValueError(f"layer {layer.extra_repr()} is not supported by the int4pack CPU op")
-    codes = layer.codes()  # [in, out]
+    # 2/3-bit codes are centred in the 4-bit range (q + 8 - 2^(bits-1)) so that z = s (2^(bits-1) - zero)
+    # stays small: with bf16 z, an uncentred 2-bit grid loses ~10 dB to cancellation
+    off = 8 - 2 ** (layer.bits - 1)
+    codes = layer.codes() + off  # [in, out]
     g_sorted = torch.arange(layer.in_features) // layer.group_size  # group of each (permuted) column
     if perm is not None:
         codes = codes[perm]
@@ -92,7 +100,7 @@ def convert_int4pack(layer: IntQuantLinear) -> Int4Pack:
     # op group j covers (permuted) columns [j G, (j + 1) G): one of our groups
     ours = g_sorted[torch.arange(0, layer.in_features, G)]
     s = layer.scales.float()[ours]  # [in / G, out]
-    z = s * (8 - layer.zeros().float()[ours])
+    z = s * (8 - off - layer.zeros().float()[ours])
     sz = torch.stack([s, z], dim=-1).to(torch.bfloat16).contiguous()
     return Int4Pack(packed, sz, G, perm)
 
@@ -131,6 +139,7 @@ def int_weight_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
         from quantbench.kernels.triton_w4a16 import triton_int_linear
 
         return triton_int_linear(x, layer)
-    if CPU_FAST_PATH and x.device.type == "cpu" and layer.bits == 4 and int4pack_cache(layer) is not None:
+    if (CPU_FAST_PATH and x.device.type == "cpu" and layer.bits in INT4PACK_BITS
+            and int4pack_cache(layer) is not None):
         return int4pack_linear(x, layer)
     return reference_linear(x, layer)
