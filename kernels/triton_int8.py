@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantbench.kernels.triton_tuning import autotune, cfg, interpreted, m_bucket
+from quantbench.kernels.triton_tuning import autotune, cfg, interpreted, m_bucket, run_splitk
 
 
 @triton.jit
@@ -36,6 +36,8 @@ def _int8_matmul_kernel(
     ws_ptr,
     bias_ptr,
     c_ptr,
+    wk_ptr,  # REDUCE == 2: fp32 split-K workspace [M, N] and tile counters, zero between launches
+    cnt_ptr,
     M,
     N,
     K,
@@ -53,6 +55,7 @@ def _int8_matmul_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    REDUCE: tl.constexpr,  # split-K partials: 1 atomics into the zeroed fp32 output, 2 one-launch reduction
 ):
     # grouped program order: GROUP_M row tiles reuse the same weight column tiles from L2
     pid = tl.program_id(0)
@@ -94,10 +97,20 @@ def _int8_matmul_kernel(
         y += bias[None, :]
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     c_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(c_ptrs, y, mask=c_mask, sem="relaxed")  # c is a zeroed fp32 buffer
-    else:
+    if SPLIT_K == 1:
         tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=c_mask)
+    elif REDUCE == 2:  # the tile's last program to finish writes it (one launch, no zero-fill / cast)
+        wk_ptrs = wk_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(wk_ptrs, y, mask=c_mask, sem="relaxed")
+        tl.debug_barrier()  # all of this program's partial is in before its tile counter moves
+        if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.atomic_add(wk_ptrs, tl.zeros_like(y), mask=c_mask, sem="acquire")  # read at L2
+            total = tl.where(c_mask, total, 0.0)
+            tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=c_mask)
+            tl.store(wk_ptrs, tl.zeros_like(y), mask=c_mask)  # leave the workspace and counter zeroed
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
+    else:
+        tl.atomic_add(c_ptrs, y, mask=c_mask, sem="relaxed")  # c is a zeroed fp32 buffer
 
 
 _DECODE_CONFIGS = [
@@ -116,7 +129,7 @@ _LARGE_CONFIGS = [
 ]
 _INTERP_DECODE = cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, GROUP_M=8)
 _INTERP_LARGE = cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GROUP_M=8)
-_KEY = ["M_BUCKET", "N", "K", "HAS_BIAS"]
+_KEY = ["M_BUCKET", "N", "K", "HAS_BIAS", "REDUCE"]
 _decode_tuned = autotune(_DECODE_CONFIGS, _KEY, reset_to_zero=["c_ptr"])(_int8_matmul_kernel)
 _large_tuned = autotune(_LARGE_CONFIGS, _KEY)(_int8_matmul_kernel)
 
@@ -151,49 +164,50 @@ def int8_matmul_triton(
     if M == 0:
         return torch.zeros(0, N, dtype=out_dtype, device=xq.device)
     decode = M <= 16
-    if decode:  # split-K partials meet in a zeroed fp32 buffer
-        out = torch.zeros(M, N, dtype=torch.float32, device=xq.device)
-    else:
-        out = torch.empty(M, N, dtype=out_dtype, device=xq.device)
-    args = (
-        xq,
-        wq,
-        x_scale,
-        w_scale,
-        bias if bias is not None else w_scale,
-        out,
-        M,
-        N,
-        K,
-        m_bucket(M),
-        xq.stride(0),
-        xq.stride(1),
-        wq.stride(0),
-        wq.stride(1),
-        stride_xs,
-        out.stride(0),
-        out.stride(1),
-    )
+    pinned = block_m is not None or block_n is not None or block_k is not None
 
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    pinned = block_m is not None or block_n is not None or block_k is not None
-    if pinned or interpreted():
-        c = _INTERP_DECODE if decode else _INTERP_LARGE
-        meta = dict(c.kwargs)
-        if pinned:
-            meta.update(
-                BLOCK_M=max(16, block_m or meta["BLOCK_M"]), BLOCK_N=block_n or 64, BLOCK_K=max(32, block_k or 64)
-            )
-        _int8_matmul_kernel[grid(meta)](
-            *args, HAS_BIAS=bias is not None, **meta, num_warps=c.num_warps, num_stages=c.num_stages
+    def launch(out: torch.Tensor, wk: torch.Tensor, cnt: torch.Tensor, reduce: int) -> None:
+        args = (
+            xq,
+            wq,
+            x_scale,
+            w_scale,
+            bias if bias is not None else w_scale,
+            out,
+            wk,
+            cnt,
+            M,
+            N,
+            K,
+            m_bucket(M),
+            xq.stride(0),
+            xq.stride(1),
+            wq.stride(0),
+            wq.stride(1),
+            stride_xs,
+            out.stride(0),
+            out.stride(1),
         )
-    else:
+        flags = dict(HAS_BIAS=bias is not None, REDUCE=reduce)
+        if pinned or interpreted():
+            c = _INTERP_DECODE if decode else _INTERP_LARGE
+            meta = dict(c.kwargs)
+            if pinned:
+                meta.update(BLOCK_M=max(16, block_m or 16), BLOCK_N=block_n or 64, BLOCK_K=max(32, block_k or 64))
+            _int8_matmul_kernel[grid(meta)](*args, **flags, **meta, num_warps=c.num_warps, num_stages=c.num_stages)
+            return
         tuned = _decode_tuned if decode else _large_tuned
         n_cached = len(tuned.cache)
-        tuned[grid](*args, HAS_BIAS=bias is not None)
-        if decode and len(tuned.cache) != n_cached:  # this call autotuned: the atomics ran more than once
+        tuned[grid](*args, **flags)
+        if reduce == 1 and len(tuned.cache) != n_cached:  # this call autotuned: the atomics ran more than once
             out.zero_()
-            tuned[grid](*args, HAS_BIAS=bias is not None)
-    return out.to(out_dtype) if out.dtype != out_dtype else out
+            tuned[grid](*args, **flags)
+
+    if decode:  # split-K
+        return run_splitk("int8", launch, M, N, out_dtype, xq.device)
+    out = torch.empty(M, N, dtype=out_dtype, device=xq.device)
+    launch(out, out, out, 0)
+    return out

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from quantbench.kernels.ternary import act_quant_int8
-from quantbench.kernels.triton_tuning import autotune, cfg, interpreted, m_bucket
+from quantbench.kernels.triton_tuning import autotune, cfg, interpreted, m_bucket, run_splitk
 
 
 @triton.jit
@@ -31,6 +31,8 @@ def _ternary_gemm_kernel(
     s_ptr,
     as_ptr,
     y_ptr,
+    ws_ptr,  # REDUCE == 2: fp32 split-K workspace [M, N] and tile counters, zero between launches
+    cnt_ptr,
     M,
     N,
     K,
@@ -50,6 +52,7 @@ def _ternary_gemm_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    REDUCE: tl.constexpr,  # split-K partials: 1 atomics into the zeroed fp32 output, 2 one-launch reduction
 ):
     # grouped program order: GROUP_M row tiles reuse the same packed weight tiles from L2
     pid = tl.program_id(0)
@@ -100,10 +103,20 @@ def _ternary_gemm_kernel(
         y = y * tl.load(as_ptr + offs_xm)[:, None]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K > 1:
-        tl.atomic_add(y_ptrs, y, mask=y_mask, sem="relaxed")  # y is a zeroed fp32 buffer
-    else:
+    if SPLIT_K == 1:
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=y_mask)
+    elif REDUCE == 2:  # the tile's last program to finish writes it (one launch, no zero-fill / cast)
+        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, y, mask=y_mask, sem="relaxed")
+        tl.debug_barrier()  # all of this program's partial is in before its tile counter moves
+        if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.atomic_add(ws_ptrs, tl.zeros_like(y), mask=y_mask, sem="acquire")  # read at L2
+            total = tl.where(y_mask, total, 0.0)
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+            tl.store(ws_ptrs, tl.zeros_like(y), mask=y_mask)  # leave the workspace and counter zeroed
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
+    else:
+        tl.atomic_add(y_ptrs, y, mask=y_mask, sem="relaxed")  # y is a zeroed fp32 buffer
 
 
 _DECODE_CONFIGS = [
@@ -122,7 +135,7 @@ _LARGE_CONFIGS = [
 ]
 _INTERP_DECODE = cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, GROUP_M=8)
 _INTERP_LARGE = cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GROUP_M=8)
-_KEY = ["M_BUCKET", "N", "K", "INT8_ACT"]
+_KEY = ["M_BUCKET", "N", "K", "INT8_ACT", "REDUCE"]
 _decode_tuned = autotune(_DECODE_CONFIGS, _KEY, reset_to_zero=["y_ptr"])(_ternary_gemm_kernel)
 _large_tuned = autotune(_LARGE_CONFIGS, _KEY)(_ternary_gemm_kernel)
 
@@ -157,56 +170,43 @@ def ternary_matmul(
     if M == 0:
         return torch.zeros(0, N, device=x.device, dtype=out_dtype)
     decode = M <= 16
-    if decode:  # split-K partials meet in a zeroed fp32 buffer
-        y = torch.zeros(M, N, device=x.device, dtype=torch.float32)
-    else:
-        y = torch.empty(M, N, device=x.device, dtype=out_dtype)
-    args = (
-        x,
-        packed,
-        s,
-        a_s if a_s is not None else s,
-        y,
-        M,
-        N,
-        K,
-        m_bucket(M),
-        x.stride(0),
-        x.stride(1),
-        packed.stride(0),
-        packed.stride(1),
-        y.stride(0),
-        y.stride(1),
-    )
     flags = dict(
         SCALE_PER_N=s.numel() == N and N > 1,
         HAS_A_SCALE=a_s is not None,
         INT8_ACT=int8,
         DOT_FP32=x.dtype == torch.float32 or interpreted(),
     )
+    pinned = block_m is not None or block_n is not None or block_k is not None
 
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    pinned = block_m is not None or block_n is not None or block_k is not None
-    if pinned or interpreted():
-        c = _INTERP_DECODE if decode else _INTERP_LARGE
-        meta = dict(c.kwargs)
-        if pinned:
-            meta.update(
-                BLOCK_M=max(16, block_m or meta["BLOCK_M"]),
-                BLOCK_N=max(16, block_n or 32),
-                BLOCK_K=max(32, block_k or 64),
+    def launch(y: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor, reduce: int) -> None:
+        args = (x, packed, s, a_s if a_s is not None else s, y, ws, cnt, M, N, K, m_bucket(M),
+                x.stride(0), x.stride(1), packed.stride(0), packed.stride(1), y.stride(0), y.stride(1))  # fmt: skip
+        if pinned or interpreted():
+            c = _INTERP_DECODE if decode else _INTERP_LARGE
+            meta = dict(c.kwargs)
+            if pinned:
+                meta.update(
+                    BLOCK_M=max(16, block_m or 16), BLOCK_N=max(16, block_n or 32), BLOCK_K=max(32, block_k or 64)
+                )
+            _ternary_gemm_kernel[grid(meta)](
+                *args, **flags, REDUCE=reduce, **meta, num_warps=c.num_warps, num_stages=c.num_stages
             )
-        _ternary_gemm_kernel[grid(meta)](*args, **flags, **meta, num_warps=c.num_warps, num_stages=c.num_stages)
-    else:
+            return
         tuned = _decode_tuned if decode else _large_tuned
         n_cached = len(tuned.cache)
-        tuned[grid](*args, **flags)
-        if decode and len(tuned.cache) != n_cached:  # this call autotuned: the atomics ran more than once
+        tuned[grid](*args, **flags, REDUCE=reduce)
+        if reduce == 1 and len(tuned.cache) != n_cached:  # this call autotuned: the atomics ran more than once
             y.zero_()
-            tuned[grid](*args, **flags)
-    return y.to(out_dtype) if y.dtype != out_dtype else y
+            tuned[grid](*args, **flags, REDUCE=reduce)
+
+    if decode:  # split-K
+        return run_splitk("ternary", launch, M, N, out_dtype, x.device)
+    y = torch.empty(M, N, device=x.device, dtype=out_dtype)
+    launch(y, y, y, 0)
+    return y
 
 
 def triton_ternary_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:

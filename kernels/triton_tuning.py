@@ -60,3 +60,78 @@ def autotune(configs: Sequence[triton.Config], key: list[str], **kw: Any) -> Cal
 
 def cfg(num_warps: int = 4, num_stages: int = 3, **meta: int) -> triton.Config:
     return triton.Config(dict(meta), num_warps=num_warps, num_stages=num_stages)
+
+
+# -- split-K reduction in one launch --------------------------------------------------------------
+#: serial split-K: each program adds its fp32 partial into a persistent zeroed workspace and bumps
+#: its tile's counter; the last one writes the output tile and zeroes the workspace and counter.
+#: One launch instead of zero-fill + atomic kernel + cast (two torch launches saved per call).
+FUSED_SPLITK = True
+_WORKSPACES: dict[str, tuple[Any, Any]] = {}
+_VERIFIED: dict[tuple[str, str], bool] = {}
+
+
+def splitk_workspace(device: Any, numel: int, tiles: int) -> tuple[Any, Any] | None:
+    """(fp32 workspace >= ``numel``, int32 tile counters >= ``tiles``), all zero between launches.
+
+    None while a CUDA graph is being captured and the buffers would have to grow (a zero-fill
+    recorded in a graph would not run until the graph is replayed)."""
+    import torch
+
+    key = str(device)
+    ws = _WORKSPACES.get(key)
+    if ws is None or ws[0].numel() < numel or ws[1].numel() < tiles:
+        if getattr(device, "type", "cpu") == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        n, t = max(numel, ws[0].numel() if ws else 0), max(tiles, ws[1].numel() if ws else 0)
+        ws = (torch.zeros(n, dtype=torch.float32, device=device), torch.zeros(t, dtype=torch.int32, device=device))
+        _WORKSPACES[key] = ws
+    return ws
+
+
+def fused_splitk_state(family: str, device: Any) -> bool | None:
+    """True/False once the fused reduction of ``family`` was checked on ``device``; None before."""
+    return _VERIFIED.get((family, str(device)))
+
+
+def record_fused_splitk(family: str, device: Any, ok: bool) -> None:
+    if not ok:
+        import warnings
+
+        warnings.warn(f"{family}: the one-launch split-K reduction disagreed with the atomic path on {device}; "
+                      "using the atomic path", RuntimeWarning, stacklevel=3)  # fmt: skip
+    _VERIFIED[(family, str(device))] = ok
+
+
+def run_splitk(
+    family: str, launch: Callable[[Any, Any, Any, int], None], M: int, N: int, out_dtype: Any, device: Any
+) -> Any:
+    """Run a split-K decode kernel; ``launch(out, ws, cnt, reduce)`` launches it with REDUCE = 2 (one
+    launch, ``out`` in ``out_dtype``) or 1 (atomics into ``out``, a zeroed fp32 buffer).
+
+    The first call per (family, device) runs both and compares them (and checks the workspace was
+    left zeroed); a disagreement switches the family to the atomic path for the process."""
+    import torch
+
+    state = fused_splitk_state(family, device) if FUSED_SPLITK else False
+    capturing = getattr(device, "type", "cpu") == "cuda" and torch.cuda.is_current_stream_capturing()
+    ws = None
+    if state is True or (state is None and not capturing):
+        ws = splitk_workspace(device, M * N, -(-M // 16) * -(-N // 16))
+    if ws is not None:
+        out = torch.empty(M, N, dtype=out_dtype, device=device)
+        launch(out, ws[0], ws[1], 2)
+        if state is None:
+            ref = torch.zeros(M, N, dtype=torch.float32, device=device)
+            launch(ref, ref, ref, 1)
+            tol = 4e-3 * float(ref.abs().max()) + 1e-6
+            ok = bool((out.float() - ref).abs().max() <= tol) and not ws[0].any() and not ws[1].any()
+            record_fused_splitk(family, device, ok)
+            if not ok:
+                ws[0].zero_()
+                ws[1].zero_()
+                return ref.to(out_dtype)
+        return out
+    out = torch.zeros(M, N, dtype=torch.float32, device=device)
+    launch(out, out, out, 1)
+    return out.to(out_dtype) if out_dtype != torch.float32 else out

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantbench.kernels.triton_tuning import autotune, cfg, interpreted, m_bucket
+from quantbench.kernels.triton_tuning import autotune, cfg, interpreted, m_bucket, run_splitk
 
 if TYPE_CHECKING:
     from quantbench.methods.qlinear import IntQuantLinear
@@ -68,6 +68,8 @@ def _w_int_matmul_kernel(
     perm_ptr,
     bias_ptr,
     c_ptr,
+    ws_ptr,  # REDUCE == 2: fp32 split-K workspace [M, N] and tile counters, zero between launches
+    cnt_ptr,
     M,
     N,
     K,
@@ -92,6 +94,7 @@ def _w_int_matmul_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    REDUCE: tl.constexpr,  # split-K partials: 1 atomics into c (zeroed fp32), 2 one-launch serial reduction
     COMPACT: tl.constexpr,  # packed-word tile + in-register unpack (False: per-row word loads)
 ):
     PER: tl.constexpr = 32 // BITS  # codes per int32 word
@@ -168,10 +171,20 @@ def _w_int_matmul_kernel(
         acc += bias[None, :]
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     c_mask = (offs_m[:, None] < M) & n_mask[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(c_ptrs, acc, mask=c_mask, sem="relaxed")  # c is a zeroed fp32 buffer
-    else:
+    if SPLIT_K == 1:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    elif REDUCE == 2:  # the tile's last program to finish writes it (one launch, no zero-fill / cast)
+        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=c_mask, sem="relaxed")
+        tl.debug_barrier()  # all of this program's partial is in before its tile counter moves
+        if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.atomic_add(ws_ptrs, tl.zeros_like(acc), mask=c_mask, sem="acquire")  # read at L2
+            total = tl.where(c_mask, total, 0.0)
+            tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=c_mask)
+            tl.store(ws_ptrs, tl.zeros_like(acc), mask=c_mask)  # leave the workspace and counter zeroed
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
+    else:
+        tl.atomic_add(c_ptrs, acc, mask=c_mask, sem="relaxed")  # c is a zeroed fp32 buffer
 
 
 @triton.jit
@@ -243,7 +256,7 @@ _MID_CONFIGS = [
 _INTERP_DECODE = cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, GROUP_M=8)
 _INTERP_MID = cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GROUP_M=8)
 
-_KEY = ["M_BUCKET", "N", "K", "GS", "A_PERM", "BITS", "COMPACT"]
+_KEY = ["M_BUCKET", "N", "K", "GS", "A_PERM", "BITS", "COMPACT", "REDUCE"]
 _decode_tuned = autotune(
     _DECODE_CONFIGS, _KEY, prune_configs_by={"early_config_prune": _fit_block_k}, reset_to_zero=["c_ptr"]
 )(_w_int_matmul_kernel)
@@ -366,34 +379,6 @@ def w_int_matmul(
     if perm is not None and not decode:
         x, perm = x.index_select(1, perm), None  # mid M: permute once, then contiguous activation tiles
     f32 = interpreted() or x.dtype == torch.float32
-    if decode:  # split-K partials meet in a zeroed fp32 buffer
-        out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    args = (
-        x,
-        lay.qweight,
-        scales,
-        qzeros,
-        g_idx,
-        perm if perm is not None else g_idx,
-        bias if bias is not None else scales,
-        out,
-        M,
-        N,
-        K,
-        m_bucket(M),
-        x.stride(0),
-        x.stride(1),
-        lay.qweight.stride(0),
-        lay.qweight.stride(1),
-        scales.stride(0),
-        scales.stride(1),
-        qzeros.stride(0),
-        qzeros.stride(1),
-        out.stride(0),
-        out.stride(1),
-    )
     flags = dict(
         BITS=bits, HAS_BIAS=bias is not None, F32_DOT=f32, GS=lay.gs, A_PERM=perm is not None, COMPACT=COMPACT_UNPACK
     )
@@ -401,22 +386,55 @@ def w_int_matmul(
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    if pinned or interpreted():
-        c = _INTERP_DECODE if decode else _INTERP_MID
-        meta = dict(c.kwargs)
-        if pinned:
-            meta.update(BLOCK_M=block_m or meta["BLOCK_M"], BLOCK_N=block_n or 64, BLOCK_K=block_k or 64)
-            meta["BLOCK_M"] = max(16, meta["BLOCK_M"])
-        c = _fit_block_k([triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages)], GS=lay.gs)[0]
-        _w_int_matmul_kernel[grid(c.kwargs)](*args, **flags, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-    else:
+    def launch(out: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor, reduce: int) -> None:
+        args = (
+            x,
+            lay.qweight,
+            scales,
+            qzeros,
+            g_idx,
+            perm if perm is not None else g_idx,
+            bias if bias is not None else scales,
+            out,
+            ws,
+            cnt,
+            M,
+            N,
+            K,
+            m_bucket(M),
+            x.stride(0),
+            x.stride(1),
+            lay.qweight.stride(0),
+            lay.qweight.stride(1),
+            scales.stride(0),
+            scales.stride(1),
+            qzeros.stride(0),
+            qzeros.stride(1),
+            out.stride(0),
+            out.stride(1),
+        )
+        if pinned or interpreted():
+            c = _INTERP_DECODE if decode else _INTERP_MID
+            meta = dict(c.kwargs)
+            if pinned:
+                meta.update(BLOCK_M=max(16, block_m or 16), BLOCK_N=block_n or 64, BLOCK_K=block_k or 64)
+            c = _fit_block_k([triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages)], GS=lay.gs)[0]
+            _w_int_matmul_kernel[grid(c.kwargs)](
+                *args, **flags, REDUCE=reduce, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages
+            )
+            return
         tuned = _decode_tuned if decode else _mid_tuned
         n_cached = len(tuned.cache)
-        tuned[grid](*args, **flags)
-        if decode and len(tuned.cache) != n_cached:  # this call autotuned: the atomics ran more than once
+        tuned[grid](*args, **flags, REDUCE=reduce)
+        if reduce == 1 and len(tuned.cache) != n_cached:  # this call autotuned: the atomics ran more than once
             out.zero_()
-            tuned[grid](*args, **flags)
-    return out.to(x.dtype) if out.dtype != x.dtype else out
+            tuned[grid](*args, **flags, REDUCE=reduce)
+
+    if decode:  # split-K
+        return run_splitk("w4a16", launch, M, N, x.dtype, x.device)
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    launch(out, out, out, 0)
+    return out
 
 
 def triton_int_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:

@@ -72,11 +72,12 @@ def kernel_sets() -> list[tuple[str, Any, dict[str, str], list[Any], dict[str, A
     from quantbench.kernels import triton_w4a16 as w4
 
     w4p = dict(a_ptr="fp16", qw_ptr="i32", s_ptr="fp16", qz_ptr="i32", g_ptr="i32", perm_ptr="i32",
-               bias_ptr="fp16", c_ptr="fp32")  # fmt: skip
-    w4f = dict(BITS=4, HAS_BIAS=False, F32_DOT=False, COMPACT=True)
-    i8p = dict(a_ptr="i8", b_ptr="i8", xs_ptr="fp32", ws_ptr="fp32", bias_ptr="fp32", c_ptr="fp32")
-    tp = dict(x_ptr="fp16", p_ptr="u8", s_ptr="fp32", as_ptr="fp32", y_ptr="fp32")
-    tf = dict(SCALE_PER_N=False, HAS_A_SCALE=False, INT8_ACT=False, DOT_FP32=False)
+               bias_ptr="fp16", c_ptr="fp16", ws_ptr="fp32", cnt_ptr="i32")  # fmt: skip
+    w4f = dict(BITS=4, HAS_BIAS=False, F32_DOT=False, COMPACT=True, REDUCE=2)
+    i8p = dict(a_ptr="i8", b_ptr="i8", xs_ptr="fp32", ws_ptr="fp32", bias_ptr="fp32", c_ptr="fp16", wk_ptr="fp32",
+               cnt_ptr="i32")  # fmt: skip
+    tp = dict(x_ptr="fp16", p_ptr="u8", s_ptr="fp32", as_ptr="fp32", y_ptr="fp16", ws_ptr="fp32", cnt_ptr="i32")
+    tf = dict(SCALE_PER_N=False, HAS_A_SCALE=False, INT8_ACT=False, DOT_FP32=False, REDUCE=2)
     kvp = dict(Q="fp32", KC="u8", KS="fp32", KZ="fp32", VC="u8", VS="fp32", VZ="fp32", PO="fp32", PL="fp32")
     one = [triton.Config({}, num_warps=4, num_stages=3)]
     kvf = dict(H_Q=32, H_KV=8, D=128, GROUP=32, BITS=4, BLOCK_T=64, BLOCK_H=16, DOT_PREC="tf32x3")
@@ -86,16 +87,20 @@ def kernel_sets() -> list[tuple[str, Any, dict[str, str], list[Any], dict[str, A
         ("w4a16 decode act-order", w4._w_int_matmul_kernel, w4p, w4._fit_block_k(w4._DECODE_CONFIGS, GS=128),
          dict(w4f, GS=128, A_PERM=True)),
         ("w4a16 decode gather", w4._w_int_matmul_kernel, w4p, w4._DECODE_CONFIGS, dict(w4f, GS=0, A_PERM=False)),
-        ("w4a16 mid", w4._w_int_matmul_kernel, dict(w4p, c_ptr="fp16"), w4._fit_block_k(w4._MID_CONFIGS, GS=128),
-         dict(w4f, GS=128, A_PERM=False)),
+        ("w4a16 decode atomic", w4._w_int_matmul_kernel, dict(w4p, c_ptr="fp32"), w4._DECODE_CONFIGS[:1],
+         dict(w4f, GS=128, A_PERM=False, REDUCE=1)),
+        ("w4a16 mid", w4._w_int_matmul_kernel, w4p, w4._fit_block_k(w4._MID_CONFIGS, GS=128),
+         dict(w4f, GS=128, A_PERM=False, REDUCE=0)),
         ("w4a16 dequant", w4._dequant_kernel, dict(qw_ptr="i32", s_ptr="fp16", qz_ptr="i32", g_ptr="i32", w_ptr="fp16"),
          [triton.Config(dict(BLOCK_K=32, BLOCK_N=128), num_warps=4, num_stages=3)], dict(BITS=4)),
-        ("int8 decode", i8._int8_matmul_kernel, i8p, i8._DECODE_CONFIGS, dict(HAS_BIAS=False)),
-        ("int8 large", i8._int8_matmul_kernel, dict(i8p, c_ptr="fp16"), i8._LARGE_CONFIGS, dict(HAS_BIAS=False)),
+        ("int8 decode", i8._int8_matmul_kernel, i8p, i8._DECODE_CONFIGS, dict(HAS_BIAS=True, REDUCE=2)),
+        ("int8 decode atomic", i8._int8_matmul_kernel, dict(i8p, c_ptr="fp32"), i8._DECODE_CONFIGS[:1],
+         dict(HAS_BIAS=True, REDUCE=1)),
+        ("int8 large", i8._int8_matmul_kernel, i8p, i8._LARGE_CONFIGS, dict(HAS_BIAS=False, REDUCE=0)),
         ("ternary decode", tern._ternary_gemm_kernel, tp, tern._DECODE_CONFIGS, tf),
-        ("ternary large", tern._ternary_gemm_kernel, dict(tp, y_ptr="fp16"), tern._LARGE_CONFIGS, tf),
-        ("ternary large int8", tern._ternary_gemm_kernel, dict(tp, x_ptr="i8"), tern._LARGE_CONFIGS,
-         dict(tf, INT8_ACT=True, HAS_A_SCALE=True)),
+        ("ternary large", tern._ternary_gemm_kernel, tp, tern._LARGE_CONFIGS, dict(tf, REDUCE=0)),
+        ("ternary large int8", tern._ternary_gemm_kernel, dict(tp, x_ptr="i8", y_ptr="fp32"), tern._LARGE_CONFIGS,
+         dict(tf, INT8_ACT=True, HAS_A_SCALE=True, REDUCE=0)),
         ("kv decode split", kv._kv_decode_split_kernel, kvp, one, kvf),
         ("kv decode split fp16 scales", kv._kv_decode_split_kernel,
          dict(kvp, KS="fp16", KZ="fp16", VS="fp16", VZ="fp16"), one, kvf),
