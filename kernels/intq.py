@@ -77,6 +77,12 @@ def pack_bits(codes: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     n = c.shape[0]
     if (n * bits) % 32:
         raise ValueError(f"{n} values of {bits} bits do not fill whole int32 words")
+    if 32 % bits == 0:  # whole codes per word: shift-and-or (the bit stream below is ~10x slower)
+        per = 32 // bits
+        sh = (torch.arange(per, dtype=torch.int64, device=c.device) * bits).view(1, per, *([1] * (c.dim() - 1)))
+        words = (c.reshape(n // per, per, *c.shape[1:]) << sh).sum(1)
+        words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+        return words.movedim(0, dim).contiguous()
     shifts = torch.arange(bits, dtype=torch.int64, device=c.device)
     bitstream = ((c.unsqueeze(1) >> shifts.view(1, bits, *([1] * (c.dim() - 1)))) & 1).reshape(n * bits, *c.shape[1:])
     words = bitstream.reshape(n * bits // 32, 32, *c.shape[1:])
