@@ -6,8 +6,9 @@ On a machine with one NVIDIA GPU it
    poisoned with NaN before each run so an unwritten element fails;
 2. times each kernel against cuBLAS fp16 at decode (M = 1, 4, 16) and prefill (M = 512, 2048) shapes
    for 4096x4096, 4096x14336 and 14336x4096 (median of CUDA-event timings after warm-up, inputs
-   rotated so the cache does not serve them), with achieved GB/s and TFLOP/s against the device's
-   measured copy bandwidth and bf16 matmul rate;
+   rotated through enough sets to exceed twice the L2 cache, so it does not serve them; also
+   replayed from a CUDA graph, without launch costs), with achieved GB/s and TFLOP/s against the
+   device's measured copy bandwidth and bf16 matmul rate;
 3. optionally runs the smoke and default suites on the GPU (``--suites``);
 4. writes everything as JSONL records (``--out``) that ``quantbench report`` renders, and prints a
    summary table last.
@@ -112,6 +113,25 @@ def _gen(seed: int, device: str) -> Any:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+_WEIGHTS: dict[tuple[Any, ...], Any] = {}
+
+
+def _weights(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+    """Weights depend on (kernel, K, N, seed, ...) but not on M: built once per shape and reused by
+    every M (the CPU-side quantization dominated the run time).  Only the current shape is kept."""
+    for k in [k for k in _WEIGHTS if k[:3] != key[:3]]:
+        del _WEIGHTS[k]
+    if key not in _WEIGHTS:
+        _WEIGHTS[key] = build()
+    return _WEIGHTS[key]
+
+
+def _activations(M: int, K: int, seed: int, device: str, dtype: Any) -> Any:
+    import torch
+
+    return torch.randn(M, K, generator=_gen(seed * 1_000_003 + M, "cpu")).to(device, dtype)
+
+
 def _w4a16(M: int, K: int, N: int, dtype: Any, device: str, seed: int, act_order: bool = True) -> _Inst:
     import torch
 
@@ -119,19 +139,23 @@ def _w4a16(M: int, K: int, N: int, dtype: Any, device: str, seed: int, act_order
     from quantbench.methods.qlinear import IntQuantLinear
     from quantbench.methods.rtn import rtn_quantize_weight
 
-    g = _gen(seed, "cpu")
-    w = torch.randn(N, K, generator=g)
-    codes, scales, zeros = rtn_quantize_weight(w, 4, 128, False)
-    g_idx = torch.arange(K) // 128  # sorted groups: the common checkpoint layout
-    if act_order:  # GPTQ desc_act: the groups in a permuted column order
-        g_idx = g_idx[torch.randperm(K, generator=g)]
-    layer = IntQuantLinear.from_codes(codes, scales, zeros, 4, 128, g_idx=g_idx).to(device)
-    x = torch.randn(M, K, generator=g).to(device, dtype)
+    def build() -> Any:
+        g = _gen(seed, "cpu")
+        w = torch.randn(N, K, generator=g)
+        codes, scales, zeros = rtn_quantize_weight(w, 4, 128, False)
+        g_idx = torch.arange(K) // 128  # sorted groups: the common checkpoint layout
+        if act_order:  # GPTQ desc_act: the groups in a permuted column order
+            g_idx = g_idx[torch.randperm(K, generator=g)]
+        layer = IntQuantLinear.from_codes(codes, scales, zeros, 4, 128, g_idx=g_idx).to(device)
+        w_ref = layer.dequantized_weight().to(device)
+        return layer, w_ref, w_ref.to(dtype)
+
+    layer, w_ref, w16 = _weights(("w4a16", K, N, act_order, seed, device, dtype), build)
+    x = _activations(M, K, seed, device, dtype)
     out = torch.empty(M, N, device=device, dtype=dtype)
-    w16 = layer.dequantized_weight().to(device, dtype)
     return _Inst(
         lambda: w_int_matmul(x, layer.qweight, layer.scales, layer.qzeros, layer.g_idx, 4),
-        lambda: x.double() @ layer.dequantized_weight().double().t(),
+        lambda: x.double() @ w_ref.double().t(),
         out,
         nbytes=K * N / 2 + 2 * (M * K + M * N) + (K // 128) * N * 2.5,
         flops=2 * M * K * N,
@@ -149,16 +173,19 @@ def _int8(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Inst:
     from quantbench.kernels.int8mm import int8_matmul_reference, quantize_per_token, quantize_weight_per_channel
     from quantbench.kernels.triton_int8 import int8_matmul_triton
 
-    g = _gen(seed, "cpu")
-    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    def build() -> Any:
+        w = torch.randn(N, K, generator=_gen(seed, "cpu"))
+        wq, ws = quantize_weight_per_channel(w)
+        return wq.to(device), ws.to(device), w.to(device, dtype)
+
+    wq, ws, w16 = _weights(("int8", K, N, seed, device, dtype), build)
+    x = _activations(M, K, seed, "cpu", torch.float32)
     xq, xs = quantize_per_token(x)
-    wq, ws = quantize_weight_per_channel(w)
-    xq, xs, wq, ws = xq.to(device), xs.to(device), wq.to(device), ws.to(device)
+    xq, xs, x16 = xq.to(device), xs.to(device), x.to(device, dtype)
     out = torch.empty(M, N, device=device, dtype=dtype)
-    x16, w16 = x.to(device, dtype), w.to(device, dtype)
     return _Inst(
         lambda: int8_matmul_triton(xq, xs, wq, ws, out_dtype=dtype),
-        lambda: int8_matmul_reference(xq.cpu(), xs.cpu(), wq.cpu(), ws.cpu()),
+        lambda: int8_matmul_reference(xq, xs, wq, ws),  # exact integer products in float64, on the device
         out,
         nbytes=M * K + K * N + 2 * M * N,
         flops=2 * M * K * N,
@@ -172,17 +199,19 @@ def _ternary(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Ins
     from quantbench.kernels.ternary import pack_ternary
     from quantbench.kernels.triton_ternary import ternary_matmul
 
-    g = _gen(seed, "cpu")
-    codes = torch.randint(-1, 2, (N, K), generator=g, dtype=torch.int8)
-    scale = torch.rand(1, generator=g) + 0.5
-    packed = pack_ternary(codes, "2bit").to(device)
-    scale_d = scale.to(device)
-    x = torch.randn(M, K, generator=g).to(device, dtype)
+    def build() -> Any:
+        g = _gen(seed, "cpu")
+        codes = torch.randint(-1, 2, (N, K), generator=g, dtype=torch.int8)
+        scale = torch.rand(1, generator=g) + 0.5
+        w_ref = (codes.double() * scale.double()).to(device)
+        return pack_ternary(codes, "2bit").to(device), scale.to(device), w_ref, w_ref.to(dtype)
+
+    packed, scale_d, w_ref, w16 = _weights(("ternary", K, N, seed, device, dtype), build)
+    x = _activations(M, K, seed, device, dtype)
     out = torch.empty(M, N, device=device, dtype=dtype)
-    w16 = (codes.float() * scale).to(device, dtype)
     return _Inst(
         lambda: ternary_matmul(x, packed, scale_d, out_dtype=dtype),
-        lambda: x.double().cpu() @ (codes.double() * scale.double()).t(),
+        lambda: x.double() @ w_ref.t(),
         out,
         nbytes=K * N / 4 + 2 * (M * K + M * N),
         flops=2 * M * K * N,
@@ -306,6 +335,17 @@ def device_ceilings() -> dict[str, float]:
     return {"copy_gbps": bw, "bf16_tflops": 2 * 8192**3 / ms_mm / 1e9}
 
 
+def rotation_sets(nbytes: float) -> int:
+    """Input sets to rotate through so that together they are twice the L2 cache (3 to 16): a 4-bit
+    4096x4096 weight is 8 MB, and three of them would sit in a 50 MB L2 between calls."""
+    import math
+
+    import torch
+
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return int(min(16, max(3, math.ceil(2 * l2 / max(nbytes, 1.0)))))
+
+
 def check_case(case: Case, M: int, K: int, N: int, device: str, dtype: Any, timing: bool, seed: int) -> Result:
     import torch
 
@@ -323,12 +363,14 @@ def check_case(case: Case, M: int, K: int, N: int, device: str, dtype: Any, timi
             res.max_err = float((out - ref).abs().max())
             res.ok = res.rel_err <= case.tol
         if timing and res.ok:
-            sets = [case.prepare(M, K, N, dtype, device, seed + 1 + i) for i in range(3)]  # rotate inputs
+            n_sets = rotation_sets(inst.bytes)
+            res.extra["input_sets"] = n_sets
+            sets = [case.prepare(M, K, N, dtype, device, seed + 1 + i) for i in range(n_sets)]  # rotate inputs
             it = iter(range(1 << 30))
-            res.ms = time_cuda(lambda: sets[next(it) % 3].run_kernel())
+            res.ms = time_cuda(lambda: sets[next(it) % n_sets].run_kernel())
             if hasattr(inst, "run_fp16"):
                 it2 = iter(range(1 << 30))
-                res.ms_fp16 = time_cuda(lambda: sets[next(it2) % 3].run_fp16())
+                res.ms_fp16 = time_cuda(lambda: sets[next(it2) % n_sets].run_fp16())
             res.gbps = inst.bytes / res.ms / 1e6
             res.tflops = inst.flops / res.ms / 1e9
             res.extra = dict(getattr(inst, "extra", {}) or {})
