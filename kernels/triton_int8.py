@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantbench.kernels.triton_tuning import autotune, cfg, interpreted, m_bucket, run_splitk
+from quantbench.kernels.triton_tuning import autotune, cfg, interpreted, launch_with, m_bucket, run_splitk
 
 
 @triton.jit
@@ -169,7 +169,7 @@ def int8_matmul_triton(
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    def launch(out: torch.Tensor, wk: torch.Tensor, cnt: torch.Tensor, reduce: int) -> None:
+    def launch(out: torch.Tensor, wk: torch.Tensor, cnt: torch.Tensor, reduce: int, same: bool = False) -> None:
         args = (
             xq,
             wq,
@@ -200,6 +200,8 @@ def int8_matmul_triton(
             _int8_matmul_kernel[grid(meta)](*args, **flags, **meta, num_warps=c.num_warps, num_stages=c.num_stages)
             return
         tuned = _decode_tuned if decode else _large_tuned
+        if launch_with(tuned, grid, same, *args, **flags):
+            return
         n_cached = len(tuned.cache)
         tuned[grid](*args, **flags)
         if reduce == 1 and len(tuned.cache) != n_cached:  # this call autotuned: the atomics ran more than once

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from quantbench.kernels.ternary import act_quant_int8
-from quantbench.kernels.triton_tuning import autotune, cfg, interpreted, m_bucket, run_splitk
+from quantbench.kernels.triton_tuning import autotune, cfg, interpreted, launch_with, m_bucket, run_splitk
 
 
 @triton.jit
@@ -181,7 +181,7 @@ def ternary_matmul(
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    def launch(y: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor, reduce: int) -> None:
+    def launch(y: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor, reduce: int, same: bool = False) -> None:
         args = (x, packed, s, a_s if a_s is not None else s, y, ws, cnt, M, N, K, m_bucket(M),
                 x.stride(0), x.stride(1), packed.stride(0), packed.stride(1), y.stride(0), y.stride(1))  # fmt: skip
         if pinned or interpreted():
@@ -196,6 +196,8 @@ def ternary_matmul(
             )
             return
         tuned = _decode_tuned if decode else _large_tuned
+        if launch_with(tuned, grid, same, *args, **flags, REDUCE=reduce):
+            return
         n_cached = len(tuned.cache)
         tuned[grid](*args, **flags, REDUCE=reduce)
         if reduce == 1 and len(tuned.cache) != n_cached:  # this call autotuned: the atomics ran more than once

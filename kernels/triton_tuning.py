@@ -58,6 +58,17 @@ def autotune(configs: Sequence[triton.Config], key: list[str], **kw: Any) -> Cal
     return triton.autotune(configs=list(configs), key=key, **kw)
 
 
+def launch_with(tuned: Any, grid: Callable[[dict[str, Any]], Any], same_config: bool, *args: Any, **kw: Any) -> bool:
+    """Launch ``tuned`` (an autotuner) with its last config, without autotuning, if ``same_config``
+    and it has one; returns whether it did."""
+    best = getattr(tuned, "best_config", None)
+    if not same_config or best is None:
+        return False
+    meta = {**best.kwargs, **kw}
+    tuned.fn[grid(meta)](*args, **meta, num_warps=best.num_warps, num_stages=best.num_stages)
+    return True
+
+
 def cfg(num_warps: int = 4, num_stages: int = 3, **meta: int) -> triton.Config:
     return triton.Config(dict(meta), num_warps=num_warps, num_stages=num_stages)
 
@@ -104,10 +115,11 @@ def record_fused_splitk(family: str, device: Any, ok: bool) -> None:
 
 
 def run_splitk(
-    family: str, launch: Callable[[Any, Any, Any, int], None], M: int, N: int, out_dtype: Any, device: Any
+    family: str, launch: Callable[[Any, Any, Any, int, bool], None], M: int, N: int, out_dtype: Any, device: Any
 ) -> Any:
-    """Run a split-K decode kernel; ``launch(out, ws, cnt, reduce)`` launches it with REDUCE = 2 (one
-    launch, ``out`` in ``out_dtype``) or 1 (atomics into ``out``, a zeroed fp32 buffer).
+    """Run a split-K decode kernel; ``launch(out, ws, cnt, reduce, same_config)`` launches it with
+    REDUCE = 2 (one launch, ``out`` in ``out_dtype``) or 1 (atomics into ``out``, a zeroed fp32
+    buffer); ``same_config``: with the config the previous launch used (no autotuning).
 
     The first call per (family, device) runs both and compares them (and checks the workspace was
     left zeroed); a disagreement switches the family to the atomic path for the process."""
@@ -120,10 +132,10 @@ def run_splitk(
         ws = splitk_workspace(device, M * N, -(-M // 16) * -(-N // 16))
     if ws is not None:
         out = torch.empty(M, N, dtype=out_dtype, device=device)
-        launch(out, ws[0], ws[1], 2)
+        launch(out, ws[0], ws[1], 2, False)
         if state is None:
             ref = torch.zeros(M, N, dtype=torch.float32, device=device)
-            launch(ref, ref, ref, 1)
+            launch(ref, ref, ref, 1, True)
             tol = 4e-3 * float(ref.abs().max()) + 1e-6
             ok = bool((out.float() - ref).abs().max() <= tol) and not ws[0].any() and not ws[1].any()
             record_fused_splitk(family, device, ok)
@@ -133,5 +145,5 @@ def run_splitk(
                 return ref.to(out_dtype)
         return out
     out = torch.zeros(M, N, dtype=torch.float32, device=device)
-    launch(out, out, out, 1)
+    launch(out, out, out, 1, False)
     return out.to(out_dtype) if out_dtype != torch.float32 else out

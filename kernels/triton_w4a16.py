@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantbench.kernels.triton_tuning import autotune, cfg, interpreted, m_bucket, run_splitk
+from quantbench.kernels.triton_tuning import autotune, cfg, interpreted, launch_with, m_bucket, run_splitk
 
 if TYPE_CHECKING:
     from quantbench.methods.qlinear import IntQuantLinear
@@ -386,7 +386,7 @@ def w_int_matmul(
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    def launch(out: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor, reduce: int) -> None:
+    def launch(out: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor, reduce: int, same: bool = False) -> None:
         args = (
             x,
             lay.qweight,
@@ -424,6 +424,8 @@ def w_int_matmul(
             )
             return
         tuned = _decode_tuned if decode else _mid_tuned
+        if launch_with(tuned, grid, same, *args, **flags, REDUCE=reduce):
+            return
         n_cached = len(tuned.cache)
         tuned[grid](*args, **flags, REDUCE=reduce)
         if reduce == 1 and len(tuned.cache) != n_cached:  # this call autotuned: the atomics ran more than once

@@ -65,3 +65,24 @@ def test_ternary_fused_half_output(fresh):
     assert y.dtype == torch.float16
     torch.testing.assert_close(y.double(), x.double() @ codes.double().T * 0.5, rtol=2e-3, atol=2e-2)
     assert triton_tuning.fused_splitk_state("ternary", torch.device("cpu")) is True
+
+
+def test_launch_with_reuses_the_last_config():
+    import triton
+
+    calls = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append((grid, a, kw))
+
+    class FakeTuned:
+        fn = FakeKernel()
+        best_config = triton.Config({"BLOCK_M": 16, "SPLIT_K": 4}, num_warps=8, num_stages=3)
+
+    grid = lambda meta: (meta["BLOCK_M"], meta["SPLIT_K"])  # noqa: E731
+    assert not triton_tuning.launch_with(FakeTuned(), grid, False, 1, REDUCE=1)
+    assert triton_tuning.launch_with(FakeTuned(), grid, True, 1, 2, REDUCE=1)
+    assert calls == [((16, 4), (1, 2), {"BLOCK_M": 16, "SPLIT_K": 4, "REDUCE": 1, "num_warps": 8, "num_stages": 3})]
+    FakeTuned.best_config = None
+    assert not triton_tuning.launch_with(FakeTuned(), grid, True, 1)
