@@ -46,6 +46,7 @@ if HAS_TRITON:
         PL,
         T,
         T_SPLIT,
+        T_BUCKET,  # autotune key only: T_SPLIT rounded up to a power of two
         sm_scale,
         s_qb,
         s_qh,
@@ -144,6 +145,17 @@ if HAS_TRITON:
 
 _DOT_PREC = {"gpu": "tf32x3"}
 
+if HAS_TRITON:
+    from quantbench.kernels.triton_tuning import autotune
+
+    # warps x stages only (BLOCK_T sets the host-side split sizes); the kernel only writes its
+    # partials, so benchmarking it repeatedly is harmless.  At BLOCK_T = 64 on sm_90: 4 warps
+    # 235 regs/thread, 8 warps 188 (no spills either way), 60-72 KiB shared memory.
+    _kv_decode_split_tuned = autotune(
+        [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (3, 2)],
+        ["T_BUCKET", "H_Q", "H_KV", "D", "GROUP", "BITS", "BLOCK_T", "DOT_PREC"],
+    )(_kv_decode_split_kernel)
+
 
 def _num_splits(B: int, Hkv: int, T: int, block_t: int, device: torch.device) -> int:
     """Splits of the T axis: about 4 programs per SM, each with at least 4 BLOCK_T tiles."""
@@ -191,7 +203,8 @@ def decode_attention_triton(
     prec = "ieee" if interpreted() or q.device.type != "cuda" else _DOT_PREC["gpu"]
 
     def launch(prec: str) -> None:
-        _kv_decode_split_kernel[(B * Hkv, splits)](
+        kernel = _kv_decode_split_kernel if interpreted() else _kv_decode_split_tuned
+        kernel[(B * Hkv, splits)](
             q,
             k_codes,
             k_scale,
@@ -203,6 +216,7 @@ def decode_attention_triton(
             part_l,
             T,
             t_split,
+            triton.next_power_of_2(t_split),
             1.0 / math.sqrt(D),
             q.stride(0),
             q.stride(1),
