@@ -5,11 +5,11 @@ KVQuant, in the paper's order:
 3. non-uniform datatype (NUQ): per layer, 2^b centroids from sensitivity-weighted k-means over
    normalized calibration activations, weights = Fisher information (squared gradients of the
    calibration loss w.r.t. the K/V activations; ``fisher=False``: uniform weights),
-4. per-vector dense-and-sparse: the top ``outlier_frac`` of each channel (keys, threshold and
-   inlier range calibrated offline) / token (values, online) kept in fp16, the normalization range
-   excluding them, 5. Q-Norm (for 2 bits): centroids shifted/scaled so the quantized calibration
-   data keeps the mean and std of the normalized data, 6. attention sink: the first ``sink``
-   tokens in fp16.
+4. per-vector dense-and-sparse: ``outlier_frac / 2`` at each end of every channel (keys: lower
+   and upper thresholds calibrated offline, which are also the channel's normalization range) /
+   token over all KV heads (values: online, range = the inliers' min/max) kept in fp16,
+   5. Q-Norm (for 2 bits): centroids shifted/scaled so the quantized calibration data keeps the
+   mean and std of the normalized data, 6. attention sink: the first ``sink`` tokens in fp16.
 
 Baselines: ``kv-fp16`` (K/V rounded to fp16), ``kv-uniform`` (per-token asymmetric int-b with
 ``group_size`` channels), ``kivi`` (Liu et al., 2024: keys per channel in groups of ``group_size``
