@@ -86,19 +86,40 @@ def module_table(model: nn.Module, embeddings: bool = True, lm_head: bool = True
     rows: list[dict[str, Any]] = []
     if embeddings:
         emb = model.get_input_embeddings()  # type: ignore[operator]  # HF model attribute on nn.Module
-        rows.append({"name": _qualname(model, emb), "layer": None, "projection": EMBEDDINGS, "kind": "embedding",
-                     "shape": list(emb.weight.shape)})
+        rows.append(
+            {
+                "name": _qualname(model, emb),
+                "layer": None,
+                "projection": EMBEDDINGS,
+                "kind": "embedding",
+                "shape": list(emb.weight.shape),
+            }
+        )
     for name, lin in iter_linears(model):
         if not name.startswith(prefix + "."):
             continue
         layer = int(name[len(prefix) + 1 :].split(".", 1)[0])
-        rows.append({"name": name, "layer": layer, "projection": name.rsplit(".", 1)[-1], "kind": "linear",
-                     "shape": list(lin.weight.shape)})
+        rows.append(
+            {
+                "name": name,
+                "layer": layer,
+                "projection": name.rsplit(".", 1)[-1],
+                "kind": "linear",
+                "shape": list(lin.weight.shape),
+            }
+        )
     if lm_head:
         head = model.get_output_embeddings()  # type: ignore[operator]  # HF model attribute on nn.Module
         if head is not None:
-            rows.append({"name": _qualname(model, head), "layer": None, "projection": LM_HEAD, "kind": "lm_head",
-                         "shape": list(head.weight.shape)})
+            rows.append(
+                {
+                    "name": _qualname(model, head),
+                    "layer": None,
+                    "projection": LM_HEAD,
+                    "kind": "lm_head",
+                    "shape": list(head.weight.shape),
+                }
+            )
     return rows
 
 
@@ -154,8 +175,12 @@ class SensitivityProbe:
             self.ref = [self._full_logprobs(w) for w in range(len(windows))]
         self.fp_nll = self._nll(self.ref)
         self._tail = self._find_tail()
-        log.info("sensitivity probe: %d windows x %d tokens, block-suffix evaluation %s",
-                 windows.shape[0], windows.shape[1], "on" if self._tail else "off (full forwards)")
+        log.info(
+            "sensitivity probe: %d windows x %d tokens, block-suffix evaluation %s",
+            windows.shape[0],
+            windows.shape[1],
+            "on" if self._tail else "off (full forwards)",
+        )
 
     # -- forwards ------------------------------------------------------------------
     def _full_logprobs(self, w: int) -> torch.Tensor:
@@ -240,10 +265,13 @@ class SensitivitySpec:
     bits: int
     group_size: int = 128
     quantizer: str = "rtn"
-    metric: str = "kl"  # "kl": measured; "fisher": diag-Fisher weighted weight error
+    metric: str = "kl"  # "kl": measured; "fisher": diag-Fisher; "fisher-kl": sampled Fisher, full per token
+    positions: int = 0  # fisher-kl: positions per window in the quadratic form (0: all)
+    base: str = ""  # fisher-kl: expansion point "bits/group" (every module quantized there); "": fp
 
     def key(self, fingerprint: str, data_sha: str) -> str:
-        blob = json.dumps({"schema": SCHEMA, "model": fingerprint, "data": data_sha, **self.__dict__}, sort_keys=True)
+        fields = {k: v for k, v in self.__dict__.items() if not (k in ("positions", "base") and not v)}
+        blob = json.dumps({"schema": SCHEMA, "model": fingerprint, "data": data_sha, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -289,30 +317,76 @@ def measure_sensitivities(
     Fisher of the NLL, OBD/HAWQ-style): one forward+backward per window, then every (module, bits)
     costs only its quantization.  Values are read from / written to the on-disk cache.
     """
-    if metric not in ("kl", "fisher"):
-        raise ConfigError(f"sensitivity metric '{metric}' is not valid; valid: fisher, kl")
-    bits = list(bits)
+    return measure_choice_sensitivities(
+        model, windows, [(b, group_size) for b in bits], rows, metric, fingerprint, quantize_fn, quantizer, use_cache
+    )[group_size]
+
+
+METRICS = ("kl", "fisher", "fisher-kl")
+
+
+def measure_choice_sensitivities(
+    model: nn.Module,
+    windows: torch.Tensor,
+    choices: Iterable[tuple[int, int]],
+    rows: list[dict[str, Any]] | None = None,
+    metric: str = "kl",
+    fingerprint: str | None = None,
+    quantize_fn: Callable[[torch.Tensor, int, int], torch.Tensor] = rtn_fake_quantize,
+    quantizer: str = "rtn",
+    use_cache: bool = True,
+    positions: int = 0,
+    base: tuple[int, int] | None = None,
+) -> dict[int, dict[int, dict[str, dict[str, float]]]]:
+    """{group size: {bits: {module name: {"kl", ...}}}} for each (bits, group size) choice.
+
+    The cache holds one document per (bits, group size); ``metric="fisher-kl"`` computes every
+    missing (module, choice) of one group of windows in a single forward+backward pass per window
+    (see :func:`_measure_fisher_kl`), on ``positions`` evenly spaced positions per window (0: all).
+    """
+    if metric not in METRICS:
+        raise ConfigError(f"sensitivity metric '{metric}' is not valid; valid: {', '.join(METRICS)}")
+    choices = list(dict.fromkeys((int(b), int(g)) for b, g in choices))
     rows = rows if rows is not None else module_table(model)
     fingerprint = fingerprint or model_fingerprint(model)
     dsha = tokens_sha(windows)
-    docs: dict[int, dict[str, Any]] = {}
-    paths: dict[int, Path] = {}
-    for b in bits:
-        spec = SensitivitySpec(b, group_size, quantizer, metric)
-        paths[b] = cache_path(spec.key(fingerprint, dsha))
-        doc = _load(paths[b]) if use_cache else {}
-        docs[b] = doc if doc.get("values") is not None else {
-            "spec": spec.__dict__, "model": fingerprint, "data": dsha,
-            "windows": list(windows.shape), "values": {}}
-    todo = [(b, r) for b in bits for r in rows if r["name"] not in docs[b]["values"]]
+    docs: dict[tuple[int, int], dict[str, Any]] = {}
+    paths: dict[tuple[int, int], Path] = {}
+    for b, g in choices:
+        fkl = metric == "fisher-kl"
+        spec = SensitivitySpec(
+            b, g, quantizer, metric, positions if fkl else 0, f"fisher at {base[0]}/{base[1]}" if fkl and base else ""
+        )
+        paths[b, g] = cache_path(spec.key(fingerprint, dsha))
+        doc = _load(paths[b, g]) if use_cache else {}
+        docs[b, g] = (
+            doc
+            if doc.get("values") is not None
+            else {
+                "spec": spec.__dict__,
+                "model": fingerprint,
+                "data": dsha,
+                "windows": list(windows.shape),
+                "values": {},
+            }
+        )
+    todo = [(c, r) for c in choices for r in rows if r["name"] not in docs[c]["values"]]
     if todo:
         t0 = time.perf_counter()
-        if metric == "kl":
-            _measure_kl(model, windows, todo, group_size, quantize_fn, docs, paths)
+        if metric == "fisher-kl":
+            _measure_fisher_kl(model, windows, todo, quantize_fn, docs, paths, positions, base)
         else:
-            _measure_fisher(model, windows, todo, group_size, quantize_fn, docs, paths)
-        log.info("measured %d (module, bits) sensitivities in %.1f s", len(todo), time.perf_counter() - t0)
-    return {b: {r["name"]: docs[b]["values"][r["name"]] for r in rows} for b in bits}
+            for g in dict.fromkeys(c[1] for c, _ in todo):
+                sub = [(c[0], r) for c, r in todo if c[1] == g]
+                gdocs = {b: docs[b, gg] for b, gg in docs if gg == g}
+                gpaths = {b: paths[b, gg] for b, gg in paths if gg == g}
+                fn = _measure_kl if metric == "kl" else _measure_fisher
+                fn(model, windows, sub, g, quantize_fn, gdocs, gpaths)
+        log.info("measured %d (module, choice) sensitivities in %.1f s", len(todo), time.perf_counter() - t0)
+    out: dict[int, dict[int, dict[str, dict[str, float]]]] = {}
+    for b, g in choices:
+        out.setdefault(g, {})[b] = {r["name"]: docs[b, g]["values"][r["name"]] for r in rows}
+    return out
 
 
 def _measure_kl(model, windows, todo, group_size, quantize_fn, docs, paths) -> None:
@@ -345,9 +419,11 @@ def fisher_diagonals(model: nn.Module, windows: torch.Tensor, names: list[str]) 
     for n, m in linears.items():
         fis[n] = torch.zeros_like(m.weight, dtype=torch.float32)  # type: ignore[arg-type]  # HF model attribute on nn.Module
         if isinstance(m, nn.Linear):
+
             def fwd(mod, args, out, n=n):
                 xs[n] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                 out.register_hook(lambda g, n=n: _acc(n, g))
+
             handles.append(m.register_forward_hook(fwd))
 
     def _acc(n: str, g: torch.Tensor) -> None:
@@ -365,8 +441,14 @@ def fisher_diagonals(model: nn.Module, windows: torch.Tensor, names: list[str]) 
         for w in range(windows.shape[0]):
             ids = windows[w : w + 1]
             # activations must require grad for the hooks: feed embeddings with grad enabled
-            out = model(inputs_embeds=model.get_input_embeddings()(ids).detach().requires_grad_(True),  # type: ignore[operator]  # HF model attribute on nn.Module
-                        use_cache=False) if not emb else model(ids, use_cache=False)
+            out = (
+                model(
+                    inputs_embeds=model.get_input_embeddings()(ids).detach().requires_grad_(True),  # type: ignore[operator]  # HF model attribute on nn.Module
+                    use_cache=False,
+                )
+                if not emb
+                else model(ids, use_cache=False)
+            )
             logits = out.logits[0, :-1].float()
             loss = F.cross_entropy(logits, ids[0, 1:], reduction="sum")
             loss.backward()
@@ -396,12 +478,110 @@ def _measure_fisher(model, windows, todo, group_size, quantize_fn, docs, paths) 
         _save(paths[bb], docs[bb])
 
 
+def _measure_fisher_kl(
+    model,
+    windows,
+    todo,
+    quantize_fn,
+    docs,
+    paths,
+    positions: int = 0,
+    base: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> None:
+    """Taylor estimate of KL(p_fp || p_q) per (module, choice), full (not diagonal) within each token.
+
+    Without ``base`` (expansion at the unquantized model): for a perturbation ΔW of one linear,
+    KL ≈ ½ Σ_t Δz_tᵀ F_t Δz_t / tokens, F_t the Fisher of the output distribution at position t.
+    With one label y_t sampled from the model's own distribution per position, g_t = ∂ log p(y_t) /
+    ∂(module output at t) gives the unbiased estimate ½ Σ_t (g_tᵀ ΔW x_t)² / tokens ("true" Fisher,
+    not the empirical one of the data labels, and not diagonal: errors that cancel in ΔW x_t count
+    as cancelled).  Cross-position terms are ignored (as in per-sample Fisher estimates).
+
+    With ``base = (bits, group)`` the Fisher and the inputs x_t are those of the model with EVERY
+    measured module already quantized at ``base`` (the sharper curvature of an already-perturbed
+    model is then in the estimate; ΔW is still measured from the unquantized weight, so values stay
+    non-negative and additive).  A first-order expansion around that point (adding the KL gradient
+    term g_tᵀ (Q_c - Q_base) x_t) was tried and dropped: the knapsack exploited its negative values
+    (see docs/sensitivity.md).
+
+    One forward and one backward per window serve every (module, choice): the
+    backward hook of each linear evaluates all its choices on the spot.  ``positions`` > 0
+    evaluates the forms on that many evenly spaced positions per window only (the passes still
+    see the whole window): the per-choice products, positions x in x out each, dominate the cost.
+    """
+    T = windows.shape[1]
+    sel = torch.linspace(0, T - 1, positions).round().long().unique() if 0 < positions < T else None
+    by_name: dict[str, list[tuple[int, int]]] = {}
+    for c, r in todo:
+        if r["kind"] != "linear":
+            raise ConfigError(f"sensitivity metric fisher-kl supports linear modules only, not {r['name']}")
+        by_name.setdefault(r["name"], []).append(c)
+    mods = {n: model.get_submodule(n) for n in by_name}
+    orig = {n: m.weight.data for n, m in mods.items()}
+    acc = {n: torch.zeros(len(cs), dtype=torch.float64) for n, cs in by_name.items()}
+    xs: dict[str, torch.Tensor] = {}
+
+    def _deltas(n: str) -> list[torch.Tensor]:
+        w = orig[n].float()
+        return [quantize_fn(orig[n], b, gs).float() - w for b, gs in by_name[n]]
+
+    def _grad(n: str, g: torch.Tensor) -> None:
+        g = g.detach().reshape(-1, g.shape[-1]).float()
+        g = g if sel is None else g[sel]
+        x = xs.pop(n)
+        for i, d in enumerate(_deltas(n)):
+            acc[n][i] += 0.5 * float(((x @ d.t()) * g).sum(-1).square().sum())
+
+    def _fwd(mod, args, out, n):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        xs[n] = x if sel is None else x[sel]
+        out.register_hook(lambda g, n=n: _grad(n, g))
+
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: _fwd(mod, a, o, n)) for n, m in mods.items()]
+    was = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    n_tok = 0
+    try:
+        if base is not None:  # the expansion point: every measured module quantized at base
+            for n, m in mods.items():
+                m.weight.data = quantize_fn(orig[n], *base).to(orig[n].dtype)
+        for w in tqdm(range(windows.shape[0]), desc="fisher-kl", leave=False):
+            ids = windows[w : w + 1]
+            emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # type: ignore[operator]  # HF model attribute on nn.Module
+            logits = model(inputs_embeds=emb, use_cache=False).logits[0].float()
+            lp = F.log_softmax(logits, -1)
+            y = torch.multinomial(lp.detach().exp(), 1, generator=gen)
+            lp.gather(1, y).sum().backward()
+            n_tok += ids.shape[1] if sel is None else sel.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for n, m in mods.items():
+            m.weight.data = orig[n]
+        for n, p in model.named_parameters():
+            p.requires_grad_(was.get(n, False))
+            p.grad = None
+    for n, cs in by_name.items():
+        for i, c in enumerate(cs):
+            docs[c]["values"][n] = {"kl": float(acc[n][i]) / n_tok}
+    for c in docs:
+        _save(paths[c], docs[c])
+
+
 # --------------------------------------------------------------------------- map + CLI
 
 
 def sensitivity_map(
-    model: nn.Module, windows: torch.Tensor, bits: int, group_size: int = 128, metric: str = "kl",
-    fingerprint: str | None = None, layers: Iterable[int] | None = None,
+    model: nn.Module,
+    windows: torch.Tensor,
+    bits: int,
+    group_size: int = 128,
+    metric: str = "kl",
+    fingerprint: str | None = None,
+    layers: Iterable[int] | None = None,
 ) -> dict[str, Any]:
     """The layer x projection document of ``quantbench sensitivity`` (values: KL, nats/token).
 
@@ -431,12 +611,19 @@ def sensitivity_map(
         else:
             extra[r["projection"]] = {"kl": v["kl"], "ppl": ppl, "module": r["name"]}
     return {
-        "schema": SCHEMA, "bits": bits, "group_size": group_size, "quantizer": "rtn",
+        "schema": SCHEMA,
+        "bits": bits,
+        "group_size": group_size,
+        "quantizer": "rtn",
         "metric": "kl_divergence (nats/token)" if metric == "kl" else "fisher-weighted weight error",
-        "layers": layer_ids, "projections": projs, "values": grid,
-        "embeddings": extra.get(EMBEDDINGS), "lm_head": extra.get(LM_HEAD),
+        "layers": layer_ids,
+        "projections": projs,
+        "values": grid,
+        "embeddings": extra.get(EMBEDDINGS),
+        "lm_head": extra.get(LM_HEAD),
         "ppl": {"fp": math.exp(fp_nll) if fp_nll is not None else None, "values": ppl_grid},
-        "tokens": list(windows.shape), "model_fingerprint": fingerprint,
+        "tokens": list(windows.shape),
+        "model_fingerprint": fingerprint,
         "title": f"sensitivity: KL when one module is RTN {bits}-bit g{group_size}",
     }
 
@@ -448,11 +635,17 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
     arr = np.array(doc["values"], dtype=float)
     by_proj = dict(zip(doc["projections"], arr.mean(0).round(6).tolist()))
     by_layer = dict(zip(doc["layers"], arr.mean(1).round(6).tolist()))
-    flat = [(arr[i, j], f"{doc['layers'][i]}.{doc['projections'][j]}")
-            for i in range(arr.shape[0]) for j in range(arr.shape[1])]
+    flat = [
+        (arr[i, j], f"{doc['layers'][i]}.{doc['projections'][j]}")
+        for i in range(arr.shape[0])
+        for j in range(arr.shape[1])
+    ]
     flat.sort(reverse=True)
-    return {"mean_by_projection": by_proj, "mean_by_layer": by_layer,
-            "top10": [(n, round(float(v), 5)) for v, n in flat[:10]]}
+    return {
+        "mean_by_projection": by_proj,
+        "mean_by_layer": by_layer,
+        "top10": [(n, round(float(v), 5)) for v, n in flat[:10]],
+    }
 
 
 def write_heatmap(doc: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -501,15 +694,22 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     doc = sensitivity_map(model, windows, args.bits, args.group_size, args.metric, layers=layers)
-    doc.update(model=loaded.info.get("name"), dataset=args.dataset, split=args.split,
-               seconds=round(time.perf_counter() - t0, 1), summary=summarize(doc))
+    doc.update(
+        model=loaded.info.get("name"),
+        dataset=args.dataset,
+        split=args.split,
+        seconds=round(time.perf_counter() - t0, 1),
+        summary=summarize(doc),
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sensitivity.json").write_text(json.dumps(doc, indent=1))
     paths = write_heatmap(doc, out)
     s = doc["summary"]
-    print(f"sensitivity of {doc['model']} at {args.bits} bits (g{args.group_size}), "
-          f"{args.windows}x{args.seq_len} tokens of {args.dataset}/{args.split}, {doc['seconds']} s")
+    print(
+        f"sensitivity of {doc['model']} at {args.bits} bits (g{args.group_size}), "
+        f"{args.windows}x{args.seq_len} tokens of {args.dataset}/{args.split}, {doc['seconds']} s"
+    )
     print("mean KL by projection: " + ", ".join(f"{k} {v:.4g}" for k, v in s["mean_by_projection"].items()))
     for k in (EMBEDDINGS, LM_HEAD):
         if doc.get(k):
@@ -519,8 +719,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sensitivity",
-                       help="per-layer, per-projection sensitivity map (KL when one module is quantized)")
+    p = sub.add_parser(
+        "sensitivity", help="per-layer, per-projection sensitivity map (KL when one module is quantized)"
+    )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group-size", type=int, default=128)

@@ -1,19 +1,22 @@
-"""Sensitivity-driven mixed precision: per-module bit widths chosen by a multiple-choice knapsack.
+"""Sensitivity-driven mixed precision: per-module bit widths (and group sizes) chosen by a multiple-choice knapsack.
 
 The HAWQ-style recipe (Dong et al., 2019/2020: measure each layer's sensitivity, allocate bits under a
-size budget by solving a knapsack), with measured KL as the sensitivity:
-1. on the CALIBRATION tokens only, measure for each linear m and each width b in ``bits_choices``
-   the KL divergence s(m, b) of the model with only m quantized (group-wise RTN), or, with
-   ``sensitivity="fisher"``, the diag-Fisher weighted weight error ½ Σ F_ii (w - q)² (OBD/HAWQ);
-   values are cached on disk (:mod:`quantbench.harness.sensitivity`), so several targets share them;
-2. the cost c(m, b) of a module is the bytes its :class:`IntQuantLinear` really stores (packed codes,
-   fp16 scales, packed zeros), so the budget ``target_bpw × linear weights / 8`` counts overheads as
-   ``bits_per_weight`` does;
-3. minimise Σ s(m, b_m) subject to Σ c(m, b_m) ≤ budget: an exact dynamic programme over the budget
+size budget by solving a knapsack):
+1. on the CALIBRATION tokens only, measure for each linear m and each choice c = (bits, group size)
+   (``bits_choices`` x ``group_choices``) a sensitivity s(m, c): the measured KL divergence of the
+   model with only m quantized (``sensitivity="kl"``, group-wise RTN), the diag-Fisher weighted
+   weight error ½ Σ F_ii (w - q)² (``"fisher"``, OBD/HAWQ), or a Taylor estimate of the KL with the
+   model's own sampled Fisher, full within each token (``"fisher-kl"``; with ``base_choice`` expanded
+   at the model with EVERY module already at that choice, so compounding is in the estimate); values
+   are cached on disk (:mod:`quantbench.harness.sensitivity`), so several targets share them;
+2. the cost c(m, c) of a module is the bytes its :class:`IntQuantLinear` really stores (packed codes,
+   fp16 scales, packed zeros of its group size), so the budget ``target_bpw × linear weights / 8``
+   counts overheads as ``bits_per_weight`` does;
+3. minimise Σ s(m, c_m) subject to Σ cost(m, c_m) ≤ budget: an exact dynamic programme over the budget
    discretised into ``resolution`` units, each cost rounded UP to whole units (so the true budget is
    always respected; the only loss is < one unit of slack per module);
-4. quantize each module at its width with the inner quantizer (RTN, or GPTQ run sequentially with
-   per-module bits); embeddings and lm_head stay unquantized.
+4. quantize each module at its (bits, group size) with the inner quantizer (RTN, or GPTQ run
+   sequentially with per-module settings); embeddings and lm_head stay unquantized.
 """
 
 from __future__ import annotations
@@ -56,16 +59,21 @@ class MixedConfig(MethodConfig):
     target_bpw: float = 3.0
     bits_choices: tuple[int, ...] = VALID_BITS
     group_size: int = 128
+    group_choices: tuple[int, ...] = ()  # () = (group_size,); else the knapsack also picks the group size
     inner: str = "rtn"  # "rtn" | "gptq"
-    sensitivity: str = "kl"  # "kl" (measured) | "fisher" (diag-Fisher weighted weight error)
+    sensitivity: str = "kl"  # "kl" (measured) | "fisher" (diag-Fisher) | "fisher-kl" (sampled Fisher, full)
     calib_windows: int = 1
     calib_seq_len: int = 512
+    positions: int = 0  # fisher-kl: positions per window in the quadratic form (0: all)
+    base_choice: tuple[int, ...] = ()  # fisher-kl: (bits, group) expansion point, every module there; (): fp
     resolution: int = 100_000  # budget units of the knapsack DP
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_SKIP
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits_choices", tuple(sorted(set(self.bits_choices))))
+        object.__setattr__(self, "group_choices", tuple(dict.fromkeys(int(g) for g in self.group_choices)))
+        object.__setattr__(self, "base_choice", tuple(int(x) for x in self.base_choice))
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         for b in self.bits_choices:
@@ -74,14 +82,26 @@ class MixedConfig(MethodConfig):
             raise ConfigError("mixed: bits_choices must not be empty")
         if not self.target_bpw > 0:
             raise ConfigError(f"mixed: target_bpw must be positive, got {self.target_bpw}")
-        if self.group_size != -1 and self.group_size <= 0:
-            raise ConfigError(f"mixed: group_size must be positive or -1, got {self.group_size}")
+        for g in (self.group_size, *self.group_choices):
+            if g != -1 and g <= 0:
+                raise ConfigError(f"mixed: group sizes must be positive or -1, got {g}")
         check_choice("mixed", "inner", self.inner, ("rtn", "gptq"))
-        check_choice("mixed", "sensitivity", self.sensitivity, ("kl", "fisher"))
+        check_choice("mixed", "sensitivity", self.sensitivity, ("kl", "fisher", "fisher-kl"))
         if self.calib_windows <= 0 or self.calib_seq_len <= 1:
             raise ConfigError("mixed: calib_windows must be >= 1 and calib_seq_len >= 2")
+        if self.base_choice:
+            if len(self.base_choice) != 2 or self.sensitivity != "fisher-kl":
+                raise ConfigError("mixed: base_choice is a (bits, group size) pair, for sensitivity fisher-kl")
+            check_choice("mixed", "base_choice bits", self.base_choice[0], VALID_BITS)
+        if self.positions < 0:
+            raise ConfigError(f"mixed: positions must be >= 0, got {self.positions}")
         if self.resolution < 100:
             raise ConfigError(f"mixed: resolution must be >= 100, got {self.resolution}")
+
+    @property
+    def choices(self) -> list[tuple[int, int]]:
+        """The knapsack's (bits, group size) choices per module: bits_choices x group sizes."""
+        return [(b, g) for b in self.bits_choices for g in (self.group_choices or (self.group_size,))]
 
 
 # --------------------------------------------------------------------------- knapsack
@@ -142,14 +162,33 @@ def module_bytes(lin: nn.Linear, bits: int, group_size: int) -> int:
 
 @register
 class Mixed(Method):
-    """Mixed precision by measured sensitivity + multiple-choice knapsack (HAWQ-style allocation)."""
+    """Mixed precision by measured sensitivity + multiple-choice knapsack (HAWQ-style allocation).
+
+    Config (``params`` of a suite cell):
+
+    - ``target_bpw`` (3.0): budget in bits per linear weight, counted as ``bits_per_weight`` counts;
+    - ``bits_choices`` ((2, 3, 4, 8)): widths a module may get;
+    - ``group_size`` (128): the group size when ``group_choices`` is empty;
+    - ``group_choices`` (()): group sizes the knapsack may pick per module as well (-1: per channel);
+      every (bits, group) pair is a choice, costed at its real bytes;
+    - ``inner`` ("rtn"): "rtn" (the rtn method's asymmetric min-max grid) or "gptq" (no act_order);
+    - ``sensitivity`` ("kl"): "kl" | "fisher" | "fisher-kl" (see the module docstring);
+    - ``base_choice`` (()): fisher-kl only, the (bits, group) expansion point;
+    - ``positions`` (0): fisher-kl only, positions per window in its quadratic forms (0: all);
+    - ``calib_windows`` (1), ``calib_seq_len`` (512): calibration tokens for the sensitivities;
+    - ``resolution`` (100000): budget units of the DP; ``include``/``exclude``: module patterns.
+
+    Artifacts: ``allocation`` (module -> bits), ``group_sizes`` (module -> group, -1 per channel),
+    ``bits_histogram``, ``group_histogram``, ``choice_histogram``, ``achieved_bpw``,
+    ``predicted_total_sensitivity``, ``uniform_sensitivity`` (per choice), timings.
+    """
 
     name = "mixed"
     config_cls = MixedConfig
     needs_calibration = True
 
     def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
-        from quantbench.harness.sensitivity import measure_sensitivities
+        from quantbench.harness.sensitivity import measure_choice_sensitivities
 
         c: MixedConfig = self.config  # type: ignore[assignment]
         if calib is None:
@@ -160,51 +199,75 @@ class Mixed(Method):
         names = [n for n, _ in linears]
         # 1. sensitivities on calibration tokens only
         windows = calib.tokens[: c.calib_windows, : c.calib_seq_len]
-        rows = [{"name": n, "layer": _layer_of(n), "projection": n.rsplit(".", 1)[-1], "kind": "linear"}
-                for n in names]
-        sens = measure_sensitivities(model, windows, c.bits_choices, c.group_size, rows, c.sensitivity)
+        rows = [{"name": n, "layer": _layer_of(n), "projection": n.rsplit(".", 1)[-1], "kind": "linear"} for n in names]
+        choices = c.choices
+        base = (c.base_choice[0], c.base_choice[1]) if c.base_choice else None
+        sens = measure_choice_sensitivities(
+            model, windows, choices, rows, c.sensitivity, positions=c.positions, base=base
+        )
         t_sens = time.perf_counter() - t0
-        # 2. costs, budget
+        # 2. costs (the bytes each IntQuantLinear really stores), budget
         n_weights = linear_weight_count(model)
         budget = c.target_bpw * n_weights / 8
-        fixed = sum(tensor_bytes(m.weight, m.bias) for n, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and "lm_head" not in n and n not in set(names))
-        costs = np.array([[module_bytes(lin, b, c.group_size) for b in c.bits_choices] for _, lin in linears],
-                         dtype=float)
-        values = np.array([[sens[b][n]["kl"] for b in c.bits_choices] for n in names])
+        fixed = sum(
+            tensor_bytes(m.weight, m.bias)
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and "lm_head" not in n and n not in set(names)
+        )
+        costs = np.array([[module_bytes(lin, b, g) for b, g in choices] for _, lin in linears], dtype=float)
+        values = np.array([[sens[g][b][n]["kl"] for b, g in choices] for n in names])
         lo = (fixed + costs.min(1).sum()) * 8 / n_weights
         if budget - fixed < costs.min(1).sum():
             raise ConfigError(f"mixed: target_bpw {c.target_bpw} is below the cheapest allocation ({lo:.3f} bpw)")
         # 3. knapsack
         picks, predicted = solve_mckp(costs, values, budget - fixed, resolution=c.resolution)
-        allocation = {n: c.bits_choices[j] for n, j in zip(names, picks)}
+        plan = {n: choices[j] for n, j in zip(names, picks)}
         # 4. quantize
         if c.inner == "rtn":
             for name, lin in tqdm(linears, desc="mixed", leave=False):
-                b = allocation[name]
-                codes, scales, zeros = rtn_quantize_weight(lin.weight.data, b, c.group_size, False)
-                set_module(model, name, IntQuantLinear.from_codes(
-                    codes, scales, zeros, b, c.group_size, bias=None if lin.bias is None else lin.bias.data.clone()))
+                b, g = plan[name]
+                codes, scales, zeros = rtn_quantize_weight(lin.weight.data, b, g, False)
+                set_module(
+                    model,
+                    name,
+                    IntQuantLinear.from_codes(
+                        codes, scales, zeros, b, g, bias=None if lin.bias is None else lin.bias.data.clone()
+                    ),
+                )
         else:
-            _gptq_mixed(model, calib, allocation, c.group_size)
+            _gptq_mixed(model, calib, plan)
         st = model_storage(model)["linear"]
         achieved = 8 * st.total / n_weights
+        allocation = {n: b for n, (b, _) in plan.items()}
         hist = {str(b): sum(1 for v in allocation.values() if v == b) for b in c.bits_choices}
+        groups = sorted({g for _, g in choices})
+        ghist = {str(g): sum(1 for _, gg in plan.values() if gg == g) for g in groups}
+        uniform = {
+            f"{b}" if len(groups) == 1 else f"{b}/g{g}": float(values[:, j].sum()) for j, (b, g) in enumerate(choices)
+        }
         self.artifacts.update(
             allocation=allocation,
+            group_sizes={n: g for n, (_, g) in plan.items()},
             bits_histogram=hist,
+            group_histogram=ghist,
+            choice_histogram={f"{b}/g{g}": sum(1 for v in plan.values() if v == (b, g)) for b, g in choices},
             target_bpw=c.target_bpw,
             achieved_bpw=achieved,
             predicted_total_sensitivity=predicted,
-            uniform_sensitivity={str(b): float(values[:, j].sum()) for j, b in enumerate(c.bits_choices)},
+            uniform_sensitivity=uniform,
             solver="exact DP over the budget discretised in units (costs rounded up)",
             sensitivity=c.sensitivity,
             calib_tokens=list(windows.shape),
             sensitivity_seconds=round(t_sens, 2),
             quantize_seconds=round(time.perf_counter() - t0, 2),
         )
-        log.info("mixed: %s bpw (target %s), bits histogram %s, predicted sensitivity %.4g",
-                 f"{achieved:.4f}", c.target_bpw, hist, predicted)
+        log.info(
+            "mixed: %s bpw (target %s), bits histogram %s, predicted sensitivity %.4g",
+            f"{achieved:.4f}",
+            c.target_bpw,
+            hist,
+            predicted,
+        )
         return model
 
 
@@ -217,8 +280,8 @@ def _layer_of(name: str) -> int | None:
 
 
 @torch.no_grad()
-def _gptq_mixed(model: nn.Module, calib: Calibration, allocation: dict[str, int], group_size: int) -> None:
-    """GPTQ (Frantar et al., 2022) wired as in methods/gptq.py, each linear at its own width.
+def _gptq_mixed(model: nn.Module, calib: Calibration, plan: dict[str, tuple[int, int]]) -> None:
+    """GPTQ (Frantar et al., 2022) wired as in methods/gptq.py, each linear at its own (bits, group size).
 
     act_order is off: its g_idx would add bytes the knapsack did not budget for.
     """
@@ -229,18 +292,30 @@ def _gptq_mixed(model: nn.Module, calib: Calibration, allocation: dict[str, int]
     inps, kws = capture_block_inputs(model, blocks[0], calib)
     for b, block in enumerate(tqdm(blocks, desc="mixed-gptq", leave=False)):
         bname = f"{prefix}.{b}"
-        names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and f"{bname}.{n}" in allocation]
+        names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and f"{bname}.{n}" in plan]
         results: dict[str, Any] = {}
         for group in sequential_groups(names, True):
             Hs = GPTQ._accumulate_hessians(block, group, inps, kws)
             for n in group:
                 lin: nn.Linear = block.get_submodule(n)
-                r = gptq_quantize(lin.weight.data, Hs[n], allocation[f"{bname}.{n}"], group_size, False, False)
+                bits, gs = plan[f"{bname}.{n}"]
+                r = gptq_quantize(lin.weight.data, Hs[n], bits, gs, False, False)
                 lin.weight.data.copy_(r.Q.to(lin.weight.dtype))
                 results[n] = r
         inps = [_block_output(block(x, **kw)) for x, kw in zip(inps, kws)]
         for n, r in results.items():
             lin = block.get_submodule(n)
-            set_module(block, n, IntQuantLinear.from_codes(
-                r.codes, r.scales, r.zeros, allocation[f"{bname}.{n}"], group_size, g_idx=r.g_idx,
-                bias=None if lin.bias is None else lin.bias.data.clone()))
+            bits, gs = plan[f"{bname}.{n}"]
+            set_module(
+                block,
+                n,
+                IntQuantLinear.from_codes(
+                    r.codes,
+                    r.scales,
+                    r.zeros,
+                    bits,
+                    gs,
+                    g_idx=r.g_idx,
+                    bias=None if lin.bias is None else lin.bias.data.clone(),
+                ),
+            )

@@ -92,8 +92,15 @@ def test_more_bits_less_predicted_sensitivity_and_beats_uniform(tiny, calib):
         preds.append(m.artifacts["predicted_total_sensitivity"])
     assert preds[0] > preds[1] > preds[2]
     # at the bpw uniform 3-bit costs, the allocation is at least as good as uniform 3-bit (a feasible point)
-    uni3 = sum(module_bytes(lin, 3, 128) for n, lin in tiny.named_modules()
-               if isinstance(lin, torch.nn.Linear) and "lm_head" not in n) * 8 / linear_weight_count(tiny)
+    uni3 = (
+        sum(
+            module_bytes(lin, 3, 128)
+            for n, lin in tiny.named_modules()
+            if isinstance(lin, torch.nn.Linear) and "lm_head" not in n
+        )
+        * 8
+        / linear_weight_count(tiny)
+    )
     m = build_method("mixed", {"target_bpw": uni3})
     m.quantize(copy.deepcopy(tiny), calib)
     assert m.artifacts["predicted_total_sensitivity"] <= m.artifacts["uniform_sensitivity"]["3"] + 1e-12
@@ -121,3 +128,114 @@ def test_config_errors(tiny, calib):
         build_method("mixed", {"inner": "awq"})
     with pytest.raises(ConfigError, match="cheapest"):
         build_method("mixed", {"target_bpw": 1.0}).quantize(copy.deepcopy(tiny), calib)
+
+
+# --------------------------------------------------------------------------- (bits, group size) choices
+
+
+def test_module_bytes_equal_real_quantized_bytes_for_every_group():
+    from quantbench.methods.qlinear import IntQuantLinear
+    from quantbench.methods.rtn import rtn_quantize_weight
+
+    lin = torch.nn.Linear(576, 192, bias=False)  # 576: 128 and 256 do not divide it (a shorter last group)
+    for b in (2, 3, 4, 8):
+        for g in (64, 128, 256, -1):
+            codes, scales, zeros = rtn_quantize_weight(lin.weight.data, b, g, False)
+            real = IntQuantLinear.from_codes(codes, scales, zeros, b, g).storage().total
+            assert module_bytes(lin, b, g) == real
+    # coarser groups are cheaper, the per-channel 3-bit module costs barely more than 3 bits/weight
+    assert module_bytes(lin, 3, 64) > module_bytes(lin, 3, 128) > module_bytes(lin, 3, 256) > module_bytes(lin, 3, -1)
+    assert 8 * module_bytes(lin, 3, -1) / lin.weight.numel() < 3.05
+
+
+def test_exact_tiny_case_with_group_choices():
+    # 2 items x (bits, group) choices; the optimum needs a coarse group on one item and a fine one on the other
+    costs = np.array([[10.0, 8.0, 6.0], [10.0, 8.0, 6.0]])
+    values = np.array([[0.0, 1.0, 9.0], [0.0, 5.0, 6.0]])
+    picks, total = solve_mckp(costs, values, 16.0, unit=1)
+    assert picks == [1, 1] and total == pytest.approx(6.0)
+    picks, total = solve_mckp(costs, values, 14.0, unit=1)
+    assert picks == [1, 2] and total == pytest.approx(7.0)
+
+
+@pytest.mark.parametrize("metric", ["fisher", "fisher-kl"])
+def test_group_choices_respect_budget_and_are_recorded(tiny, calib, metric):
+    params = {"target_bpw": 3.0, "group_choices": [64, 128, 256, -1], "sensitivity": metric}
+    m = build_method("mixed", params)
+    q = m.quantize(copy.deepcopy(tiny), calib)
+    bpw = _bpw(q)
+    assert bpw <= 3.0
+    assert bpw == pytest.approx(m.artifacts["achieved_bpw"])
+    groups = m.artifacts["group_sizes"]
+    assert len(groups) == 14 and set(groups.values()) <= {64, 128, 256, -1}
+    for name, g in groups.items():
+        mod = q.get_submodule(name)
+        assert mod.bits == m.artifacts["allocation"][name]
+        assert mod.group_size == (mod.in_features if g == -1 else g)
+    assert sum(m.artifacts["group_histogram"].values()) == 14
+    assert sum(m.artifacts["choice_histogram"].values()) == 14
+    assert torch.isfinite(q(torch.randint(0, 256, (1, 16))).logits).all()
+
+
+def test_group_choices_no_worse_predicted_than_single_group(tiny, calib):
+    preds = {}
+    for groups in ([128], [64, 128, 256, -1]):
+        m = build_method("mixed", {"target_bpw": 3.0, "group_choices": groups, "sensitivity": "fisher-kl"})
+        m.quantize(copy.deepcopy(tiny), calib)
+        preds[len(groups)] = m.artifacts["predicted_total_sensitivity"]
+    assert preds[4] <= preds[1] + 1e-12  # a superset of choices cannot do worse on the model it optimises
+
+
+def test_fisher_kl_tracks_measured_kl(tiny, calib):
+    from quantbench.harness.sensitivity import measure_choice_sensitivities
+
+    model = copy.deepcopy(tiny)
+    rows = [
+        {"name": n, "layer": int(n.split(".")[2]), "projection": n.rsplit(".", 1)[-1], "kind": "linear"}
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    ]
+    choices = [(2, 64), (3, 128), (4, -1)]
+    est = measure_choice_sensitivities(model, calib.tokens, choices, rows, "fisher-kl")
+    kl = measure_choice_sensitivities(model, calib.tokens, choices, rows, "kl")
+    e = np.array([est[g][b][r["name"]]["kl"] for b, g in choices for r in rows])
+    k = np.array([kl[g][b][r["name"]]["kl"] for b, g in choices for r in rows])
+    assert (e > 0).all()
+    # same scale (a second-order estimate of the same KL) and strongly rank-correlated
+    assert 0.2 < e.sum() / k.sum() < 5
+    rank = np.corrcoef(np.argsort(np.argsort(e)), np.argsort(np.argsort(k)))[0, 1]
+    assert rank > 0.8
+    # the model is left as it was (no grads, weights untouched)
+    for (_, p), (_, p0) in zip(model.named_parameters(), tiny.named_parameters()):
+        assert torch.equal(p, p0) and p.grad is None and p.requires_grad == p0.requires_grad
+
+
+def test_fisher_kl_at_a_base_choice(tiny, calib):
+    from quantbench.harness.sensitivity import measure_choice_sensitivities
+
+    model = copy.deepcopy(tiny)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    rows = [{"name": n, "layer": int(n.split(".")[2]), "projection": "", "kind": "linear"} for n in names]
+    choices = [(2, 64), (3, 128), (4, 128)]
+    est = measure_choice_sensitivities(model, calib.tokens, choices, rows, "fisher-kl", base=(3, 128), positions=16)
+    tot = {c: sum(est[c[1]][c[0]][n]["kl"] for n in names) for c in choices}
+    assert all(est[g][b][n]["kl"] >= 0 for b, g in choices for n in names)
+    assert tot[2, 64] > tot[3, 128] > tot[4, 128] > 0
+    iso = measure_choice_sensitivities(model, calib.tokens, choices, rows, "fisher-kl", positions=16)
+    assert sum(iso[128][3][n]["kl"] for n in names) != pytest.approx(tot[3, 128])  # a different cache entry
+    for (_, p), (_, p0) in zip(model.named_parameters(), tiny.named_parameters()):
+        assert torch.equal(p, p0) and p.grad is None
+    m = build_method(
+        "mixed",
+        {
+            "target_bpw": 3.0,
+            "group_choices": [64, 128, -1],
+            "sensitivity": "fisher-kl",
+            "base_choice": [3, 128],
+            "positions": 16,
+        },
+    )
+    q = m.quantize(copy.deepcopy(tiny), calib)
+    assert _bpw(q) <= 3.0
+    with pytest.raises(ConfigError, match="base_choice"):
+        build_method("mixed", {"base_choice": [3, 128]})  # needs fisher-kl
