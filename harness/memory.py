@@ -146,7 +146,30 @@ def kv_bytes_per_token(ctx: CellContext) -> list[MetricResult]:
 
     n = int(_latency_params(ctx).get("context", 256))
     r = measure_kv_bytes_per_token(ctx.model, n, kv_module_of(ctx), ctx.seed)
-    return [MetricResult(float(r["bytes_per_token"]), {k: v for k, v in r.items() if k != "bytes_per_token"})]
+    proto = {k: v for k, v in r.items() if k != "bytes_per_token"}
+    calc = calculator_bytes_per_token(ctx, n)
+    if calc is not None:
+        proto["calc_bytes_per_token"] = calc  # the calculator at the same context, static state excluded
+    return [MetricResult(float(r["bytes_per_token"]), proto)]
+
+
+def calculator_bytes_per_token(ctx: CellContext, n: int) -> float | None:
+    """kvcalc's bytes/token for the cell's KV method (or the fp16 cache) at ``n`` tokens, excluding the
+    calibrated per-layer state, as the measurement counts; None when the model shape is unknown."""
+    from quantbench.harness.kvcalc import kv_cache_bytes
+
+    cfg = getattr(ctx.model, "config", None)
+    if cfg is None or not hasattr(cfg, "num_hidden_layers"):
+        return None
+    kv = next((m for m in ctx.methods if _is_kv_method(m)), None)
+    method, params = ("kv-fp16", {}) if kv is None else (kv.name, kv.config.to_dict())
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    b = kv_cache_bytes(method, params, n_layers=cfg.num_hidden_layers, n_kv_heads=heads, head_dim=hd, tokens=n)
+    per_token = (b["total"] - b["static"]) / n
+    if kv is None:  # transformers' DynamicCache holds K/V in the model's dtype
+        per_token *= next(ctx.model.parameters()).element_size() / 2
+    return per_token
 
 
 def _latency_params(ctx: CellContext) -> dict[str, Any]:

@@ -236,6 +236,9 @@ def method_details(run_dirs: Iterable[str | Path], records: list[dict[str, Any]]
     mixed-precision bit allocations, KV protocol and calculator bytes; each beside its bits/weight."""
     bpw = {(r["cell"], (r.get("model") or {}).get("name")): r["value"] for r in (records or [])
            if r.get("metric") == "bits_per_weight" and r.get("status") == "ok"}
+    kvb = {r["cell"]: (r["value"], r["protocol"]["calc_bytes_per_token"], r["protocol"].get("prefill_tokens"))
+           for r in (records or []) if r.get("metric") == "kv_bytes_per_token" and r.get("status") == "ok"
+           and isinstance(r.get("protocol"), dict) and "calc_bytes_per_token" in r["protocol"]}
     lines: list[str] = []
     for d in run_dirs:
         for path in sorted(Path(d).glob("cells/*/*/artifacts.json")):
@@ -256,6 +259,10 @@ def method_details(run_dirs: Iterable[str | Path], records: list[dict[str, Any]]
                                  + (f", groups {_hist(gh)}" if gh else "")
                                  + f"; target {a.get('target_bpw')} bpw, achieved {a.get('achieved_bpw', 0):.4f}"
                                  + f" (sensitivity: {a.get('sensitivity')})")
+                elif "calc_bytes_per_token" in a and cell in kvb:
+                    meas, calc, n = kvb[cell]
+                    lines.append(f"- {tag}: {name} KV protocol {a.get('protocol')}; real cache {meas:.1f} B/token "
+                                 f"after {n} tokens, calculator {calc:.1f} at the same length")
                 elif "calc_bytes_per_token" in a:
                     lines.append(f"- {tag}: {name} KV protocol {a.get('protocol')}, calculator "
                                  f"{a['calc_bytes_per_token']:.1f} B/token (fp16 scales, outliers, fp windows)")

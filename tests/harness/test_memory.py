@@ -54,3 +54,16 @@ def test_peak_metric_phases():
     (r,) = memory.peak_memory_bytes(ctx)
     assert r.value == float(1 << 40) and r.protocol["phases"]["quantize"] == 1 << 40
     assert 0 < r.protocol["phases"]["eval"] < 1 << 40
+
+
+@pytest.mark.parametrize("method,params", [("fp", {}), ("kv-fp16", {}), ("kivi", {"bits": 2, "group_size": 8,
+                                                                                   "residual_length": 8})])
+def test_kv_bytes_metric_records_the_calculator_beside_the_measurement(method, params):
+    from tests.harness.test_latency import make_ctx
+
+    ctx = make_ctx(method, params, latency_p={"context": 48, "prompt_len": 8, "decode_tokens": 2, "batch": 1,
+                                              "repeats": 1, "warmup": 0})
+    (r,) = memory.kv_bytes_per_token(ctx)
+    # deterministic layouts: the real cache's bytes equal the calculator's exactly
+    assert r.protocol["prefill_tokens"] == 48
+    assert r.value == pytest.approx(r.protocol["calc_bytes_per_token"])
