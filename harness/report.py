@@ -234,7 +234,7 @@ def _hist(h: dict[str, Any]) -> str:
 def method_details(run_dirs: Iterable[str | Path], records: list[dict[str, Any]] | None = None) -> str:
     """Per-cell method choices from the cells' artifacts.json: llama.cpp per-tensor type histograms,
     mixed-precision bit allocations, KV protocol and calculator bytes; each beside its bits/weight."""
-    bpw = {(r["cell"], (r.get("model") or {}).get("name")): r["value"] for r in (records or [])
+    bpw = {r["cell"]: r["value"] for r in (records or [])
            if r.get("metric") == "bits_per_weight" and r.get("status") == "ok"}
     kvb = {r["cell"]: (r["value"], r["protocol"]["calc_bytes_per_token"], r["protocol"].get("prefill_tokens"))
            for r in (records or []) if r.get("metric") == "kv_bytes_per_token" and r.get("status") == "ok"
@@ -247,7 +247,7 @@ def method_details(run_dirs: Iterable[str | Path], records: list[dict[str, Any]]
             except (OSError, json.JSONDecodeError):
                 continue
             cell, model = path.parent.name, path.parent.parent.name
-            b = next((v for (c, _m), v in bpw.items() if c == cell), None)
+            b = bpw.get(cell)
             tag = f"`{cell}` ({model}{'' if b is None else f', {b:.3f} bits/w'})"
             for name, a in arts.items():
                 if "type_histogram" in a:
