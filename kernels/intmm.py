@@ -13,6 +13,13 @@
   the same scale), so e.g. group 128 on 576-wide rows runs with ``G = 64``.  Act-order
   checkpoints whose ``g_idx`` sorts into contiguous groups run with the input columns permuted
   once per call.  The converted weight is built lazily and cached on the module.
+- ``int8pack_linear`` is the CPU fast path for 8-bit weights with one group per row (per-channel
+  scales and zeros, e.g. ``rtn-w8``): torch's ``_weight_int8pack_mm`` (symmetric int8 weights,
+  one scale per output channel, bf16 activations).  Our asymmetric grid
+  ``w = s (q - zero)`` with ``q`` in [0, 255] is split as ``s (q - 128) + s (128 - zero)``: the op
+  runs on the int8 codes ``q - 128`` and the per-channel constant ``s (128 - zero)`` multiplies
+  the activations' row sums.  The runtime copy is one byte per weight (as stored).  Grouped
+  8-bit weights have no such op and take the reference path.
 - On CUDA, :mod:`quantbench.kernels.triton_w4a16` runs the Triton kernel.
 
 The fast path computes in bf16 (activations and scales rounded to bf16; accumulation in fp32):
@@ -133,6 +140,54 @@ def int4pack_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
     return y.reshape(*shape[:-1], layer.out_features)
 
 
+@dataclass
+class Int8Pack:
+    """The module's 8-bit weight converted for ``_weight_int8pack_mm`` (cached on the module)."""
+
+    codes: torch.Tensor  # int8 [out, in]: q - 128
+    scales: torch.Tensor  # bf16 [out]
+    offset: torch.Tensor  # fp32 [out]: s (128 - zero), times the activations' row sum
+
+
+def int8pack_supported(layer: IntQuantLinear) -> bool:
+    """8 bits and one group per row (per-channel scale and zero)."""
+    return layer.bits == 8 and layer.group_size >= layer.in_features
+
+
+def convert_int8pack(layer: IntQuantLinear) -> Int8Pack:
+    if not int8pack_supported(layer):
+        raise ValueError(f"layer {layer.extra_repr()} is not supported by the int8pack CPU op")
+    codes = (layer.codes() - 128).to(torch.int8).t().contiguous()  # [out, in]
+    s = layer.scales.float()[0]
+    off = s * (128 - layer.zeros().float()[0])
+    return Int8Pack(codes, s.to(torch.bfloat16), off)
+
+
+def int8pack_cache(layer: IntQuantLinear) -> Int8Pack | None:
+    """The module's converted 8-bit weight, built on first use (None, also cached, when unsupported)."""
+    versions = _versions(layer)
+    cached = getattr(layer, "_int8pack", None)
+    if cached is None or cached[0] != versions:
+        cached = (versions, convert_int8pack(layer) if int8pack_supported(layer) else None)
+        layer._int8pack = cached
+    return cached[1]
+
+
+def int8pack_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
+    """CPU fast path for per-channel 8-bit weights: ``_weight_int8pack_mm`` plus the zero-point term."""
+    cache = int8pack_cache(layer)
+    if cache is None:
+        raise ValueError(f"layer {layer.extra_repr()} is not supported by the int8pack CPU op")
+    shape = x.shape
+    xb = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+    y = torch._weight_int8pack_mm(xb, cache.codes, cache.scales).float()
+    y = y + xb.float().sum(-1, keepdim=True) * cache.offset
+    y = y.to(x.dtype)
+    if layer.bias is not None:
+        y = y + layer.bias.to(x.dtype)
+    return y.reshape(*shape[:-1], layer.out_features)
+
+
 def int_weight_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
     """Packed-path forward for :class:`IntQuantLinear`."""
     if x.is_cuda and layer.bits in (2, 4, 8):
@@ -142,4 +197,6 @@ def int_weight_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
     if (CPU_FAST_PATH and x.device.type == "cpu" and layer.bits in INT4PACK_BITS
             and int4pack_cache(layer) is not None):
         return int4pack_linear(x, layer)
+    if CPU_FAST_PATH and x.device.type == "cpu" and layer.bits == 8 and int8pack_cache(layer) is not None:
+        return int8pack_linear(x, layer)
     return reference_linear(x, layer)

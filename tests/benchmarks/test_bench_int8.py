@@ -50,3 +50,29 @@ def test_bench_int8_prefill(benchmark, kind, case):
         assert sqnr > (100 if kind == "fp32" else 30), sqnr
     if benchmark.stats:  # timed run: prefill tokens/s
         benchmark.extra_info["prefill_tokens_per_s"] = M / benchmark.stats["median"]
+
+
+@pytest.mark.parametrize("m", [1, 512], ids=["gemv", "gemm512"])
+@pytest.mark.parametrize("kind", ["fp32", "w8-reference", "w8-int8pack"])
+def test_bench_w8_weight_only(benchmark, kind, m):
+    """Weight-only 8-bit per-channel (rtn-w8) at the down_proj shape: the unpack-every-call
+    reference path vs the ``_weight_int8pack_mm`` fast path vs fp32."""
+    from quantbench.kernels import intmm
+    from quantbench.methods.qlinear import IntQuantLinear
+    from quantbench.methods.rtn import rtn_quantize_weight
+
+    in_f, out_f = LAYER["down_proj"]
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0)) * 0.02
+    codes, s, z = rtn_quantize_weight(w, 8, -1, False)
+    layer = IntQuantLinear.from_codes(codes, s, z, 8, -1)
+    wd = layer.dequantized_weight()
+    x = torch.randn(m, in_f)
+    fn = {"fp32": lambda: x @ wd.T, "w8-reference": lambda: intmm.reference_linear(x, layer),
+          "w8-int8pack": lambda: intmm.int8pack_linear(x, layer)}[kind]
+    fn()  # builds the cached int8 weight outside the timing
+    benchmark.extra_info.update(kind=kind, m=m, shape=f"{in_f}x{out_f}")
+    with torch.no_grad():
+        out = benchmark(fn)
+    ref = x @ wd.T
+    sqnr = 10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean())
+    assert sqnr > (100 if kind != "w8-int8pack" else 40), sqnr

@@ -74,3 +74,30 @@ def test_scattered_groups_use_reference():
     assert intmm.int4pack_cache(layer) is None
     x = torch.randn(2, 128)
     assert torch.equal(layer(x), intmm.reference_linear(x, layer))
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("m", [1, 17])
+def test_int8pack_fast_path_matches_reference(sym, act_order, m):
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(96, 576, generator=g) + 0.3  # an offset so asymmetric zeros sit away from 128
+    X = torch.randn(576, 512, generator=g) * torch.rand(576, 1, generator=g).mul(3)
+    r = gptq_quantize(W, 2 * X @ X.T / 512, 8, -1, act_order=act_order, sym=sym)
+    layer = IntQuantLinear.from_codes(r.codes, r.scales, r.zeros, 8, -1, g_idx=r.g_idx, bias=torch.randn(96))
+    assert sym or (layer.zeros() != 128).any()
+    x = torch.randn(2, m, 576)
+    ref = intmm.reference_linear(x, layer)
+    fast = intmm.int8pack_linear(x, layer)
+    assert fast.shape == ref.shape and fast.dtype == x.dtype
+    assert sqnr_db(ref, fast) > 45  # bf16 activations and scales
+    assert torch.equal(layer(x), fast)  # the module's packed forward takes the fast path
+    # the runtime copy is one byte per weight, as stored
+    assert intmm.int8pack_cache(layer).codes.dtype == torch.int8
+
+
+def test_grouped_int8_uses_reference():
+    layer, _ = make_layer(128, 64, 8, 32, False)
+    assert intmm.int8pack_cache(layer) is None
+    x = torch.randn(3, 128)
+    assert torch.equal(layer(x), intmm.reference_linear(x, layer))
