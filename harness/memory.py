@@ -100,6 +100,14 @@ def dynamic_cache_bytes(cache: Any) -> int:
     return total
 
 
+def cache_name(cache: Any) -> str:
+    """The cache class, with its layer class when that is not transformers' plain one
+    (the quantized caches are ``DynamicCache`` objects whose layers store packed K/V)."""
+    layers = getattr(cache, "layers", None) or []
+    kinds = sorted({type(layer).__name__ for layer in layers} - {"DynamicLayer"})
+    return f"{type(cache).__name__}[{','.join(kinds)}]" if kinds else type(cache).__name__
+
+
 @torch.no_grad()
 def measure_kv_bytes_per_token(model: torch.nn.Module, n: int = 256, kv_module: Any = None,
                                seed: int = 0) -> dict[str, Any]:
@@ -115,7 +123,7 @@ def measure_kv_bytes_per_token(model: torch.nn.Module, n: int = 256, kv_module: 
         parts = dict(cache.kv_bytes())
         static = parts.get("static", 0)
         return {"bytes_per_token": (parts["total"] - static) / n, "static_bytes": static,
-                "components": parts, "cache": type(cache).__name__, "prefill_tokens": n}
+                "components": parts, "cache": cache_name(cache), "prefill_tokens": n}
     cache = DynamicCache()
     model(ids, past_key_values=cache, use_cache=True)
     total = dynamic_cache_bytes(cache)

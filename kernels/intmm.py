@@ -29,8 +29,9 @@ Set ``CPU_FAST_PATH = False`` to force the reference.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -112,14 +113,19 @@ def convert_int4pack(layer: IntQuantLinear) -> Int4Pack:
     return Int4Pack(packed, sz, G, perm)
 
 
+def _cached(layer: IntQuantLinear, attr: str, supported: Callable, convert: Callable) -> Any:
+    """``convert(layer)`` cached on the module as ``attr`` until a buffer changes (None when unsupported)."""
+    versions = _versions(layer)
+    cached = getattr(layer, attr, None)
+    if cached is None or cached[0] != versions:
+        cached = (versions, convert(layer) if supported(layer) else None)
+        setattr(layer, attr, cached)
+    return cached[1]
+
+
 def int4pack_cache(layer: IntQuantLinear) -> Int4Pack | None:
     """The module's converted weight, built on first use (None, also cached, when unsupported)."""
-    versions = _versions(layer)
-    cached = getattr(layer, "_int4pack", None)
-    if cached is None or cached[0] != versions:
-        cached = (versions, convert_int4pack(layer) if int4pack_supported(layer) else None)
-        layer._int4pack = cached
-    return cached[1]
+    return _cached(layer, "_int4pack", int4pack_supported, convert_int4pack)
 
 
 def int4pack_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
@@ -165,12 +171,7 @@ def convert_int8pack(layer: IntQuantLinear) -> Int8Pack:
 
 def int8pack_cache(layer: IntQuantLinear) -> Int8Pack | None:
     """The module's converted 8-bit weight, built on first use (None, also cached, when unsupported)."""
-    versions = _versions(layer)
-    cached = getattr(layer, "_int8pack", None)
-    if cached is None or cached[0] != versions:
-        cached = (versions, convert_int8pack(layer) if int8pack_supported(layer) else None)
-        layer._int8pack = cached
-    return cached[1]
+    return _cached(layer, "_int8pack", int8pack_supported, convert_int8pack)
 
 
 def int8pack_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:

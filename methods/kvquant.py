@@ -29,6 +29,7 @@ reports ``kv_bytes()`` from those buffers.  :func:`make_cache` builds the real q
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -99,14 +100,15 @@ class KIVIConfig(MethodConfig):
 @dataclass(frozen=True)
 class KVQuantConfig(MethodConfig):
     # 2: keys' lower/upper per-channel thresholds are the range; values per token over all heads
-    version: ClassVar[int] = 2
+    # 3: max_calib_samples defaults to the paper's 16 (was 4)
+    version: ClassVar[int] = 3
     bits: int = 4
     outlier_frac: float = 0.01
     sink: int = 1
     fisher: bool = True
     qnorm: bool | None = None  # None: on for 2 bits (as in the paper)
     kmeans_iters: int = 50
-    max_calib_samples: int = 4
+    max_calib_samples: int = 16  # the paper's nsamples
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4):
@@ -276,7 +278,7 @@ class KVQuant(_KVMethod):
         c: KVQuantConfig = self.config  # type: ignore[assignment]
         if calib is None:
             raise ConfigError("kvquant needs calibration data")
-        keys, vals, kgrad, vgrad = record_kv(model, calib, c.fisher, c.max_calib_samples, c.sink)
+        (keys, vals, kgrad, vgrad), reused = cached_record_kv(model, calib, c.fisher, c.max_calib_samples, c.sink)
         qn = c.bits == 2 if c.qnorm is None else c.qnorm
         specs, summary = [], []
         for i in range(len(keys)):
@@ -295,10 +297,51 @@ class KVQuant(_KVMethod):
         self.artifacts["fisher"] = c.fisher
         self.artifacts["qnorm"] = qn
         self.artifacts["calib_tokens"] = int(keys[0].shape[0])
+        self.artifacts["calib_recording_reused"] = reused
         return specs
 
 
 # --------------------------------------------------------------------------- KVQuant calibration
+
+
+#: the last calibration recording, keyed by the exact model and calibration tokens: the K/V
+#: activations and Fisher grads do not depend on bits or outliers, so the kvquant-4/3/2 cells of
+#: one run (each on a fresh copy of the same model) record once.  One entry (~3 GB for
+#: smollm2-135m at 16 x 2048 tokens with grads); ``clear_record_cache()`` frees it.
+_RECORD_CACHE: dict[str, tuple[list[torch.Tensor], ...]] = {}
+
+
+def clear_record_cache() -> None:
+    _RECORD_CACHE.clear()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """blake2b over every parameter and buffer's name, shape, dtype and bytes (exact, ~1 s per GB)."""
+    h = hashlib.blake2b(digest_size=16)
+    seen: set[int] = set()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        v = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(v.shape)}:{v.dtype};".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().data if v.numel() else b"")
+    return h.hexdigest()
+
+
+def cached_record_kv(
+    model: nn.Module, calib: Calibration, fisher: bool, max_samples: int, sink: int
+) -> tuple[tuple[list[torch.Tensor], ...], bool]:
+    """:func:`record_kv` and whether it was reused: the last recording, when model, tokens and settings match."""
+    toks = calib.tokens[:max_samples].contiguous()
+    key = "|".join([model_fingerprint(model), hashlib.blake2b(toks.numpy().tobytes(), digest_size=16).hexdigest(),
+                    str(fisher), str(sink)])
+    if key not in _RECORD_CACHE:
+        _RECORD_CACHE.clear()
+        _RECORD_CACHE[key] = record_kv(model, calib, fisher, max_samples, sink)
+        return _RECORD_CACHE[key], False
+    log.info("kvquant: calibration K/V%s reused from the previous cell", " and Fisher grads" if fisher else "")
+    return _RECORD_CACHE[key], True
 
 
 def record_kv(

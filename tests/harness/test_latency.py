@@ -95,6 +95,7 @@ def test_kv_bytes_per_token_kv_method():
     (r,) = METRICS["kv_bytes_per_token"].compute(ctx)
     # 4-bit codes are 1/8 of fp32 (512 B of 2048) plus per-token scales: well under a quarter of fp32
     assert 256 <= r.value < 2048 / 3, r.protocol
+    assert r.protocol["cache"] == "DynamicCache[QuantizedKVLayer]"  # the real quantized cache, named
     assert memory.kv_module_of(ctx) is not None
 
 

@@ -119,3 +119,35 @@ def test_opt_and_chain_with_gptq():
     wk = build_method("kvquant", {"bits": 4}).quantize(w, _calib())
     assert type(wk.model.layers[0].self_attn.k_proj.inner).__name__ == "IntQuantLinear"
     assert 0 < _kl(wk, w_logits, ids) < 0.05
+
+
+def test_calibration_recording_is_reused_only_for_the_same_model_and_tokens(llama):
+    kq.clear_record_cache()
+    first = build_method("kvquant", {"bits": 4})
+    m4 = first.quantize(copy.deepcopy(llama), _calib())
+    assert first.artifacts["calib_recording_reused"] is False
+    # another bit width on a fresh copy of the same model: the K/V and Fisher grads are reused
+    second = build_method("kvquant", {"bits": 2})
+    m2 = second.quantize(copy.deepcopy(llama), _calib())
+    assert second.artifacts["calib_recording_reused"] is True
+    # and give the same specs as a recording from scratch
+    kq.clear_record_cache()
+    fresh = build_method("kvquant", {"bits": 2})
+    m2b = fresh.quantize(copy.deepcopy(llama), _calib())
+    assert fresh.artifacts["calib_recording_reused"] is False
+    for (ka, va), (kb, vb) in zip(kq.model_specs(m2), kq.model_specs(m2b), strict=True):
+        assert torch.equal(ka.centroids, kb.centroids) and torch.equal(va.centroids, vb.centroids)
+        assert torch.equal(ka.lo, kb.lo) and torch.equal(ka.hi, kb.hi)
+    # a changed weight, other tokens or Fisher off: recorded again
+    other = copy.deepcopy(llama)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-3
+    other_tokens = Calibration(_ids(2, 96, seed=6), "random", 6)
+    for model, calib, prm in [(other, _calib(), {}), (copy.deepcopy(llama), other_tokens, {}),
+                              (copy.deepcopy(llama), _calib(), {"fisher": False})]:
+        build_method("kvquant", {"bits": 4}).quantize(copy.deepcopy(llama), _calib())  # cache: llama, seed 5
+        meth = build_method("kvquant", {"bits": 4, **prm})
+        meth.quantize(model, calib)
+        assert meth.artifacts["calib_recording_reused"] is False
+    assert len(m4.model.layers) == len(llama.model.layers)
+    kq.clear_record_cache()
