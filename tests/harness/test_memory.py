@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import sys
 
 import pytest
@@ -22,10 +23,15 @@ def test_vmhwm_parse_and_reset_with_fake_proc(tmp_path):
 def test_real_peak_tracks_an_allocation_and_resets():
     memory.reset_peak()
     base = memory.peak()["rss_hwm_bytes"]
-    x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB touched
+    # 64 MiB of fresh anonymous pages, each touched: an allocator could serve a tensor from memory
+    # it already holds resident (then RSS would not grow); a new mapping always adds to RSS
+    size = 64 << 20
+    buf = mmap.mmap(-1, size)
+    for off in range(0, size, mmap.PAGESIZE):
+        buf[off] = 1
     after = memory.peak()["rss_hwm_bytes"]
     assert after - base >= 60 << 20
-    del x
+    buf.close()
     if memory.reset_peak():
         # after a reset the peak is back near the current RSS, below the 64 MiB high-water mark
         assert memory.peak()["rss_hwm_bytes"] < after - (32 << 20)
