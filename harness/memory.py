@@ -171,10 +171,9 @@ def calculator_bytes_per_token(ctx: CellContext, n: int) -> float | None:
         return None
     kv = next((m for m in ctx.methods if _is_kv_method(m)), None)
     method, params = ("kv-fp16", {}) if kv is None else (kv.name, kv.config.to_dict())
-    from quantbench.methods.kvquant import head_dim_of
+    from quantbench.methods.kvquant import head_dim_of, kv_heads_of
 
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    b = kv_cache_bytes(method, params, n_layers=cfg.num_hidden_layers, n_kv_heads=heads,
+    b = kv_cache_bytes(method, params, n_layers=cfg.num_hidden_layers, n_kv_heads=kv_heads_of(ctx.model),
                        head_dim=head_dim_of(ctx.model), tokens=n)
     per_token = (b["total"] - b["static"]) / n
     if kv is None:  # transformers' DynamicCache holds K/V in the model's dtype

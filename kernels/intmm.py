@@ -133,17 +133,21 @@ def int4pack_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
     cache = int4pack_cache(layer)
     if cache is None:
         raise ValueError(f"layer {layer.extra_repr()} is not supported by the int4pack CPU op")
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
     if cache.perm is not None:
         x2 = x2.index_select(1, cache.perm)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(
         x2.to(torch.bfloat16).contiguous(), cache.packed, cache.group, cache.scales_and_zeros
     )
+    return _epilogue(y, x, layer)
+
+
+def _epilogue(y: torch.Tensor, x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
+    """The fast paths' output [M, out] back in ``x``'s dtype and leading shape, plus the bias."""
     y = y.to(x.dtype)
     if layer.bias is not None:
         y = y + layer.bias.to(x.dtype)
-    return y.reshape(*shape[:-1], layer.out_features)
+    return y.reshape(*x.shape[:-1], layer.out_features)
 
 
 @dataclass
@@ -179,14 +183,10 @@ def int8pack_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
     cache = int8pack_cache(layer)
     if cache is None:
         raise ValueError(f"layer {layer.extra_repr()} is not supported by the int8pack CPU op")
-    shape = x.shape
-    xb = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+    xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
     y = torch._weight_int8pack_mm(xb, cache.codes, cache.scales).float()
     y = y + xb.float().sum(-1, keepdim=True) * cache.offset
-    y = y.to(x.dtype)
-    if layer.bias is not None:
-        y = y + layer.bias.to(x.dtype)
-    return y.reshape(*shape[:-1], layer.out_features)
+    return _epilogue(y, x, layer)
 
 
 def int_weight_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:

@@ -165,6 +165,11 @@ def head_dim_of(model: nn.Module) -> int:
     return int(hd) if hd else cfg.hidden_size // cfg.num_attention_heads
 
 
+def kv_heads_of(model: nn.Module) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+
+
 def kv_wrappers(model: nn.Module) -> list[tuple[KVProj, KVProj]]:
     return [(a.k_proj, a.v_proj) for a in attention_modules(model) if isinstance(a.k_proj, KVProj)]
 
@@ -205,14 +210,13 @@ class _KVMethod(Method):
         set_mode(model, "qdq")
         from quantbench.harness.kvcalc import kv_bytes_per_token_for
 
-        cfg = model.config
         self.artifacts["protocol"] = PROTOCOL_EVAL
         self.artifacts["kv_layers"] = len(specs)
         self.artifacts["calc_bytes_per_token"] = kv_bytes_per_token_for(
             self.name,
             self.config.to_dict(),
             n_layers=len(specs),
-            n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            n_kv_heads=kv_heads_of(model),
             head_dim=head_dim_of(model),
         )
         self.artifacts["seconds"] = round(time.perf_counter() - t0, 3)
