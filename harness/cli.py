@@ -8,11 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-from quantbench.methods.base import ConfigError
+from ..methods.base import METHODS, ConfigError
+from .paths import SUITES_DIR
 
 log = logging.getLogger("quantbench")
 
-SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -30,7 +30,7 @@ def _threads(n: int | None) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from quantbench.harness.suite import load_suite
+    from .run.suite import load_suite
 
     suite = load_suite(args.suite)
     print(f"{suite.path}: ok — {len(suite.models)} model(s) x {len(suite.cells)} cell(s), "
@@ -39,10 +39,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from quantbench.harness.records import read_records
-    from quantbench.harness.report import markdown, provenance_footer, write_report
-    from quantbench.harness.runner import run_suite
-    from quantbench.harness.suite import load_suite
+    from .run.records import read_records
+    from .report.leaderboard import markdown, provenance_footer, write_report
+    from .run.runner import run_suite
+    from .run.suite import load_suite
 
     suite = load_suite(args.suite)  # validated before any work starts
     _threads(args.threads)
@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cell_filter = lambda c: any(fnmatch.fnmatch(c.name, p) for p in pats)  # noqa: E731
     executor = getattr(args, "executor", "local")
     if executor == "ray":
-        from quantbench.harness.ray_executor import run_suite_ray
+        from .run.ray_executor import run_suite_ray
 
         run_dir = run_suite_ray(suite, Path(args.out) if args.out else None, args.resume, args.seed, args.limit,
                                 cell_filter, address=args.address)
@@ -65,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                             cell_filter)
     path = write_report([run_dir])
     try:
-        from quantbench.harness import publish
+        from .report import publish
 
         publish.render_extras([run_dir])
     except ImportError:
@@ -78,11 +78,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from quantbench.harness.report import load_runs, markdown, write_report
+    from .report.leaderboard import load_runs, markdown, write_report
 
     path = write_report(args.run_dirs, args.out)
     try:
-        from quantbench.harness import publish
+        from .report import publish
 
         publish.render_extras(args.run_dirs, args.out)
     except ImportError:
@@ -96,29 +96,23 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     what = args.what
     if what == "methods":
-        from quantbench.methods.base import METHOD_MODULES, get_method
-
-        for name in sorted(METHOD_MODULES):
-            try:
-                cls = get_method(name)
-                params = ", ".join(cls.config_cls.param_names())
-                doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-                print(f"{name:14s} [{params}]\n{'':14s} {doc}")
-            except ImportError as e:
-                print(f"{name:14s} (not installed: {e})")
+        for name, cls in METHODS.items():
+            params = ", ".join(cls.config_cls.param_names())
+            doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+            print(f"{name:14s} [{params}]\n{'':14s} {doc}")
     elif what == "metrics":
-        from quantbench.harness.metrics import METRICS
+        from .measure.metrics import METRICS
 
         for name, spec in METRICS.items():
             hib = {True: "higher is better", False: "lower is better", None: ""}[spec.higher_is_better]
             print(f"{name:22s} {spec.unit:12s} {hib}")
     elif what == "datasets":
-        from quantbench.harness.data import DATASETS
+        from .inputs.data import DATASETS
 
         for name, c in DATASETS.items():
             print(f"{name:10s} splits: {', '.join(c.splits):12s} {c.description} ({c.licence})")
     elif what == "models":
-        from quantbench.harness.models import MODELS
+        from .inputs.models import MODELS
 
         for name, fn in MODELS.items():
             print(f"{name:14s} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
@@ -160,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="output directory (default: the first run directory)")
     rep.set_defaults(fn=cmd_report)
 
-    from quantbench.harness import cli_extra
+    from . import cli_extra
 
     cli_extra.add_commands(sub)
     return p

@@ -9,10 +9,10 @@ import argparse
 import importlib
 
 COMMAND_MODULES = [
-    "quantbench.harness.export",
-    "quantbench.harness.compare",
-    "quantbench.harness.sensitivity",
-    "quantbench.harness.gpu_check",
+    "quantbench.harness.run.export",
+    "quantbench.harness.report.compare",
+    "quantbench.harness.tools.sensitivity",
+    "quantbench.harness.tools.gpu_check",
 ]
 
 

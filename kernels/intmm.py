@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from quantbench.methods.qlinear import IntQuantLinear
+    from .intq import IntPackedWeight
 
 #: use torch's packed int4 op on CPU where shapes allow
 CPU_FAST_PATH = True
@@ -47,7 +47,7 @@ INT4PACK_GROUPS = (256, 128, 64, 32)
 INT4PACK_BITS = (2, 3, 4)
 
 
-def reference_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
+def reference_linear(x: torch.Tensor, layer: IntPackedWeight) -> torch.Tensor:
     w = layer.dequantized_weight().to(x.dtype)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return F.linear(x, w, bias)
@@ -63,25 +63,25 @@ class Int4Pack:
     perm: torch.Tensor | None  # input-column permutation (act-order), or None
 
 
-def _op_group(layer: IntQuantLinear) -> int | None:
+def _op_group(layer: IntPackedWeight) -> int | None:
     for g in INT4PACK_GROUPS:
         if layer.group_size % g == 0 and layer.in_features % g == 0:
             return g
     return None
 
 
-def _versions(layer: IntQuantLinear) -> tuple[int, int, int, int]:
+def _versions(layer: IntPackedWeight) -> tuple[int, int, int, int]:
     return (layer.qweight._version, layer.qzeros._version, layer.scales._version, layer.g_idx._version)
 
 
-def int4pack_supported(layer: IntQuantLinear) -> bool:
+def int4pack_supported(layer: IntPackedWeight) -> bool:
     """2-4 bits, ``out_features % 16 == 0``, an op group size that divides ours, contiguous groups."""
     if layer.bits not in INT4PACK_BITS or layer.out_features % 16 or _op_group(layer) is None:
         return False
     return _group_perm(layer) is not False
 
 
-def _group_perm(layer: IntQuantLinear) -> torch.Tensor | None | bool:
+def _group_perm(layer: IntPackedWeight) -> torch.Tensor | None | bool:
     """None when g_idx is natural; a permutation making groups contiguous; False when there is none."""
     g_idx = layer.g_idx.long()
     natural = torch.arange(layer.in_features, device=g_idx.device) // layer.group_size
@@ -91,7 +91,7 @@ def _group_perm(layer: IntQuantLinear) -> torch.Tensor | None | bool:
     return perm if torch.equal(g_idx[perm], natural) else False
 
 
-def convert_int4pack(layer: IntQuantLinear) -> Int4Pack:
+def convert_int4pack(layer: IntPackedWeight) -> Int4Pack:
     """Convert the GPTQ buffers into the CPU op's packed weight and (s, z) pairs."""
     G = _op_group(layer)
     perm = _group_perm(layer)
@@ -113,7 +113,7 @@ def convert_int4pack(layer: IntQuantLinear) -> Int4Pack:
     return Int4Pack(packed, sz, G, perm)
 
 
-def _cached(layer: IntQuantLinear, attr: str, supported: Callable, convert: Callable) -> Any:
+def _cached(layer: IntPackedWeight, attr: str, supported: Callable, convert: Callable) -> Any:
     """``convert(layer)`` cached on the module as ``attr`` until a buffer changes (None when unsupported)."""
     versions = _versions(layer)
     cached = getattr(layer, attr, None)
@@ -123,12 +123,12 @@ def _cached(layer: IntQuantLinear, attr: str, supported: Callable, convert: Call
     return cached[1]
 
 
-def int4pack_cache(layer: IntQuantLinear) -> Int4Pack | None:
+def int4pack_cache(layer: IntPackedWeight) -> Int4Pack | None:
     """The module's converted weight, built on first use (None, also cached, when unsupported)."""
     return _cached(layer, "_int4pack", int4pack_supported, convert_int4pack)
 
 
-def int4pack_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
+def int4pack_linear(x: torch.Tensor, layer: IntPackedWeight) -> torch.Tensor:
     """CPU fast path: bf16 activations through ``_weight_int4pack_mm_for_cpu``; output in ``x.dtype``."""
     cache = int4pack_cache(layer)
     if cache is None:
@@ -142,7 +142,7 @@ def int4pack_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
     return _epilogue(y, x, layer)
 
 
-def _epilogue(y: torch.Tensor, x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
+def _epilogue(y: torch.Tensor, x: torch.Tensor, layer: IntPackedWeight) -> torch.Tensor:
     """The fast paths' output [M, out] back in ``x``'s dtype and leading shape, plus the bias."""
     y = y.to(x.dtype)
     if layer.bias is not None:
@@ -159,12 +159,12 @@ class Int8Pack:
     offset: torch.Tensor  # fp32 [out]: s (128 - zero), times the activations' row sum
 
 
-def int8pack_supported(layer: IntQuantLinear) -> bool:
+def int8pack_supported(layer: IntPackedWeight) -> bool:
     """8 bits and one group per row (per-channel scale and zero)."""
     return layer.bits == 8 and layer.group_size >= layer.in_features
 
 
-def convert_int8pack(layer: IntQuantLinear) -> Int8Pack:
+def convert_int8pack(layer: IntPackedWeight) -> Int8Pack:
     if not int8pack_supported(layer):
         raise ValueError(f"layer {layer.extra_repr()} is not supported by the int8pack CPU op")
     codes = (layer.codes() - 128).to(torch.int8).t().contiguous()  # [out, in]
@@ -173,12 +173,12 @@ def convert_int8pack(layer: IntQuantLinear) -> Int8Pack:
     return Int8Pack(codes, s.to(torch.bfloat16), off)
 
 
-def int8pack_cache(layer: IntQuantLinear) -> Int8Pack | None:
+def int8pack_cache(layer: IntPackedWeight) -> Int8Pack | None:
     """The module's converted 8-bit weight, built on first use (None, also cached, when unsupported)."""
     return _cached(layer, "_int8pack", int8pack_supported, convert_int8pack)
 
 
-def int8pack_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
+def int8pack_linear(x: torch.Tensor, layer: IntPackedWeight) -> torch.Tensor:
     """CPU fast path for per-channel 8-bit weights: ``_weight_int8pack_mm`` plus the zero-point term."""
     cache = int8pack_cache(layer)
     if cache is None:
@@ -189,10 +189,10 @@ def int8pack_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
     return _epilogue(y, x, layer)
 
 
-def int_weight_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
-    """Packed-path forward for :class:`IntQuantLinear`."""
+def int_weight_linear(x: torch.Tensor, layer: IntPackedWeight) -> torch.Tensor:
+    """Packed-path forward for a packed integer weight (:class:`~quantbench.kernels.intq.IntPackedWeight`)."""
     if x.is_cuda and layer.bits in (2, 4, 8):
-        from quantbench.kernels.triton_w4a16 import triton_int_linear
+        from .triton_w4a16 import triton_int_linear
 
         return triton_int_linear(x, layer)
     if (CPU_FAST_PATH and x.device.type == "cpu" and layer.bits in INT4PACK_BITS

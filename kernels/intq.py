@@ -12,6 +12,8 @@ values per word) and for 3 bits (32 values in 3 words, values straddling word ed
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 
@@ -104,3 +106,48 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int, dim: int = 0) -> torch.
         torch.ones(bits, dtype=torch.int64, device=p.device) << torch.arange(bits, dtype=torch.int64, device=p.device)
     ).view(1, bits, *([1] * (p.dim() - 1)))
     return (bitstream * weights).sum(1).to(torch.int32).movedim(0, dim).contiguous()
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Unpack codes packed along dim 0; shift-and-mask for 2/4/8 bits and for 3 bits (3 words per 32 codes)."""
+    if 32 % bits == 0:
+        per = 32 // bits
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+        codes = (packed.unsqueeze(1) >> shifts.view(1, per, 1)) & (2**bits - 1)
+        return codes.reshape(packed.shape[0] * per, packed.shape[1])[:n]
+    if bits == 3 and packed.shape[0] % 3 == 0:
+        w = packed.view(packed.shape[0] // 3, 3, packed.shape[1]).to(torch.int64) & 0xFFFFFFFF
+        lo = w[:, 0] | (w[:, 1] << 32)  # codes 0..20 whole, code 21's low bit at bit 63
+        hi = w[:, 2]
+        j = torch.arange(21, device=packed.device).view(1, 21, 1)
+        first = (lo.unsqueeze(1) >> (3 * j)) & 7
+        c21 = ((lo >> 63) & 1) | ((hi & 3) << 1)
+        k = torch.arange(10, device=packed.device).view(1, 10, 1)
+        last = (hi.unsqueeze(1) >> (2 + 3 * k)) & 7
+        codes = torch.cat([first, c21.unsqueeze(1), last], dim=1).to(torch.int32)
+        return codes.reshape(-1, packed.shape[1])[:n]
+    return unpack_bits(packed, bits, n, dim=0)
+
+
+class IntPackedWeight(Protocol):
+    """The GPTQ-layout packed integer weight the int kernels read (``IntQuantLinear`` is one).
+
+    ``qweight`` int32 [in * bits / 32, out] (codes packed along the input dimension), ``qzeros``
+    int32 [n_groups, out * bits / 32], ``scales`` fp16 [n_groups, out], ``g_idx`` int32 [in].
+    """
+
+    in_features: int
+    out_features: int
+    bits: int
+    group_size: int
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+    bias: torch.Tensor | None
+
+    def codes(self) -> torch.Tensor: ...
+
+    def zeros(self) -> torch.Tensor: ...
+
+    def dequantized_weight(self) -> torch.Tensor: ...

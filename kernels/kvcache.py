@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from quantbench.kernels.intq import pack_bits, unpack_bits
+from .intq import pack_bits, unpack_bits
 
 log = logging.getLogger(__name__)
 

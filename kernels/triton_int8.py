@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantbench.kernels.triton_tuning import autotune, cfg, grouped_tile, interpreted, launch_with, m_bucket, run_splitk
+from .triton_tuning import autotune, cfg, grouped_tile, interpreted, launch_with, m_bucket, run_splitk
 
 
 @triton.jit

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from quantbench.kernels.kvcache import decode_attention_ref, dequant_per_token
+from .kvcache import decode_attention_ref, dequant_per_token
 
 __all__ = ["decode_attention_ref", "dequant_per_token", "decode_attention_triton", "HAS_TRITON"]
 
@@ -146,7 +146,7 @@ if HAS_TRITON:
 _DOT_PREC = {"gpu": "tf32x3"}
 
 if HAS_TRITON:
-    from quantbench.kernels.triton_tuning import autotune
+    from .triton_tuning import autotune
 
     # warps x stages only (BLOCK_T sets the host-side split sizes); the kernel only writes its
     # partials, so benchmarking it repeatedly is harmless.  At BLOCK_T = 64 on sm_90: 4 warps
@@ -159,7 +159,7 @@ if HAS_TRITON:
 
 def _num_splits(B: int, Hkv: int, T: int, block_t: int, device: torch.device) -> int:
     """Splits of the T axis: about 4 programs per SM, each with at least 4 BLOCK_T tiles."""
-    from quantbench.kernels.triton_tuning import num_sms
+    from .triton_tuning import num_sms
 
     want = max(1, -(-4 * num_sms(device) // (B * Hkv)))
     return max(1, min(want, T // (4 * block_t)))
@@ -197,7 +197,7 @@ def decode_attention_triton(
     part_l = torch.empty(B * Hq * splits, dtype=torch.float32, device=q.device)
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads do not share {Hkv} KV heads evenly")
-    from quantbench.kernels.triton_tuning import interpreted
+    from .triton_tuning import interpreted
 
     # fp32 scores and P @ V: 3xTF32 on tensor cores keeps fp32 accuracy (IEEE in the interpreter)
     prec = "ieee" if interpreted() or q.device.type != "cuda" else _DOT_PREC["gpu"]

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from quantbench.kernels.ternary import act_quant_int8
-from quantbench.kernels.triton_tuning import autotune, cfg, grouped_tile, interpreted, launch_with, m_bucket, run_splitk
+from .ternary import act_quant_int8
+from .triton_tuning import autotune, cfg, grouped_tile, interpreted, launch_with, m_bucket, run_splitk
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """Triton W4A16 GEMM over the GPTQ checkpoint layout, dequantization fused into the matmul.
 
-Reads the buffers of :class:`~quantbench.methods.qlinear.IntQuantLinear` as they are:
+Reads the buffers of a GPTQ-layout packed weight (:class:`~quantbench.kernels.intq.IntPackedWeight`) as they are:
 ``qweight`` int32 [K * bits / 32, N] (codes packed along K, LSB first), ``qzeros`` int32
 [n_groups, N * bits / 32] (integer zero points, packed along N, stored as used: ``w = s * (q - z)``),
 ``scales`` fp16 [n_groups, N] and ``g_idx`` int32 [K] (the group of each input column).
@@ -45,10 +45,11 @@ import torch
 import triton
 import triton.language as tl
 
-from quantbench.kernels.triton_tuning import autotune, cfg, grouped_tile, interpreted, launch_with, m_bucket, run_splitk
+from .intq import unpack_rows
+from .triton_tuning import autotune, cfg, grouped_tile, interpreted, launch_with, m_bucket, run_splitk
 
 if TYPE_CHECKING:
-    from quantbench.methods.qlinear import IntQuantLinear
+    from .intq import IntPackedWeight
 
 __all__ = ["DEQUANT_MIN_M", "interpreted", "triton_int_linear", "w_int_matmul", "dequantize_gptq"]
 
@@ -269,8 +270,6 @@ _LAYOUTS: dict[tuple[int, int], tuple[Any, Any, tuple[int, ...], _Layout]] = {}
 
 def _repack_rows(qweight: torch.Tensor, perm: torch.Tensor, bits: int) -> torch.Tensor:
     """``qweight`` with its K rows (codes, packed along K) reordered by ``perm``."""
-    from quantbench.methods.qlinear import unpack_rows
-
     per = 32 // bits
     k = perm.numel()
     codes = unpack_rows(qweight, bits, k)[perm].view(k // per, per, -1)
@@ -433,8 +432,8 @@ def w_int_matmul(
     return out
 
 
-def triton_int_linear(x: torch.Tensor, layer: IntQuantLinear) -> torch.Tensor:
-    """Forward of an :class:`IntQuantLinear` through the Triton kernel (any leading dims)."""
+def triton_int_linear(x: torch.Tensor, layer: IntPackedWeight) -> torch.Tensor:
+    """Forward of an a packed integer weight (:class:`~quantbench.kernels.intq.IntPackedWeight`) through the Triton kernel (any leading dims)."""
     shape = x.shape
     y = w_int_matmul(
         x.reshape(-1, shape[-1]), layer.qweight, layer.scales, layer.qzeros, layer.g_idx, layer.bits, layer.bias

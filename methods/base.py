@@ -2,16 +2,13 @@
 
 A method is a class with a ``name``, a frozen versioned config dataclass, a
 ``needs_calibration`` flag and ``quantize(model, calib) -> model``.  Methods register
-themselves with :func:`register` in their own file; :data:`METHOD_MODULES` maps each
-registered name to the module that defines it so the registry can import lazily.
+themselves with :func:`register` in their own file and nowhere else (:data:`METHODS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
-import importlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -22,16 +19,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .registry import ConfigError, Registry, did_you_mean, load_plugins
 
-class ConfigError(ValueError):
-    """A user-facing configuration error (unknown name, bad parameter value)."""
+__all__ = ["ConfigError", "did_you_mean", "load_plugins"]
 
 
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    choices = sorted(choices)
-    close = difflib.get_close_matches(word, choices, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"{hint}; valid: {', '.join(choices)}"
+def cache_dir() -> Path:
+    """quantbench's on-disk cache (``$QUANTBENCH_CACHE``, default ``~/.cache/quantbench``), created on use."""
+    d = Path(os.environ.get("QUANTBENCH_CACHE", Path.home() / ".cache" / "quantbench"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 # --------------------------------------------------------------------------- configs
@@ -178,67 +175,22 @@ class Method(ABC):
         """Transform ``model`` (a fresh copy the method may modify in place) and return it."""
 
 
-# name -> module that registers it (lazy import).  Keep in sync with @register calls:
-# tests/methods/test_registry.py checks that every entry registers its name.
-METHOD_MODULES: dict[str, str] = {
-    "fp": "quantbench.methods.fp",
-    "rtn": "quantbench.methods.rtn",
-    "gptq": "quantbench.methods.gptq",
-    "w8a8": "quantbench.methods.smoothquant",
-    "smoothquant": "quantbench.methods.smoothquant",
-    "bitnet-ptq": "quantbench.methods.bitnet",
-    "bitnet-1bit": "quantbench.methods.bitnet",
-    "bitnet-qat": "quantbench.methods.bitnet",
-    "kv-fp16": "quantbench.methods.kvquant",
-    "kv-uniform": "quantbench.methods.kvquant",
-    "kivi": "quantbench.methods.kvquant",
-    "kvquant": "quantbench.methods.kvquant",
-    "llamacpp": "quantbench.methods.kquants",
-    "mixed": "quantbench.methods.mixed",
-}
-
-_REGISTRY: dict[str, type[Method]] = {}
+#: every method, by name; a method file registers its class with ``@register`` and nothing else.
+#: The registry imports the modules of this package on first lookup (and ``$QUANTBENCH_PLUGINS``).
+METHODS: Registry[type[Method]] = Registry("method", discover=[__package__ or "quantbench.methods"])
 
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: ``@register`` on a Method subclass with ``name`` and ``config_cls``."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise RuntimeError(f"method '{cls.name}' registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-_PLUGINS_LOADED: set[str] = set()
-
-
-def load_plugins() -> None:
-    """Import the modules named in ``$QUANTBENCH_PLUGINS`` (comma-separated); they ``@register`` methods.
-
-    This is how users add their own methods without editing quantbench, and how every process of
-    a distributed run (Ray workers) sees the same registry.
-    """
-    for mod in filter(None, (m.strip() for m in os.environ.get("QUANTBENCH_PLUGINS", "").split(","))):
-        if mod not in _PLUGINS_LOADED:
-            importlib.import_module(mod)
-            _PLUGINS_LOADED.add(mod)
+    return METHODS.add(cls.name, cls)
 
 
 def available_methods() -> list[str]:
-    load_plugins()
-    return sorted(set(METHOD_MODULES) | set(_REGISTRY))
+    return METHODS.names()
 
 
 def get_method(name: str) -> type[Method]:
-    if name not in METHOD_MODULES:
-        load_plugins()
-        if name in _REGISTRY:
-            return _REGISTRY[name]
-        raise ConfigError(f"unknown method '{name}'{did_you_mean(name, available_methods())}")
-    if name not in _REGISTRY:
-        importlib.import_module(METHOD_MODULES[name])
-    if name not in _REGISTRY:
-        raise RuntimeError(f"module {METHOD_MODULES[name]} did not register method '{name}'")
-    return _REGISTRY[name]
+    return METHODS.get(name)
 
 
 def build_method(name: str, params: dict[str, Any] | None = None) -> Method:

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from quantbench.kernels import ternary as T
-from quantbench.methods.base import (
+from ..kernels import ternary as T
+from .base import (
     DEFAULT_SKIP,
     Calibration,
     ConfigError,
@@ -209,7 +209,7 @@ class TernaryLinear(QuantizedModule):
         if self.packed and self.granularity != "group" and x.device.type == "cpu":
             return T.ternary_linear(x, self._codes_transposed(), self.scale.view(-1), self.bias, self.act_bits)
         if self.packed and self.granularity != "group" and self.fmt == "2bit" and x.device.type == "cuda":
-            from quantbench.kernels.triton_ternary import triton_ternary_linear  # GPU: unpack inside the GEMM
+            from ..kernels.triton_ternary import triton_ternary_linear  # GPU: unpack inside the GEMM
 
             return triton_ternary_linear(x, self)
         xa = act_quant(x.float()) if self.act_bits == 8 else x.float()

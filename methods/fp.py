@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantbench.methods.base import Calibration, Method, MethodConfig, check_choice, register
+from .base import Calibration, Method, MethodConfig, check_choice, register
 
 
 @dataclass(frozen=True)

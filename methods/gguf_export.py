@@ -23,8 +23,8 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from torch import nn
 
-from quantbench.kernels import ggml
-from quantbench.methods.kquants import GGMLLinear, GGMLTensor, gguf_name
+from ..kernels import ggml
+from .kquants import GGMLLinear, GGMLTensor, gguf_name
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from quantbench.methods.base import (
+from .base import (
     DEFAULT_SKIP,
     Calibration,
     ConfigError,
@@ -35,8 +35,8 @@ from quantbench.methods.base import (
     register,
     set_module,
 )
-from quantbench.methods.gptq_solver import gptq_quantize
-from quantbench.methods.qlinear import IntQuantLinear
+from .gptq_solver import gptq_quantize
+from .qlinear import IntQuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class GPTQ(Method):
         if c.offload:
             import tempfile
 
-            from quantbench.methods.offload import BlockStore
+            from .offload import BlockStore
 
             tmp = tempfile.TemporaryDirectory(prefix="gptq-offload-",
                                               dir=str(self.artifact_dir) if self.artifact_dir else None)

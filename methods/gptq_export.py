@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantbench.kernels.intq import pack_bits, unpack_bits
-from quantbench.methods.base import set_module
-from quantbench.methods.qlinear import IntQuantLinear
+from ..kernels.intq import pack_bits, unpack_bits
+from .base import set_module
+from .qlinear import IntQuantLinear
 
 log = logging.getLogger(__name__)
 

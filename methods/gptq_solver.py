@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantbench.kernels.intq import grid_params, quantize_codes
+from ..kernels.intq import grid_params, quantize_codes
 
 #: MSE clipping search constants of the GPTQ reference ``Quantizer``
 MSE_NORM = 2.4

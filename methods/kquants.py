@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from quantbench.kernels import ggml
-from quantbench.methods.base import (
+from ..kernels import ggml
+from .base import (
     Calibration,
     Method,
     MethodConfig,

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantbench.kernels.kvcache import (
+from ..kernels.kvcache import (
     KVSpec,
     QuantizedKVCache,
     q_norm,
@@ -48,7 +48,7 @@ from quantbench.kernels.kvcache import (
     value_outlier_mask,
     weighted_kmeans_1d,
 )
-from quantbench.methods.base import (
+from .base import (
     Calibration,
     ConfigError,
     Method,
@@ -208,7 +208,7 @@ class _KVMethod(Method):
         specs = self.layer_specs(model, calib)
         install(model, specs)
         set_mode(model, "qdq")
-        from quantbench.harness.kvcalc import kv_bytes_per_token_for
+        from .kvcalc import kv_bytes_per_token_for
 
         self.artifacts["protocol"] = PROTOCOL_EVAL
         self.artifacts["kv_layers"] = len(specs)

@@ -8,7 +8,7 @@ size budget by solving a knapsack):
    weight error ½ Σ F_ii (w - q)² (``"fisher"``, OBD/HAWQ), or a Taylor estimate of the KL with the
    model's own sampled Fisher, full within each token (``"fisher-kl"``; with ``base_choice`` expanded
    at the model with EVERY module already at that choice, so compounding is in the estimate); values
-   are cached on disk (:mod:`quantbench.harness.sensitivity`), so several targets share them;
+   are cached on disk (:mod:`quantbench.methods.sensitivity`), so several targets share them;
 2. the cost c(m, c) of a module is the bytes its :class:`IntQuantLinear` really stores (packed codes,
    fp16 scales, packed zeros of its group size), so the budget ``target_bpw × linear weights / 8``
    counts overheads as ``bits_per_weight`` does;
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from quantbench.methods.base import (
+from .base import (
     DEFAULT_SKIP,
     Calibration,
     ConfigError,
@@ -46,8 +46,8 @@ from quantbench.methods.base import (
     set_module,
     tensor_bytes,
 )
-from quantbench.methods.qlinear import IntQuantLinear
-from quantbench.methods.rtn import rtn_quantize_weight
+from .qlinear import IntQuantLinear
+from .rtn import rtn_quantize_weight
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class Mixed(Method):
     needs_calibration = True
 
     def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
-        from quantbench.harness.sensitivity import measure_choice_sensitivities
+        from .sensitivity import measure_choice_sensitivities
 
         c: MixedConfig = self.config  # type: ignore[assignment]
         if calib is None:
@@ -285,8 +285,8 @@ def _gptq_mixed(model: nn.Module, calib: Calibration, plan: dict[str, tuple[int,
 
     act_order is off: its g_idx would add bytes the knapsack did not budget for.
     """
-    from quantbench.methods.gptq import GPTQ, _block_output, capture_block_inputs, sequential_groups, transformer_blocks
-    from quantbench.methods.gptq_solver import gptq_quantize
+    from .gptq import GPTQ, _block_output, capture_block_inputs, sequential_groups, transformer_blocks
+    from .gptq_solver import gptq_quantize
 
     prefix, blocks = transformer_blocks(model)
     inps, kws = capture_block_inputs(model, blocks[0], calib)

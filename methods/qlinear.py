@@ -14,29 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from quantbench.kernels.intq import pack_bits, unpack_bits
-from quantbench.methods.base import QuantizedModule, Storage, tensor_bytes
-
-
-def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Unpack codes packed along dim 0; shift-and-mask for 2/4/8 bits and for 3 bits (3 words per 32 codes)."""
-    if 32 % bits == 0:
-        per = 32 // bits
-        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
-        codes = (packed.unsqueeze(1) >> shifts.view(1, per, 1)) & (2**bits - 1)
-        return codes.reshape(packed.shape[0] * per, packed.shape[1])[:n]
-    if bits == 3 and packed.shape[0] % 3 == 0:
-        w = packed.view(packed.shape[0] // 3, 3, packed.shape[1]).to(torch.int64) & 0xFFFFFFFF
-        lo = w[:, 0] | (w[:, 1] << 32)  # codes 0..20 whole, code 21's low bit at bit 63
-        hi = w[:, 2]
-        j = torch.arange(21, device=packed.device).view(1, 21, 1)
-        first = (lo.unsqueeze(1) >> (3 * j)) & 7
-        c21 = ((lo >> 63) & 1) | ((hi & 3) << 1)
-        k = torch.arange(10, device=packed.device).view(1, 10, 1)
-        last = (hi.unsqueeze(1) >> (2 + 3 * k)) & 7
-        codes = torch.cat([first, c21.unsqueeze(1), last], dim=1).to(torch.int32)
-        return codes.reshape(-1, packed.shape[1])[:n]
-    return unpack_bits(packed, bits, n, dim=0)
+from ..kernels.intmm import int_weight_linear
+from ..kernels.intq import pack_bits, unpack_bits, unpack_rows
+from .base import QuantizedModule, Storage, tensor_bytes
 
 
 class IntQuantLinear(QuantizedModule):
@@ -124,8 +104,6 @@ class IntQuantLinear(QuantizedModule):
     # -- execution ------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            from quantbench.kernels.intmm import int_weight_linear
-
             return int_weight_linear(x, self)
         if self._sim_weight is None:
             self._sim_weight = self.dequantized_weight().to(self.compute_dtype)

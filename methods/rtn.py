@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from quantbench.kernels.intq import grid_params, quantize_codes
-from quantbench.methods.base import (
+from ..kernels.intq import grid_params, quantize_codes
+from .base import (
     DEFAULT_SKIP,
     Calibration,
     ConfigError,
@@ -24,7 +24,7 @@ from quantbench.methods.base import (
     register,
     set_module,
 )
-from quantbench.methods.qlinear import IntQuantLinear
+from .qlinear import IntQuantLinear
 
 
 @dataclass(frozen=True)

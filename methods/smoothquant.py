@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from quantbench.methods.base import (
+from .base import (
     DEFAULT_SKIP,
     Calibration,
     ConfigError,
@@ -47,7 +47,7 @@ from quantbench.methods.base import (
     register,
     set_module,
 )
-from quantbench.methods.w8a8_linear import ACT_SCHEMES, W8A8Linear
+from .w8a8_linear import ACT_SCHEMES, W8A8Linear
 
 if TYPE_CHECKING:
     import pandas as pd

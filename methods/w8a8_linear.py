@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantbench.kernels import int8mm
-from quantbench.methods.base import QuantizedModule, Storage, tensor_bytes
+from ..kernels import int8mm
+from .base import QuantizedModule, Storage, tensor_bytes
 
 ACT_SCHEMES = ("per_token", "per_tensor_static")
 

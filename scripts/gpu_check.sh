@@ -12,4 +12,4 @@ if ! "$PY" -c "import quantbench.harness" 2>/dev/null; then
   for d in harness methods kernels; do ln -s "$PWD/$d" "$site/quantbench/$d"; done
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-exec timeout 570 "$PY" -m quantbench.harness.gpu_check --out "${OUT:-results/runs/gpu-check}" "$@"
+exec timeout 570 "$PY" -m quantbench.harness.tools.gpu_check --out "${OUT:-results/runs/gpu-check}" "$@"

@@ -27,8 +27,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    from quantbench.harness import data as datamod
-    from quantbench.harness.models import load_smollm2
+    from quantbench.harness.inputs import data as datamod
+    from quantbench.harness.inputs.models import load_smollm2
     from quantbench.methods import kvquant as kq
     from quantbench.methods.base import Calibration, build_method
 

@@ -20,4 +20,4 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 # corpora and task data into the cache (pinned, sha256-verified; no-op when present)
-.venv/bin/python -m quantbench.harness.prefetch
+.venv/bin/python -m quantbench.harness.inputs.prefetch

@@ -17,6 +17,6 @@ def _seed():
 @pytest.fixture(scope="session")
 def smollm2():
     """The real default model, loaded once per test session (slow tests only)."""
-    from quantbench.harness.models import load_smollm2
+    from quantbench.harness.inputs.models import load_smollm2
 
     return load_smollm2()

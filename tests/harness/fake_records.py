@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from quantbench.harness.records import make_record
+from quantbench.harness.run.records import make_record
 
 HIB = {"perplexity": False, "kl_divergence": False, "top1_agreement": True, "accuracy": True,
        "bits_per_weight": False, "weight_bytes": False, "decode_ms_per_token": False,

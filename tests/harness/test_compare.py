@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from quantbench.harness import compare as cmp_mod
+from quantbench.harness.report import compare as cmp_mod
 from quantbench.harness.cli import main
-from quantbench.harness.compare import (
+from quantbench.harness.report.compare import (
     DEFAULT_TOLERANCES,
     IMPROVED,
     MISSING,
@@ -23,9 +23,9 @@ from quantbench.harness.compare import (
     to_markdown,
     update_baseline,
 )
-from quantbench.harness.records import VOLATILE_PROVENANCE, RecordWriter, read_records
-from quantbench.harness.runner import run_suite
-from quantbench.harness.suite import parse_suite
+from quantbench.harness.run.records import VOLATILE_PROVENANCE, RecordWriter, read_records
+from quantbench.harness.run.runner import run_suite
+from quantbench.harness.run.suite import parse_suite
 from quantbench.methods.base import ConfigError
 
 from .fake_records import cell, hardware, rec

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from quantbench.harness import data
-from quantbench.harness.models import ByteTokenizer
+from quantbench.harness.inputs import data
+from quantbench.harness.inputs.models import ByteTokenizer
 from quantbench.methods.base import ConfigError
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from quantbench.harness import energy
+from quantbench.harness.measure import energy
 
 
 def _domain(root: Path, name: str, uj: int, max_uj: int) -> Path:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantbench.harness.evaluate import Reference, build_eval_data, evaluate, make_windows
+from quantbench.harness.measure.evaluate import Reference, build_eval_data, evaluate, make_windows
 from quantbench.methods.base import ConfigError
 
 

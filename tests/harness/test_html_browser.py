@@ -6,9 +6,9 @@ import struct
 
 import pytest
 
-from quantbench.harness.browser import Browser, find_chromium, screenshot
-from quantbench.harness.publish import render_extras
-from quantbench.harness.records import RecordWriter
+from quantbench.harness.report.browser import Browser, find_chromium, screenshot
+from quantbench.harness.report.publish import render_extras
+from quantbench.harness.run.records import RecordWriter
 
 from .fake_records import cell
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from quantbench.harness.kvcalc import LLAMA3_70B, kv_bytes_per_token_for, kv_cache_bytes, llama3_70b_table
+from quantbench.methods.kvcalc import LLAMA3_70B, kv_bytes_per_token_for, kv_cache_bytes, llama3_70b_table
 
 
 def test_llama3_70b_128k_fp16_is_42_9_gb():

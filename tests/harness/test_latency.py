@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from quantbench.harness import latency, memory
-from quantbench.harness.metrics import METRICS, CellContext
-from quantbench.harness.models import tiny_llama
-from quantbench.harness.suite import parse_suite
+from quantbench.harness.measure import latency, memory
+from quantbench.harness.measure.metrics import METRICS, CellContext
+from quantbench.harness.inputs.models import tiny_llama
+from quantbench.harness.run.suite import parse_suite
 from quantbench.methods.base import ConfigError, build_method
 
 LAT = {"prompt_len": 16, "context": 16, "decode_tokens": 4, "batch": 1, "repeats": 2, "warmup": 1}

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from quantbench.harness import memory
+from quantbench.harness.measure import memory
 
 
 def test_vmhwm_parse_and_reset_with_fake_proc(tmp_path):
@@ -40,7 +40,7 @@ def test_real_peak_tracks_an_allocation_and_resets():
 def test_dynamic_cache_bytes():
     from transformers.cache_utils import DynamicCache
 
-    from quantbench.harness.models import tiny_llama
+    from quantbench.harness.inputs.models import tiny_llama
 
     lm = tiny_llama()
     r = memory.measure_kv_bytes_per_token(lm.model, n=12)

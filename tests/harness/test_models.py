@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quantbench.harness.models import load_hf_dir, load_model, tiny_llama, tiny_opt, validate_model_spec
+from quantbench.harness.inputs.models import load_hf_dir, load_model, tiny_llama, tiny_opt, validate_model_spec
 from quantbench.methods.base import ConfigError
 
 
@@ -62,8 +62,8 @@ def test_default_model_rtn_ordering(smollm2):
     """Real text, real model: KL and ppl grow as RTN loses bits (a small, fast version of the default suite)."""
     import copy
 
-    from quantbench.harness import data
-    from quantbench.harness.evaluate import Reference, build_eval_data, evaluate
+    from quantbench.harness.inputs import data
+    from quantbench.harness.measure.evaluate import Reference, build_eval_data, evaluate
     from quantbench.methods.base import build_method
 
     ids = data.tokens("wiki", "test", smollm2.tokenizer)

@@ -4,9 +4,9 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from quantbench.harness.records import read_records  # noqa: E402
-from quantbench.harness.runner import run_suite  # noqa: E402
-from quantbench.harness.suite import parse_suite  # noqa: E402
+from quantbench.harness.run.records import read_records  # noqa: E402
+from quantbench.harness.run.runner import run_suite  # noqa: E402
+from quantbench.harness.run.suite import parse_suite  # noqa: E402
 
 BASE = {
     "name": "ray-t",
@@ -25,7 +25,7 @@ def cluster(tmp_path_factory):
     marker = tmp_path_factory.mktemp("die") / "marker"
     os.environ["QUANTBENCH_PLUGINS"] = "tests.harness.plugin_methods"
     os.environ["QB_TEST_DIE_MARKER"] = str(marker)
-    from quantbench.harness.runner import REPO_ROOT
+    from quantbench.harness.run.runner import REPO_ROOT
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1",
@@ -41,7 +41,7 @@ def _values(recs):
 
 
 def test_ray_matches_local_and_records_failures(cluster, tmp_path):
-    from quantbench.harness.ray_executor import run_suite_ray
+    from quantbench.harness.run.ray_executor import run_suite_ray
 
     cells = [
         {"name": "fp", "method": "fp"},
@@ -66,7 +66,7 @@ def test_ray_matches_local_and_records_failures(cluster, tmp_path):
 
 
 def test_resume_across_executors(cluster, tmp_path):
-    from quantbench.harness.ray_executor import run_suite_ray
+    from quantbench.harness.run.ray_executor import run_suite_ray
 
     cells = [{"name": "fp", "method": "fp"}, {"name": "r3", "method": "rtn", "params": {"bits": 3, "group_size": 64}}]
     suite = parse_suite({**BASE, "cells": cells})

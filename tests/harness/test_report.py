@@ -6,10 +6,10 @@ from html.parser import HTMLParser
 
 import pytest
 
-from quantbench.harness import publish
-from quantbench.harness.publish import kv_bits, loss_curves, pareto_front, render_extras
-from quantbench.harness.records import RecordWriter
-from quantbench.harness.report import leaderboard, markdown, vs_fp, write_report
+from quantbench.harness.report import publish
+from quantbench.harness.report.publish import kv_bits, loss_curves, pareto_front, render_extras
+from quantbench.harness.run.records import RecordWriter
+from quantbench.harness.report.leaderboard import leaderboard, markdown, vs_fp, write_report
 
 from .fake_records import PPL_PROTO, cell, rec
 
@@ -170,7 +170,7 @@ def test_write_report_merges_runs(run_dir, tmp_path):
 
 
 def test_method_details_lists_type_histograms_and_allocations(tmp_path):
-    from quantbench.harness.report import method_details
+    from quantbench.harness.report.leaderboard import method_details
 
     cells = tmp_path / "cells" / "m"
     (cells / "q4km").mkdir(parents=True)
@@ -188,7 +188,7 @@ def test_method_details_lists_type_histograms_and_allocations(tmp_path):
 
 
 def test_kv_scaling_rows_reproduce_the_calculator():
-    from quantbench.harness.report import kv_scaling_markdown, kv_scaling_rows
+    from quantbench.harness.report.leaderboard import kv_scaling_markdown, kv_scaling_rows
 
     recs = [{"cell": "kvq4", "method": "gptq+kvquant", "method_config": [
         {"method": "gptq", "bits": 4}, {"method": "kvquant", "bits": 4, "outlier_frac": 0.01, "version": 1}]},

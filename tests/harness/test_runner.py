@@ -5,10 +5,10 @@ import json
 import pytest
 import yaml
 
-from quantbench.harness import runner as runner_mod
-from quantbench.harness.records import read_records
-from quantbench.harness.runner import run_suite
-from quantbench.harness.suite import parse_suite
+from quantbench.harness.run import runner as runner_mod
+from quantbench.harness.run.records import read_records
+from quantbench.harness.run.runner import run_suite
+from quantbench.harness.run.suite import parse_suite
 from quantbench.methods import base
 from quantbench.methods.fp import FPConfig
 
@@ -23,8 +23,7 @@ class Boom(base.Method):
 
 @pytest.fixture(autouse=True)
 def _boom_method(monkeypatch):
-    monkeypatch.setitem(base.METHOD_MODULES, "boom", __name__)
-    monkeypatch.setitem(base._REGISTRY, "boom", Boom)
+    monkeypatch.setitem(base.METHODS._entries, "boom", Boom)
 
 SUITE = {
     "name": "t",

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from quantbench.harness import sensitivity as S
-from quantbench.harness.models import tiny_llama
+from quantbench.methods import sensitivity as S
+from quantbench.harness.inputs.models import tiny_llama
 
 
 @pytest.fixture
@@ -113,7 +113,7 @@ def test_map_document_and_heatmap(tiny, windows, cache, tmp_path):
     (out / "sensitivity.json").write_text(json.dumps(doc))
     paths = S.write_heatmap(doc, out)
     assert all(p.stat().st_size > 1000 for p in paths)
-    from quantbench.harness.publish import plot_sensitivity
+    from quantbench.harness.report.publish import plot_sensitivity
 
     (tmp_path / "plots").mkdir()
     assert plot_sensitivity([out], tmp_path / "plots")

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from quantbench.harness.cli import main
-from quantbench.harness.suite import load_suite, parse_suite
+from quantbench.harness.run.suite import load_suite, parse_suite
 from quantbench.methods.base import ConfigError
 
 BASE = {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from quantbench.harness import tasks
+from quantbench.harness.measure import tasks
 from quantbench.methods.base import ConfigError
 
 pytest.importorskip("lm_eval")
@@ -85,7 +85,7 @@ def test_passthrough_name_accepted_by_registry():
 
 
 def test_evaluate_tiny_llama(task_cache):
-    from quantbench.harness.models import tiny_llama
+    from quantbench.harness.inputs.models import tiny_llama
 
     lm = tiny_llama()
     specs = tasks.validate_tasks("t", [{"name": "mmlu_qb", "limit": 8}, {"name": "bb_sports_understanding"},
@@ -103,7 +103,7 @@ def test_evaluate_tiny_llama(task_cache):
 
 
 def test_accuracy_metric_records(task_cache):
-    from quantbench.harness.metrics import METRICS
+    from quantbench.harness.measure.metrics import METRICS
     from tests.harness.test_latency import make_ctx
 
     ctx = make_ctx(tasks=[{"name": "bb_sports_understanding", "limit": 6, "shots": 2}])
@@ -115,7 +115,7 @@ def test_accuracy_metric_records(task_cache):
 def test_quantbench_lm_registered_and_quantizes():
     from lm_eval.api.registry import get_model
 
-    import quantbench.harness.lmeval  # noqa: F401  (registers "quantbench")
+    import quantbench.harness.measure.lmeval  # noqa: F401  (registers "quantbench")
     from quantbench.methods.qlinear import IntQuantLinear
 
     cls = get_model("quantbench")

@@ -11,7 +11,7 @@ import pytest
 def test_gpu_check_dry_run_passes(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "quantbench.harness.gpu_check", "--dry-run", "--out", str(tmp_path)],
+        [sys.executable, "-m", "quantbench.harness.tools.gpu_check", "--dry-run", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,
@@ -26,7 +26,7 @@ def test_gpu_check_dry_run_passes(tmp_path):
 
 
 def test_gpu_check_saves_each_result_as_it_goes(tmp_path, monkeypatch):
-    from quantbench.harness import gpu_check
+    from quantbench.harness.tools import gpu_check
 
     seen = []
 

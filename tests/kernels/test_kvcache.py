@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quantbench.harness.kvcalc import kv_cache_bytes
+from quantbench.methods.kvcalc import kv_cache_bytes
 from quantbench.kernels.kvcache import (
     Encoded,
     KVSpec,
@@ -237,7 +237,7 @@ def test_decode_matches_reference_formula_with_outliers():
 def test_rope_table_and_apply_rope_match_transformers():
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-    from quantbench.harness.models import tiny_llama
+    from quantbench.harness.inputs.models import tiny_llama
 
     cfg = tiny_llama().model.config
     rot = LlamaRotaryEmbedding(cfg)

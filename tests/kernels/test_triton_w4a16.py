@@ -64,7 +64,7 @@ def test_layout_analysis_sorted_act_order_and_gather():
     lay = triton_w4a16._layout(act_layer.qweight, act_layer.g_idx, 4, 4)
     assert lay.gs == 64 and lay.perm is not None
     # the repacked weight holds the codes of rows perm, in sorted-group order
-    from quantbench.methods.qlinear import unpack_rows
+    from quantbench.kernels.intq import unpack_rows
 
     codes = unpack_rows(act_layer.qweight, 4, 256)
     torch.testing.assert_close(unpack_rows(lay.qweight, 4, 256), codes[lay.perm.long()])

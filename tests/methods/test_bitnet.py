@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from quantbench.harness.models import tiny_llama
+from quantbench.harness.inputs.models import tiny_llama
 from quantbench.methods import bitnet as B
 from quantbench.methods.base import Calibration, ConfigError, build_method, model_storage
 

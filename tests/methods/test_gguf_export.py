@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantbench.harness.models import tiny_llama
+from quantbench.harness.inputs.models import tiny_llama
 from quantbench.methods.base import build_method
 from quantbench.methods.gguf_export import export_gguf, permute_rows, read_gguf_tensors
 from quantbench.methods.kquants import GGMLLinear

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from quantbench.harness.models import tiny_llama, tiny_opt
+from quantbench.harness.inputs.models import tiny_llama, tiny_opt
 from quantbench.methods.base import Calibration, ConfigError, build_method, model_storage
 from quantbench.methods.gptq import GPTQConfig, sequential_groups
 from quantbench.methods.gptq_export import export_gptq, load_gptq_checkpoint

@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from quantbench.harness.models import tiny_llama
+from quantbench.harness.inputs.models import tiny_llama
 from quantbench.methods.base import Calibration, build_method
 from quantbench.methods.offload import resident_bytes
 

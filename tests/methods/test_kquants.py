@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantbench.harness.models import tiny_llama
+from quantbench.harness.inputs.models import tiny_llama
 from quantbench.kernels import ggml
 from quantbench.methods.base import Calibration, ConfigError, build_method, linear_weight_count, model_storage
 from quantbench.methods.kquants import (

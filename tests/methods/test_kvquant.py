@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quantbench.harness.models import tiny_llama, tiny_opt
+from quantbench.harness.inputs.models import tiny_llama, tiny_opt
 from quantbench.methods import kvquant as kq
 from quantbench.methods.base import Calibration, ConfigError, build_method
 

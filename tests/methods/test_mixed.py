@@ -52,7 +52,7 @@ def test_knapsack_infeasible_raises():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from quantbench.harness.models import tiny_llama
+    from quantbench.harness.inputs.models import tiny_llama
 
     torch.set_num_threads(1)
     return tiny_llama().model
@@ -187,7 +187,7 @@ def test_group_choices_no_worse_predicted_than_single_group(tiny, calib):
 
 
 def test_fisher_kl_tracks_measured_kl(tiny, calib):
-    from quantbench.harness.sensitivity import measure_choice_sensitivities
+    from quantbench.methods.sensitivity import measure_choice_sensitivities
 
     model = copy.deepcopy(tiny)
     rows = [
@@ -211,7 +211,7 @@ def test_fisher_kl_tracks_measured_kl(tiny, calib):
 
 
 def test_fisher_kl_at_a_base_choice(tiny, calib):
-    from quantbench.harness.sensitivity import measure_choice_sensitivities
+    from quantbench.methods.sensitivity import measure_choice_sensitivities
 
     model = copy.deepcopy(tiny)
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]

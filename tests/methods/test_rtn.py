@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quantbench.harness.models import tiny_llama
+from quantbench.harness.inputs.models import tiny_llama
 from quantbench.kernels.intq import grid_params, pack_bits, unpack_bits
 from quantbench.methods.base import build_method, model_storage
 from quantbench.methods.qlinear import IntQuantLinear
@@ -85,7 +85,7 @@ def test_packed_and_simulated_paths_agree(fast, monkeypatch):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_fast_row_unpack_equals_bitstream_unpack(bits):
-    from quantbench.methods.qlinear import unpack_rows
+    from quantbench.kernels.intq import unpack_rows
 
     codes = torch.randint(0, 2**bits, (96, 40), dtype=torch.int32)
     packed = pack_bits(codes, bits, 0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from quantbench.harness.models import tiny_llama, tiny_opt
+from quantbench.harness.inputs.models import tiny_llama, tiny_opt
 from quantbench.methods.base import Calibration, ConfigError, build_method, model_storage
 from quantbench.methods.smoothquant import (
     calibrate_act_stats,

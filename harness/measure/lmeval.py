@@ -4,13 +4,13 @@
 ``build_method(method, params)`` (calibrating on the wiki calibration split where the method
 needs it) and delegates everything else to lm-eval's ``HFLM`` over the in-memory model::
 
-    python -m quantbench.harness.lmeval --model quantbench \\
+    python -m quantbench.harness.measure.lmeval --model quantbench \\
         --model_args method=rtn,bits=4,group_size=128,model=smollm2-135m --tasks mmlu_qb --limit 50
 
 Every key of ``--model_args`` that is not one of ``model, method, n_samples, seq_len,
 calibration, seed`` is a parameter of the method.  The class is registered with lm-eval's model
 registry on import and declared as an ``lm_eval.models`` entry point; lm-eval 0.4.13 does not read
-that entry-point group, so ``python -m quantbench.harness.lmeval`` (the ``lm_eval`` CLI with this
+that entry-point group, so ``python -m quantbench.harness.measure.lmeval`` (the ``lm_eval`` CLI with this
 module imported and quantbench's local task directory on the include path) is the reliable form.
 """
 
@@ -33,9 +33,9 @@ def build_quantized(model: str = "smollm2-135m", method: str = "fp", n_samples: 
     """(quantized model, tokenizer) for a registry model name (or HF/GGUF path) and a method."""
     import torch
 
-    from quantbench.harness import data
-    from quantbench.harness.models import load_model
-    from quantbench.methods.base import Calibration, build_method
+    from ..inputs import data
+    from ..inputs.models import load_model
+    from ...methods.base import Calibration, build_method
 
     spec: Any = model if "/" not in str(model) else {"path": str(model)}
     base = load_model(spec)
@@ -58,7 +58,7 @@ class QuantbenchLM(HFLM):
     def __init__(self, model: str = "smollm2-135m", method: str = "fp", batch_size: int | str = 8,
                  n_samples: int = 32, seq_len: int = 512, calibration: str = "wiki", seed: int = 0,
                  device: str | None = None, max_batch_size: int | None = 64, **params: Any) -> None:
-        from quantbench.harness.tasks import _offline_env, hf_tokenizer
+        from .tasks import _offline_env, hf_tokenizer
 
         _offline_env()
         params = {k: v for k, v in params.items() if k not in ("dtype", "trust_remote_code")}
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     """The ``lm_eval`` CLI with ``quantbench`` registered and the local tasks on the include path."""
     from lm_eval.__main__ import cli_evaluate
 
-    from quantbench.harness.tasks import _offline_env, task_dir
+    from .tasks import _offline_env, task_dir
 
     _offline_env()
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from quantbench.harness.metrics import CellContext, MetricResult
+    from .metrics import CellContext, MetricResult
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,8 @@ def energy_j_per_token(ctx: CellContext, rapl_root: Path = RAPL_ROOT, nvml: Any 
     """Decode J/token (value) and prefill J/token (protocol), windows of >= 1 s each."""
     import torch
 
-    from quantbench.harness import latency
-    from quantbench.harness.metrics import MetricResult
+    from . import latency
+    from .metrics import MetricResult
 
     dev = str(next(ctx.model.parameters()).device)
     counter, reason = find_counter(dev, rapl_root, nvml)

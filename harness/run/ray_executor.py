@@ -16,13 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from quantbench.harness.metrics import METRICS
-from quantbench.harness.models import model_key
-from quantbench.harness.records import (
+from ..measure.metrics import METRICS
+from ..inputs.models import model_key
+from .records import (
     make_record,
     utc_now,
 )
-from quantbench.harness.suite import Cell, Suite, parse_suite
+from .suite import Cell, Suite, parse_suite
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ _RUNNERS: dict[tuple, Any] = {}  # per worker process: one loaded base model per
 def _run_cell_task(suite_raw: dict[str, Any], model_spec: Any, cell_name: str, run_dir: str | None,
                    seed: int, limit: int | None, run_id: str, env: dict[str, Any]) -> list[dict[str, Any]]:
     """Body of the Ray task (runs in a worker); reuses the worker's loaded model when it can."""
-    from quantbench.harness.runner import CellRunner
+    from .runner import CellRunner
 
     suite = parse_suite(suite_raw)
     key = (json.dumps(suite_raw, sort_keys=True, default=str), model_key(model_spec), seed, limit)
@@ -69,10 +69,10 @@ def run_suite_ray(
     try:
         import ray
     except ImportError as e:  # pragma: no cover - depends on the extra
-        from quantbench.methods.base import ConfigError
+        from ...methods.base import ConfigError
 
         raise ConfigError("the Ray executor needs Ray: pip install 'quantbench[ray]'") from e
-    from quantbench.harness.runner import REPO_ROOT, start_run
+    from .runner import REPO_ROOT, start_run
 
     run = start_run(suite, out, resume)
     run_dir, env, done, run_id, writer = run.dir, run.env, run.done, run.run_id, run.writer

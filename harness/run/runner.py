@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from quantbench.harness import data as datamod
-from quantbench.harness import memory
-from quantbench.harness.evaluate import EvalData, Reference, build_eval_data
-from quantbench.harness.metrics import METRICS, CellContext, MetricResult
-from quantbench.harness.models import LoadedModel, load_model, model_key
-from quantbench.harness.records import (
+from ..inputs import data as datamod
+from ..measure import memory
+from ..measure.evaluate import EvalData, Reference, build_eval_data
+from ..measure.metrics import METRICS, CellContext, MetricResult
+from ..inputs.models import LoadedModel, load_model, model_key
+from .records import (
     RecordWriter,
     completed_cells,
     environment,
@@ -35,12 +35,12 @@ from quantbench.harness.records import (
     read_records,
     utc_now,
 )
-from quantbench.harness.suite import Cell, Suite, resolved_yaml
-from quantbench.methods.base import Calibration, Method, build_method
+from .suite import Cell, Suite, resolved_yaml
+from ...methods.base import Calibration, Method, build_method
+from ..paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def default_run_dir(suite: Suite) -> Path:

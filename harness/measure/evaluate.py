@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from quantbench.methods.base import ConfigError
+from ...methods.base import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from quantbench.methods.base import ConfigError, build_method
+from ...methods.base import ConfigError, build_method
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,9 @@ def parse_run_cell(run_cell: str) -> tuple[Path, str]:
 
 def rebuild_cell(run_dir: Path, cell_name: str, model_name: str | None = None) -> tuple[Any, Any, list[Any]]:
     """Re-create a run cell's quantized model: returns (quantized model, LoadedModel, methods)."""
-    from quantbench.harness import data as datamod
-    from quantbench.harness.models import load_model, model_key
-    from quantbench.methods.base import Calibration
+    from ..inputs import data as datamod
+    from ..inputs.models import load_model, model_key
+    from ...methods.base import Calibration
 
     resolved = yaml.safe_load((run_dir / "suite.resolved.yaml").read_text())
     cells = {c["name"]: c for c in resolved["cells"]}
@@ -76,11 +76,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, base, _ = rebuild_cell(run_dir, cell, args.model)
     out = Path(args.out)
     if args.format == "gptq":
-        from quantbench.methods.gptq_export import export_gptq
+        from ...methods.gptq_export import export_gptq
 
         export_gptq(model, base.tokenizer, out)
     else:
-        from quantbench.methods.gguf_export import export_gguf
+        from ...methods.gguf_export import export_gguf
 
         export_gguf(model, base.tokenizer, base.info, out)
     print(f"wrote {out}")

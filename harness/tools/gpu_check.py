@@ -135,9 +135,9 @@ def _activations(M: int, K: int, seed: int, device: str, dtype: Any) -> Any:
 def _w4a16(M: int, K: int, N: int, dtype: Any, device: str, seed: int, act_order: bool = True) -> _Inst:
     import torch
 
-    from quantbench.kernels.triton_w4a16 import w_int_matmul
-    from quantbench.methods.qlinear import IntQuantLinear
-    from quantbench.methods.rtn import rtn_quantize_weight
+    from ...kernels.triton_w4a16 import w_int_matmul
+    from ...methods.qlinear import IntQuantLinear
+    from ...methods.rtn import rtn_quantize_weight
 
     def build() -> Any:
         g = _gen(seed, "cpu")
@@ -170,8 +170,8 @@ def _w4a16_sorted(M: int, K: int, N: int, dtype: Any, device: str, seed: int) ->
 def _int8(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Inst:
     import torch
 
-    from quantbench.kernels.int8mm import int8_matmul_reference, quantize_per_token, quantize_weight_per_channel
-    from quantbench.kernels.triton_int8 import int8_matmul_triton
+    from ...kernels.int8mm import int8_matmul_reference, quantize_per_token, quantize_weight_per_channel
+    from ...kernels.triton_int8 import int8_matmul_triton
 
     def build() -> Any:
         w = torch.randn(N, K, generator=_gen(seed, "cpu"))
@@ -196,8 +196,8 @@ def _int8(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Inst:
 def _ternary(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Inst:
     import torch
 
-    from quantbench.kernels.ternary import pack_ternary
-    from quantbench.kernels.triton_ternary import ternary_matmul
+    from ...kernels.ternary import pack_ternary
+    from ...kernels.triton_ternary import ternary_matmul
 
     def build() -> Any:
         g = _gen(seed, "cpu")
@@ -223,8 +223,8 @@ def _kv_decode(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _I
     """Decode attention: M = batch, K = context tokens T, N = query heads (8 KV heads, d_h 128)."""
     import torch
 
-    from quantbench.kernels.kvcache import decode_attention_ref, pack_codes
-    from quantbench.kernels.triton_kv_attention import decode_attention_triton
+    from ...kernels.kvcache import decode_attention_ref, pack_codes
+    from ...kernels.triton_kv_attention import decode_attention_triton
 
     g = _gen(seed, device)  # generated where they are used: the 32k x batch-8 inputs took minutes on a CPU
     B, T, Hq, Hkv, D, bits, gs = M, K, N, max(1, N // 4), 128, 4, 32
@@ -458,7 +458,7 @@ def summary_table(results: list[Result], ceilings: dict[str, float], device_name
 
 
 def run_environment() -> dict[str, Any]:
-    from quantbench.harness.records import environment, utc_now
+    from ..run.records import environment, utc_now
 
     return {**environment(), "started": utc_now()}
 
@@ -466,7 +466,7 @@ def run_environment() -> dict[str, Any]:
 def to_records(
     results: list[Result], ceilings: dict[str, float], device_name: str, env: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    from quantbench.harness.records import make_record
+    from ..run.records import make_record
 
     env = env or run_environment()
     out = []
@@ -544,8 +544,8 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
 
     results, ceilings = run_checks(args.dry_run, args.seed, args.only, on_result=save)
     if args.suites and not args.dry_run:
-        from quantbench.harness.runner import run_suite
-        from quantbench.harness.suite import load_suite
+        from ..run.runner import run_suite
+        from ..run.suite import load_suite
 
         for name in args.suites.split(","):
             run_suite(load_suite(f"suites/{name}.yaml"), Path(args.out or "results/runs") / f"gpu-{name}")
@@ -568,6 +568,6 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from quantbench.harness.cli import main
+    from ..cli import main
 
     sys.exit(main(["gpu-check", *sys.argv[1:]]))

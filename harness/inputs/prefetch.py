@@ -1,4 +1,4 @@
-"""Fetch every offline corpus and task file into the cache (``python -m quantbench.harness.prefetch``)."""
+"""Fetch every offline corpus and task file into the cache (``python -m quantbench.harness.inputs.prefetch``)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import importlib
 import logging
 import sys
 
-from quantbench.harness import data
+from . import data
 
 log = logging.getLogger(__name__)
 
 #: extra fetchers registered by optional features ("module:function"), run when importable
-EXTRA_FETCHERS = ["quantbench.harness.tasks:prefetch"]
+EXTRA_FETCHERS = ["quantbench.harness.measure.tasks:prefetch"]
 
 
 def main() -> int:

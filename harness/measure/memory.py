@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from quantbench.harness.metrics import CellContext, MetricResult
+    from .metrics import CellContext, MetricResult
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def peak_memory_bytes(ctx: CellContext) -> list[MetricResult]:
     ``ctx.memo["peak_quantize"]`` (then resets again); the eval phase is whatever ran since, and
     this metric runs the shared evaluation pass first so the eval peak covers it.
     """
-    from quantbench.harness.metrics import MetricResult
+    from .metrics import MetricResult
 
     ctx.eval_stats()
     ev = peak()
@@ -150,7 +150,7 @@ def _is_kv_method(m: Any) -> bool:
 
 
 def kv_bytes_per_token(ctx: CellContext) -> list[MetricResult]:
-    from quantbench.harness.metrics import MetricResult
+    from .metrics import MetricResult
 
     n = int(_latency_params(ctx).get("context", 256))
     r = measure_kv_bytes_per_token(ctx.model, n, kv_module_of(ctx), ctx.seed)
@@ -164,14 +164,14 @@ def kv_bytes_per_token(ctx: CellContext) -> list[MetricResult]:
 def calculator_bytes_per_token(ctx: CellContext, n: int) -> float | None:
     """kvcalc's bytes/token for the cell's KV method (or the fp16 cache) at ``n`` tokens, excluding the
     calibrated per-layer state, as the measurement counts; None when the model shape is unknown."""
-    from quantbench.harness.kvcalc import kv_cache_bytes
+    from ...methods.kvcalc import kv_cache_bytes
 
     cfg = getattr(ctx.model, "config", None)
     if cfg is None or not hasattr(cfg, "num_hidden_layers"):
         return None
     kv = next((m for m in ctx.methods if _is_kv_method(m)), None)
     method, params = ("kv-fp16", {}) if kv is None else (kv.name, kv.config.to_dict())
-    from quantbench.methods.kvquant import head_dim_of, kv_heads_of
+    from ...methods.kvquant import head_dim_of, kv_heads_of
 
     b = kv_cache_bytes(method, params, n_layers=cfg.num_hidden_layers, n_kv_heads=kv_heads_of(ctx.model),
                        head_dim=head_dim_of(ctx.model), tokens=n)
@@ -182,6 +182,6 @@ def calculator_bytes_per_token(ctx: CellContext, n: int) -> float | None:
 
 
 def _latency_params(ctx: CellContext) -> dict[str, Any]:
-    from quantbench.harness.latency import latency_params
+    from .latency import latency_params
 
     return latency_params(ctx)

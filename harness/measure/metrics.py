@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 if TYPE_CHECKING:
-    from quantbench.harness.evaluate import EvalData, EvalStats, Reference
-    from quantbench.harness.models import LoadedModel
-    from quantbench.harness.suite import Cell, Suite
-    from quantbench.methods.base import Method
+    from .evaluate import EvalData, EvalStats, Reference
+    from ..inputs.models import LoadedModel
+    from ..run.suite import Cell, Suite
+    from ...methods.base import Method
 
 
 @dataclass
@@ -63,7 +63,7 @@ class CellContext:
     def storage(self) -> dict[str, Any]:
         """``model_storage`` of the cell's model, computed once (bits_per_weight and weight_bytes share it)."""
         if "storage" not in self.memo:
-            from quantbench.methods.base import model_storage
+            from ...methods.base import model_storage
 
             self.memo["storage"] = model_storage(self.model)
         return self.memo["storage"]
@@ -71,13 +71,13 @@ class CellContext:
     def eval_stats(self) -> EvalStats:
         """One evaluation pass shared by perplexity, kl_divergence and top1_agreement."""
         if "eval" not in self.memo:
-            from quantbench.harness.evaluate import evaluate
+            from .evaluate import evaluate
 
             self.memo["eval"] = evaluate(self.model, self.eval_data, self.reference, desc=self.cell.name)
         return self.memo["eval"]
 
 
-_Q = "quantbench.harness.metrics"
+_Q = "quantbench.harness.measure.metrics"
 METRICS: dict[str, MetricSpec] = {
     "perplexity": MetricSpec("ppl", False, f"{_Q}:perplexity"),
     "kl_divergence": MetricSpec("nats/token", False, f"{_Q}:kl_divergence"),
@@ -85,12 +85,12 @@ METRICS: dict[str, MetricSpec] = {
     "bits_per_weight": MetricSpec("bits", False, f"{_Q}:bits_per_weight"),
     "weight_bytes": MetricSpec("bytes", False, f"{_Q}:weight_bytes"),
     "quantize_seconds": MetricSpec("s", False, f"{_Q}:quantize_seconds"),
-    "accuracy": MetricSpec("fraction", True, "quantbench.harness.tasks:accuracy"),
-    "kv_bytes_per_token": MetricSpec("bytes", False, "quantbench.harness.memory:kv_bytes_per_token"),
-    "prefill_tokens_per_s": MetricSpec("tokens/s", True, "quantbench.harness.latency:prefill_tokens_per_s"),
-    "decode_ms_per_token": MetricSpec("ms", False, "quantbench.harness.latency:decode_ms_per_token"),
-    "peak_memory_bytes": MetricSpec("bytes", False, "quantbench.harness.memory:peak_memory_bytes"),
-    "energy_j_per_token": MetricSpec("J/token", False, "quantbench.harness.energy:energy_j_per_token"),
+    "accuracy": MetricSpec("fraction", True, "quantbench.harness.measure.tasks:accuracy"),
+    "kv_bytes_per_token": MetricSpec("bytes", False, "quantbench.harness.measure.memory:kv_bytes_per_token"),
+    "prefill_tokens_per_s": MetricSpec("tokens/s", True, "quantbench.harness.measure.latency:prefill_tokens_per_s"),
+    "decode_ms_per_token": MetricSpec("ms", False, "quantbench.harness.measure.latency:decode_ms_per_token"),
+    "peak_memory_bytes": MetricSpec("bytes", False, "quantbench.harness.measure.memory:peak_memory_bytes"),
+    "energy_j_per_token": MetricSpec("J/token", False, "quantbench.harness.measure.energy:energy_j_per_token"),
 }
 
 
@@ -128,7 +128,7 @@ def top1_agreement(ctx: CellContext) -> list[MetricResult]:
 
 
 def bits_per_weight(ctx: CellContext) -> list[MetricResult]:
-    from quantbench.methods.base import linear_weight_count
+    from ...methods.base import linear_weight_count
 
     st = ctx.storage()
     n_linear = linear_weight_count(ctx.model)

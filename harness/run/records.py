@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from ..paths import REPO_ROOT
 
 SCHEMA = 1
 VOLATILE_PROVENANCE = ("git_sha", "dirty", "started", "seconds", "metric_seconds", "hostname")
@@ -20,7 +21,7 @@ def utc_now() -> str:
 
 
 def git_state(cwd: str | Path | None = None) -> tuple[str | None, bool | None]:
-    cwd = cwd or Path(__file__).resolve().parent.parent
+    cwd = cwd or REPO_ROOT
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
         st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from quantbench.harness.metrics import CellContext, MetricResult
+    from .metrics import CellContext, MetricResult
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ _BANDWIDTH: dict[str, float] = {}
 
 def validate_params(where: str, p: Any) -> dict[str, int]:
     """Check a ``latency:`` mapping (suite or cell level); returns it with defaults filled in."""
-    from quantbench.methods.base import ConfigError, did_you_mean
+    from ...methods.base import ConfigError, did_you_mean
 
     if not isinstance(p, dict):
         raise ConfigError(f"{where}: latency must be a mapping, got {p!r}")
@@ -116,7 +116,7 @@ class LoadMonitor:
 
 
 def _kv_module(ctx: CellContext) -> Any:
-    from quantbench.harness.memory import kv_module_of
+    from .memory import kv_module_of
 
     return kv_module_of(ctx)
 
@@ -193,8 +193,8 @@ def measure_latency(ctx: CellContext) -> dict[str, Any]:
     """One prefill + decode measurement of the cell (memoized in ``ctx.memo['latency']``)."""
     if "latency" in ctx.memo:
         return ctx.memo["latency"]
-    from quantbench.harness.memory import measure_kv_bytes_per_token
-    from quantbench.methods.base import model_storage
+    from .memory import measure_kv_bytes_per_token
+    from ...methods.base import model_storage
 
     p = latency_params(ctx)
     model, kv = ctx.model, _kv_module(ctx)
@@ -253,14 +253,14 @@ def _protocol(r: dict[str, Any], drop: tuple[str, ...]) -> dict[str, Any]:
 
 
 def prefill_tokens_per_s(ctx: CellContext) -> list[MetricResult]:
-    from quantbench.harness.metrics import MetricResult
+    from .metrics import MetricResult
 
     r = measure_latency(ctx)
     return [MetricResult(r["prefill_tokens_per_s"], _protocol(r, ("prefill_tokens_per_s",)))]
 
 
 def decode_ms_per_token(ctx: CellContext) -> list[MetricResult]:
-    from quantbench.harness.metrics import MetricResult
+    from .metrics import MetricResult
 
     r = measure_latency(ctx)
     return [MetricResult(r["decode_ms_p50"], _protocol(r, ("decode_ms_p50",)))]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantbench.methods.base import ConfigError, did_you_mean
+from ...methods.base import ConfigError, did_you_mean
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,11 @@ from typing import Any
 
 import yaml
 
-from quantbench.harness.data import DATASETS, get_corpus
-from quantbench.harness.evaluate import PROTOCOLS
-from quantbench.harness.models import model_key, validate_model_spec
-from quantbench.methods.base import ConfigError, build_method, did_you_mean
+from ..inputs.data import DATASETS, get_corpus
+from ..measure.evaluate import PROTOCOLS
+from ..inputs.models import model_key, validate_model_spec
+from ...methods.base import ConfigError, build_method, did_you_mean
+from ..paths import SUITES_DIR
 
 TOP_KEYS = {"name", "description", "models", "seed", "eval", "calibration", "metrics", "cells",
             "tolerances", "resources", "tasks", "latency", "executor"}
@@ -134,7 +135,7 @@ def _parse_chain(where: str, method: Any, params: Any) -> list[MethodSpec]:
 
 
 def _check_metrics(where: str, metrics: Any) -> list[str]:
-    from quantbench.harness.metrics import METRICS
+    from ..measure.metrics import METRICS
 
     if not isinstance(metrics, list) or not metrics:
         raise _err(where, "metrics must be a non-empty list")
@@ -159,13 +160,13 @@ def _check_calibration(where: str, c: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_tasks(where: str, tasks: Any) -> Any:
-    from quantbench.harness.tasks import validate_tasks
+    from ..measure.tasks import validate_tasks
 
     return validate_tasks(where, tasks)
 
 
 def _check_latency(where: str, lat: Any) -> dict[str, Any]:
-    from quantbench.harness.latency import validate_params
+    from ..measure.latency import validate_params
 
     validate_params(where, lat)
     return dict(lat)
@@ -249,7 +250,7 @@ def parse_suite(raw: dict[str, Any], path: str | None = None) -> Suite:
 def load_suite(path: str | Path) -> Suite:
     p = Path(path)
     if not p.exists():
-        builtin = Path(__file__).resolve().parent.parent / "suites" / f"{p.name}"
+        builtin = SUITES_DIR / p.name
         alt = builtin if builtin.exists() else builtin.with_suffix(".yaml")
         if alt.exists():
             p = alt
