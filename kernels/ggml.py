@@ -69,7 +69,7 @@ def _f16r(v: np.ndarray) -> np.ndarray:
     return v.astype(F32).astype(np.float16).astype(F32)
 
 
-def _rd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _rd(a: np.ndarray | np.float32, b: np.ndarray) -> np.ndarray:
     """a / b in float32, 0 where b == 0."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(b != 0, a / np.where(b != 0, b, F32(1)), F32(0)).astype(F32)
@@ -624,7 +624,7 @@ def _dq_blocks(b: np.ndarray, qtype: str) -> np.ndarray:
     raise ValueError(f"unknown ggml type {qtype}")
 
 
-def dequantize(data: np.ndarray | torch.Tensor, qtype: str, shape: tuple[int, int]) -> np.ndarray:
+def dequantize(data: np.ndarray | torch.Tensor, qtype: str, shape: tuple[int, ...]) -> np.ndarray:
     """Dequantize ggml bytes (uint8, [rows, row_bytes] or flat) to float32 of ``shape``."""
     if isinstance(data, torch.Tensor):
         data = data.detach().cpu().numpy()
@@ -637,7 +637,7 @@ def dequantize(data: np.ndarray | torch.Tensor, qtype: str, shape: tuple[int, in
     return _dq_blocks(b.reshape(-1, ts), qtype).reshape(shape)
 
 
-def dequantize_torch(data: torch.Tensor, qtype: str, shape: tuple[int, int],
+def dequantize_torch(data: torch.Tensor, qtype: str, shape: tuple[int, ...],
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Torch wrapper of :func:`dequantize` (the reference path used by GGMLLinear)."""
     return torch.from_numpy(dequantize(data, qtype, shape)).to(dtype)

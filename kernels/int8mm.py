@@ -95,7 +95,7 @@ def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_sca
     """The packed W8A8 GEMM: Triton (fused epilogue) on CUDA, ``torch._int_mm`` elsewhere."""
     if xq.is_cuda and USE_TRITON_ON_CUDA:
         try:
-            from .triton_int8 import int8_matmul_triton
+            from .triton_int8 import int8_matmul_triton  # deferred: triton is optional
         except ImportError:  # pragma: no cover - triton missing
             pass
         else:

@@ -192,7 +192,7 @@ def int8pack_linear(x: torch.Tensor, layer: IntPackedWeight) -> torch.Tensor:
 def int_weight_linear(x: torch.Tensor, layer: IntPackedWeight) -> torch.Tensor:
     """Packed-path forward for a packed integer weight (:class:`~quantbench.kernels.intq.IntPackedWeight`)."""
     if x.is_cuda and layer.bits in (2, 4, 8):
-        from .triton_w4a16 import triton_int_linear
+        from .triton_w4a16 import triton_int_linear  # deferred: triton is optional
 
         return triton_int_linear(x, layer)
     if (CPU_FAST_PATH and x.device.type == "cpu" and layer.bits in INT4PACK_BITS

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -291,7 +291,7 @@ def token_range(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torc
 def encode(x: torch.Tensor, spec: KVSpec) -> Encoded:
     """Quantize x [B, H, n, D] (all of it) with ``spec`` into packed buffers."""
     x = x.float()
-    shape = tuple(x.shape)
+    shape = cast(tuple[int, int, int, int], tuple(x.shape))  # x is [B, H, n, D]
     if spec.scheme == "int":
         xg = _groups(x, spec)
         scale, zero = int_params(xg.amin(-1), xg.amax(-1), spec.bits)
@@ -411,6 +411,7 @@ class _KVStore:
         s = 0 if self.head is None else self.head.shape[2]
         out = torch.empty(B, H, self.length(), D, dtype=torch.float32, device=self.enc.codes.device)
         if s:
+            assert self.head is not None  # s > 0 only with a head
             out[:, :, :s] = self.head
         decode(self.enc, self.spec, out=out[:, :, s : s + n])
         if self.tail is not None and self.tail.shape[2]:
@@ -504,12 +505,13 @@ class QuantizedKVCache:
 
         caps = captures or [None] * len(specs)
         rope = None if rotary is None else RopeTable(rotary)
-        layers = [QuantizedKVLayer(k, v, c) for (k, v), c in zip(specs, caps, strict=True)]
-        cache = DynamicCache.__new__(DynamicCache)
+        # list[Any]: Cache.__init__'s (invariant) list element type differs across transformers versions
+        layers: list[Any] = [QuantizedKVLayer(k, v, c) for (k, v), c in zip(specs, caps, strict=True)]
+        cache: Any = DynamicCache.__new__(DynamicCache)  # a DynamicCache given a kv_bytes() attribute below
         from transformers.cache_utils import Cache
 
         Cache.__init__(cache, layers=layers)
-        cache.kv_bytes = lambda: kv_bytes(cache)  # type: ignore[attr-defined]
+        cache.kv_bytes = lambda: kv_bytes(cache)
         return cache
 
 

@@ -7,13 +7,14 @@ is per row (per-token dynamic scales; a static per-tensor scale is passed expand
 stride 0); ``wq`` is read as [N, K] through its strides (K-major B tiles, as the tensor cores
 want them), so no transposed copy is made.
 
-Decode (M <= 16) splits K over a second grid axis: each program scales its exact int32 partial
-and adds it into a zeroed fp32 buffer with ``tl.atomic_add`` (a 4096-wide layer has only 32-64
-column tiles; the split gives ~4 programs per SM to stream the int8 weights).  Larger M uses big
-autotuned tiles (128x128x128 and up) for the int8 tensor cores, whose peak is twice bf16's.
+Decode (M <= 16) splits K over a second grid axis: each program scales its exact int32 partial,
+and the fp32 partials are summed by the shared ``triton_tuning.splitk_epilogue`` / ``run_splitk``
+(a 4096-wide layer has only 32-64 column tiles; the split gives ~4 programs per SM to stream the
+int8 weights).  Larger M uses big autotuned tiles (128x128x128 and up) for the int8 tensor cores,
+whose peak is twice bf16's.
 
 On CPU it runs only under ``TRITON_INTERPRET=1`` (set before importing triton), with one fixed
-small config (split-K on at decode, so the atomic path is tested).  The int8 dot is exact there
+small config (split-K on at decode, so the split-K paths are tested).  The int8 dot is exact there
 too; the epilogue is fp32 either way.
 """
 
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_tuning import autotune, cfg, grouped_tile, interpreted, launch_with, m_bucket, run_splitk
+from .triton_tuning import autotune, cfg, grouped_tile, interpreted, launch_tuned, m_bucket, run_splitk, splitk_epilogue
 
 
 @triton.jit
@@ -64,8 +65,6 @@ def _int8_matmul_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
     offs_am = offs_m % M  # wrapped: the loads need no M/N masks (the store is masked)
     offs_bn = offs_n % N
 
@@ -84,27 +83,8 @@ def _int8_matmul_kernel(
     xs = tl.load(xs_ptr + offs_am * stride_xs).to(tl.float32)
     ws = tl.load(ws_ptr + offs_bn).to(tl.float32)
     y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_bn).to(tl.float32)
-        if SPLIT_K > 1:
-            bias = bias * (pid_k == 0).to(tl.float32)
-        y += bias[None, :]
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    c_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=c_mask)
-    elif REDUCE == 2:  # the tile's last program to finish writes it (one launch, no zero-fill / cast)
-        wk_ptrs = wk_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(wk_ptrs, y, mask=c_mask, sem="relaxed")
-        tl.debug_barrier()  # all of this program's partial is in before its tile counter moves
-        if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = tl.atomic_add(wk_ptrs, tl.zeros_like(y), mask=c_mask, sem="acquire")  # read at L2
-            total = tl.where(c_mask, total, 0.0)
-            tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=c_mask)
-            tl.store(wk_ptrs, tl.zeros_like(y), mask=c_mask)  # leave the workspace and counter zeroed
-            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
-    else:
-        tl.atomic_add(c_ptrs, y, mask=c_mask, sem="relaxed")  # c is a zeroed fp32 buffer
+    splitk_epilogue(y, bias_ptr, c_ptr, wk_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn,
+                    HAS_BIAS, SPLIT_K, REDUCE)  # fmt: skip
 
 
 _DECODE_CONFIGS = [
@@ -159,6 +139,7 @@ def int8_matmul_triton(
         return torch.zeros(0, N, dtype=out_dtype, device=xq.device)
     decode = M <= 16
     pinned = block_m is not None or block_n is not None or block_k is not None
+    flags = dict(HAS_BIAS=bias is not None)
 
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
@@ -185,22 +166,16 @@ def int8_matmul_triton(
             out.stride(0),
             out.stride(1),
         )
-        flags = dict(HAS_BIAS=bias is not None, REDUCE=reduce)
         if pinned or interpreted():
             c = _INTERP_DECODE if decode else _INTERP_LARGE
             meta = dict(c.kwargs)
             if pinned:
                 meta.update(BLOCK_M=max(16, block_m or 16), BLOCK_N=block_n or 64, BLOCK_K=max(32, block_k or 64))
-            _int8_matmul_kernel[grid(meta)](*args, **flags, **meta, num_warps=c.num_warps, num_stages=c.num_stages)
+            _int8_matmul_kernel[grid(meta)](
+                *args, **flags, REDUCE=reduce, **meta, num_warps=c.num_warps, num_stages=c.num_stages
+            )
             return
-        tuned = _decode_tuned if decode else _large_tuned
-        if launch_with(tuned, grid, same, *args, **flags):
-            return
-        n_cached = len(tuned.cache)
-        tuned[grid](*args, **flags)
-        if reduce == 1 and len(tuned.cache) != n_cached:  # this call autotuned: the atomics ran more than once
-            out.zero_()
-            tuned[grid](*args, **flags)
+        launch_tuned(_decode_tuned if decode else _large_tuned, grid, same, out, reduce, *args, **flags)
 
     if decode:  # split-K
         return run_splitk("int8", launch, M, N, out_dtype, xq.device)

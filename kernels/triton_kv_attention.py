@@ -26,6 +26,8 @@ try:  # triton is optional on CPU-only installs
     import triton
     import triton.language as tl
 
+    from .triton_tuning import autotune, interpreted, num_sms
+
     HAS_TRITON = True
 except ImportError:  # pragma: no cover
     HAS_TRITON = False
@@ -146,8 +148,6 @@ if HAS_TRITON:
 _DOT_PREC = {"gpu": "tf32x3"}
 
 if HAS_TRITON:
-    from .triton_tuning import autotune
-
     # warps x stages only (BLOCK_T sets the host-side split sizes); the kernel only writes its
     # partials, so benchmarking it repeatedly is harmless.  At BLOCK_T = 64 on sm_90: 4 warps
     # 235 regs/thread, 8 warps 188 (no spills either way), 60-72 KiB shared memory.
@@ -159,8 +159,6 @@ if HAS_TRITON:
 
 def _num_splits(B: int, Hkv: int, T: int, block_t: int, device: torch.device) -> int:
     """Splits of the T axis: about 4 programs per SM, each with at least 4 BLOCK_T tiles."""
-    from .triton_tuning import num_sms
-
     want = max(1, -(-4 * num_sms(device) // (B * Hkv)))
     return max(1, min(want, T // (4 * block_t)))
 
@@ -197,8 +195,6 @@ def decode_attention_triton(
     part_l = torch.empty(B * Hq * splits, dtype=torch.float32, device=q.device)
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads do not share {Hkv} KV heads evenly")
-    from .triton_tuning import interpreted
-
     # fp32 scores and P @ V: 3xTF32 on tensor cores keeps fp32 accuracy (IEEE in the interpreter)
     prec = "ieee" if interpreted() or q.device.type != "cuda" else _DOT_PREC["gpu"]
 

@@ -6,10 +6,10 @@ or floating point (fp16/bf16/fp32, fp32 accumulation, ``a_scale = 1``).  Scales 
 or per output channel.  Tested on CPU under ``TRITON_INTERPRET=1`` against the torch reference
 (one fixed small config there; on a GPU the tiles are autotuned per (M bucket, N, K)).
 
-Decode (M <= 16) splits K over a second grid axis and adds the scaled fp32 partials into a zeroed
-fp32 buffer with ``tl.atomic_add``: the 2-bit weights are 1/8 of fp16's bytes, and only with ~4
-programs per SM are enough of them in flight to stream at memory speed.  Larger M uses
-128x128-class tiles so each unpacked weight tile feeds a large MMA.
+Decode (M <= 16) splits K over a second grid axis and sums the scaled fp32 partials (the shared
+``triton_tuning.splitk_epilogue`` / ``run_splitk``): the 2-bit weights are 1/8 of fp16's bytes,
+and only with ~4 programs per SM are enough of them in flight to stream at memory speed.  Larger
+M uses 128x128-class tiles so each unpacked weight tile feeds a large MMA.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .ternary import act_quant_int8
-from .triton_tuning import autotune, cfg, grouped_tile, interpreted, launch_with, m_bucket, run_splitk
+from .triton_tuning import autotune, cfg, grouped_tile, interpreted, launch_tuned, m_bucket, run_splitk, splitk_epilogue
 
 
 @triton.jit
@@ -95,22 +95,9 @@ def _ternary_gemm_kernel(
     y = acc.to(tl.float32) * s[None, :]
     if HAS_A_SCALE:
         y = y * tl.load(as_ptr + offs_xm)[:, None]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=y_mask)
-    elif REDUCE == 2:  # the tile's last program to finish writes it (one launch, no zero-fill / cast)
-        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, y, mask=y_mask, sem="relaxed")
-        tl.debug_barrier()  # all of this program's partial is in before its tile counter moves
-        if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = tl.atomic_add(ws_ptrs, tl.zeros_like(y), mask=y_mask, sem="acquire")  # read at L2
-            total = tl.where(y_mask, total, 0.0)
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
-            tl.store(ws_ptrs, tl.zeros_like(y), mask=y_mask)  # leave the workspace and counter zeroed
-            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
-    else:
-        tl.atomic_add(y_ptrs, y, mask=y_mask, sem="relaxed")  # y is a zeroed fp32 buffer
+    # no bias here (triton_ternary_linear adds it): s_ptr stands in for the unused bias pointer
+    splitk_epilogue(y, s_ptr, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_ym, stride_yn,
+                    False, SPLIT_K, REDUCE)  # fmt: skip
 
 
 _DECODE_CONFIGS = [
@@ -189,14 +176,7 @@ def ternary_matmul(
                 *args, **flags, REDUCE=reduce, **meta, num_warps=c.num_warps, num_stages=c.num_stages
             )
             return
-        tuned = _decode_tuned if decode else _large_tuned
-        if launch_with(tuned, grid, same, *args, **flags, REDUCE=reduce):
-            return
-        n_cached = len(tuned.cache)
-        tuned[grid](*args, **flags, REDUCE=reduce)
-        if reduce == 1 and len(tuned.cache) != n_cached:  # this call autotuned: the atomics ran more than once
-            y.zero_()
-            tuned[grid](*args, **flags, REDUCE=reduce)
+        launch_tuned(_decode_tuned if decode else _large_tuned, grid, same, y, reduce, *args, **flags)
 
     if decode:  # split-K
         return run_splitk("ternary", launch, M, N, out_dtype, x.device)

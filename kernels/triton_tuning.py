@@ -1,4 +1,6 @@
-"""Shared launch helpers for the Triton kernels: interpreter detection, autotuning, device facts.
+"""Shared launch helpers for the Triton kernels: interpreter detection, autotuning, device facts, and
+the split-K machinery of the GEMM kernels (int8, ternary, W4A16): :func:`run_splitk` on the host,
+:func:`splitk_epilogue` (bias, store, split-K reduction) inside the kernels.
 
 On a GPU each kernel family is wrapped in ``triton.autotune`` over a short config list keyed on an
 M bucket and the problem's N and K (so every new decode / prefill shape is benchmarked once, a few
@@ -148,6 +150,71 @@ def run_splitk(
     out = torch.zeros(M, N, dtype=torch.float32, device=device)
     launch(out, out, out, 1, False)
     return out.to(out_dtype) if out_dtype != torch.float32 else out
+
+
+def launch_tuned(
+    tuned: Any, grid: Callable[[dict[str, Any]], Any], same_config: bool, out: Any, reduce: int, *args: Any, **kw: Any
+) -> None:
+    """Launch autotuner ``tuned`` with ``REDUCE=reduce`` (reusing its last config if ``same_config``).
+
+    With REDUCE = 1 (atomics into ``out``, a zeroed fp32 buffer) a call that autotuned ran the atomics
+    once per benchmark run, so ``out`` is zeroed and the kernel run once more with the chosen config."""
+    if launch_with(tuned, grid, same_config, *args, REDUCE=reduce, **kw):
+        return
+    n_cached = len(tuned.cache)
+    tuned[grid](*args, REDUCE=reduce, **kw)
+    if reduce == 1 and len(tuned.cache) != n_cached:
+        out.zero_()
+        tuned[grid](*args, REDUCE=reduce, **kw)
+
+
+@triton.jit
+def splitk_epilogue(
+    y,
+    bias_ptr,
+    c_ptr,
+    ws_ptr,
+    cnt_ptr,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    stride_cm,
+    stride_cn,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    REDUCE: tl.constexpr,
+):
+    """Finish the fp32 [BLOCK_M, BLOCK_N] tile ``y`` of program (tile ``program_id(0)``, K split
+    ``program_id(1)``) at rows ``offs_m`` and columns ``offs_n`` of c [M, N].
+
+    Adds ``bias[n]`` (K split 0 only) if HAS_BIAS, then: SPLIT_K == 1 stores in c's dtype; REDUCE == 2
+    adds into the fp32 workspace ``ws`` [M, N] and the tile's last program to finish stores the sum
+    in c's dtype and zeroes its workspace tile and counter ``cnt[program_id(0)]``; else (REDUCE == 1)
+    adds into c, a zeroed fp32 buffer, with atomics."""
+    n_mask = offs_n < N
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if SPLIT_K > 1:
+            bias = bias * (tl.program_id(1) == 0).to(tl.float32)
+        y += bias[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = (offs_m[:, None] < M) & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=c_mask)
+    elif REDUCE == 2:  # the tile's last program to finish writes it (one launch, no zero-fill / cast)
+        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, y, mask=c_mask, sem="relaxed")
+        tl.debug_barrier()  # all of this program's partial is in before its tile counter moves
+        pid = tl.program_id(0)
+        if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.atomic_add(ws_ptrs, tl.zeros_like(y), mask=c_mask, sem="acquire")  # read at L2
+            total = tl.where(c_mask, total, 0.0)
+            tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=c_mask)
+            tl.store(ws_ptrs, tl.zeros_like(y), mask=c_mask)  # leave the workspace and counter zeroed
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
+    else:
+        tl.atomic_add(c_ptrs, y, mask=c_mask, sem="relaxed")  # c is a zeroed fp32 buffer
 
 
 @triton.jit

@@ -10,10 +10,11 @@ weights) is the main case.
 Three paths, chosen per call:
 
 * **decode** (M <= 16): one [16, BLOCK_N] tile per program and **split-K** (grid axis 1): each
-  program reduces a contiguous K range and adds its fp32 partial into a zeroed fp32 buffer with
-  ``tl.atomic_add`` (then one cast to the output dtype).  At M = 1 a 4096x4096 layer has only
-  32-64 column tiles; split-K gives the ~4 programs per SM that keep enough loads in flight to
-  stream the 4-bit weights at memory speed.
+  program reduces a contiguous K range and its fp32 partial is summed with the other splits' by
+  the shared ``triton_tuning.splitk_epilogue`` / ``run_splitk`` (in one launch, or with atomics
+  into a zeroed fp32 buffer and one cast to the output dtype).  At M = 1 a 4096x4096 layer has
+  only 32-64 column tiles; split-K gives the ~4 programs per SM that keep enough loads in flight
+  to stream the 4-bit weights at memory speed.
 * **mid** (16 < M < ``DEQUANT_MIN_M``): the same kernel, [BLOCK_M, BLOCK_N] tiles, no split.
 * **prefill** (M >= ``DEQUANT_MIN_M``): a Triton kernel dequantizes W once into an fp16/bf16
   [K, N] buffer and cuBLAS does the GEMM (exllama's large-batch strategy: the dequantization is
@@ -46,7 +47,7 @@ import triton
 import triton.language as tl
 
 from .intq import unpack_rows
-from .triton_tuning import autotune, cfg, grouped_tile, interpreted, launch_with, m_bucket, run_splitk
+from .triton_tuning import autotune, cfg, grouped_tile, interpreted, launch_tuned, m_bucket, run_splitk, splitk_epilogue
 
 if TYPE_CHECKING:
     from .intq import IntPackedWeight
@@ -158,28 +159,8 @@ def _w_int_matmul_kernel(
             acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
         else:
             acc += tl.dot(a, w.to(a.dtype))
-    n_mask = offs_n < N
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if SPLIT_K > 1:
-            bias = bias * (pid_k == 0).to(tl.float32)
-        acc += bias[None, :]
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    c_mask = (offs_m[:, None] < M) & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
-    elif REDUCE == 2:  # the tile's last program to finish writes it (one launch, no zero-fill / cast)
-        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, acc, mask=c_mask, sem="relaxed")
-        tl.debug_barrier()  # all of this program's partial is in before its tile counter moves
-        if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = tl.atomic_add(ws_ptrs, tl.zeros_like(acc), mask=c_mask, sem="acquire")  # read at L2
-            total = tl.where(c_mask, total, 0.0)
-            tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=c_mask)
-            tl.store(ws_ptrs, tl.zeros_like(acc), mask=c_mask)  # leave the workspace and counter zeroed
-            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
-    else:
-        tl.atomic_add(c_ptrs, acc, mask=c_mask, sem="relaxed")  # c is a zeroed fp32 buffer
+    splitk_epilogue(acc, bias_ptr, c_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn,
+                    HAS_BIAS, SPLIT_K, REDUCE)  # fmt: skip
 
 
 @triton.jit
@@ -416,14 +397,7 @@ def w_int_matmul(
                 *args, **flags, REDUCE=reduce, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages
             )
             return
-        tuned = _decode_tuned if decode else _mid_tuned
-        if launch_with(tuned, grid, same, *args, **flags, REDUCE=reduce):
-            return
-        n_cached = len(tuned.cache)
-        tuned[grid](*args, **flags, REDUCE=reduce)
-        if reduce == 1 and len(tuned.cache) != n_cached:  # this call autotuned: the atomics ran more than once
-            out.zero_()
-            tuned[grid](*args, **flags, REDUCE=reduce)
+        launch_tuned(_decode_tuned if decode else _mid_tuned, grid, same, out, reduce, *args, **flags)
 
     if decode:  # split-K
         return run_splitk("w4a16", launch, M, N, x.dtype, x.device)
@@ -433,7 +407,8 @@ def w_int_matmul(
 
 
 def triton_int_linear(x: torch.Tensor, layer: IntPackedWeight) -> torch.Tensor:
-    """Forward of an a packed integer weight (:class:`~quantbench.kernels.intq.IntPackedWeight`) through the Triton kernel (any leading dims)."""
+    """Forward of a packed integer weight (:class:`~quantbench.kernels.intq.IntPackedWeight`) through the
+    Triton kernel (any leading dims)."""
     shape = x.shape
     y = w_int_matmul(
         x.reshape(-1, shape[-1]), layer.qweight, layer.scales, layer.qzeros, layer.g_idx, layer.bits, layer.bias
