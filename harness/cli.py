@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import logging
 import os
 import sys
 from pathlib import Path
 
+import torch
+
 from ..methods.base import METHODS, ConfigError
+from .inputs.data import DATASETS
+from .inputs.models import MODELS
 from .paths import SUITES_DIR
+from .report import compare, publish
+from .report.leaderboard import load_runs, markdown, provenance_footer, write_report
+from .run import export
+from .run.ray_executor import run_suite_ray
+from .run.records import read_records
+from .run.runner import run_suite
+from .run.suite import load_suite
+from .tools import gpu_check, sensitivity
 
 log = logging.getLogger("quantbench")
-
-
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -23,15 +34,11 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _threads(n: int | None) -> None:
-    import torch
-
     if n:
         torch.set_num_threads(n)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .run.suite import load_suite
-
     suite = load_suite(args.suite)
     print(f"{suite.path}: ok — {len(suite.models)} model(s) x {len(suite.cells)} cell(s), "
           f"metrics: {', '.join(suite.metrics)}")
@@ -39,37 +46,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .run.records import read_records
-    from .report.leaderboard import markdown, provenance_footer, write_report
-    from .run.runner import run_suite
-    from .run.suite import load_suite
-
     suite = load_suite(args.suite)  # validated before any work starts
     _threads(args.threads)
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
     cell_filter = None
     if args.cells:
-        import fnmatch
-
         pats = args.cells.split(",")
         cell_filter = lambda c: any(fnmatch.fnmatch(c.name, p) for p in pats)  # noqa: E731
-    executor = getattr(args, "executor", "local")
+    executor = getattr(args, "executor", None) or suite.executor.name
     if executor == "ray":
-        from .run.ray_executor import run_suite_ray
-
         run_dir = run_suite_ray(suite, Path(args.out) if args.out else None, args.resume, args.seed, args.limit,
                                 cell_filter, address=args.address)
     else:
         run_dir = run_suite(suite, Path(args.out) if args.out else None, args.resume, args.seed, args.limit,
                             cell_filter)
     path = write_report([run_dir])
-    try:
-        from .report import publish
-
-        publish.render_extras([run_dir])
-    except ImportError:
-        pass
+    publish.render_extras([run_dir])
     recs = read_records(run_dir / "records.jsonl")
     print(markdown(recs, f"{suite.name}"))
     print(provenance_footer([run_dir]))
@@ -78,15 +71,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report.leaderboard import load_runs, markdown, write_report
-
     path = write_report(args.run_dirs, args.out)
-    try:
-        from .report import publish
-
-        publish.render_extras(args.run_dirs, args.out)
-    except ImportError:
-        pass
+    publish.render_extras(args.run_dirs, args.out)
     recs = load_runs(args.run_dirs)  # run directories or records/baseline .jsonl files
     print(markdown(recs))
     print(f"leaderboard: {path}")
@@ -107,13 +93,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
             hib = {True: "higher is better", False: "lower is better", None: ""}[spec.higher_is_better]
             print(f"{name:22s} {spec.unit:12s} {hib}")
     elif what == "datasets":
-        from .inputs.data import DATASETS
-
         for name, c in DATASETS.items():
             print(f"{name:10s} splits: {', '.join(c.splits):12s} {c.description} ({c.licence})")
     elif what == "models":
-        from .inputs.models import MODELS
-
         for name, fn in MODELS.items():
             print(f"{name:14s} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
         print("or any HF causal-LM directory / GGUF file: {name: NAME, path: PATH}")
@@ -136,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, help="cap on evaluation windows (and task examples) per cell")
     r.add_argument("--cells", help="comma-separated glob patterns of cell names to run")
     r.add_argument("--threads", type=int, help="torch intra-op threads")
-    r.add_argument("--executor", choices=["local", "ray"], default="local")
+    r.add_argument("--executor", choices=["local", "ray"], help="default: the suite's executor.name, else local")
     r.add_argument("--address", help="Ray cluster address (with --executor ray)")
     r.add_argument("--strict", action="store_true", help="exit 1 if any cell failed")
     r.set_defaults(fn=cmd_run)
@@ -154,9 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="output directory (default: the first run directory)")
     rep.set_defaults(fn=cmd_report)
 
-    from . import cli_extra
-
-    cli_extra.add_commands(sub)
+    for feature in (export, compare, sensitivity, gpu_check):  # subcommands that live beside their feature
+        feature.add_command(sub)
     return p
 
 

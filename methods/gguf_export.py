@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ def permute_rows(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np
 def _tensor_bytes(mod: nn.Module) -> tuple[np.ndarray, str]:
     if isinstance(mod, (GGMLLinear, GGMLTensor)):
         return mod.qdata.cpu().numpy(), mod.qtype
-    w = mod.weight.detach().float().cpu().numpy()
+    w = cast(torch.Tensor, mod.weight).detach().float().cpu().numpy()
     return w, "F32"
 
 
@@ -62,7 +62,7 @@ def _copy_source_kv(writer: GGUFWriter, source: str, prefixes: tuple[str, ...]) 
 def export_gguf(model: nn.Module, tokenizer: Any, info: dict[str, Any], path: str | Path) -> Path:
     """Write ``model`` (llama; llamacpp-quantized or float) to ``path`` as GGUF; returns the path."""
     path = Path(path)
-    cfg = model.config
+    cfg: Any = model.config  # the transformers config; its attributes depend on the architecture
     n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     rope = getattr(cfg, "rope_parameters", None) or {}
@@ -82,8 +82,8 @@ def export_gguf(model: nn.Module, tokenizer: Any, info: dict[str, Any], path: st
     source = str(info.get("source", ""))
     types: list[str] = []
     tensors: list[tuple[str, np.ndarray, str]] = []
-    emb = model.get_input_embeddings()
-    head = model.get_output_embeddings()
+    emb = cast(Any, model).get_input_embeddings()  # transformers PreTrainedModel methods
+    head = cast(Any, model).get_output_embeddings()
     tied = head is None or getattr(head, "weight", None) is getattr(emb, "weight", None) or (
         isinstance(emb, GGMLTensor) and not isinstance(head, GGMLTensor)
         and head.weight.data_ptr() == emb.weight.data_ptr())
@@ -104,8 +104,9 @@ def export_gguf(model: nn.Module, tokenizer: Any, info: dict[str, Any], path: st
         elif name.endswith("input_layernorm") or name.endswith("post_attention_layernorm"):
             i = name.split(".")[2]
             suffix = "attn_norm" if name.endswith("input_layernorm") else "ffn_norm"
-            tensors.append((f"blk.{i}.{suffix}.weight", mod.weight.detach().float().cpu().numpy(), "F32"))
-    tensors.append(("output_norm.weight", model.model.norm.weight.detach().float().cpu().numpy(), "F32"))
+            tensors.append((f"blk.{i}.{suffix}.weight", cast(torch.Tensor, mod.weight).detach().float().cpu().numpy(),
+                            "F32"))
+    tensors.append(("output_norm.weight", cast(Any, model).model.norm.weight.detach().float().cpu().numpy(), "F32"))
     if not tied:
         data, t = _tensor_bytes(head)
         tensors.append(("output.weight", data, t))
@@ -141,4 +142,4 @@ def dequantize_gguf_tensor(entry: tuple[str, tuple[int, ...], np.ndarray]) -> to
     qtype, shape, data = entry
     if qtype in ("F32", "F16"):
         return torch.from_numpy(np.asarray(data, dtype=np.float32).reshape(shape))
-    return torch.from_numpy(ggml.dequantize(data, qtype, shape))  # type: ignore[arg-type]
+    return torch.from_numpy(ggml.dequantize(data, qtype, shape))

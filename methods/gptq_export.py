@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from torch import nn
 from ..kernels.intq import pack_bits, unpack_bits
 from .base import set_module
 from .qlinear import IntQuantLinear
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +91,7 @@ def export_gptq(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     qcfg = quantization_config(model)
     save_file(gptq_state_dict(model), str(out / SAFETENSORS_NAME), metadata={"format": "pt"})
-    cfg = model.config.to_dict()
+    cfg = cast("PretrainedConfig", model.config).to_dict()
     cfg["quantization_config"] = qcfg
     (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
     (out / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))

@@ -20,6 +20,12 @@ from .base import QuantizedModule, Storage, tensor_bytes
 
 
 class IntQuantLinear(QuantizedModule):
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(
         self,
         in_features: int,
@@ -68,6 +74,7 @@ class IntQuantLinear(QuantizedModule):
         if g_idx is not None:
             m.g_idx.copy_(g_idx.to(torch.int32))
         if bias is not None:
+            assert m.bias is not None  # constructed with bias=True above
             m.bias.copy_(bias)
         return m
 

@@ -29,6 +29,12 @@ ACT_SCHEMES = ("per_token", "per_tensor_static")
 
 
 class W8A8Linear(QuantizedModule):
+    qweight: torch.Tensor
+    weight_scale: torch.Tensor
+    input_scale: torch.Tensor | None
+    output_scale: torch.Tensor | None
+    bias: torch.Tensor | None
+
     def __init__(
         self,
         in_features: int,
@@ -77,6 +83,7 @@ class W8A8Linear(QuantizedModule):
                 raise ValueError("static output quantization needs the calibrated output absmax")
             m.output_scale.fill_(float(torch.as_tensor(output_absmax).clamp(min=int8mm.EPS)) / int8mm.QMAX)
         if linear.bias is not None:
+            assert m.bias is not None  # constructed with bias=True above
             m.bias.copy_(linear.bias.data)
         return m
 

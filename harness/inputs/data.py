@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import subprocess
 import sys
 import tarfile
@@ -29,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...methods.base import ConfigError, cache_dir, did_you_mean
+from ...methods.base import Calibration, ConfigError, cache_dir
+from ...methods.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -135,20 +135,19 @@ class Corpus:
     licence: str
 
 
-DATASETS: dict[str, Corpus] = {
-    "wiki": Corpus("wiki", ("calib", "test"), _wiki,
-                   "Wikipedia Vital Articles summaries (en), split by article", "CC BY-SA"),
-    "kjv": Corpus("kjv", ("calib",), _kjv, "King James Bible, by chapter", "public domain"),
-    "wikitext2": Corpus("wikitext2", ("calib", "test"), _wikitext2,
-                        "WikiText-2 raw (train=calib, test) via datasets", "CC BY-SA"),
-    "c4": Corpus("c4", ("calib", "test"), _c4, "C4 en shard 0 via datasets", "ODC-BY"),
-}
+#: every corpus, by name (``quantbench ls datasets``); a plugin adds one with ``DATASETS.add(name, Corpus(...))``
+DATASETS: Registry[Corpus] = Registry("dataset")
+for _c in (
+    Corpus("wiki", ("calib", "test"), _wiki, "Wikipedia Vital Articles summaries (en), split by article", "CC BY-SA"),
+    Corpus("kjv", ("calib",), _kjv, "King James Bible, by chapter", "public domain"),
+    Corpus("wikitext2", ("calib", "test"), _wikitext2, "WikiText-2 raw (train=calib, test) via datasets", "CC BY-SA"),
+    Corpus("c4", ("calib", "test"), _c4, "C4 en shard 0 via datasets", "ODC-BY"),
+):
+    DATASETS.add(_c.name, _c)
 
 
 def get_corpus(name: str) -> Corpus:
-    if name not in DATASETS:
-        raise ConfigError(f"unknown dataset '{name}'{did_you_mean(name, DATASETS)}")
-    return DATASETS[name]
+    return DATASETS.get(name)
 
 
 def documents(name: str, split: str) -> list[str]:
@@ -196,3 +195,11 @@ def sample_calibration(ids: torch.Tensor, n_samples: int, seq_len: int, seed: in
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=g)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def calibration(spec: dict[str, Any], tokenizer: Any, seed: int) -> Calibration:
+    """The calibration data of a ``{dataset, n_samples, seq_len}`` spec: seeded windows of the dataset's
+    ``calib`` split (:func:`sample_calibration`), for the runner, export and the lm-eval wrapper alike."""
+    ids = tokens(spec["dataset"], "calib", tokenizer)
+    toks = sample_calibration(ids, spec["n_samples"], spec["seq_len"], seed)
+    return Calibration(toks, spec["dataset"], seed, tokenizer, {"split": "calib", **spec})

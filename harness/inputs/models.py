@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ...methods.base import ConfigError, did_you_mean
+from ...methods.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -212,20 +214,21 @@ def _tiny_info(name: str, model: nn.Module, seed: int) -> dict[str, Any]:
 
 
 def load_smollm2() -> LoadedModel:
+    """SmolLM2-135M-Instruct from its only published form, GGUF Q4_1, dequantized to float32 (the "fp" baseline)."""
     return load_gguf(smollm2_path(), name="smollm2-135m")
 
 
-MODELS = {
-    "smollm2-135m": load_smollm2,
-    "tiny-llama": tiny_llama,
-    "tiny-opt": tiny_opt,
-}
+#: named models (``quantbench ls models``): name -> a loader returning a LoadedModel
+MODELS: Registry[Callable[[], LoadedModel]] = Registry("model")
+MODELS.add("smollm2-135m", load_smollm2)
+MODELS.add("tiny-llama", tiny_llama)
+MODELS.add("tiny-opt", tiny_opt)
 
 
 def validate_model_spec(spec: Any) -> None:
     if isinstance(spec, str):
         if spec not in MODELS:
-            raise ConfigError(f"unknown model '{spec}'{did_you_mean(spec, MODELS)}; or give {{name, path}}")
+            raise ConfigError(f"unknown model '{spec}'{did_you_mean(spec, MODELS.names())}; or give {{name, path}}")
         return
     if isinstance(spec, dict):
         unknown = set(spec) - {"name", "path", "gguf_file", "dtype", "device_map"}

@@ -31,6 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...kernels.int8mm import int8_matmul_reference, quantize_per_token, quantize_weight_per_channel
+from ...kernels.kvcache import decode_attention_ref, pack_codes
+from ...kernels.ternary import pack_ternary
+from ...methods.qlinear import IntQuantLinear
+from ...methods.rtn import rtn_quantize_weight
+from ..run.records import environment, make_record, utc_now
+from ..run.runner import run_suite
+from ..run.suite import load_suite
+
 log = logging.getLogger(__name__)
 
 FULL_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K in, N out)
@@ -135,9 +144,7 @@ def _activations(M: int, K: int, seed: int, device: str, dtype: Any) -> Any:
 def _w4a16(M: int, K: int, N: int, dtype: Any, device: str, seed: int, act_order: bool = True) -> _Inst:
     import torch
 
-    from ...kernels.triton_w4a16 import w_int_matmul
-    from ...methods.qlinear import IntQuantLinear
-    from ...methods.rtn import rtn_quantize_weight
+    from ...kernels.triton_w4a16 import w_int_matmul  # deferred: triton is optional
 
     def build() -> Any:
         g = _gen(seed, "cpu")
@@ -170,8 +177,7 @@ def _w4a16_sorted(M: int, K: int, N: int, dtype: Any, device: str, seed: int) ->
 def _int8(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Inst:
     import torch
 
-    from ...kernels.int8mm import int8_matmul_reference, quantize_per_token, quantize_weight_per_channel
-    from ...kernels.triton_int8 import int8_matmul_triton
+    from ...kernels.triton_int8 import int8_matmul_triton  # deferred: triton is optional
 
     def build() -> Any:
         w = torch.randn(N, K, generator=_gen(seed, "cpu"))
@@ -196,8 +202,7 @@ def _int8(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Inst:
 def _ternary(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Inst:
     import torch
 
-    from ...kernels.ternary import pack_ternary
-    from ...kernels.triton_ternary import ternary_matmul
+    from ...kernels.triton_ternary import ternary_matmul  # deferred: triton is optional
 
     def build() -> Any:
         g = _gen(seed, "cpu")
@@ -223,8 +228,7 @@ def _kv_decode(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _I
     """Decode attention: M = batch, K = context tokens T, N = query heads (8 KV heads, d_h 128)."""
     import torch
 
-    from ...kernels.kvcache import decode_attention_ref, pack_codes
-    from ...kernels.triton_kv_attention import decode_attention_triton
+    from ...kernels.triton_kv_attention import decode_attention_triton  # deferred: triton is optional
 
     g = _gen(seed, device)  # generated where they are used: the 32k x batch-8 inputs took minutes on a CPU
     B, T, Hq, Hkv, D, bits, gs = M, K, N, max(1, N // 4), 128, 4, 32
@@ -235,7 +239,7 @@ def _kv_decode(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _I
     )
     ks, vs = (torch.rand(B, Hkv, T, D // gs, generator=g, device=device) * 0.1 + 0.01 for _ in range(2))
     kz, vz = (torch.randn(B, Hkv, T, D // gs, generator=g, device=device) * 0.1 for _ in range(2))
-    dev = [kc, ks, kz, vc, vs, vz]
+    dev = (kc, ks, kz, vc, vs, vz)
     qd = q
     out = torch.empty(B, Hq, D, device=device, dtype=torch.float32)
     kf = torch.randn(B, Hq, T, D, generator=g, device=device, dtype=dtype)
@@ -375,9 +379,9 @@ def check_case(case: Case, M: int, K: int, N: int, device: str, dtype: Any, timi
             res.tflops = inst.flops / res.ms / 1e9
             res.extra = dict(getattr(inst, "extra", {}) or {})
             try:
-                res.ms_graph = time_graph([lambda s=s: s.run_kernel() for s in sets])
+                res.ms_graph = time_graph([s.run_kernel for s in sets])
                 if hasattr(inst, "run_fp16"):
-                    res.ms_fp16_graph = time_graph([lambda s=s: s.run_fp16() for s in sets])
+                    res.ms_fp16_graph = time_graph([s.run_fp16 for s in sets])
                 res.extra["graph_gbps"] = inst.bytes / res.ms_graph / 1e6
             except Exception as e:  # the eager timing stands
                 res.extra["graph_error"] = f"{type(e).__name__}: {e}"[:200]
@@ -458,7 +462,6 @@ def summary_table(results: list[Result], ceilings: dict[str, float], device_name
 
 
 def run_environment() -> dict[str, Any]:
-    from ..run.records import environment, utc_now
 
     return {**environment(), "started": utc_now()}
 
@@ -466,13 +469,12 @@ def run_environment() -> dict[str, Any]:
 def to_records(
     results: list[Result], ceilings: dict[str, float], device_name: str, env: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    from ..run.records import make_record
 
     env = env or run_environment()
     out = []
     for r in results:
         cell = f"{r.case}/M{r.M}-K{r.K}-N{r.N}"
-        base = dict(
+        base: dict[str, Any] = dict(
             run_id=f"gpu-check-{env['started']}",
             suite="gpu-check",
             cell=cell,
@@ -544,8 +546,6 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
 
     results, ceilings = run_checks(args.dry_run, args.seed, args.only, on_result=save)
     if args.suites and not args.dry_run:
-        from ..run.runner import run_suite
-        from ..run.suite import load_suite
 
         for name in args.suites.split(","):
             run_suite(load_suite(f"suites/{name}.yaml"), Path(args.out or "results/runs") / f"gpu-{name}")
@@ -568,6 +568,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from ..cli import main
-
-    sys.exit(main(["gpu-check", *sys.argv[1:]]))
+    _parser = argparse.ArgumentParser(prog="python -m quantbench.harness.tools.gpu_check")
+    add_command(_parser.add_subparsers())
+    _args = _parser.parse_args(["gpu-check", *sys.argv[1:]])
+    sys.exit(_args.fn(_args))
