@@ -1,9 +1,11 @@
 """The Ray executor: each cell a Ray task with its resource request; the driver alone writes records.
 
-Resources come from the cell's ``resources:`` (else the suite's): ``num_cpus`` (default 1),
+Resources come from the cell's ``resources:`` over the suite's: ``num_cpus`` (default 1),
 ``num_gpus`` (default 0), ``memory`` (bytes) and ``max_retries`` (default 0; Ray retries a task
-whose worker died).  A task that raises, or whose worker is lost after its retries, is recorded as
-``status: failed`` and the other cells go on.  ``--resume`` reads the same ``records.jsonl`` as the
+whose worker died).  The cluster comes from the suite's ``executor:`` (``address``, or ``num_cpus``
+of a local instance) unless the caller (``quantbench run --address``) names one.  A task that
+raises, or whose worker is lost after its retries, is recorded as ``status: failed`` and the other
+cells go on.  ``--resume`` reads the same ``records.jsonl`` as the
 local executor, so a run can be continued with either.
 """
 
@@ -16,31 +18,42 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..measure.metrics import METRICS
+from ...methods.base import ConfigError
 from ..inputs.models import model_key
+from ..measure.metrics import METRICS
+from ..paths import REPO_ROOT
 from .records import (
     make_record,
     utc_now,
 )
-from .suite import Cell, Suite, parse_suite
+from .runner import CellRunner, start_run
+from .suite import Cell, ResourcesSpec, Suite
 
 log = logging.getLogger(__name__)
 
 _RUNNERS: dict[tuple, Any] = {}  # per worker process: one loaded base model per (suite, model, seed, limit)
 
 
-def _run_cell_task(suite_raw: dict[str, Any], model_spec: Any, cell_name: str, run_dir: str | None,
+def _run_cell_task(suite: Suite, model_spec: Any, cell_name: str, run_dir: str | None,
                    seed: int, limit: int | None, run_id: str, env: dict[str, Any]) -> list[dict[str, Any]]:
-    """Body of the Ray task (runs in a worker); reuses the worker's loaded model when it can."""
-    from .runner import CellRunner
-
-    suite = parse_suite(suite_raw)
-    key = (json.dumps(suite_raw, sort_keys=True, default=str), model_key(model_spec), seed, limit)
+    """Body of the Ray task (runs in a worker, on the driver's validated suite); reuses the worker's
+    loaded model when it can."""
+    key = (json.dumps(suite.raw, sort_keys=True, default=str), model_key(model_spec), seed, limit)
     if key not in _RUNNERS:
         _RUNNERS.clear()  # keep one model per worker
         _RUNNERS[key] = CellRunner(suite, model_spec, Path(run_dir) if run_dir else None, seed, limit)
     cell = next(c for c in suite.cells if c.name == cell_name)
     return _RUNNERS[key].run_cell(cell, run_id, {**env, "executor": "ray"})
+
+
+def _task_options(res: ResourcesSpec) -> dict[str, Any]:
+    """Ray task options for a cell's resources (Ray's defaults where the suite gives none)."""
+    opts: dict[str, Any] = {"num_cpus": 1 if res.num_cpus is None else res.num_cpus,
+                            "num_gpus": res.num_gpus or 0, "max_retries": res.max_retries or 0,
+                            "retry_exceptions": False}
+    if res.memory:
+        opts["memory"] = res.memory
+    return opts
 
 
 def _failed_records(suite: Suite, model_spec: Any, cell: Cell, run_id: str, env: dict[str, Any],
@@ -66,17 +79,18 @@ def run_suite_ray(
     address: str | None = None,
     num_cpus: int | None = None,
 ) -> Path:
+    """Run every pending cell of ``suite`` as a Ray task (cluster: ``address``/``num_cpus``, else the
+    suite's ``executor:``); returns the run directory."""
     try:
-        import ray
+        import ray  # deferred: ray is optional
     except ImportError as e:  # pragma: no cover - depends on the extra
-        from ...methods.base import ConfigError
-
         raise ConfigError("the Ray executor needs Ray: pip install 'quantbench[ray]'") from e
-    from .runner import REPO_ROOT, start_run
 
     run = start_run(suite, out, resume)
     run_dir, env, done, run_id, writer = run.dir, run.env, run.done, run.run_id, run.writer
     seed = suite.seed if seed is None else seed
+    address = suite.executor.address if address is None else address
+    num_cpus = suite.executor.num_cpus if num_cpus is None else num_cpus
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -85,17 +99,14 @@ def run_suite_ray(
                  log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "TQDM_DISABLE": "1"}})
     try:
         remote = ray.remote(_run_cell_task)
+        suite_ref = ray.put(suite)  # shipped once; each task gets the driver's validated suite
         pending: dict[Any, tuple[Any, Cell]] = {}
         for model_spec in suite.models:
             for cell in suite.cells:
                 if (model_key(model_spec), cell.name) in done or (cell_filter and not cell_filter(cell)):
                     continue
-                res = {**suite.raw.get("resources", {}), **cell.resources}
-                opts: dict[str, Any] = {"num_cpus": res.get("num_cpus", 1), "num_gpus": res.get("num_gpus", 0),
-                                        "max_retries": int(res.get("max_retries", 0)), "retry_exceptions": False}
-                if res.get("memory"):
-                    opts["memory"] = int(res["memory"])
-                ref = remote.options(**opts).remote(suite.raw, model_spec, cell.name, str(run_dir), seed, limit,
+                opts = _task_options(suite.resources.merged(cell.resources))
+                ref = remote.options(**opts).remote(suite_ref, model_spec, cell.name, str(run_dir), seed, limit,
                                                     run_id, env)
                 pending[ref] = (model_spec, cell)
         while pending:

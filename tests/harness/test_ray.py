@@ -6,7 +6,7 @@ ray = pytest.importorskip("ray")
 
 from quantbench.harness.run.records import read_records  # noqa: E402
 from quantbench.harness.run.runner import run_suite  # noqa: E402
-from quantbench.harness.run.suite import parse_suite  # noqa: E402
+from quantbench.harness.run.suite import ResourcesSpec, parse_suite  # noqa: E402
 
 BASE = {
     "name": "ray-t",
@@ -74,3 +74,37 @@ def test_resume_across_executors(cluster, tmp_path):
     run_suite_ray(suite, tmp_path / "run", resume=True)
     recs = read_records(tmp_path / "run" / "records.jsonl")
     assert [r["cell"] for r in recs].count("fp") == 3 and [r["cell"] for r in recs].count("r3") == 3
+
+
+def test_task_options_and_cluster_come_from_the_typed_suite(tmp_path, monkeypatch):
+    from quantbench.harness.run import ray_executor
+
+    suite = parse_suite({
+        **BASE, "resources": {"num_cpus": 2, "memory": 1 << 30}, "executor": {"name": "ray", "num_cpus": 3},
+        "cells": [{"name": "fp", "method": "fp"},
+                  {"name": "g", "method": "fp", "resources": {"num_gpus": 0.5, "max_retries": 2}}],
+    })
+    fp, g = (ray_executor._task_options(suite.resources.merged(c.resources)) for c in suite.cells)
+    assert fp == {"num_cpus": 2, "num_gpus": 0, "max_retries": 0, "retry_exceptions": False, "memory": 1 << 30}
+    assert g == {"num_cpus": 2, "num_gpus": 0.5, "max_retries": 2, "retry_exceptions": False, "memory": 1 << 30}
+    assert ray_executor._task_options(ResourcesSpec()) == {"num_cpus": 1, "num_gpus": 0, "max_retries": 0,
+                                                           "retry_exceptions": False}
+
+    class Stop(Exception):
+        pass
+
+    seen: dict = {}
+
+    def init(**kw):
+        seen.clear()
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(Stop):
+        ray_executor.run_suite_ray(suite, tmp_path / "a")
+    assert seen["address"] is None and seen["num_cpus"] == 3  # the suite's executor: a local 3-CPU instance
+    with pytest.raises(Stop):
+        ray_executor.run_suite_ray(suite, tmp_path / "b", address="auto")  # the caller's (--address) wins
+    assert seen["address"] == "auto" and seen["num_cpus"] is None
