@@ -14,6 +14,7 @@ import torch
 from ..methods.base import METHODS, ConfigError
 from .inputs.data import DATASETS
 from .inputs.models import MODELS
+from .measure import METRICS
 from .paths import SUITES_DIR
 from .report import compare, publish
 from .report.leaderboard import load_runs, markdown, provenance_footer, write_report
@@ -87,9 +88,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
             print(f"{name:14s} [{params}]\n{'':14s} {doc}")
     elif what == "metrics":
-        from .measure.metrics import METRICS
-
-        for name, spec in METRICS.items():
+        for name, spec in sorted(METRICS.items(), key=lambda kv: kv[1].order):  # leaderboard column order
             hib = {True: "higher is better", False: "lower is better", None: ""}[spec.higher_is_better]
             print(f"{name:22s} {spec.unit:12s} {hib}")
     elif what == "datasets":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from .registry import ConfigError, Registry, did_you_mean, load_plugins
+from .timing import greedy_decode
 
 __all__ = ["ConfigError", "did_you_mean", "load_plugins"]
 
@@ -160,7 +162,8 @@ class Method(ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type[MethodConfig]]
     needs_calibration: ClassVar[bool] = False
-    #: what the method quantizes: "weights", "kv" or "weights+activations"
+    #: what the method quantizes: "weights", "activations" and/or "kv", joined by "+" (e.g.
+    #: "weights+activations"); ask with :meth:`quantizes`, never by the class or method name
     target: ClassVar[str] = "weights"
 
     def __init__(self, config: MethodConfig | None = None) -> None:
@@ -170,9 +173,32 @@ class Method(ABC):
         #: where the method may keep files (checkpoints, curves); set by the runner, may be None
         self.artifact_dir: Path | None = None
 
+    @classmethod
+    def quantizes(cls, part: str) -> bool:
+        """Whether the method quantizes ``part``: "weights", "activations" or "kv"."""
+        return part in cls.target.split("+")
+
     @abstractmethod
     def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
         """Transform ``model`` (a fresh copy the method may modify in place) and return it."""
+
+    # -- a KV-cache method (``quantizes("kv")``) owns its cache and that cache's byte formula
+
+    def make_cache(self, model: nn.Module) -> Any:
+        """The real cache ``model`` (quantized by this method) generates with; it reports ``kv_bytes()``."""
+        raise NotImplementedError(f"{self.name} does not quantize the KV cache")
+
+    def generate(self, model: nn.Module, input_ids: torch.Tensor, n_new: int, cache: Any,
+                 times: list[float] | None = None) -> torch.Tensor:
+        """Greedy decoding through ``cache`` with the one decode timer (:func:`timing.greedy_decode`);
+        a method whose modules must be switched to fill its cache overrides this."""
+        return greedy_decode(model, input_ids, n_new, cache, times)
+
+    def kv_cache_bytes(self, *, n_layers: int, n_kv_heads: int, head_dim: int, tokens: int, batch: int = 1,
+                       key_outliers: int | None = None) -> dict[str, float]:
+        """Bytes of the cache :meth:`make_cache` builds, by component (codes, scales, outliers, fp16,
+        static, total), for a model shape and ``tokens`` of context (``kvcalc`` sums them up)."""
+        raise NotImplementedError(f"{self.name} does not quantize the KV cache")
 
 
 #: every method, by name; a method file registers its class with ``@register`` and nothing else.
@@ -276,3 +302,67 @@ def linear_weight_count(model: nn.Module) -> int:
         elif isinstance(mod, nn.Linear) and "lm_head" not in name:
             n += mod.weight.numel()
     return n
+
+
+# --------------------------------------------------------------------------- config mixin: module selection
+
+_SELECTION = ("include", "exclude")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModuleSelection(MethodConfig):
+    """A method config that quantizes a selection of linears: ``include``/``exclude`` glob patterns.
+
+    The patterns are those of :func:`iter_linears` (embeddings and lm_head excluded by default); any
+    list of strings is accepted and stored as a tuple.  The fields are keyword-only, and
+    :meth:`param_names` / :meth:`to_dict` list them after the method's own parameters.
+    """
+
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = DEFAULT_SKIP
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in _SELECTION:
+            patterns = getattr(self, key)
+            if isinstance(patterns, str):
+                raise ConfigError(f"{key} must be a list of glob patterns, got the string {patterns!r}")
+            object.__setattr__(self, key, tuple(patterns))
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        return [n for n in super().param_names() if n not in _SELECTION] + list(_SELECTION)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        return {**{n: d[n] for n in self.param_names()}, "version": d["version"]}
+
+
+# --------------------------------------------------------------------------- model fingerprint
+
+
+def model_fingerprint(model: nn.Module, exact: bool = True) -> str:
+    """A 16-hex sha256 of the model's tensors, in order, each storage once (tied weights count once).
+
+    ``exact=True``: every parameter AND buffer by name, dtype, shape and raw bytes, so it identifies
+    everything a forward computes with, quantized modules' packed buffers included (kvquant reuses a
+    calibration recording only for the same fingerprint).  ``exact=False``: the parameters only, by name
+    and fp32 value: the weights of an unquantized model (the key of the on-disk sensitivity cache).
+    """
+    h = hashlib.sha256()
+    seen: set[int] = set()
+    tensors: list[tuple[str, torch.Tensor]] = list(model.named_parameters(remove_duplicate=False))
+    if exact:
+        tensors += list(model.named_buffers(remove_duplicate=False))
+    for name, t in tensors:
+        if t is None or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        v = t.detach().cpu().contiguous()
+        if exact:
+            h.update(f"{name}:{tuple(v.shape)}:{v.dtype};".encode())
+            h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(name.encode())
+            h.update(v.float().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -32,11 +32,10 @@ from tqdm import tqdm
 
 from ..kernels import ternary as T
 from .base import (
-    DEFAULT_SKIP,
     Calibration,
     ConfigError,
     Method,
-    MethodConfig,
+    ModuleSelection,
     QuantizedModule,
     Storage,
     check_choice,
@@ -237,34 +236,28 @@ def to_packed(lin: nn.Linear, bits: str, fmt: str, granularity: str, group_size:
 
 
 @dataclass(frozen=True)
-class BitNetConfig(MethodConfig):
+class BitNetConfig(ModuleSelection):
     fmt: str = "2bit"  # packed storage: "2bit" (4 codes/byte) or "base3" (5 trits/byte, 1.6 bits)
     granularity: str = "tensor"  # gamma per "tensor" (paper), "channel" or "group"
     group_size: int = 128
     act_bits: int | None = 8  # 8: int8 per-token activations (paper); None: weight-only
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = DEFAULT_SKIP
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_choice("bitnet", "fmt", self.fmt, ("2bit", "base3"))
         check_choice("bitnet", "granularity", self.granularity, GRANULARITIES)
         check_choice("bitnet", "act_bits", self.act_bits, (8, None))
         if self.group_size <= 0:
             raise ConfigError(f"bitnet: group_size must be positive, got {self.group_size}")
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
 
 
 @dataclass(frozen=True)
-class BitNet1bitConfig(MethodConfig):
+class BitNet1bitConfig(ModuleSelection):
     act_bits: int | None = 8
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = DEFAULT_SKIP
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_choice("bitnet-1bit", "act_bits", self.act_bits, (8, None))
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
 
 
 @dataclass(frozen=True)

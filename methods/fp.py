@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -24,5 +25,5 @@ class FP(Method):
     config_cls = FPConfig
 
     def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
-        dtype = getattr(torch, self.config.dtype)
+        dtype = getattr(torch, cast(FPConfig, self.config).dtype)
         return model if dtype == torch.float32 else model.to(dtype)

@@ -9,12 +9,14 @@ reference runs it:
    so the next group sees it;
 3. run the quantized block once more: its outputs are the next block's inputs;
 4. replace the block's linears with :class:`~quantbench.methods.qlinear.IntQuantLinear` (packed codes).
-Embeddings and lm_head stay unquantized.
+Embeddings and lm_head stay unquantized.  A per-module plan (``quantize(model, calib, plan=...)``,
+``{module: (bits, group_size)}``) gives modules their own grid; mixed precision runs GPTQ through it.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,18 +27,19 @@ from torch import nn
 from tqdm import tqdm
 
 from .base import (
-    DEFAULT_SKIP,
     Calibration,
     ConfigError,
     Method,
-    MethodConfig,
+    ModuleSelection,
     check_choice,
     iter_linears,
     register,
     set_module,
 )
 from .gptq_solver import gptq_quantize
+from .offload import BlockStore
 from .qlinear import IntQuantLinear
+from .quantize import ModulePlan, module_configs
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
 
 
 @dataclass(frozen=True)
-class GPTQConfig(MethodConfig):
+class GPTQConfig(ModuleSelection):
     bits: int = 4
     group_size: int = 128  # -1: one grid per output channel
     sym: bool = False
@@ -61,10 +64,9 @@ class GPTQConfig(MethodConfig):
     true_sequential: bool = True
     mse: bool = False
     offload: bool = False  # keep fp blocks on disk (safetensors), one in memory at a time
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = DEFAULT_SKIP
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_choice("gptq", "bits", self.bits, (2, 3, 4, 8))
         if self.group_size != -1 and self.group_size <= 0:
             raise ConfigError(f"gptq: group_size must be positive or -1 (per channel), got {self.group_size}")
@@ -72,8 +74,6 @@ class GPTQConfig(MethodConfig):
             raise ConfigError(f"gptq: percdamp must be in [0, 1), got {self.percdamp}")
         if self.blocksize <= 0:
             raise ConfigError(f"gptq: blocksize must be positive, got {self.blocksize}")
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
 
 
 def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -118,7 +118,8 @@ def capture_block_inputs(
     return inputs, kwargs
 
 
-def _block_output(out: Any) -> torch.Tensor:
+def block_output(out: Any) -> torch.Tensor:
+    """The hidden states a decoder block returns (HF blocks return a tuple or the tensor itself)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -145,12 +146,13 @@ class GPTQ(Method):
     needs_calibration = True
 
     @torch.no_grad()
-    def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
+    def quantize(self, model: nn.Module, calib: Calibration | None, plan: ModulePlan | None = None) -> nn.Module:
+        """Quantize the selected linears; ``plan`` gives modules their own (bits, group_size) (None: skip)."""
         c: GPTQConfig = self.config  # type: ignore[assignment]
         if calib is None:
             raise ConfigError("gptq needs calibration data")
         t0 = time.perf_counter()
-        selected = {name for name, _ in iter_linears(model, c.include, c.exclude)}
+        configs = module_configs(c, (name for name, _ in iter_linears(model, c.include, c.exclude)), plan, "gptq")
         prefix, blocks = transformer_blocks(model)
         was_training = model.training
         model.eval()
@@ -159,10 +161,6 @@ class GPTQ(Method):
         store = None
         tmp = None
         if c.offload:
-            import tempfile
-
-            from .offload import BlockStore
-
             tmp = tempfile.TemporaryDirectory(prefix="gptq-offload-",
                                               dir=str(self.artifact_dir) if self.artifact_dir else None)
             store = BlockStore(blocks, Path(tmp.name))
@@ -172,40 +170,42 @@ class GPTQ(Method):
                 store.load(b)
                 max_resident = max(max_resident, store.resident_block_bytes())
             bname = f"{prefix}.{b}"
-            names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and f"{bname}.{n}" in selected]
+            names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and f"{bname}.{n}" in configs]
             results = {}
             for group in sequential_groups(names, c.true_sequential):
                 Hs = self._accumulate_hessians(block, group, inps, kws)
                 for n in group:
                     lin: nn.Linear = block.get_submodule(n)
+                    mc = configs[f"{bname}.{n}"]
                     r = gptq_quantize(
                         lin.weight.data,
                         Hs[n],
-                        c.bits,
-                        c.group_size,
-                        c.sym,
-                        c.act_order,
-                        c.static_groups,
-                        c.percdamp,
-                        c.blocksize,
-                        c.mse,
+                        mc.bits,
+                        mc.group_size,
+                        mc.sym,
+                        mc.act_order,
+                        mc.static_groups,
+                        mc.percdamp,
+                        mc.blocksize,
+                        mc.mse,
                     )
                     lin.weight.data.copy_(r.Q.to(lin.weight.dtype))
                     layer_losses[f"{bname}.{n}"] = float(r.losses.sum())
                     results[n] = r
             # outputs of the quantized block are the next block's inputs
-            inps = [_block_output(block(x, **kw)) for x, kw in zip(inps, kws)]
+            inps = [block_output(block(x, **kw)) for x, kw in zip(inps, kws)]
             for n, r in results.items():
                 lin = block.get_submodule(n)
+                mc = configs[f"{bname}.{n}"]
                 q = IntQuantLinear.from_codes(
                     r.codes,
                     r.scales,
                     r.zeros,
-                    c.bits,
-                    c.group_size,
+                    mc.bits,
+                    mc.group_size,
                     g_idx=r.g_idx,
                     bias=None if lin.bias is None else lin.bias.data.clone(),
-                    sym=c.sym,
+                    sym=mc.sym,
                 )
                 set_module(block, n, q)
             if store is not None:
@@ -213,7 +213,7 @@ class GPTQ(Method):
         if tmp is not None:
             tmp.cleanup()
         model.train(was_training)
-        model.gptq_config = c.to_dict()  # read by gptq_export for quantize_config.json
+        model.gptq_config = c.to_dict()  # type: ignore[assignment]  # read by gptq_export for quantize_config.json
         losses = list(layer_losses.values())
         self.artifacts.update(
             quantized_modules=len(losses),
@@ -222,7 +222,7 @@ class GPTQ(Method):
             calibration_seq_len=int(calib.tokens.shape[1]),
             gptq_loss_mean=sum(losses) / max(len(losses), 1),
             gptq_loss_max=max(losses, default=0.0),
-            gptq_loss_worst_layer=max(layer_losses, key=layer_losses.get) if losses else None,
+            gptq_loss_worst_layer=max(layer_losses, key=lambda n: layer_losses[n]) if losses else None,
         )
         if store is not None:
             # fp block bytes ever resident at once: one block (plus the quantized blocks before it)

@@ -192,6 +192,7 @@ def obq_naive(
         if q % gs == 0:
             scale, zero = find_params(W[:, q : q + gs].float(), bits, sym)
             scale, zero = scale.double(), zero.double()
+        assert scale is not None and zero is not None  # set at q = 0 (0 % gs == 0)
         w = W[:, q]
         Q[:, q] = scale * (quantize_codes(w, scale, zero, bits) - zero)
         err = (w - Q[:, q]) / Hinv[q, q]

@@ -16,6 +16,7 @@ import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +150,9 @@ class GGMLLinear(QuantizedModule):
     The dequantized weight is cached on first use (not a buffer; ``storage()`` counts the block bytes).
     """
 
+    qdata: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, qdata: torch.Tensor, qtype: str, in_features: int, out_features: int,
                  bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -186,6 +190,9 @@ class GGMLTensor(QuantizedTensorModule):
     ``weight`` is the dequantized [vocab, hidden] tensor (a buffer, shared with a tied lm_head);
     ``storage()`` counts the block bytes.  ``mode`` is "embedding" (gather) or "linear" (lm_head).
     """
+
+    qdata: torch.Tensor
+    weight: torch.Tensor
 
     def __init__(self, qdata: torch.Tensor, qtype: str, shape: tuple[int, int], mode: str,
                  padding_idx: int | None = None) -> None:
@@ -255,11 +262,11 @@ class LlamaCpp(Method):
 
     def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
         c: LlamaCppConfig = self.config  # type: ignore[assignment]
-        cfg = model.config
+        cfg: Any = model.config  # the transformers config; its attributes depend on the architecture
         n_layer = cfg.num_hidden_layers
         n_gqa = cfg.num_attention_heads / getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
-        emb = model.get_input_embeddings()
-        head = model.get_output_embeddings()
+        emb = cast(Any, model).get_input_embeddings()  # transformers PreTrainedModel methods
+        head = cast(Any, model).get_output_embeddings()
         tied = head is not None and head.weight is emb.weight
         has_output = head is not None and not tied
         linears = [(n, m) for n, m in model.named_modules()

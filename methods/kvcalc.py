@@ -1,21 +1,53 @@
 """KV-cache memory calculator: bytes of K and V for a model shape, context and KV method.
 
 fp16 cache: ``2 (K, V) x L x H_kv x d_h x T x batch x 2 bytes``; Llama-3-70B (L=80, H_kv=8,
-d_h=128) at T=131072 tokens is 42.9e9 B (42.9 GB decimal, 40 GiB).  Quantized methods add
-their overheads exactly as :class:`quantbench.kernels.kvcache.QuantizedKVCache` stores them:
-fp16 scale+zero per group (kv-uniform, KIVI), fp16 per-token range over all KV heads (KVQuant
-values), sparse outliers at 6 B each (int32 flat index + fp16 value; KVQuant values: the
-``outlier_frac / 2`` largest and smallest of each token, at least one each), fp16 sink tokens and
-recent window, and per-layer calibrated state (KVQuant keys' fp16 lower/upper thresholds per
-channel, centroids).
+d_h=128) at T=131072 tokens is 42.9e9 B (42.9 GB decimal, 40 GiB).  Each KV method owns its
+formula (``Method.kv_cache_bytes``, in its own file: ``kvquant.py``), counting its overheads exactly
+as its cache stores them; this module looks the method up in the registry, and holds the model
+shape helpers and the Llama-3-70B table.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
+from .base import build_method
+
 LLAMA3_70B = {"n_layers": 80, "n_kv_heads": 8, "head_dim": 128}
 OUTLIER_BYTES = 6  # int32 flat index + fp16 value
+
+
+def head_dim_of(model: nn.Module) -> int:
+    cfg: Any = model.config
+    hd = getattr(cfg, "head_dim", None)
+    return int(hd) if hd else cfg.hidden_size // cfg.num_attention_heads
+
+
+def kv_heads_of(model: nn.Module) -> int:
+    cfg: Any = model.config
+    return int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+
+
+def kv_shape(model: nn.Module) -> dict[str, int]:
+    """``n_layers``, ``n_kv_heads`` and ``head_dim`` of a transformers model's KV cache."""
+    cfg: Any = model.config
+    return {"n_layers": int(cfg.num_hidden_layers), "n_kv_heads": kv_heads_of(model),
+            "head_dim": head_dim_of(model)}
+
+
+def cache_bytes(**parts: float) -> dict[str, float]:
+    """A cache's bytes by component (codes, scales, outliers, fp16, static; absent ones 0) and their total."""
+    out = {"codes": 0.0, "scales": 0.0, "outliers": 0.0, "fp16": 0.0, "static": 0.0, **parts}
+    out["total"] = sum(out.values())
+    return out
+
+
+def fp16_cache_bytes(*, n_layers: int, n_kv_heads: int, head_dim: int, tokens: int, batch: int = 1,
+                     key_outliers: int | None = None) -> dict[str, float]:
+    """The unquantized cache with K and V in fp16 (``key_outliers`` is ignored)."""
+    return cache_bytes(fp16=2 * n_layers * batch * n_kv_heads * head_dim * tokens * 2)
 
 
 def kv_cache_bytes(
@@ -29,43 +61,17 @@ def kv_cache_bytes(
     batch: int = 1,
     key_outliers: int | None = None,
 ) -> dict[str, float]:
-    """Bytes by component (codes, scales, outliers, fp16, static, total) for the whole cache.
+    """Bytes by component (codes, scales, outliers, fp16, static, total) of the cache of ``method``.
 
-    ``key_outliers``: KVQuant's key outlier count over the whole cache when known (the calibrated
-    per-channel thresholds make it data dependent); default ``outlier_frac`` of the quantized keys.
+    The KV method's own formula (``Method.kv_cache_bytes``); a method that leaves the KV cache alone
+    (``fp``, weight methods) gives the fp16 cache.  ``key_outliers``: KVQuant's key outlier count over
+    the whole cache when known (the calibrated per-channel thresholds make it data dependent); default
+    ``outlier_frac`` of the quantized keys.
     """
-    p = dict(params or {})
-    L, H, D, T, B = n_layers, n_kv_heads, head_dim, tokens, batch
-    out = {"codes": 0.0, "scales": 0.0, "outliers": 0.0, "fp16": 0.0, "static": 0.0}
-    if method in ("fp", "kv-fp16"):
-        out["fp16"] = 2 * L * B * H * D * T * 2
-    elif method == "kv-uniform":
-        b, g = p.get("bits", 4), p.get("group_size", -1)
-        g = D if g in (-1, 0) else g
-        out["codes"] = 2 * L * B * H * T * D * b / 8
-        out["scales"] = 2 * L * B * H * T * (D // g) * 4
-    elif method == "kivi":
-        b, g, r = p.get("bits", 2), p.get("group_size", 32), p.get("residual_length", 32)
-        tq = max(T - r, 0) // g * g
-        gv = g if D % g == 0 else D
-        out["codes"] = 2 * L * B * H * tq * D * b / 8
-        out["scales"] = L * B * H * ((tq // g) * D * 4 + tq * (D // gv) * 4)
-        out["fp16"] = 2 * L * B * H * (T - tq) * D * 2
-    elif method == "kvquant":
-        b, f, s = p.get("bits", 4), p.get("outlier_frac", 0.01), p.get("sink", 1)
-        s = min(s, T)
-        tq = T - s
-        out["codes"] = 2 * L * B * H * tq * D * b / 8
-        out["scales"] = L * B * tq * 4  # values: fp16 lo, hi per token (over all KV heads)
-        kout = key_outliers if key_outliers is not None else L * B * H * tq * D * f
-        vout = L * B * tq * 2 * max(1, int(round(f * H * D / 2))) if f > 0 else 0
-        out["outliers"] = (kout + vout) * OUTLIER_BYTES
-        out["fp16"] = 2 * L * B * H * s * D * 2
-        out["static"] = L * (2 * H * D * 2 + 2 * (2**b) * 2)  # keys' lo/hi thresholds, centroids
-    else:
-        raise ValueError(f"kvcalc: unknown KV method '{method}'")
-    out["total"] = sum(out.values())
-    return out
+    m = build_method(method, params)
+    formula = m.kv_cache_bytes if m.quantizes("kv") else fp16_cache_bytes
+    return formula(n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, tokens=tokens, batch=batch,
+                   key_outliers=key_outliers)
 
 
 def kv_bytes_per_token_for(

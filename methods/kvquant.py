@@ -25,6 +25,9 @@ an incomplete key group.  The real cache
 dequantization, as the paper does; it holds packed codes, fp16 scales and sparse outliers and
 reports ``kv_bytes()`` from those buffers.  :func:`make_cache` builds the real quantized cache
 (:class:`quantbench.kernels.kvcache.QuantizedKVCache`) from the same per-layer specs.
+
+Each method class declares ``target = "kv"`` and owns its cache (``make_cache``, ``generate``) and
+that cache's byte formula (``kv_cache_bytes``; :mod:`quantbench.methods.kvcalc` looks it up by name).
 """
 
 from __future__ import annotations
@@ -54,13 +57,17 @@ from .base import (
     Method,
     MethodConfig,
     QuantizedModule,
+    model_fingerprint,
     register,
 )
+from .kvcalc import OUTLIER_BYTES, cache_bytes, fp16_cache_bytes, head_dim_of, kv_heads_of
+from .timing import greedy_decode
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_EVAL = "kv-qdq-forward"  # K/V quantize-dequantized over the whole window in the forward
 PROTOCOL_CACHE = "kv-real-cache"  # real packed cache during generation
+CALC_TOKENS = 4096  # context at which the artifacts' calculator bytes/token are amortized
 KMEANS_MAX_POINTS = 500_000
 
 
@@ -159,17 +166,6 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "k_proj") and hasattr(m, "v_proj")]
 
 
-def head_dim_of(model: nn.Module) -> int:
-    cfg = model.config
-    hd = getattr(cfg, "head_dim", None)
-    return int(hd) if hd else cfg.hidden_size // cfg.num_attention_heads
-
-
-def kv_heads_of(model: nn.Module) -> int:
-    cfg = model.config
-    return int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-
-
 def kv_wrappers(model: nn.Module) -> list[tuple[KVProj, KVProj]]:
     return [(a.k_proj, a.v_proj) for a in attention_modules(model) if isinstance(a.k_proj, KVProj)]
 
@@ -198,6 +194,8 @@ def model_specs(model: nn.Module) -> list[tuple[KVSpec, KVSpec]]:
 
 
 class _KVMethod(Method):
+    """A KV-cache method: per-layer K/V specs, the real cache (:func:`make_cache`) and its byte formula."""
+
     target = "kv"
 
     def layer_specs(self, model: nn.Module, calib: Calibration | None) -> list[tuple[KVSpec, KVSpec]]:
@@ -208,19 +206,20 @@ class _KVMethod(Method):
         specs = self.layer_specs(model, calib)
         install(model, specs)
         set_mode(model, "qdq")
-        from .kvcalc import kv_bytes_per_token_for
-
         self.artifacts["protocol"] = PROTOCOL_EVAL
         self.artifacts["kv_layers"] = len(specs)
-        self.artifacts["calc_bytes_per_token"] = kv_bytes_per_token_for(
-            self.name,
-            self.config.to_dict(),
-            n_layers=len(specs),
-            n_kv_heads=kv_heads_of(model),
-            head_dim=head_dim_of(model),
-        )
+        b = self.kv_cache_bytes(n_layers=len(specs), n_kv_heads=kv_heads_of(model), head_dim=head_dim_of(model),
+                                tokens=CALC_TOKENS)
+        self.artifacts["calc_bytes_per_token"] = b["total"] / CALC_TOKENS
         self.artifacts["seconds"] = round(time.perf_counter() - t0, 3)
         return model
+
+    def make_cache(self, model: nn.Module) -> Any:
+        return make_cache(model)
+
+    def generate(self, model: nn.Module, input_ids: torch.Tensor, n_new: int, cache: Any,
+                 times: list[float] | None = None) -> torch.Tensor:
+        return generate_with_cache(model, input_ids, n_new, cache, times)
 
 
 @register
@@ -232,6 +231,11 @@ class KVFP16(_KVMethod):
 
     def layer_specs(self, model: nn.Module, calib: Calibration | None) -> list[tuple[KVSpec, KVSpec]]:
         return [(KVSpec(), KVSpec()) for _ in attention_modules(model)]
+
+    def kv_cache_bytes(self, *, n_layers: int, n_kv_heads: int, head_dim: int, tokens: int, batch: int = 1,
+                       key_outliers: int | None = None) -> dict[str, float]:
+        return fp16_cache_bytes(n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, tokens=tokens,
+                                batch=batch)
 
 
 @register
@@ -245,6 +249,14 @@ class KVUniform(_KVMethod):
         c: KVUniformConfig = self.config  # type: ignore[assignment]
         s = KVSpec("int", "token", c.bits, c.group_size)
         return [(s, s) for _ in attention_modules(model)]
+
+    def kv_cache_bytes(self, *, n_layers: int, n_kv_heads: int, head_dim: int, tokens: int, batch: int = 1,
+                       key_outliers: int | None = None) -> dict[str, float]:
+        """int-b codes and an fp16 scale + zero per group of channels, for K and V."""
+        c: KVUniformConfig = self.config  # type: ignore[assignment]
+        L, H, D, T, B = n_layers, n_kv_heads, head_dim, tokens, batch
+        g = D if c.group_size in (-1, 0) else c.group_size
+        return cache_bytes(codes=2 * L * B * H * T * D * c.bits / 8, scales=2 * L * B * H * T * (D // g) * 4)
 
 
 @register
@@ -268,6 +280,19 @@ class KIVI(_KVMethod):
             span_group=c.group_size,
         )
         return [(ks, vs) for _ in attention_modules(model)]
+
+    def kv_cache_bytes(self, *, n_layers: int, n_kv_heads: int, head_dim: int, tokens: int, batch: int = 1,
+                       key_outliers: int | None = None) -> dict[str, float]:
+        """Whole groups of ``group_size`` tokens quantized (keys: fp16 scale + zero per channel and group;
+        values: per token and channel group); the rest, the recent window included, in fp16."""
+        c: KIVIConfig = self.config  # type: ignore[assignment]
+        L, H, D, T, B = n_layers, n_kv_heads, head_dim, tokens, batch
+        b, g, r = c.bits, c.group_size, c.residual_length
+        tq = max(T - r, 0) // g * g
+        gv = g if D % g == 0 else D
+        return cache_bytes(codes=2 * L * B * H * tq * D * b / 8,
+                           scales=L * B * H * ((tq // g) * D * 4 + tq * (D // gv) * 4),
+                           fp16=2 * L * B * H * (T - tq) * D * 2)
 
 
 @register
@@ -304,6 +329,22 @@ class KVQuant(_KVMethod):
         self.artifacts["calib_recording_reused"] = reused
         return specs
 
+    def kv_cache_bytes(self, *, n_layers: int, n_kv_heads: int, head_dim: int, tokens: int, batch: int = 1,
+                       key_outliers: int | None = None) -> dict[str, float]:
+        """b-bit codes after the fp16 sink tokens; values' fp16 range per token (over all KV heads); sparse
+        outliers at OUTLIER_BYTES each (values: the ``outlier_frac / 2`` largest and smallest of each token,
+        at least one each); static: keys' fp16 lower/upper thresholds per channel and the centroids."""
+        c: KVQuantConfig = self.config  # type: ignore[assignment]
+        L, H, D, T, B = n_layers, n_kv_heads, head_dim, tokens, batch
+        b, f = c.bits, c.outlier_frac
+        s = min(c.sink, T)
+        tq = T - s
+        kout = key_outliers if key_outliers is not None else L * B * H * tq * D * f
+        vout = L * B * tq * 2 * max(1, int(round(f * H * D / 2))) if f > 0 else 0
+        return cache_bytes(codes=2 * L * B * H * tq * D * b / 8, scales=L * B * tq * 4,
+                           outliers=(kout + vout) * OUTLIER_BYTES, fp16=2 * L * B * H * s * D * 2,
+                           static=L * (2 * H * D * 2 + 2 * (2**b) * 2))
+
 
 # --------------------------------------------------------------------------- KVQuant calibration
 
@@ -317,20 +358,6 @@ _RECORD_CACHE: dict[str, tuple[list[torch.Tensor], ...]] = {}
 
 def clear_record_cache() -> None:
     _RECORD_CACHE.clear()
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """blake2b over every parameter and buffer's name, shape, dtype and bytes (exact, ~1 s per GB)."""
-    h = hashlib.blake2b(digest_size=16)
-    seen: set[int] = set()
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t is None or id(t) in seen:
-            continue
-        seen.add(id(t))
-        v = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(v.shape)}:{v.dtype};".encode())
-        h.update(v.reshape(-1).view(torch.uint8).numpy().data if v.numel() else b"")
-    return h.hexdigest()
 
 
 def cached_record_kv(
@@ -462,24 +489,14 @@ def make_cache(model: nn.Module) -> Any:
     return QuantizedKVCache(specs, rotary=rotary, captures=caps)
 
 
-@torch.no_grad()
 def generate_with_cache(
     model: nn.Module, input_ids: torch.Tensor, n_new: int, cache: Any, timings: list[float] | None = None
 ) -> torch.Tensor:
-    """Greedy decoding through ``cache`` (prefill then one token a step); wrappers capture pre-RoPE keys."""
+    """:func:`~quantbench.methods.timing.greedy_decode` through ``cache`` with the wrappers capturing
+    pre-RoPE keys for it; each step's seconds appended to ``timings``."""
     set_mode(model, "capture")
     try:
-        out = model(input_ids, past_key_values=cache, use_cache=True)
-        ids = input_ids
-        nxt = out.logits[:, -1:].argmax(-1)
-        for _ in range(n_new):
-            ids = torch.cat([ids, nxt], 1)
-            t = time.perf_counter()
-            out = model(nxt, past_key_values=cache, use_cache=True)
-            if timings is not None:
-                timings.append(time.perf_counter() - t)
-            nxt = out.logits[:, -1:].argmax(-1)
-        return ids
+        return greedy_decode(model, input_ids, n_new, cache, timings)
     finally:
         set_mode(model, "qdq")
 
@@ -487,7 +504,9 @@ def generate_with_cache(
 def decode_ms_per_token(
     model: nn.Module, context: int, n_new: int = 8, quantized: bool = True, seed: int = 0
 ) -> dict[str, Any]:
-    """p50/p90 decode ms/token at ``context`` tokens: quantized cache, or transformers' fp DynamicCache."""
+    """p50/p90 decode ms/token at ``context`` tokens (the KV decode benchmark, ``scripts/kv_decode_bench.py``):
+    the quantized cache, or transformers' DynamicCache with the wrappers off (its bytes counted as fp16);
+    timed by the one decode timer, :func:`~quantbench.methods.timing.greedy_decode`."""
     from transformers.cache_utils import DynamicCache
 
     g = torch.Generator().manual_seed(seed)
@@ -501,14 +520,7 @@ def decode_ms_per_token(
         set_mode(model, "off")
         try:
             cache = DynamicCache()
-            with torch.no_grad():
-                out = model(ids, past_key_values=cache, use_cache=True)
-                nxt = out.logits[:, -1:].argmax(-1)
-                for _ in range(n_new):
-                    t = time.perf_counter()
-                    out = model(nxt, past_key_values=cache, use_cache=True)
-                    times.append(time.perf_counter() - t)
-                    nxt = out.logits[:, -1:].argmax(-1)
+            greedy_decode(model, ids, n_new, cache, times)
             nb = {"total": sum(t.numel() * 2 for lay in cache.layers for t in (lay.keys, lay.values))}
         finally:
             set_mode(model, "qdq")

@@ -15,8 +15,9 @@ size budget by solving a knapsack):
 3. minimise Σ s(m, c_m) subject to Σ cost(m, c_m) ≤ budget: an exact dynamic programme over the budget
    discretised into ``resolution`` units, each cost rounded UP to whole units (so the true budget is
    always respected; the only loss is < one unit of slack per module);
-4. quantize each module at its (bits, group size) with the inner quantizer (RTN, or GPTQ run
-   sequentially with per-module settings); embeddings and lm_head stay unquantized.
+4. the allocation is a per-module plan ``{module: (bits, group size)}``, handed to the inner quantizer:
+   ``RTN.quantize(model, calib, plan=plan)`` or ``GPTQ.quantize(model, calib, plan=plan)`` (sequential
+   over blocks, act_order off); embeddings and lm_head stay unquantized.
 """
 
 from __future__ import annotations
@@ -25,29 +26,26 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
-from tqdm import tqdm
 
 from .base import (
-    DEFAULT_SKIP,
     Calibration,
     ConfigError,
     Method,
-    MethodConfig,
+    ModuleSelection,
     check_choice,
     iter_linears,
     linear_weight_count,
     model_storage,
     register,
-    set_module,
     tensor_bytes,
 )
+from .gptq import GPTQ, GPTQConfig
 from .qlinear import IntQuantLinear
-from .rtn import rtn_quantize_weight
+from .rtn import RTN, RTNConfig
+from .sensitivity import measure_choice_sensitivities
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +53,7 @@ VALID_BITS = (2, 3, 4, 8)
 
 
 @dataclass(frozen=True)
-class MixedConfig(MethodConfig):
+class MixedConfig(ModuleSelection):
     target_bpw: float = 3.0
     bits_choices: tuple[int, ...] = VALID_BITS
     group_size: int = 128
@@ -67,15 +65,12 @@ class MixedConfig(MethodConfig):
     positions: int = 0  # fisher-kl: positions per window in the quadratic form (0: all)
     base_choice: tuple[int, ...] = ()  # fisher-kl: (bits, group) expansion point, every module there; (): fp
     resolution: int = 100_000  # budget units of the knapsack DP
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = DEFAULT_SKIP
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "bits_choices", tuple(sorted(set(self.bits_choices))))
         object.__setattr__(self, "group_choices", tuple(dict.fromkeys(int(g) for g in self.group_choices)))
         object.__setattr__(self, "base_choice", tuple(int(x) for x in self.base_choice))
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
         for b in self.bits_choices:
             check_choice("mixed", "bits_choices", b, VALID_BITS)
         if not self.bits_choices:
@@ -188,8 +183,6 @@ class Mixed(Method):
     needs_calibration = True
 
     def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
-        from .sensitivity import measure_choice_sensitivities
-
         c: MixedConfig = self.config  # type: ignore[assignment]
         if calib is None:
             raise ConfigError("mixed needs calibration data (sensitivities are measured on it)")
@@ -222,20 +215,8 @@ class Mixed(Method):
         # 3. knapsack
         picks, predicted = solve_mckp(costs, values, budget - fixed, resolution=c.resolution)
         plan = {n: choices[j] for n, j in zip(names, picks)}
-        # 4. quantize
-        if c.inner == "rtn":
-            for name, lin in tqdm(linears, desc="mixed", leave=False):
-                b, g = plan[name]
-                codes, scales, zeros = rtn_quantize_weight(lin.weight.data, b, g, False)
-                set_module(
-                    model,
-                    name,
-                    IntQuantLinear.from_codes(
-                        codes, scales, zeros, b, g, bias=None if lin.bias is None else lin.bias.data.clone()
-                    ),
-                )
-        else:
-            _gptq_mixed(model, calib, plan)
+        # 4. quantize each module at its planned (bits, group size) with the inner quantizer
+        model = inner_quantizer(c).quantize(model, calib, plan=plan)
         st = model_storage(model)["linear"]
         achieved = 8 * st.total / n_weights
         allocation = {n: b for n, (b, _) in plan.items()}
@@ -271,51 +252,20 @@ class Mixed(Method):
         return model
 
 
+def inner_quantizer(c: MixedConfig) -> RTN | GPTQ:
+    """The quantizer that carries out the plan, on the same module selection.
+
+    RTN: asymmetric min-max grid.  GPTQ: act_order off, since its g_idx would add bytes the knapsack
+    did not budget for.  Every selected module is in the plan, so the configs' own bits are unused.
+    """
+    if c.inner == "gptq":
+        return GPTQ(GPTQConfig(act_order=False, include=c.include, exclude=c.exclude))
+    return RTN(RTNConfig(include=c.include, exclude=c.exclude))
+
+
 def _layer_of(name: str) -> int | None:
     parts = name.split(".")
     for p in parts:
         if p.isdigit():
             return int(p)
     return None
-
-
-@torch.no_grad()
-def _gptq_mixed(model: nn.Module, calib: Calibration, plan: dict[str, tuple[int, int]]) -> None:
-    """GPTQ (Frantar et al., 2022) wired as in methods/gptq.py, each linear at its own (bits, group size).
-
-    act_order is off: its g_idx would add bytes the knapsack did not budget for.
-    """
-    from .gptq import GPTQ, _block_output, capture_block_inputs, sequential_groups, transformer_blocks
-    from .gptq_solver import gptq_quantize
-
-    prefix, blocks = transformer_blocks(model)
-    inps, kws = capture_block_inputs(model, blocks[0], calib)
-    for b, block in enumerate(tqdm(blocks, desc="mixed-gptq", leave=False)):
-        bname = f"{prefix}.{b}"
-        names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and f"{bname}.{n}" in plan]
-        results: dict[str, Any] = {}
-        for group in sequential_groups(names, True):
-            Hs = GPTQ._accumulate_hessians(block, group, inps, kws)
-            for n in group:
-                lin: nn.Linear = block.get_submodule(n)
-                bits, gs = plan[f"{bname}.{n}"]
-                r = gptq_quantize(lin.weight.data, Hs[n], bits, gs, False, False)
-                lin.weight.data.copy_(r.Q.to(lin.weight.dtype))
-                results[n] = r
-        inps = [_block_output(block(x, **kw)) for x, kw in zip(inps, kws)]
-        for n, r in results.items():
-            lin = block.get_submodule(n)
-            bits, gs = plan[f"{bname}.{n}"]
-            set_module(
-                block,
-                n,
-                IntQuantLinear.from_codes(
-                    r.codes,
-                    r.scales,
-                    r.zeros,
-                    bits,
-                    gs,
-                    g_idx=r.g_idx,
-                    bias=None if lin.bias is None else lin.bias.data.clone(),
-                ),
-            )

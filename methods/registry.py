@@ -61,7 +61,7 @@ class Registry(Generic[T]):
     # -- writing --------------------------------------------------------------------------------
     def add(self, name: str, entry: T) -> T:
         old = self._entries.get(name)
-        if old is not None and old is not entry and _qualname(old) != _qualname(entry):
+        if old is not None and old is not entry and not _same(old, entry):
             raise RuntimeError(f"{self.kind} '{name}' registered twice")
         self._entries[name] = entry
         return entry
@@ -115,7 +115,13 @@ class Registry(Generic[T]):
         return len(self.names())
 
 
+def _same(old: object, new: object) -> bool:
+    """The same definition seen twice: a class or function of the same module-qualified name (its module
+    imported again, e.g. by path in a test), or an equal value."""
+    if isinstance(old, type) or callable(old):
+        return _qualname(old) == _qualname(new)
+    return old == new
+
+
 def _qualname(obj: object) -> str:
-    """Module-qualified name: a module imported twice (e.g. by path in a test) re-registers the same thing."""
-    o = obj if isinstance(obj, type) or callable(obj) else type(obj)
-    return f"{getattr(o, '__module__', '')}.{getattr(o, '__qualname__', '')}"
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"

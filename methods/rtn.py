@@ -3,6 +3,8 @@
 Each selected ``nn.Linear`` is quantized row-wise on a uniform min-max grid, per group of
 ``group_size`` input columns (``-1``: one group per output channel), symmetric or asymmetric,
 and replaced by an :class:`~quantbench.methods.qlinear.IntQuantLinear` holding packed codes.
+A per-module plan (``quantize(model, calib, plan=...)``, ``{module: (bits, group_size)}``) gives
+modules their own grid; mixed precision runs RTN through it.
 """
 
 from __future__ import annotations
@@ -15,33 +17,30 @@ from tqdm import tqdm
 
 from ..kernels.intq import grid_params, quantize_codes
 from .base import (
-    DEFAULT_SKIP,
     Calibration,
     ConfigError,
     Method,
-    MethodConfig,
+    ModuleSelection,
     iter_linears,
     register,
     set_module,
 )
 from .qlinear import IntQuantLinear
+from .quantize import ModulePlan, module_configs
 
 
 @dataclass(frozen=True)
-class RTNConfig(MethodConfig):
+class RTNConfig(ModuleSelection):
     bits: int = 4
     group_size: int = 128
     sym: bool = False
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = DEFAULT_SKIP
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 2 <= self.bits <= 8:
             raise ConfigError(f"rtn: bits must be in 2..8, got {self.bits}")
         if self.group_size != -1 and self.group_size <= 0:
             raise ConfigError(f"rtn: group_size must be positive or -1 (per channel), got {self.group_size}")
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
 
 
 def rtn_quantize_weight(
@@ -64,17 +63,23 @@ def rtn_quantize_weight(
 
 @register
 class RTN(Method):
+    """Round-to-nearest on a uniform min-max grid per group of inputs (no calibration)."""
+
     name = "rtn"
     config_cls = RTNConfig
 
-    def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
+    def quantize(self, model: nn.Module, calib: Calibration | None, plan: ModulePlan | None = None) -> nn.Module:
+        """Quantize the selected linears; ``plan`` gives modules their own (bits, group_size) (None: skip)."""
         c: RTNConfig = self.config  # type: ignore[assignment]
-        layers = list(iter_linears(model, c.include, c.exclude))
+        linears = list(iter_linears(model, c.include, c.exclude))
+        configs = module_configs(c, (name for name, _ in linears), plan, "rtn")
+        layers = [(name, lin) for name, lin in linears if name in configs]
         for name, lin in tqdm(layers, desc="rtn", leave=False):
-            codes, scales, zeros = rtn_quantize_weight(lin.weight.data, c.bits, c.group_size, c.sym)
+            mc = configs[name]
+            codes, scales, zeros = rtn_quantize_weight(lin.weight.data, mc.bits, mc.group_size, mc.sym)
             q = IntQuantLinear.from_codes(
-                codes, scales, zeros, c.bits, c.group_size,
-                bias=None if lin.bias is None else lin.bias.data.clone(), sym=c.sym,
+                codes, scales, zeros, mc.bits, mc.group_size,
+                bias=None if lin.bias is None else lin.bias.data.clone(), sym=mc.sym,
             )
             set_module(model, name, q)
         self.artifacts["quantized_modules"] = len(layers)

@@ -9,7 +9,8 @@ back (the model is restored exactly; tied weights stay tied).
 Efficiency: the unquantized inputs of every transformer block are cached once per window, so a
 module in block ``l`` costs only blocks ``l..L-1`` plus the final norm and lm_head (about half a
 forward on average); the unquantized log-probabilities are held in memory.  Results are cached on
-disk in ``cache_dir()/sensitivity/<key>.json``, keyed by a fingerprint of the model's weights, the
+disk in ``cache_dir()/sensitivity/<key>.json``, keyed by a fingerprint of the model's weights
+(:func:`~quantbench.methods.base.model_fingerprint` with ``exact=False``), the
 bits, group size, quantizer and the exact tokens, and written as they are measured (an interrupted
 run resumes).
 
@@ -19,7 +20,6 @@ format :func:`quantbench.harness.report.publish.plot_sensitivity` reads) and a h
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .base import Calibration, ConfigError, cache_dir, iter_linears
+from .base import Calibration, ConfigError, cache_dir, iter_linears, model_fingerprint
+from .gptq import block_output, capture_block_inputs, transformer_blocks
 from .rtn import rtn_quantize_weight
 
 log = logging.getLogger(__name__)
@@ -59,25 +60,6 @@ def rtn_fake_quantize(w: torch.Tensor, bits: int, group_size: int = 128, sym: bo
 
 
 # --------------------------------------------------------------------------- model anatomy
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 (first 16 hex) of every parameter's bytes, in order: identifies the weights exactly."""
-    h = hashlib.sha256()
-    seen: set[int] = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        h.update(name.encode())
-        h.update(p.detach().float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    from .gptq import transformer_blocks as tb
-
-    return tb(model)
 
 
 def module_table(model: nn.Module, embeddings: bool = True, lm_head: bool = True) -> list[dict[str, Any]]:
@@ -148,10 +130,6 @@ def swapped_weight(model: nn.Module, name: str, new_weight: torch.Tensor):
 # --------------------------------------------------------------------------- the probe
 
 
-def _block_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 class SensitivityProbe:
     """Measures KL(P_fp || P_q) and the NLL change when one module's weight is replaced.
 
@@ -164,13 +142,11 @@ class SensitivityProbe:
         self.prefix, self.blocks = transformer_blocks(model)
         with torch.inference_mode():
             calib = Calibration(windows, "probe", 0)
-            from .gptq import capture_block_inputs
-
             inps, self.kwargs = capture_block_inputs(model, self.blocks[0], calib)
             # inputs[l][w]: the unquantized input of block l for window w
             self.inputs: list[list[torch.Tensor]] = [inps]
             for block in self.blocks[:-1]:
-                inps = [_block_output(block(x, **kw)) for x, kw in zip(inps, self.kwargs)]
+                inps = [block_output(block(x, **kw)) for x, kw in zip(inps, self.kwargs)]
                 self.inputs.append(inps)
             self.ref = [self._full_logprobs(w) for w in range(len(windows))]
         self.fp_nll = self._nll(self.ref)
@@ -219,7 +195,7 @@ class SensitivityProbe:
     def _suffix_logprobs(self, layer: int, w: int, tail: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         h = self.inputs[layer][w]
         for block in self.blocks[layer:]:
-            h = _block_output(block(h, **self.kwargs[w]))
+            h = block_output(block(h, **self.kwargs[w]))
         return F.log_softmax(tail(h)[0, :-1].float(), dim=-1)
 
     def _logprobs(self, w: int, layer: int | None) -> torch.Tensor:
@@ -346,7 +322,7 @@ def measure_choice_sensitivities(
         raise ConfigError(f"sensitivity metric '{metric}' is not valid; valid: {', '.join(METRICS)}")
     choices = list(dict.fromkeys((int(b), int(g)) for b, g in choices))
     rows = rows if rows is not None else module_table(model)
-    fingerprint = fingerprint or model_fingerprint(model)
+    fingerprint = fingerprint or model_fingerprint(model, exact=False)
     dsha = tokens_sha(windows)
     docs: dict[tuple[int, int], dict[str, Any]] = {}
     paths: dict[tuple[int, int], Path] = {}
@@ -589,7 +565,7 @@ def sensitivity_map(
     if layers is not None:
         keep = set(layers)
         rows = [r for r in rows if r["layer"] is None or r["layer"] in keep]
-    fingerprint = fingerprint or model_fingerprint(model)
+    fingerprint = fingerprint or model_fingerprint(model, exact=False)
     vals = measure_sensitivities(model, windows, [bits], group_size, rows, metric, fingerprint)[bits]
     layer_ids = sorted({r["layer"] for r in rows if r["layer"] is not None})
     projs: list[str] = []

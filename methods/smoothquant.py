@@ -37,11 +37,10 @@ from torch import nn
 from tqdm import tqdm
 
 from .base import (
-    DEFAULT_SKIP,
     Calibration,
     ConfigError,
     Method,
-    MethodConfig,
+    ModuleSelection,
     check_choice,
     iter_linears,
     register,
@@ -64,18 +63,15 @@ BMM_INPUT_PROJS = ("q_proj", "k_proj", "v_proj")
 
 
 @dataclass(frozen=True)
-class W8A8Config(MethodConfig):
+class W8A8Config(ModuleSelection):
     act_scheme: str = "per_token"
     weight_scheme: str = "per_channel"
     quantize_bmm_input: bool = False
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = DEFAULT_SKIP
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_choice("w8a8", "act_scheme", self.act_scheme, ACT_SCHEMES)
         check_choice("w8a8", "weight_scheme", self.weight_scheme, ("per_channel",))
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
 
 
 @dataclass(frozen=True)

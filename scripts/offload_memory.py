@@ -12,8 +12,8 @@ import json
 import time
 
 from quantbench.harness.inputs import data
-from quantbench.harness.measure.memory import reset_peak, rss_hwm_bytes
 from quantbench.harness.inputs.models import load_smollm2
+from quantbench.harness.measure.memory import reset_peak, rss_hwm_bytes
 from quantbench.methods.base import Calibration, build_method
 from quantbench.methods.offload import resident_bytes
 

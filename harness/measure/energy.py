@@ -9,15 +9,18 @@ number from a power model.  Roots and the NVML module are injectable for tests.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .metrics import CellContext, MetricResult
+import torch
+
+from . import latency
+from .base import CellContext, MetricResult, metric
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ class NvmlCounter:
 
     def __init__(self, nvml: Any = None, index: int = 0) -> None:
         if nvml is None:
-            import pynvml as nvml  # type: ignore[import-not-found,no-redef]
+            import pynvml as nvml  # type: ignore[import-not-found,no-redef]  # deferred: pynvml is optional
         self.nvml = nvml
         nvml.nvmlInit()
         self.handle = nvml.nvmlDeviceGetHandleByIndex(index)
@@ -112,18 +115,16 @@ def measure(counter: Any, fn: Callable[[], int], min_seconds: float = MIN_WINDOW
             "j_per_token": joules / max(tokens, 1), "watts": joules / seconds}
 
 
+@metric("energy_j_per_token", label="J/tok", unit="J/token", higher_is_better=False, order=11,
+        tolerance={"rel": 0.20}, hardware_bound=True, params="latency")
 def energy_j_per_token(ctx: CellContext, rapl_root: Path = RAPL_ROOT, nvml: Any = None) -> list[MetricResult]:
-    """Decode J/token (value) and prefill J/token (protocol), windows of >= 1 s each."""
-    import torch
-
-    from . import latency
-    from .metrics import MetricResult
-
+    """Decode J/token (value) and prefill J/token (protocol), windows of >= 1 s each, of the
+    ``latency:`` block's workloads."""
     dev = str(next(ctx.model.parameters()).device)
     counter, reason = find_counter(dev, rapl_root, nvml)
     if counter is None:
         return [MetricResult(None, {"device": dev}, status="unavailable", error=reason)]
-    p = latency.latency_params(ctx)
+    p = ctx.params["latency"]
     sync = torch.cuda.synchronize if dev.startswith("cuda") else None
     prefill_fn, decode_fn = latency.workloads(ctx, p)
     pre = measure(counter, prefill_fn, MIN_WINDOW_S, sync)
@@ -131,4 +132,4 @@ def energy_j_per_token(ctx: CellContext, rapl_root: Path = RAPL_ROOT, nvml: Any 
     return [MetricResult(dec["j_per_token"], {
         "counter": counter.name, "device": dev, "phase": "decode", "decode": dec, "prefill": pre,
         "prefill_j_per_token": pre["j_per_token"], "min_window_s": MIN_WINDOW_S,
-        "scope": "whole package/GPU (includes other processes' draw)", **p})]
+        "scope": "whole package/GPU (includes other processes' draw)", **dataclasses.asdict(p)})]

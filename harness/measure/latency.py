@@ -2,9 +2,11 @@
 
 Protocol (optimum-benchmark style): ``warmup`` untimed runs, then ``repeats`` timed runs;
 prefill is one forward of ``batch x prompt_len`` random tokens into a fresh cache; decode is
-``decode_tokens`` greedy steps after a prefill of ``context`` tokens, each step timed alone.
-On CUDA every timing is bracketed by ``torch.cuda.synchronize``.  A KV method's own cache
-(``make_cache``) is used for decode where the chain has one, else transformers' DynamicCache.
+``decode_tokens`` greedy steps after a prefill of ``context`` tokens, each step timed alone by the
+one decode timer (:func:`quantbench.methods.timing.greedy_decode`).  On CUDA every timing is
+bracketed by ``torch.cuda.synchronize``.  The chain's KV method (``Method.quantizes("kv")``) supplies
+the cache and the decoding (``make_cache``, ``generate``), else transformers' DynamicCache is used.
+The parameters are the suite's ``latency:`` block (:class:`LatencyParams`).
 
 Achieved bandwidth per decode step = (weight bytes from ``model_storage`` + KV bytes read) /
 p50 step time, reported against the machine's copy bandwidth (a large tensor copy, measured
@@ -14,50 +16,68 @@ other processes during the measurement are recorded; noisy measurements are flag
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import statistics
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from .metrics import CellContext, MetricResult
+from ...methods.base import ConfigError, Method, did_you_mean, model_storage
+from ...methods.timing import greedy_decode, sync
+from .base import PARAM_BLOCKS, CellContext, MetricResult, metric
+from .memory import measure_kv_bytes_per_token, prefill, random_ids
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, int] = {"prompt_len": 512, "context": 512, "decode_tokens": 32, "batch": 1,
-                            "repeats": 3, "warmup": 1}
 NOISY_P90_P50 = 1.5
 _BANDWIDTH: dict[str, float] = {}
 
 
+@PARAM_BLOCKS.register("latency")
+@dataclass(frozen=True)
+class LatencyParams:
+    """The ``latency:`` block, suite level overridden key by key per cell; read by the latency, energy
+    and KV-bytes metrics."""
+
+    prompt_len: int = 512
+    context: int = 512
+    decode_tokens: int = 32
+    batch: int = 1
+    repeats: int = 3
+    warmup: int = 1
+
+    @classmethod
+    def parse(cls, where: str, *layers: Any) -> LatencyParams:
+        """Check each layer (a mapping; None when absent) and merge them, in order, over the defaults."""
+        keys = [f.name for f in dataclasses.fields(cls)]
+        merged: dict[str, int] = {}
+        for p in layers:
+            if p is None:
+                continue
+            if not isinstance(p, dict):
+                raise ConfigError(f"{where}: latency must be a mapping, got {p!r}")
+            for k, v in p.items():
+                if k not in keys:
+                    raise ConfigError(f"{where}: unknown latency key '{k}'{did_you_mean(str(k), keys)}")
+                if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "warmup" else 1):
+                    raise ConfigError(f"{where}: latency.{k} must be a positive integer, got {v!r}")
+            merged.update(p)
+        return cls(**merged)
+
+
 def validate_params(where: str, p: Any) -> dict[str, int]:
-    """Check a ``latency:`` mapping (suite or cell level); returns it with defaults filled in."""
-    from ...methods.base import ConfigError, did_you_mean
-
-    if not isinstance(p, dict):
-        raise ConfigError(f"{where}: latency must be a mapping, got {p!r}")
-    for k, v in p.items():
-        if k not in DEFAULTS:
-            raise ConfigError(f"{where}: unknown latency key '{k}'{did_you_mean(str(k), DEFAULTS)}")
-        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "warmup" else 1):
-            raise ConfigError(f"{where}: latency.{k} must be a positive integer, got {v!r}")
-    return {**DEFAULTS, **p}
+    """Check one ``latency:`` mapping (suite or cell level); returns it with the defaults filled in."""
+    return dataclasses.asdict(LatencyParams.parse(where, p))
 
 
-def latency_params(ctx: CellContext) -> dict[str, int]:
-    p = dict(DEFAULTS)
-    p.update(ctx.suite.raw.get("latency") or {})
-    p.update(getattr(ctx.cell, "latency", None) or {})
-    return p
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+def latency_tag(p: dict[str, Any]) -> str:
+    """Timings are comparable only at the same prompt length, context and batch."""
+    return "/".join(f"{k}{p[k]}" for k in ("prompt_len", "context", "batch") if k in p)
 
 
 def memory_bandwidth(device: str | torch.device = "cpu", nbytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -69,10 +89,10 @@ def memory_bandwidth(device: str | torch.device = "cpu", nbytes: int = 256 << 20
         dst = torch.empty_like(src)
         best = float("inf")
         for _ in range(repeats + 1):
-            _sync(dev)
+            sync(dev)
             t = time.perf_counter()
             dst.copy_(src)
-            _sync(dev)
+            sync(dev)
             best = min(best, time.perf_counter() - t)
         _BANDWIDTH[key] = 2 * nbytes / best
         del src, dst
@@ -115,71 +135,34 @@ class LoadMonitor:
                 "cores": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
-def _kv_module(ctx: CellContext) -> Any:
-    from .memory import kv_module_of
-
-    return kv_module_of(ctx)
-
-
-def _ids(model: torch.nn.Module, b: int, n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    dev = next(model.parameters()).device
-    return torch.randint(0, model.config.vocab_size, (b, n), generator=g).to(dev)  # type: ignore[union-attr,arg-type]  # HF model attribute on nn.Module
-
-
-@torch.no_grad()
-def _prefill(model: torch.nn.Module, ids: torch.Tensor, kv: Any) -> Any:
-    from transformers.cache_utils import DynamicCache
-
-    if kv is not None:
-        cache = kv.make_cache(model)
-        kv.generate_with_cache(model, ids, 0, cache)
-        return cache
-    cache = DynamicCache()
-    model(ids, past_key_values=cache, use_cache=True)
-    return cache
-
-
-@torch.no_grad()
-def _decode(model: torch.nn.Module, ids: torch.Tensor, n: int, kv: Any, dev: torch.device) -> list[float]:
-    """Per-step seconds of ``n`` greedy decode steps after prefilling ``ids``."""
+def _decode(model: torch.nn.Module, ids: torch.Tensor, n: int, kv: Method | None) -> list[float]:
+    """Per-step seconds of ``n`` greedy decode steps after prefilling ``ids``: through the KV method's
+    cache and decoding where the chain has one, else a DynamicCache."""
     from transformers.cache_utils import DynamicCache
 
     times: list[float] = []
     if kv is not None:
-        if dev.type == "cuda":  # the KV method's loop times steps itself; make them synchronous
-            raise NotImplementedError("KV-method decode timing on CUDA")
-        kv.generate_with_cache(model, ids, n, kv.make_cache(model), times)
-        return times
-    cache = DynamicCache()
-    out = model(ids, past_key_values=cache, use_cache=True)
-    nxt = out.logits[:, -1:].argmax(-1)
-    for _ in range(n):
-        _sync(dev)
-        t = time.perf_counter()
-        out = model(nxt, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        _sync(dev)
-        times.append(time.perf_counter() - t)
+        kv.generate(model, ids, n, kv.make_cache(model), times)
+    else:
+        greedy_decode(model, ids, n, DynamicCache(), times)
     return times
 
 
-def workloads(ctx: CellContext, p: dict[str, int]) -> tuple[Callable[[], int], Callable[[], int]]:
+def workloads(ctx: CellContext, p: LatencyParams) -> tuple[Callable[[], int], Callable[[], int]]:
     """(prefill, decode) callables returning tokens processed (used by the energy metric)."""
-    model, kv = ctx.model, _kv_module(ctx)
-    dev = next(model.parameters()).device
-    pre_ids = _ids(model, p["batch"], p["prompt_len"], ctx.seed)
-    ctx_ids = _ids(model, p["batch"], p["context"], ctx.seed + 1)
+    model, kv = ctx.model, ctx.kv_method
+    pre_ids = random_ids(model, p.batch, p.prompt_len, ctx.seed)
+    ctx_ids = random_ids(model, p.batch, p.context, ctx.seed + 1)
 
-    def prefill() -> int:
-        _prefill(model, pre_ids, kv)
-        return p["batch"] * p["prompt_len"]
+    def prefill_fn() -> int:
+        prefill(model, pre_ids, kv)
+        return p.batch * p.prompt_len
 
-    def decode() -> int:
-        _decode(model, ctx_ids, p["decode_tokens"], kv, dev)
-        return p["batch"] * p["decode_tokens"]
+    def decode_fn() -> int:
+        _decode(model, ctx_ids, p.decode_tokens, kv)
+        return p.batch * p.decode_tokens
 
-    return prefill, decode
+    return prefill_fn, decode_fn
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -193,32 +176,29 @@ def measure_latency(ctx: CellContext) -> dict[str, Any]:
     """One prefill + decode measurement of the cell (memoized in ``ctx.memo['latency']``)."""
     if "latency" in ctx.memo:
         return ctx.memo["latency"]
-    from .memory import measure_kv_bytes_per_token
-    from ...methods.base import model_storage
-
-    p = latency_params(ctx)
-    model, kv = ctx.model, _kv_module(ctx)
+    p: LatencyParams = ctx.params["latency"]
+    model, kv = ctx.model, ctx.kv_method
     dev = next(model.parameters()).device
-    pre_ids = _ids(model, p["batch"], p["prompt_len"], ctx.seed)
-    ctx_ids = _ids(model, p["batch"], p["context"], ctx.seed + 1)
+    pre_ids = random_ids(model, p.batch, p.prompt_len, ctx.seed)
+    ctx_ids = random_ids(model, p.batch, p.context, ctx.seed + 1)
     bw = memory_bandwidth(dev)
-    for _ in range(p["warmup"]):
-        _prefill(model, pre_ids, kv)
-        _decode(model, ctx_ids, min(4, p["decode_tokens"]), kv, dev)
+    for _ in range(p.warmup):
+        prefill(model, pre_ids, kv)
+        _decode(model, ctx_ids, min(4, p.decode_tokens), kv)
     pre_t: list[float] = []
     steps: list[float] = []
     with LoadMonitor() as mon:
-        for _ in range(p["repeats"]):
-            _sync(dev)
+        for _ in range(p.repeats):
+            sync(dev)
             t = time.perf_counter()
-            _prefill(model, pre_ids, kv)
-            _sync(dev)
+            prefill(model, pre_ids, kv)
+            sync(dev)
             pre_t.append(time.perf_counter() - t)
-        for _ in range(p["repeats"]):
-            steps += _decode(model, ctx_ids, p["decode_tokens"], kv, dev)
+        for _ in range(p.repeats):
+            steps += _decode(model, ctx_ids, p.decode_tokens, kv)
     weight_bytes = model_storage(model)["total"].total
-    kvb = measure_kv_bytes_per_token(model, min(p["context"], 64), kv, ctx.seed)["bytes_per_token"]
-    kv_read = kvb * p["batch"] * (p["context"] + p["decode_tokens"] / 2)  # mean cache length per step
+    kvb = measure_kv_bytes_per_token(model, min(p.context, 64), kv, ctx.seed)["bytes_per_token"]
+    kv_read = kvb * p.batch * (p.context + p.decode_tokens / 2)  # mean cache length per step
     p50, p90 = _pct(steps, 0.5), _pct(steps, 0.9)
     gbs = (weight_bytes + kv_read) / p50
     mon_p = mon.protocol()
@@ -234,16 +214,16 @@ def measure_latency(ctx: CellContext) -> dict[str, Any]:
             and mon_p["other_processes_cpu_cores"] + torch.get_num_threads() > cores + 0.25:
         reasons.append(f"other processes used {mon_p['other_processes_cpu_cores']:.2f} cores")
     res = {
-        **p, "device": str(dev), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "cache": "DynamicCache" if kv is None else f"{getattr(kv, '__name__', type(kv).__name__)}.make_cache",
-        "prefill_s": pre_t, "prefill_tokens_per_s": p["batch"] * p["prompt_len"] / statistics.median(pre_t),
+        **dataclasses.asdict(p), "device": str(dev), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "cache": "DynamicCache" if kv is None else f"{type(kv).__module__}.make_cache",
+        "prefill_s": pre_t, "prefill_tokens_per_s": p.batch * p.prompt_len / statistics.median(pre_t),
         "decode_ms_p50": 1e3 * p50, "decode_ms_p90": 1e3 * p90, "decode_steps": len(steps),
         "weight_bytes": weight_bytes, "kv_bytes_read_per_step": kv_read,
         "achieved_gb_s": gbs / 1e9, "memory_bandwidth_gb_s": bw / 1e9, "roofline_pct": 100 * gbs / bw,
         **mon_p, "noisy": bool(reasons), "noisy_reasons": reasons,
     }
     if reasons:
-        log.warning("%s: noisy latency measurement: %s", ctx.cell.name, "; ".join(reasons))
+        log.warning("%s: noisy latency measurement: %s", ctx.cell, "; ".join(reasons))
     ctx.memo["latency"] = res
     return res
 
@@ -252,15 +232,16 @@ def _protocol(r: dict[str, Any], drop: tuple[str, ...]) -> dict[str, Any]:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items() if k not in drop}
 
 
+@metric("prefill_tokens_per_s", label="prefill tok/s", unit="tokens/s", higher_is_better=True, order=9,
+        tolerance={"rel": 0.15}, hardware_bound=True, params="latency", tag=latency_tag)
 def prefill_tokens_per_s(ctx: CellContext) -> list[MetricResult]:
-    from .metrics import MetricResult
-
     r = measure_latency(ctx)
     return [MetricResult(r["prefill_tokens_per_s"], _protocol(r, ("prefill_tokens_per_s",)))]
 
 
+@metric("decode_ms_per_token", label="decode ms/tok", unit="ms", higher_is_better=False, order=10,
+        tolerance={"rel": 0.15}, hardware_bound=True, params="latency", tag=latency_tag)
 def decode_ms_per_token(ctx: CellContext) -> list[MetricResult]:
-    from .metrics import MetricResult
-
+    """p50 of the decode steps (p90 and the rest of the measurement in the protocol)."""
     r = measure_latency(ctx)
     return [MetricResult(r["decode_ms_p50"], _protocol(r, ("decode_ms_p50",)))]

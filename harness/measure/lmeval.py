@@ -20,8 +20,14 @@ import logging
 import sys
 from typing import Any
 
+import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+
+from ...methods.quantize import quantize
+from ..inputs import data
+from ..inputs.models import load_model
+from .tasks import _offline_env, hf_tokenizer, task_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,25 +36,16 @@ OWN_ARGS = ("model", "method", "n_samples", "seq_len", "calibration", "seed")
 
 def build_quantized(model: str = "smollm2-135m", method: str = "fp", n_samples: int = 32, seq_len: int = 512,
                     calibration: str = "wiki", seed: int = 0, **params: Any) -> tuple[Any, Any]:
-    """(quantized model, tokenizer) for a registry model name (or HF/GGUF path) and a method."""
-    import torch
+    """(quantized model, tokenizer) for a registry model name (or HF/GGUF path) and a method.
 
-    from ..inputs import data
-    from ..inputs.models import load_model
-    from ...methods.base import Calibration, build_method
-
+    The loaded model goes through :func:`~quantbench.methods.quantize.quantize` with ``seed``, calibrated
+    (only if the method needs it) on ``n_samples`` windows of ``seq_len`` tokens of ``calibration``.
+    """
     spec: Any = model if "/" not in str(model) else {"path": str(model)}
     base = load_model(spec)
-    m = build_method(method, params)
-    calib = None
-    if m.needs_calibration:
-        ids = data.tokens(calibration, "calib", base.tokenizer)
-        toks = data.sample_calibration(ids, n_samples, seq_len, seed)
-        calib = Calibration(toks, calibration, seed, base.tokenizer,
-                            {"split": "calib", "n_samples": n_samples, "seq_len": seq_len})
-    torch.manual_seed(seed)
-    qmodel = m.quantize(base.model, calib).eval()
-    return qmodel, base.tokenizer
+    cal = {"dataset": calibration, "n_samples": n_samples, "seq_len": seq_len}
+    qmodel, _ = quantize(base.model, [(method, params)], lambda: data.calibration(cal, base.tokenizer, seed), seed)
+    return qmodel.eval(), base.tokenizer
 
 
 @register_model("quantbench")
@@ -58,14 +55,10 @@ class QuantbenchLM(HFLM):
     def __init__(self, model: str = "smollm2-135m", method: str = "fp", batch_size: int | str = 8,
                  n_samples: int = 32, seq_len: int = 512, calibration: str = "wiki", seed: int = 0,
                  device: str | None = None, max_batch_size: int | None = 64, **params: Any) -> None:
-        from .tasks import _offline_env, hf_tokenizer
-
         _offline_env()
         params = {k: v for k, v in params.items() if k not in ("dtype", "trust_remote_code")}
         qmodel, tok = build_quantized(model, method, n_samples, seq_len, calibration, seed, **params)
         if device and device != "cpu":
-            import torch
-
             if torch.cuda.is_available():
                 qmodel = qmodel.to(device)
         self.quantbench_config = {"model": model, "method": method, **params}
@@ -76,8 +69,6 @@ class QuantbenchLM(HFLM):
 def main(argv: list[str] | None = None) -> None:
     """The ``lm_eval`` CLI with ``quantbench`` registered and the local tasks on the include path."""
     from lm_eval.__main__ import cli_evaluate
-
-    from .tasks import _offline_env, task_dir
 
     _offline_env()
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -3,21 +3,24 @@
 - Peak RSS is ``VmHWM`` from ``/proc/self/status``; :func:`reset_peak` resets it by writing ``5``
   to ``/proc/self/clear_refs`` (Linux >= 4.0), so the runner can measure quantize and eval apart.
   On CUDA, ``torch.cuda.max_memory_allocated`` (reset with ``reset_peak_memory_stats``) is added.
-- KV bytes per token are measured from a real cache after a prefill of ``n`` tokens: for an
-  unquantized model the tensors of transformers' ``DynamicCache``; for a KV method (one whose
-  module provides ``make_cache``) its cache's ``kv_bytes()``.
+- KV bytes per token are measured from a real cache after a prefill of ``n`` tokens (the
+  ``latency:`` block's ``context``): for a chain without a KV method the tensors of transformers'
+  ``DynamicCache``; for a KV method (``Method.quantizes("kv")``) the cache it makes
+  (``make_cache``), by its ``kv_bytes()``.  Beside it, the method's own byte formula
+  (``Method.kv_cache_bytes``; the fp16 cache without a KV method) at the same length.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from .metrics import CellContext, MetricResult
+from ...methods.base import Method
+from ...methods.kvcalc import fp16_cache_bytes, kv_shape
+from .base import CellContext, MetricResult, metric
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,8 @@ def _value(p: dict[str, int | None]) -> int | None:
     return p.get("rss_hwm_bytes")
 
 
+@metric("peak_memory_bytes", label="peak MB", unit="bytes", higher_is_better=False, order=7,
+        tolerance={"rel": 0.10}, hardware_bound=True, scale=1e-6)
 def peak_memory_bytes(ctx: CellContext) -> list[MetricResult]:
     """Peak memory of the cell: max over the quantize phase and the evaluation phase.
 
@@ -67,8 +72,6 @@ def peak_memory_bytes(ctx: CellContext) -> list[MetricResult]:
     ``ctx.memo["peak_quantize"]`` (then resets again); the eval phase is whatever ran since, and
     this metric runs the shared evaluation pass first so the eval peak covers it.
     """
-    from .metrics import MetricResult
-
     ctx.eval_stats()
     ev = peak()
     q = ctx.memo.get("peak_quantize") or {}
@@ -108,52 +111,47 @@ def cache_name(cache: Any) -> str:
     return f"{type(cache).__name__}[{','.join(kinds)}]" if kinds else type(cache).__name__
 
 
-@torch.no_grad()
-def measure_kv_bytes_per_token(model: torch.nn.Module, n: int = 256, kv_module: Any = None,
-                               seed: int = 0) -> dict[str, Any]:
-    """Prefill ``n`` random tokens into a real cache and divide its bytes by ``n``."""
-    from transformers.cache_utils import DynamicCache
-
+def random_ids(model: torch.nn.Module, batch: int, n: int, seed: int) -> torch.Tensor:
+    """``batch x n`` seeded random token ids on the model's device."""
     g = torch.Generator().manual_seed(seed)
     dev = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(dev)  # type: ignore[union-attr,arg-type]  # HF model attribute on nn.Module
-    if kv_module is not None:
-        cache = kv_module.make_cache(model)
-        kv_module.generate_with_cache(model, ids, 0, cache)
+    return torch.randint(0, model.config.vocab_size, (batch, n), generator=g).to(dev)  # type: ignore[union-attr,arg-type]  # HF model attribute on nn.Module
+
+
+@torch.no_grad()
+def prefill(model: torch.nn.Module, ids: torch.Tensor, kv: Method | None) -> Any:
+    """A fresh cache with ``ids`` prefilled: the KV method's own, else transformers' DynamicCache."""
+    from transformers.cache_utils import DynamicCache
+
+    if kv is not None:
+        cache = kv.make_cache(model)
+        kv.generate(model, ids, 0, cache)
+        return cache
+    cache = DynamicCache()
+    model(ids, past_key_values=cache, use_cache=True)
+    return cache
+
+
+def measure_kv_bytes_per_token(model: torch.nn.Module, n: int = 256, kv: Method | None = None,
+                               seed: int = 0) -> dict[str, Any]:
+    """Prefill ``n`` random tokens into a real cache (:func:`prefill`) and divide its bytes by ``n``."""
+    cache = prefill(model, random_ids(model, 1, n, seed), kv)
+    if kv is not None:
         parts = dict(cache.kv_bytes())
         static = parts.get("static", 0)
         return {"bytes_per_token": (parts["total"] - static) / n, "static_bytes": static,
                 "components": parts, "cache": cache_name(cache), "prefill_tokens": n}
-    cache = DynamicCache()
-    model(ids, past_key_values=cache, use_cache=True)
     total = dynamic_cache_bytes(cache)
     return {"bytes_per_token": total / n, "static_bytes": 0, "components": {"total": total},
             "cache": type(cache).__name__, "prefill_tokens": n}
 
 
-def kv_module_of(ctx: CellContext) -> Any:
-    """The module of the first method in the chain that provides ``make_cache`` (a KV method), or None."""
-    import sys
-
-    for m in ctx.methods:
-        if hasattr(m, "make_cache") and hasattr(m, "generate_with_cache"):
-            return m
-        mod = sys.modules.get(type(m).__module__)
-        if getattr(m, "target", None) in ("kv", "kv_cache", "attention") or _is_kv_method(m):
-            if mod is not None and hasattr(mod, "make_cache") and hasattr(mod, "generate_with_cache"):
-                return mod
-    return None
-
-
-def _is_kv_method(m: Any) -> bool:
-    return any(c.__name__ == "_KVMethod" for c in type(m).__mro__)
-
-
+@metric("kv_bytes_per_token", label="KV B/tok", unit="bytes", higher_is_better=False, order=6,
+        tolerance={"rel": 0.0}, params="latency")
 def kv_bytes_per_token(ctx: CellContext) -> list[MetricResult]:
-    from .metrics import MetricResult
-
-    n = int(_latency_params(ctx).get("context", 256))
-    r = measure_kv_bytes_per_token(ctx.model, n, kv_module_of(ctx), ctx.seed)
+    """Bytes per token of the cell's real KV cache after a prefill of ``latency.context`` tokens."""
+    n = ctx.params["latency"].context
+    r = measure_kv_bytes_per_token(ctx.model, n, ctx.kv_method, ctx.seed)
     proto = {k: v for k, v in r.items() if k != "bytes_per_token"}
     calc = calculator_bytes_per_token(ctx, n)
     if calc is not None:
@@ -162,26 +160,15 @@ def kv_bytes_per_token(ctx: CellContext) -> list[MetricResult]:
 
 
 def calculator_bytes_per_token(ctx: CellContext, n: int) -> float | None:
-    """kvcalc's bytes/token for the cell's KV method (or the fp16 cache) at ``n`` tokens, excluding the
+    """The byte formula of the cell's KV method (or of the fp16 cache) at ``n`` tokens, excluding the
     calibrated per-layer state, as the measurement counts; None when the model shape is unknown."""
-    from ...methods.kvcalc import kv_cache_bytes
-
     cfg = getattr(ctx.model, "config", None)
     if cfg is None or not hasattr(cfg, "num_hidden_layers"):
         return None
-    kv = next((m for m in ctx.methods if _is_kv_method(m)), None)
-    method, params = ("kv-fp16", {}) if kv is None else (kv.name, kv.config.to_dict())
-    from ...methods.kvquant import head_dim_of, kv_heads_of
-
-    b = kv_cache_bytes(method, params, n_layers=cfg.num_hidden_layers, n_kv_heads=kv_heads_of(ctx.model),
-                       head_dim=head_dim_of(ctx.model), tokens=n)
+    kv = ctx.kv_method
+    shape = kv_shape(ctx.model)
+    b = kv.kv_cache_bytes(**shape, tokens=n) if kv is not None else fp16_cache_bytes(**shape, tokens=n)
     per_token = (b["total"] - b["static"]) / n
     if kv is None:  # transformers' DynamicCache holds K/V in the model's dtype
         per_token *= next(ctx.model.parameters()).element_size() / 2
     return per_token
-
-
-def _latency_params(ctx: CellContext) -> dict[str, Any]:
-    from .latency import latency_params
-
-    return latency_params(ctx)

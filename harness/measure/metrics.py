@@ -1,103 +1,36 @@
-"""Metrics: fixed names (DESIGN.md), each a function of the cell context returning results.
+"""Quality and size metrics: perplexity, KL divergence and top-1 agreement (one shared evaluation
+pass, :mod:`.evaluate`), bits per weight, weight bytes and quantization time.
 
-A metric is registered in :data:`METRICS` as ``name -> MetricSpec(unit, higher_is_better,
-"module:function")``; the function is imported lazily and called as ``fn(ctx)``, returning a
-list of :class:`MetricResult` (usually one; one per task for ``accuracy``).
+Each is registered here with its facts (:func:`.base.metric`); the other metrics are registered in
+``tasks.py`` (accuracy), ``memory.py`` (KV bytes, peak memory), ``latency.py`` and ``energy.py``.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from torch import nn
+import torch
 
-if TYPE_CHECKING:
-    from .evaluate import EvalData, EvalStats, Reference
-    from ..inputs.models import LoadedModel
-    from ..run.suite import Cell, Suite
-    from ...methods.base import Method
+from ...methods.base import linear_weight_count
+from .base import METRICS, CellContext, MetricResult, MetricSpec, metric
+
+__all__ = ["METRICS", "CellContext", "MetricResult", "MetricSpec"]
 
 
-@dataclass
-class MetricResult:
-    value: float | None
-    protocol: dict[str, Any] = field(default_factory=dict)
-    stderr: float | None = None
-    status: str = "ok"
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    unit: str
-    higher_is_better: bool | None
-    target: str  # "module:function"
-
-    def compute(self, ctx: CellContext) -> list[MetricResult]:
-        mod, fn = self.target.split(":")
-        return getattr(importlib.import_module(mod), fn)(ctx)
-
-
-@dataclass
-class CellContext:
-    suite: Suite
-    cell: Cell
-    model: nn.Module
-    base: LoadedModel
-    eval_data: EvalData
-    reference: Reference | None
-    methods: list[Method]
-    quantize_seconds: float
-    seed: int
-    run_dir: Path | None = None
-    limit: int | None = None
-    memo: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.base.tokenizer
-
-    def storage(self) -> dict[str, Any]:
-        """``model_storage`` of the cell's model, computed once (bits_per_weight and weight_bytes share it)."""
-        if "storage" not in self.memo:
-            from ...methods.base import model_storage
-
-            self.memo["storage"] = model_storage(self.model)
-        return self.memo["storage"]
-
-    def eval_stats(self) -> EvalStats:
-        """One evaluation pass shared by perplexity, kl_divergence and top1_agreement."""
-        if "eval" not in self.memo:
-            from .evaluate import evaluate
-
-            self.memo["eval"] = evaluate(self.model, self.eval_data, self.reference, desc=self.cell.name)
-        return self.memo["eval"]
-
-
-_Q = "quantbench.harness.measure.metrics"
-METRICS: dict[str, MetricSpec] = {
-    "perplexity": MetricSpec("ppl", False, f"{_Q}:perplexity"),
-    "kl_divergence": MetricSpec("nats/token", False, f"{_Q}:kl_divergence"),
-    "top1_agreement": MetricSpec("fraction", True, f"{_Q}:top1_agreement"),
-    "bits_per_weight": MetricSpec("bits", False, f"{_Q}:bits_per_weight"),
-    "weight_bytes": MetricSpec("bytes", False, f"{_Q}:weight_bytes"),
-    "quantize_seconds": MetricSpec("s", False, f"{_Q}:quantize_seconds"),
-    "accuracy": MetricSpec("fraction", True, "quantbench.harness.measure.tasks:accuracy"),
-    "kv_bytes_per_token": MetricSpec("bytes", False, "quantbench.harness.measure.memory:kv_bytes_per_token"),
-    "prefill_tokens_per_s": MetricSpec("tokens/s", True, "quantbench.harness.measure.latency:prefill_tokens_per_s"),
-    "decode_ms_per_token": MetricSpec("ms", False, "quantbench.harness.measure.latency:decode_ms_per_token"),
-    "peak_memory_bytes": MetricSpec("bytes", False, "quantbench.harness.measure.memory:peak_memory_bytes"),
-    "energy_j_per_token": MetricSpec("J/token", False, "quantbench.harness.measure.energy:energy_j_per_token"),
-}
+def eval_tag(p: dict[str, Any]) -> str:
+    """Perplexity protocols are comparable only on the same text, protocol, window length (and stride)."""
+    tag = f"{p.get('dataset')}/{p.get('name')}/{p.get('seq_len')}"
+    if p.get("name") == "sliding":
+        tag += f"/s{p.get('stride')}"
+    return tag
 
 
 def _eval_protocol(ctx: CellContext) -> dict[str, Any]:
     return dict(ctx.eval_data.protocol)
 
 
+@metric("perplexity", label="ppl", unit="ppl", higher_is_better=False, order=0, tolerance={"rel": 0.01},
+        tag=eval_tag)
 def perplexity(ctx: CellContext) -> list[MetricResult]:
     s = ctx.eval_stats()
     return [MetricResult(s.perplexity, _eval_protocol(ctx), stderr=s.perplexity_stderr())]
@@ -110,6 +43,8 @@ def _needs_reference(ctx: CellContext, name: str) -> MetricResult | None:
     return None
 
 
+@metric("kl_divergence", label="KL", unit="nats/token", higher_is_better=False, order=1,
+        tolerance={"rel": 0.10, "abs": 1e-4}, fmt=".4f", tag=eval_tag)
 def kl_divergence(ctx: CellContext) -> list[MetricResult]:
     missing = _needs_reference(ctx, "kl_divergence")
     if missing:
@@ -119,6 +54,8 @@ def kl_divergence(ctx: CellContext) -> list[MetricResult]:
                                 "direction": "KL(P_fp || P_quant), mean per token"})]
 
 
+@metric("top1_agreement", label="top-1", unit="fraction", higher_is_better=True, order=2,
+        tolerance={"abs": 0.01}, fmt=".3f", tag=eval_tag)
 def top1_agreement(ctx: CellContext) -> list[MetricResult]:
     missing = _needs_reference(ctx, "top1_agreement")
     if missing:
@@ -127,9 +64,8 @@ def top1_agreement(ctx: CellContext) -> list[MetricResult]:
     return [MetricResult(s.top1, {**_eval_protocol(ctx), "reference": "unquantized model, float32"})]
 
 
+@metric("bits_per_weight", label="bits/w", unit="bits", higher_is_better=False, order=4, tolerance={"rel": 0.0})
 def bits_per_weight(ctx: CellContext) -> list[MetricResult]:
-    from ...methods.base import linear_weight_count
-
     st = ctx.storage()
     n_linear = linear_weight_count(ctx.model)
     lin = st["linear"]
@@ -144,8 +80,9 @@ def bits_per_weight(ctx: CellContext) -> list[MetricResult]:
     )]
 
 
+@metric("weight_bytes", label="weight MB", unit="bytes", higher_is_better=False, order=5, tolerance={"rel": 0.0},
+        scale=1e-6)
 def weight_bytes(ctx: CellContext) -> list[MetricResult]:
-
     st = ctx.storage()
     t = st["total"]
     return [MetricResult(
@@ -155,8 +92,8 @@ def weight_bytes(ctx: CellContext) -> list[MetricResult]:
     )]
 
 
+@metric("quantize_seconds", label="quant s", unit="s", higher_is_better=False, order=8, tolerance={"rel": 0.50},
+        hardware_bound=True)
 def quantize_seconds(ctx: CellContext) -> list[MetricResult]:
-    import torch
-
     return [MetricResult(ctx.quantize_seconds, {"threads": torch.get_num_threads(),
-                                                "calibration": ctx.cell.calibration})]
+                                                "calibration": ctx.calibration})]

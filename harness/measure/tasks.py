@@ -15,7 +15,8 @@ from ``suites/tasks/*.yaml.tmpl`` with absolute data paths):
 
 Any other name is passed to lm-eval's own task registry (hellaswag, arc_easy, lambada_openai,
 ...) and works where that machine has the data.  Each task gives one ``accuracy`` record with
-its stderr and ``task``, ``shots`` and ``n`` in the protocol.
+its stderr and ``task``, ``shots`` and ``n`` in the protocol.  The ``tasks:`` block (a cell's list
+replaces the suite's) is :class:`Tasks`, a list of :class:`TaskSpec`.
 """
 
 from __future__ import annotations
@@ -28,15 +29,16 @@ import random
 import re
 import tarfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..inputs import data
+import torch
+
 from ...methods.base import ConfigError, QuantizedTensorModule, did_you_mean
+from ..inputs import data
 from ..paths import SUITES_DIR
-
-if TYPE_CHECKING:
-    from .metrics import CellContext, MetricResult
+from .base import PARAM_BLOCKS, CellContext, MetricResult, metric
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def task_dir() -> Path:
 
 
 def _lmeval_task_names() -> set[str]:
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # deferred: lm_eval is optional
 
     return set(TaskManager().all_tasks)
 
@@ -101,6 +103,32 @@ def validate_tasks(where: str, tasks: Any, check_registry: bool = True) -> list[
             if name not in known:
                 raise ConfigError(f"{where}: unknown task '{name}'{did_you_mean(name, [*LOCAL_TASKS, *known])}")
     return out
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of a ``tasks:`` list: its name, example ``limit`` (None: all), ``shots`` and lm-eval batch size."""
+
+    name: str
+    limit: int | None = None
+    shots: int = 0
+    batch_size: int | None = None
+
+
+@PARAM_BLOCKS.register("tasks")
+@dataclass(frozen=True)
+class Tasks:
+    """The ``tasks:`` block the accuracy metric reads; a cell's list replaces the suite's."""
+
+    tasks: tuple[TaskSpec, ...]
+
+    @classmethod
+    def parse(cls, where: str, *layers: Any, check_registry: bool = False) -> Tasks | None:
+        """The last given layer (suite, then cell), validated (:func:`validate_tasks`); None when none is."""
+        given = [t for t in layers if t is not None]
+        if not given:
+            return None
+        return cls(tuple(TaskSpec(**t) for t in validate_tasks(where, given[-1], check_registry)))
 
 
 # --------------------------------------------------------------------------- data preparation
@@ -305,7 +333,7 @@ _TM: dict[tuple[str, bool], Any] = {}
 
 
 def _task_manager(include_defaults: bool) -> Any:
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # deferred: lm_eval is optional
 
     key = (str(task_dir()), include_defaults)
     if key not in _TM:
@@ -313,16 +341,16 @@ def _task_manager(include_defaults: bool) -> Any:
     return _TM[key]
 
 
-def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[dict[str, Any]], batch_size: int = 8,
+def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[TaskSpec], batch_size: int = 8,
                    limit_cap: int | None = None) -> list[dict[str, Any]]:
     """Run each task through ``lm_eval.simple_evaluate`` on the in-memory model; one dict per task."""
     _offline_env()
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+    from lm_eval import simple_evaluate  # deferred: lm_eval is optional
+    from lm_eval.models.huggingface import HFLM  # deferred: lm_eval is optional
 
     for t in tasks:
-        ensure_task(t["name"])
-    include_defaults = any(t["name"] not in LOCAL_TASKS for t in tasks)
+        ensure_task(t.name)
+    include_defaults = any(t.name not in LOCAL_TASKS for t in tasks)
     tm = _task_manager(include_defaults)
     if any(isinstance(m, QuantizedTensorModule) for m in model.modules()):
         # quantized embeddings/lm_head are shared modules already; HFLM's tie_weights() would try to
@@ -331,52 +359,51 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[dict[str, Any]], batc
     lm = HFLM(pretrained=model, tokenizer=hf_tokenizer(tokenizer), batch_size=batch_size)
     out = []
     for t in tasks:
-        limit = t.get("limit")
+        limit = t.limit
         if limit_cap is not None:
             limit = min(limit or limit_cap, limit_cap)
-        lm.batch_size_per_gpu = t.get("batch_size", batch_size)
-        res = simple_evaluate(model=lm, tasks=[t["name"]], num_fewshot=t["shots"], limit=limit,
+        lm.batch_size_per_gpu = t.batch_size or batch_size
+        res = simple_evaluate(model=lm, tasks=[t.name], num_fewshot=t.shots, limit=limit,
                               task_manager=tm, log_samples=False, bootstrap_iters=1000,
                               random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
                               fewshot_random_seed=1234)
-        r = res["results"][t["name"]]
-        n = res.get("n-samples", {}).get(t["name"], {})
+        r = res["results"][t.name]
+        n = res.get("n-samples", {}).get(t.name, {})
         metric = "acc,none" if "acc,none" in r else next(k for k in r if k.endswith(",none") and "stderr" not in k)
         stderr = r.get(metric.replace(",", "_stderr,", 1))
-        out.append({"task": t["name"], "metric": metric.split(",")[0], "value": float(r[metric]),
+        out.append({"task": t.name, "metric": metric.split(",")[0], "value": float(r[metric]),
                     "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-                    "shots": t["shots"], "n": n.get("effective"), "n_total": n.get("original"),
-                    "limit": limit, "version": res.get("versions", {}).get(t["name"])})
+                    "shots": t.shots, "n": n.get("effective"), "n_total": n.get("original"),
+                    "limit": limit, "version": res.get("versions", {}).get(t.name)})
     return out
 
 
-def cell_tasks(ctx: CellContext) -> list[dict[str, Any]] | None:
-    tasks = getattr(ctx.cell, "tasks", None) or ctx.suite.raw.get("tasks")
-    return validate_tasks("tasks", tasks, check_registry=False) if tasks else None
+def task_tag(p: dict[str, Any]) -> str:
+    """Accuracies are comparable only on the same task and number of shots."""
+    return f"{p.get('task')}/{p.get('shots', 0)}-shot"
 
 
+@metric("accuracy", label="acc", unit="fraction", higher_is_better=True, order=3, tolerance={"abs": 0.01},
+        params="tasks", fmt=".3f", tag=task_tag)
 def accuracy(ctx: CellContext) -> list[MetricResult]:
     """One ``accuracy`` result per task of the cell (suite-level ``tasks:`` unless the cell overrides)."""
-    from .metrics import MetricResult
-
-    tasks = cell_tasks(ctx)
-    if not tasks:
+    block: Tasks | None = ctx.params.get("tasks")
+    if block is None:
         return [MetricResult(None, status="failed", error="metric 'accuracy' needs a 'tasks:' list in the suite")]
+    tasks = block.tasks
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval as le  # deferred: lm_eval is optional
     except ImportError:
-        return [MetricResult(None, {"task": t["name"]}, status="unavailable",
+        return [MetricResult(None, {"task": t.name}, status="unavailable",
                              error="lm-eval is not installed (pip install quantbench[tasks])") for t in tasks]
-    import lm_eval as le
-    import torch
 
     out = []
     for t in tasks:
         try:
             (r,) = evaluate_tasks(ctx.model, ctx.tokenizer, [t], limit_cap=ctx.limit)
         except Exception as e:
-            log.error("task %s failed: %s", t["name"], e)
-            out.append(MetricResult(None, {"task": t["name"], "shots": t["shots"]}, status="failed",
+            log.error("task %s failed: %s", t.name, e)
+            out.append(MetricResult(None, {"task": t.name, "shots": t.shots}, status="failed",
                                     error=f"{type(e).__name__}: {e}"))
             continue
         proto = {"task": r["task"], "shots": r["shots"], "n": r["n"], "n_total": r["n_total"],

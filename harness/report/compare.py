@@ -5,15 +5,17 @@ config changed is still compared (and flagged), a renamed cell with an unchanged
 (model, method config).  Metrics are matched by (name, protocol tag): numbers of different protocols
 are never compared.
 
-Tolerances come from the suite's ``tolerances:`` block, one entry per metric, merged over
-:data:`DEFAULT_TOLERANCES` (a suite's entry replaces the default of that metric):
+Tolerances come from the suite's ``tolerances:`` block, one entry per metric, merged over the
+default of every registered metric (``MetricSpec.tolerance``, :func:`default_tolerances`; a suite's
+entry replaces the default of that metric):
 
 - ``rel`` / ``abs``: the current value may be worse than the baseline by ``max(rel * |baseline|, abs)``;
   "worse" follows the metric's direction (``higher_is_better``; both directions when it has none);
 - ``recovery``: the current value must be at least this fraction of the current run's fp row of the
   same model and protocol (``value / fp`` when higher is better, ``fp / value`` when lower is better);
-- timing metrics (:data:`HARDWARE_BOUND`) are compared only when the hardware fingerprint (CPU model,
-  GPU model, threads) of the two records matches; otherwise they are skipped with a warning.
+- hardware-bound metrics (``MetricSpec.hardware_bound``: timings, energy, peak memory) are compared only
+  when the hardware fingerprint (CPU model, GPU model, threads) of the two records matches; otherwise
+  they are skipped with a warning.
 
 A metric measured in the baseline and missing, failed or unavailable in the current run, and a
 baseline cell missing from the current run, are regressions unless ``--allow-missing``.
@@ -33,32 +35,16 @@ from typing import Any
 
 import yaml
 
-from ..run.records import VOLATILE_PROVENANCE, read_records
-from .leaderboard import protocol_tag
 from ...methods.base import ConfigError, did_you_mean
+from ..measure import METRICS
+from ..measure.base import validate_tolerances
 from ..paths import REPO_ROOT, SUITES_DIR
+from ..run.records import VOLATILE_PROVENANCE, read_records
+from .leaderboard import protocol_tag, spec_of
 
 log = logging.getLogger(__name__)
 
 BASELINES_DIR = REPO_ROOT / "results" / "baselines"
-
-HARDWARE_BOUND = {"quantize_seconds", "prefill_tokens_per_s", "decode_ms_per_token", "energy_j_per_token",
-                  "peak_memory_bytes"}
-DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
-    "perplexity": {"rel": 0.01},
-    "kl_divergence": {"rel": 0.10, "abs": 1e-4},
-    "top1_agreement": {"abs": 0.01},
-    "accuracy": {"abs": 0.01},
-    "bits_per_weight": {"rel": 0.0},
-    "weight_bytes": {"rel": 0.0},
-    "kv_bytes_per_token": {"rel": 0.0},
-    "peak_memory_bytes": {"rel": 0.10},
-    "quantize_seconds": {"rel": 0.50},
-    "prefill_tokens_per_s": {"rel": 0.15},
-    "decode_ms_per_token": {"rel": 0.15},
-    "energy_j_per_token": {"rel": 0.20},
-}
-TOLERANCE_KEYS = {"rel", "abs", "recovery"}
 RUN_ID_PREFIX = "baseline:"
 
 # result of one comparison, in order of severity
@@ -111,6 +97,16 @@ def index_records(records: list[dict[str, Any]]) -> dict[CellKey, CellRecords]:
 
 
 # --------------------------------------------------------------------------- tolerances
+def default_tolerances() -> dict[str, dict[str, float]]:
+    """Every registered metric's default tolerance (its spec's), by metric."""
+    return {name: dict(spec.tolerance) for name, spec in METRICS.items()}
+
+
+def _hardware_bound(metric: str) -> bool:
+    spec = spec_of(metric)
+    return spec is not None and spec.hardware_bound
+
+
 def _read_tolerances_yaml(path: Path) -> dict[str, Any]:
     try:
         doc = yaml.safe_load(path.read_text()) or {}
@@ -119,25 +115,6 @@ def _read_tolerances_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping")
     return dict(doc["tolerances"] or {}) if "tolerances" in doc else doc
-
-
-def validate_tolerances(tol: dict[str, Any], where: str = "tolerances") -> dict[str, dict[str, float]]:
-    from ..measure.metrics import METRICS
-
-    known = set(METRICS) | set(DEFAULT_TOLERANCES)
-    out: dict[str, dict[str, float]] = {}
-    for metric, spec in tol.items():
-        if metric not in known:
-            raise ConfigError(f"{where}: unknown metric '{metric}'{did_you_mean(str(metric), known)}")
-        if not isinstance(spec, dict):
-            raise ConfigError(f"{where}.{metric}: expected a mapping of {sorted(TOLERANCE_KEYS)}, got {spec!r}")
-        for k, v in spec.items():
-            if k not in TOLERANCE_KEYS:
-                raise ConfigError(f"{where}.{metric}: unknown key '{k}'{did_you_mean(str(k), TOLERANCE_KEYS)}")
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (k == "recovery" and v > 1):
-                raise ConfigError(f"{where}.{metric}.{k}: expected a number >= 0 (recovery <= 1), got {v!r}")
-        out[str(metric)] = {k: float(v) for k, v in spec.items()}
-    return out
 
 
 def load_tolerances(spec: str | Path | None, current: Path | None = None,
@@ -164,7 +141,7 @@ def load_tolerances(spec: str | Path | None, current: Path | None = None,
             if c.is_file():
                 raw, source = _read_tolerances_yaml(c), str(c)
                 break
-    tol = {k: dict(v) for k, v in DEFAULT_TOLERANCES.items()}
+    tol = default_tolerances()
     tol.update(validate_tolerances(raw, f"{Path(source).name}: tolerances"))
     return tol, source
 
@@ -273,7 +250,7 @@ def compare_records(base_recs: list[dict[str, Any]], cur_recs: list[dict[str, An
                     tolerances: dict[str, dict[str, float]] | None = None, *, baseline_name: str = "baseline",
                     current_name: str = "current", tolerance_source: str = "defaults",
                     allow_missing: bool = False) -> Comparison:
-    tolerances = tolerances if tolerances is not None else DEFAULT_TOLERANCES
+    tolerances = tolerances if tolerances is not None else default_tolerances()
     base, cur = index_records(base_recs), index_records(cur_recs)
     warnings: list[str] = []
     # --- match cells: same (model, name); then same (model, method config) among the rest
@@ -324,8 +301,7 @@ def compare_records(base_recs: list[dict[str, Any]], cur_recs: list[dict[str, An
                 row.result, row.note = MISSING, _join(cell_note, "not measured in the current run")
                 continue
             sb, sc = rb["status"], rc["status"]
-            hardware_bound = metric in HARDWARE_BOUND
-            if hardware_bound and fingerprint(rb) != fingerprint(rc):
+            if _hardware_bound(metric) and fingerprint(rb) != fingerprint(rc):
                 row.result = SKIPPED
                 row.note = _join(cell_note, "hardware differs: timing not compared")
                 pair = (fingerprint(rb), fingerprint(rc))

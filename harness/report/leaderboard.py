@@ -1,4 +1,9 @@
-"""Leaderboards from records: pandas tables, one row per cell, a column per metric (and protocol)."""
+"""Leaderboards from records: pandas tables, one row per cell, a column per metric (and protocol).
+
+Every fact about a metric (column label, position, display scale and number format, protocol tag)
+comes from its registered spec (:data:`quantbench.harness.measure.METRICS`); whether a method
+quantizes the KV cache from its registered class (``Method.quantizes("kv")``).
+"""
 
 from __future__ import annotations
 
@@ -10,42 +15,45 @@ from typing import Any
 
 import pandas as pd
 
+from ...methods.base import METHODS
+from ...methods.kvcalc import LLAMA3_70B, kv_cache_bytes
+from ..measure import METRICS, MetricSpec
 from ..run.records import read_records
 
-#: column order and display names for the leaderboard
-COLUMNS = {
-    "perplexity": "ppl",
-    "kl_divergence": "KL",
-    "top1_agreement": "top-1",
-    "accuracy": "acc",
-    "bits_per_weight": "bits/w",
-    "weight_bytes": "weight MB",
-    "kv_bytes_per_token": "KV B/tok",
-    "peak_memory_bytes": "peak MB",
-    "quantize_seconds": "quant s",
-    "prefill_tokens_per_s": "prefill tok/s",
-    "decode_ms_per_token": "decode ms/tok",
-    "energy_j_per_token": "J/tok",
-}
-SCALE = {"weight_bytes": 1e-6, "peak_memory_bytes": 1e-6}
 ID_COLUMNS = ("suite", "model", "cell", "method")
+
+
+def spec_of(metric: str) -> MetricSpec | None:
+    """The registered spec of a record's metric (None for a metric this build does not know)."""
+    return METRICS.get(metric) if metric in METRICS else None
+
+
+def label(metric: str) -> str:
+    """A metric's column label (its name when it is not registered)."""
+    spec = spec_of(metric)
+    return spec.label if spec else metric
+
+
+def column_spec(col: str) -> MetricSpec | None:
+    """The spec of the metric shown in a leaderboard column (``label [tag]``)."""
+    head = col.split(" [", 1)[0]
+    return next((s for _, s in METRICS.items() if s.label == head), None)
+
+
+def scaled_metrics() -> list[str]:
+    """The metrics whose leaderboard values are scaled (bytes shown as MB), sorted."""
+    return [name for name, spec in METRICS.items() if spec.scale != 1.0]
+
+
+def quantizes_kv(method: Any) -> bool:
+    """Whether the registered method ``method`` (a name) quantizes the KV cache, asked of its class."""
+    return isinstance(method, str) and method in METHODS and METHODS.get(method).quantizes("kv")
 
 
 def protocol_tag(rec: dict[str, Any]) -> str:
     """A short label of the protocol that makes a metric comparable (never mix two in a column)."""
-    p = rec.get("protocol") or {}
-    m = rec["metric"]
-    if m in ("perplexity", "kl_divergence", "top1_agreement"):
-        tag = f"{p.get('dataset')}/{p.get('name')}/{p.get('seq_len')}"
-        if p.get("name") == "sliding":
-            tag += f"/s{p.get('stride')}"
-        return tag
-    if m == "accuracy":
-        return f"{p.get('task')}/{p.get('shots', 0)}-shot"
-    if m in ("prefill_tokens_per_s", "decode_ms_per_token"):
-        keys = [k for k in ("prompt_len", "context", "batch") if k in p]
-        return "/".join(f"{k}{p[k]}" for k in keys)
-    return ""
+    spec = spec_of(rec["metric"])
+    return spec.protocol_tag(rec.get("protocol") or {}) if spec else ""
 
 
 def load_runs(run_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
@@ -77,10 +85,11 @@ def long_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for r in latest(records):
         tag = protocol_tag(r)
-        col = COLUMNS.get(r["metric"], r["metric"]) + (f" [{tag}]" if tag else "")
+        col = label(r["metric"]) + (f" [{tag}]" if tag else "")
         v = r["value"]
-        if v is not None and r["metric"] in SCALE:
-            v = v * SCALE[r["metric"]]
+        spec = spec_of(r["metric"])
+        if v is not None and spec is not None and spec.scale != 1.0:
+            v = v * spec.scale
         rows.append({"suite": r["suite"], "model": r["model"]["name"], "cell": r["cell"], "method": r["method"],
                      "metric": r["metric"], "column": col, "value": v, "status": r["status"],
                      "error": r["error"], "higher_is_better": r["higher_is_better"]})
@@ -98,9 +107,12 @@ def leaderboard(records: list[dict[str, Any]]) -> pd.DataFrame:
     if df.empty:
         return df
     order = {c: i for i, c in enumerate(dict.fromkeys(df["cell"]))}
-    metric_order = {m: i for i, m in enumerate(COLUMNS)}
+    def metric_order(metric: str) -> int:
+        spec = spec_of(metric)
+        return spec.order if spec else 99
+
     cols = sorted(dict.fromkeys(df["column"]),
-                  key=lambda c: (metric_order.get(df.loc[df["column"] == c, "metric"].iloc[0], 99), _natural(c)))
+                  key=lambda c: (metric_order(df.loc[df["column"] == c, "metric"].iloc[0]), _natural(c)))
     idx = ["suite", "model", "cell", "method"]
     wide = df.groupby(idx + ["column"], sort=False)["value"].agg(lambda s: s.iloc[-1]).unstack("column")
     wide = wide.reindex(columns=[c for c in cols if c in wide.columns])
@@ -116,10 +128,9 @@ def _fmt(v: Any, col: str) -> str:
     if v is None or (isinstance(v, float) and pd.isna(v)):
         return "—"
     if isinstance(v, float):
-        if col.startswith("KL"):
-            return f"{v:.4f}"
-        if col.startswith("top-1") or col.startswith("acc"):
-            return f"{v:.3f}"
+        spec = column_spec(col)
+        if spec is not None and spec.fmt:
+            return format(v, spec.fmt)
         if abs(v) >= 100:
             return f"{v:.1f}"
         return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
@@ -148,9 +159,11 @@ def vs_fp(wide: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     wide = wide.copy()
     added: list[str] = []
     for col in metric_columns(wide):
-        if col.startswith(COLUMNS["perplexity"]):
+        spec = column_spec(col)
+        metric = spec.name if spec else None
+        if metric == "perplexity":
             name, fn = f"Δppl vs fp [{_tag_of(col)}]", (lambda v, f: v - f)
-        elif col.startswith(COLUMNS["accuracy"]):
+        elif metric == "accuracy":
             name, fn = f"recovery [{_tag_of(col)}]", (lambda v, f: v / f if f else float("nan"))
         else:
             continue
@@ -269,24 +282,20 @@ def method_details(run_dirs: Iterable[str | Path], records: list[dict[str, Any]]
     return ("### Method details\n\n" + "\n".join(lines) + "\n") if lines else ""
 
 
-KV_METHODS = ("kv-fp16", "kv-uniform", "kivi", "kvquant")
-
-
 def kv_scaling_rows(records: list[dict[str, Any]], tokens: int = 131072) -> list[dict[str, Any]]:
     """What each KV cell's configuration gives for Llama-3-70B (L=80, H_kv=8, d_h=128) at ``tokens``
     tokens, batch 1 (the calculator, :mod:`quantbench.methods.kvcalc`), with the fp16 cache first."""
-    from ...methods.kvcalc import LLAMA3_70B, kv_cache_bytes
-
     seen: dict[str, dict[str, Any]] = {}
     for r in records:
         cfgs = r.get("method_config")
         for c in cfgs if isinstance(cfgs, list) else [cfgs]:
-            if isinstance(c, dict) and c.get("method") in KV_METHODS and r["cell"] not in seen:
+            if isinstance(c, dict) and quantizes_kv(c.get("method")) and r["cell"] not in seen:
                 seen[r["cell"]] = {k: v for k, v in c.items() if k not in ("method", "version")} | {
                     "_method": c["method"]}
     if not seen:
         return []
-    rows = [("fp16 cache", "kv-fp16", {})] + [(cell, p.pop("_method"), p) for cell, p in seen.items()]
+    rows: list[tuple[str, str, dict[str, Any]]] = [("fp16 cache", "kv-fp16", {})]
+    rows += [(cell, p.pop("_method"), p) for cell, p in seen.items()]
     elems = 2 * LLAMA3_70B["n_layers"] * LLAMA3_70B["n_kv_heads"] * LLAMA3_70B["head_dim"] * tokens
     out = []
     for cell, method, params in rows:

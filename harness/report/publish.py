@@ -25,10 +25,10 @@ from typing import Any
 
 import pandas as pd
 
+from ...methods.kvcalc import kv_cache_bytes
+from . import browser
 from .leaderboard import (
-    COLUMNS,
     ID_COLUMNS,
-    SCALE,
     _fmt,
     _fmt_derived,
     kv_scaling_rows,
@@ -38,12 +38,13 @@ from .leaderboard import (
     method_details,
     metric_columns,
     protocol_tag,
+    quantizes_kv,
+    scaled_metrics,
     vs_fp,
 )
 
 log = logging.getLogger(__name__)
 
-KV_METHODS = {"kv-fp16", "kv-uniform", "kivi", "kvquant"}
 PLOT_FORMATS = ("png", "svg")
 
 
@@ -68,19 +69,11 @@ def _chain(rec: dict[str, Any]) -> list[dict[str, Any]]:
     return [mc] if isinstance(mc, dict) else []
 
 
-def _is_kv_method(name: str) -> bool:
-    try:
-        from ...methods.base import get_method
-
-        return get_method(name).target == "kv"
-    except Exception:  # method module not installed in this build: fall back to the known names
-        return name in KV_METHODS
-
-
 def kv_bits(cell_records: list[dict[str, Any]]) -> float | None:
     """KV-cache bits of a cell: from a record's protocol (``kv_bits``, or ``bits`` of the
-    kv_bytes_per_token record), else from the KV method's config; None for weight-only cells."""
-    kv_conf = [c for r in cell_records[:1] for c in _chain(r) if _is_kv_method(str(c.get("method")))]
+    kv_bytes_per_token record), else from the KV method's config, else (no bits parameter: the fp16
+    cache) the bits per element of the method's byte formula; None for cells that leave the cache alone."""
+    kv_conf = [c for r in cell_records[:1] for c in _chain(r) if quantizes_kv(c.get("method"))]
     if not kv_conf:
         return None
     for r in cell_records:
@@ -95,9 +88,9 @@ def kv_bits(cell_records: list[dict[str, Any]]) -> float | None:
     for k in ("bits", "kv_bits", "k_bits"):
         if isinstance(c.get(k), (int, float)):
             return float(c[k])
-    if c.get("method") == "kv-fp16":
-        return 16.0
-    return None
+    params = {k: v for k, v in c.items() if k not in ("method", "version")}
+    shape = {"n_layers": 1, "n_kv_heads": 1, "head_dim": 128, "tokens": 4096}
+    return 8 * kv_cache_bytes(c["method"], params, **shape)["total"] / (2 * 128 * 4096)
 
 
 def _ok_values(records: list[dict[str, Any]], metric: str) -> dict[tuple[str, str, str], float]:
@@ -118,10 +111,10 @@ def _by_cell(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[s
 
 # --------------------------------------------------------------------------- plots
 def _plt() -> Any:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is optional
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib is optional
 
     return plt
 
@@ -379,9 +372,6 @@ JS = """
 })();
 """
 
-_LOWER_IS_BETTER = {COLUMNS[m] for m in ("perplexity", "kl_divergence", "decode_ms_per_token")}
-
-
 def _data_v(v: Any) -> str:
     if v is None or (isinstance(v, float) and (math.isnan(v) or math.isinf(v))):
         return ""
@@ -473,7 +463,7 @@ def render_html(records: list[dict[str, Any]], run_dirs: list[Path], plots: list
         suites = ", ".join(dict.fromkeys(wide["suite"]))
         body.append(f'<p class="note">Suite(s): {e(suites)}. Click a column header to sort. '
                     "Δ and recovery are relative to the unquantized (fp) row of the same model. "
-                    f"Memory columns in MB (10<sup>6</sup> bytes; scaled {', '.join(sorted(SCALE))}).</p>")
+                    f"Memory columns in MB (10<sup>6</sup> bytes; scaled {', '.join(scaled_metrics())}).</p>")
         for n, ((suite, model), g) in enumerate(wide.groupby(["suite", "model"], sort=False)):
             g = g.dropna(axis=1, how="all")
             g_cols = [c for c in metric_columns(wide) if c in g.columns]
@@ -552,8 +542,6 @@ def render_extras(run_dirs: Iterable[str | Path], out_dir: str | Path | None = N
     if screenshot is None:
         screenshot = os.environ.get("QUANTBENCH_SCREENSHOT", "1") != "0"
     if screenshot:
-        from . import browser
-
         if browser.find_chromium():
             try:
                 written["screenshot"].append(browser.screenshot(html_path, out / "leaderboard.png"))

@@ -18,7 +18,12 @@ from typing import Any
 
 import yaml
 
-from ...methods.base import ConfigError, build_method
+from ...methods.base import ConfigError
+from ...methods.gguf_export import export_gguf
+from ...methods.gptq_export import export_gptq
+from ...methods.quantize import quantize
+from ..inputs import data as datamod
+from ..inputs.models import load_model, model_key
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +38,11 @@ def parse_run_cell(run_cell: str) -> tuple[Path, str]:
 
 
 def rebuild_cell(run_dir: Path, cell_name: str, model_name: str | None = None) -> tuple[Any, Any, list[Any]]:
-    """Re-create a run cell's quantized model: returns (quantized model, LoadedModel, methods)."""
-    from ..inputs import data as datamod
-    from ..inputs.models import load_model, model_key
-    from ...methods.base import Calibration
+    """Re-create a run cell's quantized model: returns (quantized model, LoadedModel, methods).
 
+    The cell goes through :func:`~quantbench.methods.quantize.quantize` as the runner ran it: a fresh
+    copy of the base model, the run's seed, calibration sampled from the cell's spec with that seed.
+    """
     resolved = yaml.safe_load((run_dir / "suite.resolved.yaml").read_text())
     cells = {c["name"]: c for c in resolved["cells"]}
     if cell_name not in cells:
@@ -52,22 +57,9 @@ def rebuild_cell(run_dir: Path, cell_name: str, model_name: str | None = None) -
     env_path = run_dir / "env.json"
     if env_path.exists():
         log.info("re-creating %s as run at git %s", cell_name, json.loads(env_path.read_text()).get("git_sha"))
-    import torch
-
-    torch.manual_seed(seed)
-    model = copy.deepcopy(base.model)
-    methods = []
-    cal = cell["calibration"]
-    for cfg in cell["method"]:
-        params = {k: v for k, v in cfg.items() if k not in ("method", "version")}
-        m = build_method(cfg["method"], params)
-        calib = None
-        if m.needs_calibration:
-            ids = datamod.tokens(cal["dataset"], "calib", base.tokenizer)
-            toks = datamod.sample_calibration(ids, cal["n_samples"], cal["seq_len"], seed)
-            calib = Calibration(toks, cal["dataset"], seed, base.tokenizer, {"split": "calib", **cal})
-        model = m.quantize(model, calib)
-        methods.append(m)
+    chain = [(c["method"], {k: v for k, v in c.items() if k not in ("method", "version")}) for c in cell["method"]]
+    model, methods = quantize(copy.deepcopy(base.model), chain,
+                              lambda: datamod.calibration(cell["calibration"], base.tokenizer, seed), seed)
     return model.eval(), base, methods
 
 
@@ -76,12 +68,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, base, _ = rebuild_cell(run_dir, cell, args.model)
     out = Path(args.out)
     if args.format == "gptq":
-        from ...methods.gptq_export import export_gptq
-
         export_gptq(model, base.tokenizer, out)
     else:
-        from ...methods.gguf_export import export_gguf
-
         export_gguf(model, base.tokenizer, base.info, out)
     print(f"wrote {out}")
     return 0

@@ -20,7 +20,7 @@ from typing import Any
 
 from ...methods.base import ConfigError
 from ..inputs.models import model_key
-from ..measure.metrics import METRICS
+from ..measure import METRICS
 from ..paths import REPO_ROOT
 from .records import (
     make_record,

@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
 from ..paths import REPO_ROOT
 
 SCHEMA = 1

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ...methods.base import Calibration, Method
+from ...methods.quantize import quantize
 from ..inputs import data as datamod
-from ..measure import memory
-from ..measure.evaluate import EvalData, Reference, build_eval_data
-from ..measure.metrics import METRICS, CellContext, MetricResult
 from ..inputs.models import LoadedModel, load_model, model_key
+from ..measure import METRICS, CellContext, MetricResult, cell_params, memory
+from ..measure.evaluate import EvalData, Reference, build_eval_data
+from ..paths import REPO_ROOT
 from .records import (
     RecordWriter,
     completed_cells,
@@ -35,9 +35,7 @@ from .records import (
     read_records,
     utc_now,
 )
-from .suite import Cell, Suite, resolved_yaml
-from ...methods.base import Calibration, Method, build_method
-from ..paths import REPO_ROOT
+from .suite import CalibrationSpec, Cell, Suite, resolved_yaml
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +62,11 @@ class CellRunner:
 
     def _eval_data(self) -> EvalData:
         ev = self.suite.eval
-        ids = datamod.tokens(ev["dataset"], "test", self.base.tokenizer)
-        max_windows = ev.get("max_windows")
+        ids = datamod.tokens(ev.dataset, "test", self.base.tokenizer)
+        max_windows = ev.max_windows
         if self.limit is not None:
             max_windows = min(max_windows or self.limit, self.limit)
-        return build_eval_data(ids, ev["dataset"], ev["protocol"], ev["seq_len"], ev.get("stride"), max_windows)
+        return build_eval_data(ids, ev.dataset, ev.protocol, ev.seq_len, ev.stride, max_windows)
 
     def _reference(self) -> Reference:
         key = Reference.key(self.base.info, self.eval_data)
@@ -85,13 +83,10 @@ class CellRunner:
         ref, _ = Reference.build(self.base.model, self.eval_data, path)
         return ref
 
-    def calibration(self, spec: dict[str, Any]) -> Calibration:
-        key = (spec["dataset"], spec["n_samples"], spec["seq_len"], self.seed)
+    def calibration(self, spec: CalibrationSpec) -> Calibration:
+        key = (spec.dataset, spec.n_samples, spec.seq_len, self.seed)
         if key not in self._calib:
-            ids = datamod.tokens(spec["dataset"], "calib", self.base.tokenizer)
-            toks = datamod.sample_calibration(ids, spec["n_samples"], spec["seq_len"], self.seed)
-            self._calib[key] = Calibration(toks, spec["dataset"], self.seed, self.base.tokenizer,
-                                           {"split": "calib", **spec})
+            self._calib[key] = datamod.calibration(spec.to_dict(), self.base.tokenizer, self.seed)
         return self._calib[key]
 
     def run_cell(self, cell: Cell, run_id: str, env: dict[str, Any]) -> list[dict[str, Any]]:
@@ -101,22 +96,19 @@ class CellRunner:
         metric_seconds: dict[str, float] = {}
         model = None
         try:
-            torch.manual_seed(self.seed)
             memory.reset_peak()
             model = copy.deepcopy(self.base.model)
             tq = time.perf_counter()
-            for spec in cell.chain:
-                m = build_method(spec.method, spec.params)
-                m.artifact_dir = (self._cell_dir(cell) / spec.method) if self.run_dir else None
-                calib = self.calibration(cell.calibration) if m.needs_calibration else None
-                model = m.quantize(model, calib)
-                methods.append(m)
+            model, methods = quantize(model, [(s.method, s.params) for s in cell.chain],
+                                      lambda: self.calibration(cell.calibration), self.seed,
+                                      self._cell_dir(cell) if self.run_dir else None)
             quantize_seconds = time.perf_counter() - tq
             peak_quantize = memory.peak()
             memory.reset_peak()
             model.eval()
-            ctx = CellContext(self.suite, cell, model, self.base, self.eval_data, self.reference, methods,
-                              quantize_seconds, self.seed, self.run_dir, self.limit)
+            ctx = CellContext(cell.name, model, self.base, self.eval_data, self.reference, methods,
+                              quantize_seconds, self.seed, cell.calibration.to_dict(),
+                              cell_params(self.suite, cell), self.limit)
             ctx.memo["peak_quantize"] = peak_quantize
             results = []
             for name in cell.metrics:
@@ -142,7 +134,7 @@ class CellRunner:
         try:
             res = METRICS[name].compute(ctx)
         except Exception as e:
-            log.error("metric %s of %s failed: %s", name, ctx.cell.name, e)
+            log.error("metric %s of %s failed: %s", name, ctx.cell, e)
             log.debug("%s", traceback.format_exc())
             return [MetricResult(None, status="failed", error=f"{type(e).__name__}: {e}")]
         for r in res:

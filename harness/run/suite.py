@@ -48,11 +48,11 @@ from ...methods.base import ConfigError, build_method, did_you_mean
 from ..inputs.data import DATASETS, get_corpus
 from ..inputs.models import model_key, validate_model_spec
 from ..measure import METRICS
+from ..measure.base import validate_tolerances
 from ..measure.evaluate import PROTOCOLS
 from ..measure.latency import validate_params
 from ..measure.tasks import validate_tasks
 from ..paths import SUITES_DIR
-from ..report.compare import validate_tolerances
 
 TOP_KEYS = {"name", "description", "include", "models", "seed", "eval", "calibration", "metrics", "cells",
             "tolerances", "resources", "tasks", "latency", "executor"}
@@ -199,7 +199,7 @@ def _auto_name(chain: tuple[MethodSpec, ...]) -> str:
 
 def _parse_chain(where: str, method: Any, params: Any) -> tuple[MethodSpec, ...]:
     if isinstance(method, str):
-        items = [{"method": method, "params": params or {}}]
+        items: list[Any] = [{"method": method, "params": params or {}}]
     elif isinstance(method, list):
         if params:
             raise _err(where, "with a method chain, give params inside each chain entry")

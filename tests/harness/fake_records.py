@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from quantbench.harness.measure import METRICS
 from quantbench.harness.run.records import make_record
 
-HIB = {"perplexity": False, "kl_divergence": False, "top1_agreement": True, "accuracy": True,
-       "bits_per_weight": False, "weight_bytes": False, "decode_ms_per_token": False,
-       "kv_bytes_per_token": False, "quantize_seconds": False}
 PPL_PROTO = {"name": "gptq", "dataset": "wiki", "split": "test", "seq_len": 64, "windows": 2, "tokens": 126,
              "text_sha256": "abc"}
 
@@ -34,9 +32,11 @@ def rec(cell: str, metric: str, value: float | None, *, model: str = "tiny-llama
             protocol = {"context": 128, "batch": 1, "p90": (value or 0) * 1.1}
         else:
             protocol = {}
+    spec = METRICS.get(metric) if metric in METRICS else None  # unit and direction as the runner writes them
     return make_record(run_id=run_id, suite=suite, cell=cell, model={"name": model, "source": "test"},
-                       method=method, method_config=config, metric=metric, value=value, unit="u",
-                       higher_is_better=HIB.get(metric), protocol=protocol, status=status,
+                       method=method, method_config=config, metric=metric, value=value,
+                       unit=spec.unit if spec else "u", higher_is_better=spec.higher_is_better if spec else None,
+                       protocol=protocol, status=status,
                        error=error if error is not None or status == "ok" else "boom",
                        provenance=prov or hardware())
 

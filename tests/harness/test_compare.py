@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from quantbench.harness.report import compare as cmp_mod
 from quantbench.harness.cli import main
+from quantbench.harness.measure import METRICS, PARAM_BLOCKS, MetricSpec
+from quantbench.harness.report import compare as cmp_mod
 from quantbench.harness.report.compare import (
-    DEFAULT_TOLERANCES,
     IMPROVED,
     MISSING,
     NEW,
@@ -19,6 +19,7 @@ from quantbench.harness.report.compare import (
     SKIPPED,
     baseline_records,
     compare_records,
+    default_tolerances,
     load_tolerances,
     to_markdown,
     update_baseline,
@@ -156,7 +157,7 @@ def test_direction_aware_tolerances():
 def test_missing_cells_and_metrics_are_reported():
     cur = [r for r in BASE if r["cell"] != "rtn-w8" and not (r["cell"] == "rtn-w4" and r["metric"] == "top1_agreement")]
     cur += cell("gptq-w4", {"perplexity": 21.0}, method="gptq")
-    c = compare_records(BASE, cur, DEFAULT_TOLERANCES)
+    c = compare_records(BASE, cur, default_tolerances())
     assert c.missing_cells == ["tiny-llama/rtn-w8"] and c.new_cells == ["tiny-llama/gptq-w4"]
     assert _rows(c)[("rtn-w4", "top1_agreement")].result == MISSING
     assert c.failed
@@ -164,35 +165,35 @@ def test_missing_cells_and_metrics_are_reported():
     assert "`tiny-llama/rtn-w8`: cell missing from the current run" in md
     assert "`tiny-llama/rtn-w4` **top1_agreement**" in md
     assert "New cells (not in the baseline): `tiny-llama/gptq-w4`" in md
-    allowed = compare_records(BASE, cur, DEFAULT_TOLERANCES, allow_missing=True)
+    allowed = compare_records(BASE, cur, default_tolerances(), allow_missing=True)
     assert not allowed.failed and "Missing cells (allowed): `tiny-llama/rtn-w8`" in to_markdown(allowed)
 
 
 def test_failed_metric_is_a_regression_and_recovered_failure_an_improvement():
     cur = _with(BASE, "rtn-w4", "perplexity", value=None, status="failed", error="RuntimeError: nan")
-    c = compare_records(BASE, cur, DEFAULT_TOLERANCES)
+    c = compare_records(BASE, cur, default_tolerances())
     r = _rows(c)[("rtn-w4", "perplexity")]
     assert r.result == REGRESSION and "RuntimeError: nan" in r.note
-    back = compare_records(cur, BASE, DEFAULT_TOLERANCES)
+    back = compare_records(cur, BASE, default_tolerances())
     assert _rows(back)[("rtn-w4", "perplexity")].result == IMPROVED and not back.failed
 
 
 def test_latency_tolerance_applies_only_on_same_hardware():
     base = BASE + cell("rtn-w4", {"decode_ms_per_token": 10.0}, method="rtn")
     slower = _with(base, "rtn-w4", "decode_ms_per_token", value=13.0)  # +30 % > rel 0.15
-    c = compare_records(base, slower, DEFAULT_TOLERANCES)
+    c = compare_records(base, slower, default_tolerances())
     assert _rows(c)[("rtn-w4", "decode_ms_per_token")].result == REGRESSION
     assert _rows(compare_records(base, _with(base, "rtn-w4", "decode_ms_per_token", value=11.0),
-                                 DEFAULT_TOLERANCES))[("rtn-w4", "decode_ms_per_token")].result == OK
+                                 default_tolerances()))[("rtn-w4", "decode_ms_per_token")].result == OK
     other = _with(slower, "rtn-w4", "decode_ms_per_token", provenance=hardware(cpu="Intel Xeon", threads=8))
-    c2 = compare_records(base, other, DEFAULT_TOLERANCES)
+    c2 = compare_records(base, other, default_tolerances())
     row = _rows(c2)[("rtn-w4", "decode_ms_per_token")]
     assert row.result == SKIPPED and not c2.failed
     assert any("hardware differs" in w and "Intel Xeon" in w and "AMD EPYC" in w for w in c2.warnings)
     assert "hardware differs" in to_markdown(c2)
     # quality metrics are still compared across hardware
     other_q = _with(other, "rtn-w4", "perplexity", value=30.0, provenance=hardware(cpu="Intel Xeon"))
-    assert _rows(compare_records(base, other_q, DEFAULT_TOLERANCES))[("rtn-w4", "perplexity")].result == REGRESSION
+    assert _rows(compare_records(base, other_q, default_tolerances()))[("rtn-w4", "perplexity")].result == REGRESSION
 
 
 def test_accuracy_recovery_against_fp():
@@ -212,13 +213,13 @@ def test_accuracy_recovery_against_fp():
 def test_metrics_match_by_protocol():
     other = dict(rec("rtn-w4", "perplexity", 22.0)["protocol"], seq_len=128)
     cur = _with(BASE, "rtn-w4", "perplexity", protocol=other, value=99.0)
-    c = compare_records(BASE, cur, DEFAULT_TOLERANCES)
+    c = compare_records(BASE, cur, default_tolerances())
     by = {(r.cell, r.metric, r.protocol): r.result for r in c.rows}
     assert by[("rtn-w4", "perplexity", "wiki/gptq/64")] == MISSING  # never compared with the seq_len 128 number
     assert by[("rtn-w4", "perplexity", "wiki/gptq/128")] == NEW
     # same tag, different text: compared, with a warning
     changed = _with(BASE, "rtn-w4", "perplexity", protocol=dict(other, seq_len=64, text_sha256="zzz"))
-    c2 = compare_records(BASE, changed, DEFAULT_TOLERANCES)
+    c2 = compare_records(BASE, changed, default_tolerances())
     assert any("text_sha256: 'abc' → 'zzz'" in w for w in c2.warnings) and not c2.failed
 
 
@@ -226,15 +227,25 @@ def test_renamed_cell_matched_by_config():
     cfg = {"method": "rtn", "bits": 4, "group_size": 128, "version": 1}
     base = cell("rtn-w4", {"perplexity": 22.0}, method="rtn", config=cfg)
     cur = cell("rtn-w4g128", {"perplexity": 22.0}, method="rtn", config=cfg)
-    c = compare_records(base, cur, DEFAULT_TOLERANCES)
+    c = compare_records(base, cur, default_tolerances())
     assert not c.missing_cells and not c.new_cells and not c.failed
     assert c.rows[0].note == "renamed from rtn-w4" and c.rows[0].baseline_cell == "rtn-w4"
+
+
+def test_every_metric_is_in_the_gate_with_the_facts_of_its_spec():
+    assert sorted(default_tolerances()) == METRICS.names() and len(METRICS) == 12
+    assert default_tolerances()["kl_divergence"] == {"rel": 0.10, "abs": 1e-4}
+    assert {n for n, s in METRICS.items() if s.hardware_bound} == {
+        "quantize_seconds", "prefill_tokens_per_s", "decode_ms_per_token", "energy_j_per_token", "peak_memory_bytes"}
+    assert {s.params for _, s in METRICS.items()} == {None, *PARAM_BLOCKS.names()}  # every block it reads exists
+    with pytest.raises(ConfigError, match=r"metric x: tolerance: unknown key 'relative'"):
+        MetricSpec("x", lambda ctx: [], "u", None, "x", 99, {"relative": 0.1})
 
 
 def test_tolerances_from_suite_and_validation(tmp_path):
     tol, src = load_tolerances("smoke")
     assert src.endswith("suites/smoke.yaml") and tol["perplexity"] == {"rel": 0.001}
-    assert tol["weight_bytes"] == DEFAULT_TOLERANCES["weight_bytes"]  # defaults fill the rest
+    assert tol["weight_bytes"] == default_tolerances()["weight_bytes"]  # defaults fill the rest
     bad = tmp_path / "bad.yaml"
     bad.write_text("tolerances:\n  perplexity: {relative: 0.1}\n")
     with pytest.raises(ConfigError, match=r"unknown key 'relative'; valid: abs, recovery, rel"):

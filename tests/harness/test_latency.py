@@ -7,9 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from quantbench.harness.measure import latency, memory
-from quantbench.harness.measure.metrics import METRICS, CellContext
 from quantbench.harness.inputs.models import tiny_llama
+from quantbench.harness.measure import METRICS, CellContext, cell_params, latency
 from quantbench.harness.run.suite import parse_suite
 from quantbench.methods.base import ConfigError, build_method
 
@@ -26,7 +25,7 @@ def make_ctx(method: str = "fp", params: dict | None = None, tasks=None, latency
     m = build_method(method, params or {})
     model = m.quantize(lm.model, None).eval()
     eval_data = SimpleNamespace(protocol={})
-    ctx = CellContext(suite, suite.cells[0], model, lm, eval_data, None, [m], 0.0, 0)
+    ctx = CellContext("c", model, lm, eval_data, None, [m], 0.0, 0, params=cell_params(suite, suite.cells[0]))
     ctx.memo["eval"] = None  # metrics here never need the perplexity pass
     return ctx
 
@@ -38,10 +37,10 @@ def test_latency_params_validation():
     with pytest.raises(ConfigError, match="repeats must be a positive integer"):
         parse_suite({"name": "t", "models": ["tiny-llama"], "cells": [{"method": "fp", "latency": {"repeats": 0}}]})
     s = parse_suite({"name": "t", "models": ["tiny-llama"], "latency": {"context": 8},
-                     "cells": [{"method": "fp", "latency": {"batch": 2}}]})
-    ctx = SimpleNamespace(suite=s, cell=s.cells[0])
-    p = latency.latency_params(ctx)
-    assert p["context"] == 8 and p["batch"] == 2 and p["prompt_len"] == 512
+                     "cells": [{"method": "fp", "latency": {"batch": 2}}, {"method": "rtn"}]})
+    assert cell_params(s, s.cells[0])["latency"] == latency.LatencyParams(prompt_len=512, context=8, batch=2)
+    assert cell_params(s, s.cells[1])["latency"] == latency.LatencyParams(context=8)
+    assert cell_params(s, s.cells[1])["tasks"] is None  # no tasks: block
 
 
 def test_prefill_decode_records():
@@ -70,7 +69,7 @@ def test_prefill_decode_records():
 def test_noisy_flag(monkeypatch):
     ctx = make_ctx()
     steps = iter([0.001, 0.001, 0.001, 0.010] * 10)
-    monkeypatch.setattr(latency, "_decode", lambda m, ids, n, kv, dev: [next(steps) for _ in range(n)])
+    monkeypatch.setattr(latency, "_decode", lambda m, ids, n, kv: [next(steps) for _ in range(n)])
     r = latency.measure_latency(ctx)
     assert r["noisy"] and any("p90/p50" in x for x in r["noisy_reasons"])
 
@@ -96,7 +95,14 @@ def test_kv_bytes_per_token_kv_method():
     # 4-bit codes are 1/8 of fp32 (512 B of 2048) plus per-token scales: well under a quarter of fp32
     assert 256 <= r.value < 2048 / 3, r.protocol
     assert r.protocol["cache"] == "DynamicCache[QuantizedKVLayer]"  # the real quantized cache, named
-    assert memory.kv_module_of(ctx) is not None
+    assert ctx.kv_method is ctx.methods[0] and type(ctx.kv_method).quantizes("kv")
+
+
+def test_decode_through_the_kv_methods_cache():
+    ctx = make_ctx("kivi", {"bits": 2, "group_size": 8, "residual_length": 8})
+    (dec,) = METRICS["decode_ms_per_token"].compute(ctx)
+    assert dec.protocol["cache"] == "quantbench.methods.kvquant.make_cache"
+    assert dec.protocol["decode_steps"] == 2 * 4 and dec.value > 0
 
 
 def test_bandwidth_cached():

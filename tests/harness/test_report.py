@@ -7,9 +7,9 @@ from html.parser import HTMLParser
 import pytest
 
 from quantbench.harness.report import publish
+from quantbench.harness.report.leaderboard import leaderboard, markdown, vs_fp, write_report
 from quantbench.harness.report.publish import kv_bits, loss_curves, pareto_front, render_extras
 from quantbench.harness.run.records import RecordWriter
-from quantbench.harness.report.leaderboard import leaderboard, markdown, vs_fp, write_report
 
 from .fake_records import PPL_PROTO, cell, rec
 

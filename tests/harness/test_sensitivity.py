@@ -5,8 +5,10 @@ import json
 import pytest
 import torch
 
-from quantbench.methods import sensitivity as S
 from quantbench.harness.inputs.models import tiny_llama
+from quantbench.harness.tools.sensitivity import cmd_sensitivity, write_heatmap
+from quantbench.methods import sensitivity as S
+from quantbench.methods.base import model_fingerprint
 
 
 @pytest.fixture
@@ -89,6 +91,8 @@ def test_results_cached_on_disk_by_key(tiny, windows, cache, monkeypatch):
     first = S.measure_sensitivities(tiny, windows, [3])
     files = list((cache / "sensitivity").glob("*.json"))
     assert len(files) == 1
+    # keyed by the weights-only fingerprint (the key the cache has always used; see test_quantize.py)
+    assert json.loads(files[0].read_text())["model"] == model_fingerprint(tiny, exact=False)
 
     def boom(*a, **k):
         raise AssertionError("recomputed despite the cache")
@@ -111,7 +115,7 @@ def test_map_document_and_heatmap(tiny, windows, cache, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "sensitivity.json").write_text(json.dumps(doc))
-    paths = S.write_heatmap(doc, out)
+    paths = write_heatmap(doc, out)
     assert all(p.stat().st_size > 1000 for p in paths)
     from quantbench.harness.report.publish import plot_sensitivity
 
@@ -125,4 +129,4 @@ def test_cli_registers_command():
     from quantbench.harness.cli import build_parser
 
     args = build_parser().parse_args(["sensitivity", "--model", "tiny-llama", "--out", "x", "--bits", "2"])
-    assert args.bits == 2 and args.fn is S.cmd_sensitivity
+    assert args.bits == 2 and args.fn is cmd_sensitivity

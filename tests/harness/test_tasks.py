@@ -80,6 +80,14 @@ def _validate_with_fake_registry(names):
         tasks._lmeval_task_names = orig
 
 
+def test_tasks_block_cell_list_replaces_the_suites():
+    suite_level = ["wiki_cloze"]
+    assert tasks.Tasks.parse("s", None, None) is None
+    assert tasks.Tasks.parse("s", suite_level, None).tasks == (tasks.TaskSpec("wiki_cloze"),)
+    cell = tasks.Tasks.parse("s", suite_level, [{"name": "mmlu_qb", "limit": 5, "shots": 1, "batch_size": 2}])
+    assert cell.tasks == (tasks.TaskSpec("mmlu_qb", limit=5, shots=1, batch_size=2),)
+
+
 def test_passthrough_name_accepted_by_registry():
     assert _validate_with_fake_registry(["hellaswag"])[0]["name"] == "hellaswag"
 
@@ -88,9 +96,9 @@ def test_evaluate_tiny_llama(task_cache):
     from quantbench.harness.inputs.models import tiny_llama
 
     lm = tiny_llama()
-    specs = tasks.validate_tasks("t", [{"name": "mmlu_qb", "limit": 8}, {"name": "bb_sports_understanding"},
-                                       {"name": "wiki_cloze", "limit": 5}])
-    res = tasks.evaluate_tasks(lm.model, lm.tokenizer, specs, batch_size=4)
+    block = tasks.Tasks.parse("t", [{"name": "mmlu_qb", "limit": 8}, {"name": "bb_sports_understanding"},
+                                    {"name": "wiki_cloze", "limit": 5}])
+    res = tasks.evaluate_tasks(lm.model, lm.tokenizer, list(block.tasks), batch_size=4)
     by = {r["task"]: r for r in res}
     assert by["mmlu_qb"]["n"] == 8 and by["bb_sports_understanding"]["n"] == 10 and by["wiki_cloze"]["n"] == 5
     for r in res:
@@ -103,7 +111,7 @@ def test_evaluate_tiny_llama(task_cache):
 
 
 def test_accuracy_metric_records(task_cache):
-    from quantbench.harness.measure.metrics import METRICS
+    from quantbench.harness.measure import METRICS
     from tests.harness.test_latency import make_ctx
 
     ctx = make_ctx(tasks=[{"name": "bb_sports_understanding", "limit": 6, "shots": 2}])

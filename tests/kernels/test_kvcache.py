@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from quantbench.methods.kvcalc import kv_cache_bytes
 from quantbench.kernels.kvcache import (
     Encoded,
     KVSpec,
@@ -22,6 +21,7 @@ from quantbench.kernels.kvcache import (
     unpack_codes,
     weighted_kmeans_1d,
 )
+from quantbench.methods.kvcalc import kv_cache_bytes
 
 
 def _x(*shape, seed=0):

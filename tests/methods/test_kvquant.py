@@ -39,6 +39,29 @@ def test_config_errors():
     assert build_method("kvquant").target == "kv"
 
 
+def test_what_each_method_quantizes_is_declared_on_its_class():
+    from quantbench.methods.base import METHODS
+
+    kv = {name for name, cls in METHODS.items() if cls.quantizes("kv")}
+    assert {"kv-fp16", "kv-uniform", "kivi", "kvquant"} <= kv and not kv & {"fp", "rtn", "gptq", "smoothquant"}
+    assert METHODS.get("smoothquant").quantizes("activations") and METHODS.get("rtn").quantizes("weights")
+    with pytest.raises(NotImplementedError, match="rtn does not quantize the KV cache"):
+        build_method("rtn").make_cache(None)
+
+
+@pytest.mark.parametrize("name,prm", [("kv-fp16", {}), ("kv-uniform", {"bits": 4, "group_size": 32}),
+                                      ("kivi", {"bits": 2, "group_size": 16, "residual_length": 16})])
+def test_the_methods_byte_formula_counts_the_cache_it_makes(llama, name, prm):
+    m = build_method(name, prm)
+    model = m.quantize(copy.deepcopy(llama), None)
+    cache = m.make_cache(model)
+    m.generate(model, _ids(1, 70, seed=4), 0, cache)
+    calc = m.kv_cache_bytes(n_layers=2, n_kv_heads=2, head_dim=64, tokens=70)
+    nb = cache.kv_bytes()
+    assert {k: nb[k] for k in ("codes", "scales", "fp16", "total")} == {k: calc[k] for k in ("codes", "scales", "fp16",
+                                                                                            "total")}
+
+
 def test_eval_path_orders_methods(llama):
     ids = _ids(1, 128, seed=1)
     with torch.no_grad():
@@ -86,8 +109,9 @@ def test_real_cache_prefill_and_decode_match_eval_path(llama, name, prm):
 def test_generate_with_cache_and_latency(llama):
     m = build_method("kvquant", {"bits": 4}).quantize(copy.deepcopy(llama), _calib())
     ids = _ids(1, 32, seed=3)
-    out = kq.generate_with_cache(m, ids, 4, kq.make_cache(m))
-    assert out.shape == (1, 36) and torch.equal(out[:, :32], ids)
+    times: list[float] = []
+    out = kq.generate_with_cache(m, ids, 4, kq.make_cache(m), times)
+    assert out.shape == (1, 36) and torch.equal(out[:, :32], ids) and len(times) == 4
     r = kq.decode_ms_per_token(m, context=64, n_new=3)
     f = kq.decode_ms_per_token(m, context=64, n_new=3, quantized=False)
     assert r["p50_ms"] > 0 and f["p50_ms"] > 0

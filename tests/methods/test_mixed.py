@@ -121,6 +121,20 @@ def test_gptq_inner_and_fisher_respect_budget(tiny, calib):
         assert torch.isfinite(q(x).logits).all()
 
 
+@pytest.mark.parametrize("inner", ["rtn", "gptq"])
+def test_mixed_is_its_allocation_through_the_inner_quantizer(tiny, calib, inner):
+    """Step 4 is GPTQ's / RTN's own quantize with the allocation as a per-module plan: the same codes."""
+    params = {"target_bpw": 3.0, "inner": inner, "group_choices": [64, 128], "sensitivity": "fisher"}
+    m = build_method("mixed", params)
+    q = m.quantize(copy.deepcopy(tiny), calib)
+    plan = {n: (b, m.artifacts["group_sizes"][n]) for n, b in m.artifacts["allocation"].items()}
+    assert len(set(plan.values())) > 1
+    ref = build_method(inner, {"act_order": False} if inner == "gptq" else {})
+    r = ref.quantize(copy.deepcopy(tiny), calib, plan=plan)
+    sd, sd_ref = q.state_dict(), r.state_dict()
+    assert sd.keys() == sd_ref.keys() and all(torch.equal(sd[k], sd_ref[k]) for k in sd)
+
+
 def test_config_errors(tiny, calib):
     with pytest.raises(ConfigError, match="bits_choices"):
         build_method("mixed", {"bits_choices": [2, 5]})
