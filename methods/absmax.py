@@ -13,25 +13,23 @@ the packed integer kernels (8 bits per channel on torch's int8 CPU op).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 
-from .base import DEFAULT_SKIP, Calibration, ConfigError, Method, MethodConfig, iter_linears, register, set_module
+from .base import Calibration, ConfigError, Method, ModuleSelection, iter_linears, register, set_module
 from .qlinear import IntQuantLinear
 
 
 @dataclass(frozen=True)
-class AbsmaxConfig(MethodConfig):
+class AbsmaxConfig(ModuleSelection):
     bits: int = 8
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = DEFAULT_SKIP
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.bits not in (2, 4, 8):
             raise ConfigError(f"absmax: bits must be 2, 4 or 8, got {self.bits}")
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
 
 
 def absmax_quantize_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +48,7 @@ class Absmax(Method):
     config_cls = AbsmaxConfig
 
     def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
-        c: AbsmaxConfig = self.config  # type: ignore[assignment]
+        c = cast(AbsmaxConfig, self.config)
         offset = 2 ** (c.bits - 1)
         for name, lin in list(iter_linears(model, c.include, c.exclude)):
             codes, scale = absmax_quantize_weight(lin.weight.data, c.bits)
