@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,7 @@ def int4pack_supported(layer: IntPackedWeight) -> bool:
     return _group_perm(layer) is not False
 
 
-def _group_perm(layer: IntPackedWeight) -> torch.Tensor | None | bool:
+def _group_perm(layer: IntPackedWeight) -> torch.Tensor | None | Literal[False]:
     """None when g_idx is natural; a permutation making groups contiguous; False when there is none."""
     g_idx = layer.g_idx.long()
     natural = torch.arange(layer.in_features, device=g_idx.device) // layer.group_size

@@ -32,6 +32,8 @@ what is stored and counted) — the same trade as the int4pack CPU path.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 
@@ -167,3 +169,17 @@ def ternary_linear(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], codes_t.shape[1])
+
+
+class TernaryPackedWeight(Protocol):
+    """The packed ternary weight the Triton kernel reads (``methods.bitnet.TernaryLinear`` is one):
+    ``qweight`` codes in the ``fmt`` layout ("2bit", "base3" or "1bit"), fp32 ``scale`` per tensor,
+    channel or group (``granularity``), optional ``bias``; ``act_bits`` 8 quantizes activations per token."""
+
+    out_features: int
+    fmt: str
+    granularity: str
+    act_bits: int | None
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None

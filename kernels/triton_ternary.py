@@ -14,7 +14,7 @@ M uses 128x128-class tiles so each unpacked weight tile feeds a large MMA.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import triton
@@ -22,6 +22,9 @@ import triton.language as tl
 
 from .ternary import act_quant_int8
 from .triton_tuning import autotune, cfg, grouped_tile, interpreted, launch_tuned, m_bucket, run_splitk, splitk_epilogue
+
+if TYPE_CHECKING:
+    from .ternary import TernaryPackedWeight
 
 
 @triton.jit
@@ -185,8 +188,9 @@ def ternary_matmul(
     return y
 
 
-def triton_ternary_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
-    """Forward of a 2-bit :class:`~quantbench.methods.bitnet.TernaryLinear` (tensor/channel scales) in Triton."""
+def triton_ternary_linear(x: torch.Tensor, layer: TernaryPackedWeight) -> torch.Tensor:
+    """Forward of a 2-bit packed ternary weight (:class:`~quantbench.kernels.ternary.TernaryPackedWeight`, e.g. a
+    ``TernaryLinear``; tensor or channel scales) in Triton."""
     if layer.fmt != "2bit" or layer.granularity == "group":
         raise ValueError("the Triton ternary kernel takes 2-bit codes with per-tensor or per-channel scales")
     shape = x.shape

@@ -23,7 +23,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +150,10 @@ class TernaryLinear(QuantizedModule):
     dequantized weight with fake-quantized activations.  Both compute the same numbers up to fp rounding.
     """
 
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, in_features: int, out_features: int, fmt: str = "2bit", granularity: str = "tensor",
                  group_size: int = 128, act_bits: int | None = 8, bias: bool = False) -> None:
         super().__init__()
@@ -174,6 +178,7 @@ class TernaryLinear(QuantizedModule):
         m.qweight.copy_(T.pack_ternary(codes, fmt))
         m.scale.copy_(scale.float().reshape(m.scale.shape))
         if bias is not None:
+            assert m.bias is not None  # built with a bias buffer
             m.bias.copy_(bias.float())
         return m
 
@@ -354,7 +359,7 @@ class BitNetQAT(Method):
         names = [n for n, _ in iter_linears(model, c.include, c.exclude)]
         bitlins: dict[str, BitLinear] = {}
         for name in names:
-            bl = BitLinear.from_linear(model.get_submodule(name), granularity=c.granularity,
+            bl = BitLinear.from_linear(cast(nn.Linear, model.get_submodule(name)), granularity=c.granularity,
                                        group_size=c.group_size, act_bits=c.act_bits)
             set_module(model, name, bl)
             bitlins[name] = bl

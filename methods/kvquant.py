@@ -36,7 +36,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -167,7 +167,8 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def kv_wrappers(model: nn.Module) -> list[tuple[KVProj, KVProj]]:
-    return [(a.k_proj, a.v_proj) for a in attention_modules(model) if isinstance(a.k_proj, KVProj)]
+    # install() wraps k_proj and v_proj together
+    return [(a.k_proj, cast(KVProj, a.v_proj)) for a in attention_modules(model) if isinstance(a.k_proj, KVProj)]
 
 
 def install(model: nn.Module, specs: list[tuple[KVSpec, KVSpec]]) -> None:
@@ -313,6 +314,7 @@ class KVQuant(_KVMethod):
         for i in range(len(keys)):
             ks = calibrate_keys(keys[i], kgrad[i], c, qn)
             vs = calibrate_values(vals[i], vgrad[i], c, qn)
+            assert ks.centroids is not None and vs.centroids is not None  # nuq specs carry centroids
             specs.append((ks, vs))
             summary.append(
                 {
@@ -349,11 +351,14 @@ class KVQuant(_KVMethod):
 # --------------------------------------------------------------------------- KVQuant calibration
 
 
+#: per-layer calibration keys, values, and their Fisher grads (None without ``fisher``)
+KVRecording = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None], list[torch.Tensor | None]]
+
 #: the last calibration recording, keyed by the exact model and calibration tokens: the K/V
 #: activations and Fisher grads do not depend on bits or outliers, so the kvquant-4/3/2 cells of
 #: one run (each on a fresh copy of the same model) record once.  One entry (~3 GB for
 #: smollm2-135m at 16 x 2048 tokens with grads); ``clear_record_cache()`` frees it.
-_RECORD_CACHE: dict[str, tuple[list[torch.Tensor], ...]] = {}
+_RECORD_CACHE: dict[str, KVRecording] = {}
 
 
 def clear_record_cache() -> None:
@@ -362,7 +367,7 @@ def clear_record_cache() -> None:
 
 def cached_record_kv(
     model: nn.Module, calib: Calibration, fisher: bool, max_samples: int, sink: int
-) -> tuple[tuple[list[torch.Tensor], ...], bool]:
+) -> tuple[KVRecording, bool]:
     """:func:`record_kv` and whether it was reused: the last recording, when model, tokens and settings match."""
     toks = calib.tokens[:max_samples].contiguous()
     key = "|".join([model_fingerprint(model), hashlib.blake2b(toks.numpy().tobytes(), digest_size=16).hexdigest(),
@@ -377,7 +382,7 @@ def cached_record_kv(
 
 def record_kv(
     model: nn.Module, calib: Calibration, fisher: bool, max_samples: int, sink: int
-) -> tuple[list[torch.Tensor], ...]:
+) -> KVRecording:
     """Calibration K (pre-RoPE) and V activations [N, H, D] per layer and, with ``fisher``, their grads."""
     hd = head_dim_of(model)
     install(model, [(KVSpec(), KVSpec()) for _ in attention_modules(model)])
@@ -411,7 +416,7 @@ def record_kv(
     def stack(ts: list[torch.Tensor], grad: bool) -> torch.Tensor:
         out = []
         for t in ts:
-            x = (t.grad if grad else t).detach()[0, sink:]  # sink tokens are kept in fp16
+            x = cast(torch.Tensor, t.grad if grad else t).detach()[0, sink:]  # sink tokens are kept in fp16
             out.append(x.reshape(x.shape[0], -1, hd).float())
         return torch.cat(out)
 
@@ -510,7 +515,7 @@ def decode_ms_per_token(
     from transformers.cache_utils import DynamicCache
 
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=g)
+    ids = torch.randint(0, cast(Any, model.config).vocab_size, (1, context), generator=g)  # transformers config
     times: list[float] = []
     if quantized:
         cache = make_cache(model)
@@ -521,7 +526,8 @@ def decode_ms_per_token(
         try:
             cache = DynamicCache()
             greedy_decode(model, ids, n_new, cache, times)
-            nb = {"total": sum(t.numel() * 2 for lay in cache.layers for t in (lay.keys, lay.values))}
+            # DynamicLayers, filled by the decode (transformers types their keys/values as optional)
+            nb = {"total": sum(t.numel() * 2 for lay in cast(Any, cache.layers) for t in (lay.keys, lay.values))}
         finally:
             set_mode(model, "qdq")
     ts = sorted(times[1:] or times)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -187,9 +187,11 @@ def smoothing_factors(act_absmax: torch.Tensor, fcs: list[nn.Linear], alpha: flo
 @torch.no_grad()
 def fold_smoothing(norm: nn.Module, fcs: list[nn.Linear], s: torch.Tensor) -> None:
     """X diag(s)^-1 into the norm (weight, and bias if any), diag(s) W into each linear."""
-    norm.weight.div_(s.to(norm.weight.dtype))
+    weight = cast(torch.Tensor, norm.weight)  # the norm's affine parameters
+    weight.div_(s.to(weight.dtype))
     if getattr(norm, "bias", None) is not None:
-        norm.bias.div_(s.to(norm.bias.dtype))
+        bias = cast(torch.Tensor, norm.bias)
+        bias.div_(s.to(bias.dtype))
     for fc in fcs:
         fc.weight.mul_(s.to(fc.weight.dtype).unsqueeze(0))
 
@@ -232,7 +234,7 @@ class W8A8(Method):
         self.smooth(model, stats)  # steps 2-3 (smoothquant); updates stats' input absmax to X / s
 
         for name in tqdm(names, desc=self.name, leave=False):  # step 4
-            lin = model.get_submodule(name)
+            lin = cast(nn.Linear, model.get_submodule(name))  # names come from iter_linears
             st = stats.get(name)
             quantize_output = c.quantize_bmm_input and name.rsplit(".", 1)[-1] in BMM_INPUT_PROJS
             if static and st is None:
@@ -275,7 +277,7 @@ class SmoothQuant(W8A8):
         for g in find_smooth_groups(model):
             if g.fc_names[0] not in stats:  # excluded from quantization
                 continue
-            fcs = [model.get_submodule(n) for n in g.fc_names]
+            fcs = [cast(nn.Linear, model.get_submodule(n)) for n in g.fc_names]  # present() checked
             act = stats[g.fc_names[0]].input_absmax  # the same input for every fc of the group
             s = smoothing_factors(act, fcs, c.alpha)  # step 2
             fold_smoothing(model.get_submodule(g.norm_name), fcs, s)  # step 3
