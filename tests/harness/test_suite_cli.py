@@ -232,3 +232,25 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "unknown parameter 'group'" in r.stderr
     assert not (tmp_path / "o").exists()  # failed before any work
+
+
+def test_plugins_show_in_ls_and_validate(monkeypatch, capsys, tmp_path):
+    from quantbench.harness.measure import METRICS
+    from quantbench.methods import registry
+    from quantbench.methods.base import METHODS
+
+    monkeypatch.setenv("QUANTBENCH_PLUGINS", "tests.harness.plugin_extras")
+    monkeypatch.setattr(registry, "_PLUGINS_LOADED", set())
+    try:
+        assert main(["ls", "methods"]) == 0
+        assert "test-plugin-identity" in capsys.readouterr().out
+        assert main(["ls", "metrics"]) == 0
+        assert "test_plugin_param_count" in capsys.readouterr().out
+        doc = {**BASE, "metrics": ["perplexity", "test_plugin_param_count"],
+               "cells": [{"name": "p", "method": "test-plugin-identity"}]}
+        s = parse_suite(doc)
+        assert s.cells[0].chain[0].method == "test-plugin-identity"
+        assert s.metrics == ("perplexity", "test_plugin_param_count")
+    finally:  # the registries are process-wide: leave them as other tests expect
+        METHODS._entries.pop("test-plugin-identity", None)
+        METRICS._entries.pop("test_plugin_param_count", None)
