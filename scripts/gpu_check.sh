@@ -7,9 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 if ! "$PY" -c "import quantbench.harness" 2>/dev/null; then
-  # no install (the GPU machine is offline): a package tree of links mirroring pyproject's package-dir
-  site=$(mktemp -d); mkdir "$site/quantbench"; cp quantbench_pkg/__init__.py "$site/quantbench/"
-  for d in harness methods kernels; do ln -s "$PWD/$d" "$site/quantbench/$d"; done
+  # no install (the GPU machine is offline): the checkout root is the package (pyproject's package-dir)
+  site=$(mktemp -d); ln -s "$PWD" "$site/quantbench"
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 exec timeout 570 "$PY" -m quantbench.harness.tools.gpu_check --out "${OUT:-results/runs/gpu-check}" "$@"

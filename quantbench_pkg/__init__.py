@@ -1,3 +1,0 @@
-"""quantbench: a benchmark and evaluation harness for LLM quantization."""
-
-__version__ = "0.1.0"
