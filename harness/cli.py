@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -17,7 +18,7 @@ from .inputs.models import MODELS
 from .measure import METRICS
 from .paths import SUITES_DIR
 from .report import compare, publish
-from .report.leaderboard import load_runs, markdown, provenance_footer, write_report
+from .report.leaderboard import load_runs, markdown, provenance_footer, run_records_path, write_report
 from .run import export
 from .run.ray_executor import run_suite_ray
 from .run.records import read_records
@@ -32,6 +33,39 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("urllib3", "filelock", "httpx", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: a usage error is one ``error: ...`` line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: a seed torch and numpy accept (0 .. 2**32 - 1), as a suite's ``seed`` is checked."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= n < 2**32:
+        raise argparse.ArgumentTypeError(f"a seed is 0 .. 2**32 - 1, got {text!r}")
+    return n
 
 
 def _threads(n: int | None) -> None:
@@ -51,6 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _threads(args.threads)
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+    if args.force and not args.resume:
+        raise ConfigError("--force applies to --resume (rerun the cells whose definition changed)")
     cell_filter = None
     if args.cells:
         pats = args.cells.split(",")
@@ -58,10 +94,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     executor = getattr(args, "executor", None) or suite.executor.name
     if executor == "ray":
         run_dir = run_suite_ray(suite, Path(args.out) if args.out else None, args.resume, args.seed, args.limit,
-                                cell_filter, address=args.address)
+                                cell_filter, address=args.address, force=args.force)
     else:
         run_dir = run_suite(suite, Path(args.out) if args.out else None, args.resume, args.seed, args.limit,
-                            cell_filter)
+                            cell_filter, force=args.force)
     path = write_report([run_dir])
     publish.render_extras([run_dir])
     recs = read_records(run_dir / "records.jsonl")
@@ -72,6 +108,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    for d in args.run_dirs:  # every input exists and holds records before anything is written
+        run_records_path(d)
     path = write_report(args.run_dirs, args.out)
     publish.render_extras(args.run_dirs, args.out)
     recs = load_runs(args.run_dirs)  # run directories or records/baseline .jsonl files
@@ -105,18 +143,22 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quantbench", description="Benchmark harness for LLM quantization")
+    p = _Parser(prog="quantbench", description="Benchmark harness for LLM quantization")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a suite")
     r.add_argument("suite")
-    r.add_argument("--out", help="run directory (default results/runs/<UTC time>-<suite>)")
-    r.add_argument("--resume", action="store_true", help="skip cells already recorded in --out")
-    r.add_argument("--seed", type=int)
-    r.add_argument("--limit", type=int, help="cap on evaluation windows (and task examples) per cell")
+    r.add_argument("--out", help="run directory (default results/runs/<UTC time>-<suite>); a new run refuses "
+                   "a directory that already holds one")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in --out: skip the cells whose every metric is recorded ok")
+    r.add_argument("--force", action="store_true",
+                   help="with --resume: rerun the cells whose definition changed in the suite (else refused)")
+    r.add_argument("--seed", type=seed_int)
+    r.add_argument("--limit", type=positive_int, help="cap on evaluation windows (and task examples) per cell")
     r.add_argument("--cells", help="comma-separated glob patterns of cell names to run")
-    r.add_argument("--threads", type=int, help="torch intra-op threads")
+    r.add_argument("--threads", type=positive_int, help="torch intra-op threads")
     r.add_argument("--executor", choices=["local", "ray"], help="default: the suite's executor.name, else local")
     r.add_argument("--address", help="Ray cluster address (with --executor ray)")
     r.add_argument("--strict", action="store_true", help="exit 1 if any cell failed")
@@ -146,13 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    # user errors (bad input, paths, files) are one line and exit 2; anything else is a bug and keeps its traceback
     try:
         return int(args.fn(args) or 0)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, OSError) as e:  # OSError: a path that cannot be read or written (FileExistsError, ...)
+        log.debug("user error", exc_info=True)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished cells are kept (continue with --resume --out RUN_DIR)", file=sys.stderr)

@@ -10,12 +10,16 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import hashlib
+import math
+import numbers
 import os
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, Union
 
 import torch
 from torch import nn
@@ -51,11 +55,21 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, method: str, params: dict[str, Any] | None) -> MethodConfig:
+        """The config of ``params`` (names and values as a suite gives them), each value checked against its
+        field's annotation (:func:`check_field_type`) before ``__post_init__`` checks its range."""
+        if params is not None and not isinstance(params, dict):
+            raise ConfigError(f"{method}: params must be a mapping, got {params!r}")
         params = dict(params or {})
         valid = cls.param_names()
         for key in params:
+            if not isinstance(key, str):
+                raise ConfigError(f"{method}: a parameter name is a string, got {key!r}")
             if key not in valid:
                 raise ConfigError(f"unknown parameter '{key}' for {method}{did_you_mean(key, valid)}")
+        types_ = field_types(cls)
+        for key, value in params.items():
+            if key in types_:
+                check_field_type(method, key, value, types_[key])
         try:
             return cls(**params)
         except ConfigError:
@@ -67,6 +81,89 @@ class MethodConfig:
         d = dataclasses.asdict(self)
         d["version"] = self.version
         return d
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """A config dataclass's fields and their annotations, resolved (``from __future__ import annotations``
+    leaves strings); {} when an annotation cannot be resolved (a plugin's exotic type: values unchecked)."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError, AttributeError):
+        return {}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name in hints}
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return math.isfinite(v)
+    except (OverflowError, TypeError, ValueError):
+        return False
+
+
+def matches_type(value: Any, tp: Any) -> bool:
+    """Whether ``value`` (as YAML or JSON gives it) fits the annotation ``tp``: a bool is a real bool, an int
+    is not a bool, a float is a finite number (an int too), a ``tuple[X, ...]`` is a list (or tuple) of X,
+    ``Literal[...]`` one of its values, ``X | None`` None or X; an annotation not understood accepts anything."""
+    if tp is Any:
+        return True
+    if tp is type(None) or tp is None:
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and _finite(value)
+    if tp is str:
+        return isinstance(value, str)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union or origin is types.UnionType:
+        return any(matches_type(value, a) for a in args)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin is tuple or origin is list:
+        if not isinstance(value, (list, tuple)) or (origin is list and not isinstance(value, list)):
+            return False
+        if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+            return not args or all(matches_type(v, args[0]) for v in value)
+        return len(value) == len(args) and all(matches_type(v, a) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False
+        k, v = args if len(args) == 2 else (Any, Any)
+        return all(matches_type(a, k) and matches_type(b, v) for a, b in value.items())
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+_NOUNS = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+          str: ("a string", "strings"), type(None): ("null", "nulls")}
+
+
+def describe_type(tp: Any) -> str:
+    """``tp`` in words, for an error message: "an integer", "a list of strings", "an integer or null"."""
+    if tp in _NOUNS:
+        return _NOUNS[tp][0]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union or origin is types.UnionType:
+        return " or ".join(describe_type(a) for a in args)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin is tuple or origin is list:
+        if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+            item = args[0] if args else Any
+            return f"a list of {_NOUNS[item][1]}" if item in _NOUNS else "a list"
+        return f"a list of {len(args)} items ({', '.join(describe_type(a) for a in args)})"
+    if origin is dict:
+        return "a mapping"
+    return f"a {getattr(tp, '__name__', tp)}"
+
+
+def check_field_type(method: str, param: str, value: Any, tp: Any) -> None:
+    """ConfigError ``"rtn: bits must be an integer, got 4.5"`` unless ``value`` fits ``tp`` (:func:`matches_type`)."""
+    if not matches_type(value, tp):
+        raise ConfigError(f"{method}: {param} must be {describe_type(tp)}, got {value!r}")
 
 
 def check_choice(method: str, param: str, value: Any, choices: Iterable[Any]) -> None:

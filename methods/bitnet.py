@@ -11,7 +11,8 @@ Methods:
 - ``bitnet-1bit``: the same with the 1-bit sign quantizer.
 - ``bitnet-qat``: quantization-aware training from the pretrained weights on the calibration tokens
   (STE, warm-up lambda = min(step / warmup, 1) blending fp and quantized weights and activations,
-  AdamW), checkpointed and resumable, then converted to the packed inference module.
+  AdamW), checkpointed and resumable, then converted to the packed inference module.  Checkpoints are
+  safetensors + JSON (never pickle), resumed only when their JSON matches the run's config.
 
 Default QAT budget (sized from a measured step on smollm2-135m, 2 threads): see ``BitNetQATConfig``.
 """
@@ -21,12 +22,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -252,8 +256,8 @@ class BitNetConfig(ModuleSelection):
         check_choice("bitnet", "fmt", self.fmt, ("2bit", "base3"))
         check_choice("bitnet", "granularity", self.granularity, GRANULARITIES)
         check_choice("bitnet", "act_bits", self.act_bits, (8, None))
-        if self.group_size <= 0:
-            raise ConfigError(f"bitnet: group_size must be positive, got {self.group_size}")
+        if not 0 < self.group_size <= 1 << 20:
+            raise ConfigError(f"bitnet: group_size must be in 1..{1 << 20}, got {self.group_size}")
 
 
 @dataclass(frozen=True)
@@ -288,10 +292,13 @@ class BitNetQATConfig(BitNetConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for k in ("steps", "seq_len", "batch_size", "checkpoint_every"):
-            if getattr(self, k) <= 0:
-                raise ConfigError(f"bitnet-qat: {k} must be positive, got {getattr(self, k)}")
-        if self.warmup < 0 or self.lr <= 0:
-            raise ConfigError("bitnet-qat: warmup must be >= 0 and lr > 0")
+            if not 0 < getattr(self, k) <= 1_000_000:
+                raise ConfigError(f"bitnet-qat: {k} must be in 1..1000000, got {getattr(self, k)}")
+        if not 0 <= self.warmup <= 1_000_000 or not 0 < self.lr < 1:
+            raise ConfigError(f"bitnet-qat: warmup must be in 0..1000000 and lr in (0, 1), got warmup "
+                              f"{self.warmup}, lr {self.lr}")
+        if not 0 <= self.weight_decay < 1:
+            raise ConfigError(f"bitnet-qat: weight_decay must be in [0, 1), got {self.weight_decay}")
 
 
 # --------------------------------------------------------------------------- methods
@@ -346,11 +353,6 @@ class BitNetQAT(Method):
     needs_calibration = True
     target = "weights+activations"
 
-    def _checkpoints(self) -> list[Path]:
-        if self.artifact_dir is None:
-            return []
-        return sorted(Path(self.artifact_dir).glob("qat_step*.pt"), key=lambda p: int(p.stem[8:]))
-
     def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
         c: BitNetQATConfig = self.config  # type: ignore[assignment]
         if calib is None:
@@ -371,18 +373,10 @@ class BitNetQAT(Method):
         opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         curve: list[list[float]] = []
         start = 0
-        # 2. resume from the latest checkpoint, if any
-        ckpts = self._checkpoints()
-        if ckpts:
-            state = torch.load(ckpts[-1], weights_only=False)
-            if state["config"] != c.to_dict():
-                log.warning("bitnet-qat: checkpoint %s has a different config; starting over", ckpts[-1])
-            else:
-                for name, sd in state["linears"].items():
-                    bitlins[name].load_state_dict(sd)
-                opt.load_state_dict(state["optimizer"])
-                curve, start = state["loss_curve"], state["step"]
-                log.info("bitnet-qat: resumed from %s (step %d)", ckpts[-1], start)
+        # 2. resume from the latest checkpoint whose JSON matches this config, if any (never unpickles)
+        resumed = self._resume(bitlins, opt)
+        if resumed is not None:
+            start, curve = resumed
         # 3. train: STE through BitLinear, warm-up lambda = min(step / warmup, 1)
         was_training = model.training
         model.train()
@@ -414,19 +408,202 @@ class BitNetQAT(Method):
             (Path(self.artifact_dir) / "loss_curve.json").write_text(json.dumps(curve))
         return model
 
+    def _checkpoints(self) -> list[QATCheckpoint]:
+        return qat_checkpoints(self.artifact_dir) if self.artifact_dir is not None else []
+
+    def _resume(self, bitlins: dict[str, BitLinear],
+                opt: torch.optim.Optimizer) -> tuple[int, list[list[float]]] | None:
+        """Load the latest checkpoint into ``bitlins`` and ``opt`` and restore the RNG: (step, loss curve),
+        or None (no checkpoint, or one that does not match this run: ignored with a warning)."""
+        if self.artifact_dir is None:
+            return None
+        legacy = sorted(p.name for p in Path(self.artifact_dir).glob("qat_step*.pt"))
+        if legacy:
+            log.warning("bitnet-qat: ignoring %s in %s: pickle checkpoints are never loaded (QAT checkpoints "
+                        "are safetensors + JSON)", ", ".join(legacy), self.artifact_dir)
+        ckpts = self._checkpoints()
+        if not ckpts:
+            return None
+        ck = ckpts[-1]
+        try:
+            step, curve = load_qat_checkpoint(ck, self.config.to_dict(), bitlins, opt)
+        except CheckpointMismatch as e:
+            log.warning("bitnet-qat: checkpoint %s ignored (%s); starting over", ck.meta, e)
+            return None
+        log.info("bitnet-qat: resumed from %s (step %d)", ck.meta, step)
+        return step, curve
+
     def _save(self, step: int, bitlins: dict[str, BitLinear], opt: torch.optim.Optimizer,
               curve: list[list[float]]) -> None:
-        d = Path(self.artifact_dir)  # type: ignore[arg-type]
-        d.mkdir(parents=True, exist_ok=True)
-        path = d / f"qat_step{step}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save({"step": step, "config": self.config.to_dict(), "loss_curve": curve,
-                    "linears": {n: bl.state_dict() for n, bl in bitlins.items()},
-                    "optimizer": opt.state_dict()}, tmp)
-        tmp.replace(path)
+        ck = save_qat_checkpoint(Path(self.artifact_dir), step, self.config.to_dict(),  # type: ignore[arg-type]
+                                 bitlins, opt, curve)
         for old in self._checkpoints():  # keep only the latest (a checkpoint holds weights + AdamW state)
-            if old != path:
-                old.unlink()
+            if old.step != ck.step:
+                old.meta.unlink()
+                old.tensors.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- QAT checkpoints (no pickle)
+#
+# A checkpoint is two files in the method's artifact directory: ``qat_step<N>.safetensors`` (the BitLinears'
+# latent weights and the optimizer's tensor state) and ``qat_step<N>.json`` (step, loss curve, config, RNG
+# state as lists, the optimizer's scalar state and hyperparameters, the tensor names).  Neither format can
+# run code when read.  A checkpoint is resumed only when its JSON matches the current run exactly.
+
+CHECKPOINT_FORMAT = 1
+_CKPT_NAME = re.compile(r"qat_step([0-9]{1,9})\.json")
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not belong to this run (other config, model or format) or cannot be read."""
+
+
+@dataclass(frozen=True)
+class QATCheckpoint:
+    step: int
+    meta: Path  # qat_step<N>.json
+    tensors: Path  # qat_step<N>.safetensors
+
+
+def _plain(x: Any) -> Any:
+    """``x`` as JSON reads it back (tuples become lists), for comparing a stored value with a live one."""
+    return json.loads(json.dumps(x))
+
+
+def _own_file(p: Path, root: Path) -> bool:
+    """A regular file (not a link) directly inside ``root``."""
+    return p.is_file() and not p.is_symlink() and p.resolve().parent == root
+
+
+def qat_checkpoints(directory: str | Path) -> list[QATCheckpoint]:
+    """The complete checkpoints (both files, regular files inside ``directory``), oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    root = d.resolve()
+    found = []
+    for meta in d.glob("qat_step*.json"):
+        m = _CKPT_NAME.fullmatch(meta.name)
+        tensors = meta.with_suffix(".safetensors")
+        if m and _own_file(meta, root) and _own_file(tensors, root):
+            found.append(QATCheckpoint(int(m.group(1)), meta, tensors))
+    return sorted(found, key=lambda c: c.step)
+
+
+def _rng_state() -> dict[str, Any]:
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return {"torch": torch.get_rng_state().tolist(), "cuda": cuda}
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+    cuda = rng.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])
+
+
+def save_qat_checkpoint(directory: Path, step: int, config: dict[str, Any], bitlins: dict[str, BitLinear],
+                        opt: torch.optim.Optimizer, curve: list[list[float]]) -> QATCheckpoint:
+    """Write ``qat_step<step>.safetensors`` then ``qat_step<step>.json`` (each through a temporary file,
+    the JSON last: a checkpoint whose JSON exists is complete)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    linear_keys: list[list[str]] = []
+    for i, bl in enumerate(bitlins.values()):
+        sd = bl.state_dict()
+        linear_keys.append(list(sd))
+        for k, v in sd.items():
+            tensors[f"linear.{i}.{k}"] = v.detach().cpu().contiguous()
+    osd = opt.state_dict()
+    opt_tensors: dict[str, list[str]] = {}
+    opt_scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in osd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                opt_tensors.setdefault(str(idx), []).append(k)
+                tensors[f"optimizer.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                opt_scalars.setdefault(str(idx), {})[k] = v
+    meta = {
+        "format": CHECKPOINT_FORMAT, "step": step, "config": config, "loss_curve": curve,
+        "linears": list(bitlins), "linear_keys": linear_keys,
+        "optimizer": {"tensors": opt_tensors, "scalars": opt_scalars, "param_groups": osd["param_groups"]},
+        "rng": _rng_state(),
+    }
+    ck = QATCheckpoint(step, directory / f"qat_step{step}.json", directory / f"qat_step{step}.safetensors")
+    tmp_t, tmp_m = ck.tensors.with_suffix(".safetensors.tmp"), ck.meta.with_suffix(".json.tmp")
+    save_file(tensors, str(tmp_t))
+    tmp_t.replace(ck.tensors)
+    tmp_m.write_text(json.dumps(meta))
+    tmp_m.replace(ck.meta)
+    return ck
+
+
+def load_qat_checkpoint(ck: QATCheckpoint, config: dict[str, Any], bitlins: dict[str, BitLinear],
+                        opt: torch.optim.Optimizer) -> tuple[int, list[list[float]]]:
+    """Check ``ck`` against this run (format, step, config, linears and their shapes, optimizer groups),
+    then load it into ``bitlins`` and ``opt`` and restore the RNG state: (step, loss curve).
+
+    Raises :class:`CheckpointMismatch` (nothing loaded) when it does not match or cannot be read.
+    Reads JSON and safetensors only: nothing in either file can run code.
+    """
+    try:
+        meta = json.loads(ck.meta.read_text())
+        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointMismatch(f"not a format-{CHECKPOINT_FORMAT} QAT checkpoint")
+        if meta.get("config") != _plain(config):
+            raise CheckpointMismatch("different config")
+        step, curve = meta["step"], meta["loss_curve"]
+        if step != ck.step or not isinstance(curve, list) or len(curve) != step:
+            raise CheckpointMismatch("step and loss curve do not match the file name")
+        if meta["linears"] != list(bitlins):
+            raise CheckpointMismatch("different linears (another model?)")
+        osd = opt.state_dict()
+        om = meta["optimizer"]
+        if om["param_groups"] != _plain(osd["param_groups"]):
+            raise CheckpointMismatch("different optimizer settings")
+        tensors = load_file(str(ck.tensors), device="cpu")
+        linear_sds = []
+        for i, (name, bl) in enumerate(bitlins.items()):
+            want = bl.state_dict()
+            if meta["linear_keys"][i] != list(want):
+                raise CheckpointMismatch(f"{name}: different tensors")
+            sd = {k: tensors[f"linear.{i}.{k}"] for k in want}
+            for k, v in sd.items():
+                if v.shape != want[k].shape or v.dtype != want[k].dtype:
+                    raise CheckpointMismatch(f"{name}.{k}: {tuple(v.shape)} {v.dtype}, expected "
+                                             f"{tuple(want[k].shape)} {want[k].dtype}")
+            linear_sds.append(sd)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        state: dict[int, dict[str, Any]] = {}
+        for idx in sorted({*om["tensors"], *om["scalars"]}, key=int):
+            i = int(idx)
+            if not 0 <= i < len(params):
+                raise CheckpointMismatch(f"optimizer state for parameter {i} of {len(params)}")
+            st: dict[str, Any] = dict(om["scalars"].get(idx, {}))
+            for k in om["tensors"].get(idx, []):
+                v = tensors[f"optimizer.{idx}.{k}"]
+                if v.dim() > 0 and v.shape != params[i].shape:
+                    raise CheckpointMismatch(f"optimizer {k} of parameter {i}: shape {tuple(v.shape)}")
+                st[k] = v
+            state[i] = st
+        rng = meta["rng"]
+        rng_state = torch.tensor(rng["torch"], dtype=torch.uint8)
+        if rng_state.shape != torch.get_rng_state().shape:
+            raise CheckpointMismatch("RNG state of another size")
+    except CheckpointMismatch:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError,
+            SafetensorError) as e:
+        raise CheckpointMismatch(f"unreadable: {type(e).__name__}: {str(e)[:200]}") from e
+    # everything checked: load (nothing above touched the model, the optimizer or the RNG)
+    for bl, sd in zip(bitlins.values(), linear_sds):
+        bl.load_state_dict(sd)
+    opt.load_state_dict({"state": state, "param_groups": osd["param_groups"]})
+    _set_rng_state(rng)
+    return step, curve
 
 
 # --------------------------------------------------------------------------- native BitNet checkpoints

@@ -68,12 +68,12 @@ class GPTQConfig(ModuleSelection):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("gptq", "bits", self.bits, (2, 3, 4, 8))
-        if self.group_size != -1 and self.group_size <= 0:
-            raise ConfigError(f"gptq: group_size must be positive or -1 (per channel), got {self.group_size}")
+        if self.group_size != -1 and not 0 < self.group_size <= 1 << 20:
+            raise ConfigError(f"gptq: group_size must be in 1..{1 << 20} or -1 (per channel), got {self.group_size}")
         if not 0 <= self.percdamp < 1:
             raise ConfigError(f"gptq: percdamp must be in [0, 1), got {self.percdamp}")
-        if self.blocksize <= 0:
-            raise ConfigError(f"gptq: blocksize must be positive, got {self.blocksize}")
+        if not 0 < self.blocksize <= 1 << 20:
+            raise ConfigError(f"gptq: blocksize must be in 1..{1 << 20}, got {self.blocksize}")
 
 
 def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -87,8 +87,8 @@ class KVUniformConfig(MethodConfig):
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8):
             raise ConfigError(f"kv-uniform: bits must be one of [2, 3, 4, 8], got {self.bits}")
-        if self.group_size != -1 and self.group_size <= 0:
-            raise ConfigError(f"kv-uniform: group_size must be positive or -1, got {self.group_size}")
+        if self.group_size != -1 and not 0 < self.group_size <= 1 << 20:
+            raise ConfigError(f"kv-uniform: group_size must be in 1..{1 << 20} or -1, got {self.group_size}")
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,9 @@ class KIVIConfig(MethodConfig):
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8):
             raise ConfigError(f"kivi: bits must be one of [2, 3, 4, 8], got {self.bits}")
-        if self.group_size <= 0 or self.residual_length < 0:
-            raise ConfigError("kivi: group_size must be > 0 and residual_length >= 0")
+        if not 0 < self.group_size <= 1 << 20 or not 0 <= self.residual_length <= 1_000_000:
+            raise ConfigError(f"kivi: group_size must be in 1..{1 << 20} and residual_length in 0..1000000, "
+                              f"got {self.group_size} and {self.residual_length}")
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,11 @@ class KVQuantConfig(MethodConfig):
             raise ConfigError(f"kvquant: bits must be one of [2, 3, 4], got {self.bits}")
         if not 0.0 <= self.outlier_frac < 0.5:
             raise ConfigError(f"kvquant: outlier_frac must be in [0, 0.5), got {self.outlier_frac}")
-        if self.sink < 0:
-            raise ConfigError(f"kvquant: sink must be >= 0, got {self.sink}")
+        if not 0 <= self.sink <= 1_000_000:
+            raise ConfigError(f"kvquant: sink must be in 0..1000000, got {self.sink}")
+        for k in ("kmeans_iters", "max_calib_samples"):
+            if not 0 < getattr(self, k) <= 1_000_000:
+                raise ConfigError(f"kvquant: {k} must be in 1..1000000, got {getattr(self, k)}")
 
 
 # --------------------------------------------------------------------------- wiring

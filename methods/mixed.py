@@ -78,20 +78,21 @@ class MixedConfig(ModuleSelection):
         if not self.target_bpw > 0:
             raise ConfigError(f"mixed: target_bpw must be positive, got {self.target_bpw}")
         for g in (self.group_size, *self.group_choices):
-            if g != -1 and g <= 0:
-                raise ConfigError(f"mixed: group sizes must be positive or -1, got {g}")
+            if g != -1 and not 0 < g <= 1 << 20:
+                raise ConfigError(f"mixed: group sizes must be in 1..{1 << 20} or -1, got {g}")
         check_choice("mixed", "inner", self.inner, ("rtn", "gptq"))
         check_choice("mixed", "sensitivity", self.sensitivity, ("kl", "fisher", "fisher-kl"))
-        if self.calib_windows <= 0 or self.calib_seq_len <= 1:
-            raise ConfigError("mixed: calib_windows must be >= 1 and calib_seq_len >= 2")
+        if not 0 < self.calib_windows <= 1_000_000 or not 1 < self.calib_seq_len <= 1_000_000:
+            raise ConfigError(f"mixed: calib_windows must be in 1..1000000 and calib_seq_len in 2..1000000, "
+                              f"got {self.calib_windows} and {self.calib_seq_len}")
         if self.base_choice:
             if len(self.base_choice) != 2 or self.sensitivity != "fisher-kl":
                 raise ConfigError("mixed: base_choice is a (bits, group size) pair, for sensitivity fisher-kl")
             check_choice("mixed", "base_choice bits", self.base_choice[0], VALID_BITS)
-        if self.positions < 0:
-            raise ConfigError(f"mixed: positions must be >= 0, got {self.positions}")
-        if self.resolution < 100:
-            raise ConfigError(f"mixed: resolution must be >= 100, got {self.resolution}")
+        if not 0 <= self.positions <= 1_000_000:
+            raise ConfigError(f"mixed: positions must be in 0..1000000, got {self.positions}")
+        if not 100 <= self.resolution <= 10_000_000:  # the knapsack DP holds modules x resolution cells
+            raise ConfigError(f"mixed: resolution must be in 100..10000000, got {self.resolution}")
 
     @property
     def choices(self) -> list[tuple[int, int]]:

@@ -40,7 +40,12 @@ def load_plugins() -> None:
     """Import the modules named in ``$QUANTBENCH_PLUGINS``; they register into any registry."""
     for mod in filter(None, (m.strip() for m in os.environ.get("QUANTBENCH_PLUGINS", "").split(","))):
         if mod not in _PLUGINS_LOADED:
-            importlib.import_module(mod)
+            try:
+                importlib.import_module(mod)
+            except ModuleNotFoundError as e:
+                if e.name and mod.startswith(e.name):  # the plugin itself (or its package) is not there
+                    raise ConfigError(f"QUANTBENCH_PLUGINS: no module named '{mod}'") from None
+                raise
             _PLUGINS_LOADED.add(mod)
 
 

@@ -39,8 +39,8 @@ class RTNConfig(ModuleSelection):
         super().__post_init__()
         if not 2 <= self.bits <= 8:
             raise ConfigError(f"rtn: bits must be in 2..8, got {self.bits}")
-        if self.group_size != -1 and self.group_size <= 0:
-            raise ConfigError(f"rtn: group_size must be positive or -1 (per channel), got {self.group_size}")
+        if self.group_size != -1 and not 0 < self.group_size <= 1 << 20:
+            raise ConfigError(f"rtn: group_size must be in 1..{1 << 20} or -1 (per channel), got {self.group_size}")
 
 
 def rtn_quantize_weight(

@@ -11,4 +11,4 @@ if ! "$PY" -c "import quantbench.harness" 2>/dev/null; then
   site=$(mktemp -d); ln -s "$PWD" "$site/quantbench"
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-exec timeout 570 "$PY" -m quantbench.harness.tools.gpu_check --out "${OUT:-results/runs/gpu-check}" "$@"
+exec timeout 570 "$PY" -m quantbench.harness.tools.gpu_check --out "${OUT:-results/runs/gpu-check-$(date -u +%Y%m%dT%H%M%SZ)}" "$@"

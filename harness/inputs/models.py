@@ -225,24 +225,85 @@ MODELS.add("tiny-llama", tiny_llama)
 MODELS.add("tiny-opt", tiny_opt)
 
 
+#: the dtypes a model spec may load in (``dtype:``; ``torch.<name>``)
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
+MODEL_FIELDS = ("name", "path", "gguf_file", "dtype", "device_map")
+GGUF_MAGIC = b"GGUF"
+
+
+def _file_magic(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(GGUF_MAGIC))
+    except OSError as e:
+        raise ConfigError(f"model file {str(path)!r} cannot be read ({e.strerror or type(e).__name__})") from None
+
+
 def validate_model_spec(spec: Any) -> None:
+    """A suite's model entry, checked before any work: a registered name, or ``{name?, path, gguf_file?,
+    dtype?, device_map?}`` whose path exists and is a GGUF file (its first bytes ``GGUF``) or an HF
+    directory (with ``config.json``). ConfigError (one line) otherwise."""
     if isinstance(spec, str):
         if spec not in MODELS:
-            raise ConfigError(f"unknown model '{spec}'{did_you_mean(spec, MODELS.names())}; or give {{name, path}}")
+            raise ConfigError(f"unknown model {spec!r}{did_you_mean(spec, MODELS.names())}; or give {{name, path}}")
         return
-    if isinstance(spec, dict):
-        unknown = set(spec) - {"name", "path", "gguf_file", "dtype", "device_map"}
-        if unknown:
-            raise ConfigError(
-                f"unknown model field(s) {sorted(unknown)}; valid: name, path, gguf_file, dtype, device_map")
-        if "path" not in spec:
-            raise ConfigError("a model given as a mapping needs 'path' (HF directory or .gguf file)")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"a model is a name or a mapping, not {spec!r}")
+    unknown = [k for k in spec if k not in MODEL_FIELDS]
+    if unknown:
+        raise ConfigError(f"unknown model field(s) {sorted(map(str, unknown))}; valid: {', '.join(MODEL_FIELDS)}")
+    if "path" not in spec:
+        raise ConfigError("a model given as a mapping needs 'path' (HF directory or .gguf file)")
+    for k in ("name", "path", "gguf_file"):
+        if k in spec and not (isinstance(spec[k], str) and spec[k].strip() and "\0" not in spec[k]):
+            raise ConfigError(f"model {k} must be a non-empty string, got {spec[k]!r}")
+    if "name" in spec and not spec["name"].isprintable():
+        raise ConfigError(f"model name must not hold control characters (newlines, tabs), got {spec['name']!r}")
+    dtype = spec.get("dtype", "float32")
+    if not isinstance(dtype, str) or dtype not in MODEL_DTYPES:
+        raise ConfigError(f"model dtype {dtype!r} is not valid{did_you_mean(str(dtype), MODEL_DTYPES)}")
+    device_map = spec.get("device_map")
+    if device_map is not None and not (isinstance(device_map, str) and device_map) and not isinstance(device_map, dict):
+        raise ConfigError(f"model device_map must be a string ('auto', 'cpu', ...) or a mapping, got {device_map!r}")
+    try:
+        _check_model_path(spec, device_map)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:  # a path the system cannot look up (too long, ~nouser)
+        raise ConfigError(f"model path {spec['path']!r}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _check_model_path(spec: dict[str, Any], device_map: Any) -> None:
+    path = Path(spec["path"]).expanduser()
+    if not path.exists():
+        raise ConfigError(f"model path {spec['path']!r} does not exist")
+    if spec.get("gguf_file"):
+        gguf = spec["gguf_file"]
+        if Path(gguf).name != gguf or not gguf.endswith(".gguf"):
+            raise ConfigError(f"model gguf_file must be the name of a .gguf file in path, got {gguf!r}")
+        if not path.is_dir():
+            raise ConfigError(f"model path {spec['path']!r} must be the directory holding gguf_file {gguf!r}")
+        path = path / gguf
+        if not path.is_file():
+            raise ConfigError(f"model file {str(path)!r} does not exist")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model path {str(path)!r} is neither a Hugging Face model directory (no config.json) "
+                              "nor a .gguf file")
         return
-    raise ConfigError(f"a model is a name or a mapping, not {spec!r}")
+    if not path.is_file() or path.suffix != ".gguf" or _file_magic(path) != GGUF_MAGIC:
+        raise ConfigError(f"model file {str(path)!r} is not a GGUF file (a .gguf file starting with b'GGUF') "
+                          "nor a Hugging Face model directory")
+    if device_map is not None:
+        raise ConfigError("model device_map applies to Hugging Face directories, not to GGUF files")
 
 
 def model_key(spec: Any) -> str:
-    return spec if isinstance(spec, str) else str(spec.get("name") or Path(spec["path"]).name)
+    """The name a model spec is recorded and resumed under: the name its loader gives (a GGUF file's stem)."""
+    if isinstance(spec, str) or spec.get("name"):
+        return spec if isinstance(spec, str) else str(spec["name"])
+    path = Path(spec["path"]) / spec["gguf_file"] if spec.get("gguf_file") else Path(spec["path"])
+    return path.stem if path.suffix == ".gguf" else path.name
 
 
 def load_model(spec: Any) -> LoadedModel:

@@ -17,6 +17,7 @@ the package is imported.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,8 @@ def check_tolerance(where: str, spec: Any) -> dict[str, float]:
     for k, v in spec.items():
         if k not in TOLERANCE_KINDS:
             raise ConfigError(f"{where}: unknown key '{k}'{did_you_mean(str(k), TOLERANCE_KINDS)}")
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (k == "recovery" and v > 1):
+        if (not isinstance(v, (int, float)) or isinstance(v, bool) or abs(v) > 1e300 or not math.isfinite(v)
+                or v < 0 or (k == "recovery" and v > 1)):
             raise ConfigError(f"{where}.{k}: expected a number >= 0 (recovery <= 1), got {v!r}")
     return {k: float(v) for k, v in spec.items()}
 

@@ -4,6 +4,10 @@ Chromium started with ``--remote-debugging-pipe`` reads NUL-terminated JSON comm
 writes replies and events to fd 4.  :class:`Browser` opens one page, and offers what the HTML
 leaderboard needs: evaluate JavaScript, click at a point with real mouse events, take a
 full-page screenshot.  :func:`screenshot` is the one-call helper the publish step uses.
+
+Chromium runs with its sandbox.  Only as root, where Chromium refuses to start sandboxed, is it started
+with ``--no-sandbox`` (CI's containers run as root), and a warning says so: run as an unprivileged user to
+keep the sandbox.  The pages it loads are the project's own reports.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ log = logging.getLogger(__name__)
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--headless", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
     "--disable-sync", "--mute-audio", "--hide-scrollbars", "--disable-dev-shm-usage",
     "--remote-debugging-pipe",
@@ -33,6 +37,20 @@ FLAGS = [
 
 class BrowserError(RuntimeError):
     pass
+
+
+def running_as_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def chromium_flags() -> list[str]:
+    """:data:`FLAGS`, plus ``--no-sandbox`` only when running as root (Chromium will not start sandboxed
+    as root), with a warning."""
+    if running_as_root():
+        log.warning("running as root: Chromium cannot use its sandbox as root and is started with --no-sandbox "
+                    "(run as an unprivileged user to keep the sandbox)")
+        return [*FLAGS, "--no-sandbox"]
+    return list(FLAGS)
 
 
 def find_chromium() -> str | None:
@@ -59,7 +77,8 @@ class Browser:
         self._profile = tempfile.mkdtemp(prefix="quantbench-chromium-")
         to_child_r, self._w = os.pipe()
         self._r, from_child_w = os.pipe()
-        argv = [exe, *FLAGS, f"--user-data-dir={self._profile}", f"--window-size={width},{height}", "about:blank"]
+        argv = [exe, *chromium_flags(), f"--user-data-dir={self._profile}", f"--window-size={width},{height}",
+                "about:blank"]
         devnull = os.open(os.devnull, os.O_RDWR)
         actions = [
             (os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, devnull, 1),
@@ -68,6 +87,11 @@ class Browser:
         ]
         try:
             self.pid = os.posix_spawn(exe, argv, dict(os.environ), file_actions=actions, setsid=True)
+        except BaseException:
+            for fd in (self._w, self._r):
+                os.close(fd)
+            shutil.rmtree(self._profile, ignore_errors=True)
+            raise
         finally:
             for fd in (to_child_r, from_child_w, devnull):
                 os.close(fd)

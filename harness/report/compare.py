@@ -19,7 +19,11 @@ entry replaces the default of that metric):
 
 A metric measured in the baseline and missing, failed or unavailable in the current run, and a
 baseline cell missing from the current run, are regressions unless ``--allow-missing``.
-Exit status: 1 on any regression, 0 otherwise.
+
+The gate fails closed: a baseline must be read whole (every line a valid record, at least one); a run
+may end in one torn line (a crash mid-write, skipped with a warning) and is otherwise read whole too.
+Anything else unreadable is a :class:`ConfigError` naming the file and line.
+Exit status: 1 on any regression, 2 on bad input (paths, records, tolerances), 0 otherwise.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,8 +44,8 @@ from ...methods.base import ConfigError, did_you_mean
 from ..measure import METRICS
 from ..measure.base import validate_tolerances
 from ..paths import REPO_ROOT, SUITES_DIR
-from ..run.records import VOLATILE_PROVENANCE, read_records
-from .leaderboard import protocol_tag, spec_of
+from ..run.records import VOLATILE_PROVENANCE
+from .leaderboard import load_records, md_code, md_text, protocol_tag, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +65,28 @@ def resolve_records_path(spec: str | Path) -> Path:
     p = Path(spec)
     if p.is_dir():
         p = p / "records.jsonl"
-    elif not p.exists() and (BASELINES_DIR / f"{p.name}.jsonl").exists():
-        p = BASELINES_DIR / f"{p.name}.jsonl"
-    if not p.exists():
+    elif not p.exists() and safe_baseline_name(str(spec)) and (BASELINES_DIR / f"{spec}.jsonl").is_file():
+        p = BASELINES_DIR / f"{spec}.jsonl"
+    if not p.is_file():
         raise ConfigError(f"no records at {spec} (expected a run directory, a .jsonl file or a baseline name)")
     return p
+
+
+def safe_baseline_name(name: str) -> bool:
+    """Whether ``name`` can name a file directly in results/baselines/ (no path, no hidden or odd name)."""
+    return bool(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*", name)) and ".." not in name
+
+
+def baseline_path(name: str) -> Path:
+    """results/baselines/<name>.jsonl; a name that would leave that folder (``../x``, ``a/b``, ``.x``) is refused."""
+    if not safe_baseline_name(name):
+        raise ConfigError(f"suite name {name!r} cannot name a baseline file (letters, digits and _ . + = - only, "
+                          "no '..', not starting with '.' or '-'); pass --out FILE")
+    path = BASELINES_DIR / f"{name}.jsonl"
+    root = BASELINES_DIR.resolve()
+    if path.resolve().parent != root:  # a symlink planted in results/baselines/
+        raise ConfigError(f"{path} resolves outside {root}; pass --out FILE")
+    return path
 
 
 CellKey = tuple[str, str]  # (model name, cell name)
@@ -109,12 +131,19 @@ def _hardware_bound(metric: str) -> bool:
 
 def _read_tolerances_yaml(path: Path) -> dict[str, Any]:
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
+        doc = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte at offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping")
-    return dict(doc["tolerances"] or {}) if "tolerances" in doc else doc
+    tol = (doc["tolerances"] or {}) if "tolerances" in doc else doc
+    if not isinstance(tol, dict):
+        raise ConfigError(f"{path}: tolerances: expected a mapping of metric -> tolerance, got {tol!r:.60}")
+    return dict(tol)
 
 
 def load_tolerances(spec: str | Path | None, current: Path | None = None,
@@ -262,7 +291,7 @@ def compare_records(base_recs: list[dict[str, Any]], cur_recs: list[dict[str, An
             note = ""
             if base[k].config_key != cur[k].config_key:
                 note = f"method config changed ({_config_diff(base[k].config, cur[k].config)})"
-                warnings.append(f"`{k[0]}/{k[1]}`: {note}")
+                warnings.append(f"{md_code(f'{k[0]}/{k[1]}')}: {md_text(note)}")
             pairs.append((base[k], cur[k], note))
     for kb in list(left_b):
         for kc in left_c:
@@ -307,8 +336,8 @@ def compare_records(base_recs: list[dict[str, Any]], cur_recs: list[dict[str, An
                 pair = (fingerprint(rb), fingerprint(rc))
                 if pair not in hw_warned:
                     hw_warned.add(pair)
-                    warnings.append(f"{metric} and other timing tolerances skipped: hardware differs "
-                                    f"(baseline: {_fmt_fp(pair[0])}; current: {_fmt_fp(pair[1])})")
+                    warnings.append(f"{md_text(metric)} and other timing tolerances skipped: hardware differs "
+                                    f"(baseline: {md_text(_fmt_fp(pair[0]))}; current: {md_text(_fmt_fp(pair[1]))})")
                 continue
             if sb != "ok":
                 row.result = IMPROVED if sc == "ok" else OK
@@ -323,7 +352,8 @@ def compare_records(base_recs: list[dict[str, Any]], cur_recs: list[dict[str, An
             if tag and pb != pc:  # a tagged protocol (text, windows, ...); untagged ones carry breakdowns
                 diff = _config_diff(pb, pc)
                 row.note = _join(row.note, f"protocol details differ ({diff})")
-                msg = f"protocol details of {metric} [{tag}] differ between the runs ({diff})"
+                msg = (f"protocol details of {md_text(metric)} [{md_text(tag)}] differ between the runs "
+                       f"({md_text(diff)})")
                 if msg not in warnings:
                     warnings.append(msg)
     rows.sort(key=lambda r: SEVERITY.get(r.result, 99))
@@ -358,7 +388,8 @@ def _judge(row: Row, rb: dict[str, Any], rc: dict[str, Any], tol: dict[str, floa
             results.append(OK)
     if "recovery" in tol:
         if fp is None or fp["status"] != "ok" or fp["value"] is None:
-            msg = f"{row.metric} recovery not checked for `{row.model}/{row.cell}`: no fp row in the current run"
+            msg = (f"{md_text(row.metric)} recovery not checked for {md_code(f'{row.model}/{row.cell}')}: "
+                   "no fp row in the current run")
             warnings.append(msg)
         else:
             rec = _recovery(cur, fp["value"], hib)
@@ -384,26 +415,28 @@ def to_markdown(cmp: Comparison) -> str:
     if cmp.missing_cells:
         summary.append(f"{len(cmp.missing_cells)} baseline cell(s) missing")
     lines = [head, "",
-             f"baseline `{cmp.baseline}` · current `{cmp.current}` · tolerances: `{cmp.tolerance_source}`", "",
+             f"baseline {md_code(cmp.baseline)} · current {md_code(cmp.current)} · "
+             f"tolerances: {md_code(cmp.tolerance_source)}", "",
              f"{len(cmp.rows)} metric comparisons, {n_reg} failing: " + ", ".join(summary), ""]
     failing = [r for r in cmp.rows if r in cmp.regressions]
     if failing or (cmp.missing_cells and not cmp.allow_missing):
         lines += ["### Regressions", ""]
         for r in failing:
             rd = f" ({r.rel_delta:+.2%})" if r.rel_delta is not None else ""
-            lines.append(f"- `{r.model}/{r.cell}` **{r.metric}**{f' [{r.protocol}]' if r.protocol else ''}: "
+            lines.append(f"- {md_code(f'{r.model}/{r.cell}')} **{md_text(r.metric)}**"
+                         f"{f' [{md_text(r.protocol)}]' if r.protocol else ''}: "
                          f"{_num(r.baseline)} → {_num(r.current)}{rd}; {r.result.lower()}"
-                         f"{f' — {r.note}' if r.note else ''} (tolerance {r.tolerance})")
+                         f"{f' — {md_text(r.note)}' if r.note else ''} (tolerance {r.tolerance})")
         if not cmp.allow_missing:
             for c in cmp.missing_cells:
-                lines.append(f"- `{c}`: cell missing from the current run")
+                lines.append(f"- {md_code(c)}: cell missing from the current run")
         lines.append("")
     if cmp.warnings:
         lines += ["### Warnings", ""] + [f"- {w}" for w in cmp.warnings] + [""]
     if cmp.missing_cells and cmp.allow_missing:
-        lines += ["Missing cells (allowed): " + ", ".join(f"`{c}`" for c in cmp.missing_cells), ""]
+        lines += ["Missing cells (allowed): " + ", ".join(md_code(c) for c in cmp.missing_cells), ""]
     if cmp.new_cells:
-        lines += ["New cells (not in the baseline): " + ", ".join(f"`{c}`" for c in cmp.new_cells), ""]
+        lines += ["New cells (not in the baseline): " + ", ".join(md_code(c) for c in cmp.new_cells), ""]
     lines += [f"<details><summary>all {len(cmp.rows)} comparisons</summary>", "",
               "| model | cell | metric | protocol | baseline | current | Δ | Δ% | tolerance | result | note |",
               "|---|---|---|---|---:|---:|---:|---:|---|---|---|"]
@@ -411,9 +444,9 @@ def to_markdown(cmp: Comparison) -> str:
         d = f"{r.delta:+.4g}" if r.delta is not None else "—"
         rd = f"{r.rel_delta:+.2%}" if r.rel_delta is not None else "—"
         res = f"**{r.result}**" if r.result in FAILING else r.result
-        note = r.note.replace("|", "\\|")
-        lines.append(f"| {r.model} | {r.cell} | {r.metric} | {r.protocol or '—'} | {_num(r.baseline)} | "
-                     f"{_num(r.current)} | {d} | {rd} | {r.tolerance} | {res} | {note} |")
+        t = md_text
+        lines.append(f"| {t(r.model)} | {t(r.cell)} | {t(r.metric)} | {t(r.protocol or '—')} | {_num(r.baseline)} | "
+                     f"{_num(r.current)} | {d} | {rd} | {t(r.tolerance)} | {res} | {t(r.note)} |")
     lines += ["", "</details>", ""]
     return "\n".join(lines)
 
@@ -446,9 +479,10 @@ def baseline_records(records: list[dict[str, Any]], suite: str | None = None) ->
 
 
 def update_baseline(run: str | Path, suite: str | None = None, out: str | Path | None = None) -> Path:
-    records = read_records(resolve_records_path(run))
+    """Write the baseline of a run (read whole: a torn run makes no baseline) and return its path."""
+    records = load_records(resolve_records_path(run), what="records to make a baseline from")
     name, recs = baseline_records(records, suite)
-    path = Path(out) if out else BASELINES_DIR / f"{name}.jsonl"
+    path = Path(out) if out else baseline_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in recs), encoding="utf-8")
     bad = [r for r in recs if r["status"] == "failed"]
@@ -461,22 +495,24 @@ def update_baseline(run: str | Path, suite: str | None = None, out: str | Path |
 # --------------------------------------------------------------------------- CLI
 def cmd_compare(args: argparse.Namespace) -> int:
     bpath, cpath = resolve_records_path(args.baseline), resolve_records_path(args.current)
-    base_recs, cur_recs = read_records(bpath), read_records(cpath)
+    # fail closed: a baseline is read whole; a run may only lose a torn last line (with a warning)
+    base_recs = load_records(bpath, what="baseline records")
+    cur_recs = load_records(cpath, torn_tail=True)
     suite = next((r["suite"] for r in cur_recs), None) or next((r["suite"] for r in base_recs), None)
     cur_dir = cpath.parent if cpath.name == "records.jsonl" else None
     tol, source = load_tolerances(args.tolerances, cur_dir, suite)
     cmp = compare_records(base_recs, cur_recs, tol, baseline_name=str(args.baseline),
                           current_name=str(args.current), tolerance_source=source,
                           allow_missing=args.allow_missing)
+    if args.json:  # before stdout: an unwritable --json is an error with nothing half-reported
+        Path(args.json).write_text(json.dumps(cmp.to_json(), indent=1) + "\n", encoding="utf-8")
     sys.stdout.write(to_markdown(cmp))
-    if args.json:
-        Path(args.json).write_text(json.dumps(cmp.to_json(), indent=1) + "\n")
     return 1 if cmp.failed else 0
 
 
 def cmd_baseline_update(args: argparse.Namespace) -> int:
     path = update_baseline(args.run_dir, args.suite, args.out)
-    n = len(read_records(path))
+    n = len(load_records(path))
     print(f"wrote {path} ({n} records); review and commit it to change the baseline")
     return 0
 
@@ -485,7 +521,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("compare", help="compare a run with a baseline; exit 1 on a regression",
                        description="Compare CURRENT with BASELINE (run directories, records/baseline .jsonl files "
                                    "or baseline names in results/baselines/). Prints a Markdown diff; exit 1 on "
-                                   "a regression beyond the suite's tolerances.")
+                                   "a regression beyond the suite's tolerances, 2 on bad input (a baseline or "
+                                   "run that cannot be read whole, a bad tolerance file).")
     c.add_argument("baseline")
     c.add_argument("current")
     c.add_argument("--json", metavar="OUT", help="also write a JSON summary to OUT")

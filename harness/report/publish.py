@@ -35,10 +35,12 @@ from .leaderboard import (
     latest,
     leaderboard,
     load_runs,
-    method_details,
+    method_detail_items,
     metric_columns,
     protocol_tag,
     quantizes_kv,
+    read_env,
+    run_env,
     scaled_metrics,
     vs_fp,
 )
@@ -406,24 +408,11 @@ def _table_html(g: pd.DataFrame, metric_cols: list[str], derived: list[str], tab
     return "".join(out)
 
 
-def _env(run_dir: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
-    p = run_dir / "env.json"
-    if p.exists():
-        try:
-            return json.loads(p.read_text())
-        except ValueError:
-            pass
-    for r in records:  # a baseline file or a run without env.json: the records' provenance
-        if r.get("provenance"):
-            return r["provenance"]
-    return {}
-
-
 def _footer_html(run_dirs: list[Path], records_by_run: dict[Path, list[dict[str, Any]]]) -> str:
     e = html.escape
     parts = ["<footer><h3>Provenance</h3>"]
     for d in run_dirs:
-        env = _env(d, records_by_run.get(d, []))
+        env = run_env(d, records_by_run.get(d, []))
         v = env.get("versions") or {}
         hw = env.get("hardware") or {}
         sha = env.get("git_sha")
@@ -484,10 +473,11 @@ def render_html(records: list[dict[str, Any]], run_dirs: list[Path], plots: list
                 body.append(f"<li><code>{e(r['model']['name'])}/{e(r['cell'])}</code> {e(r['metric'])}: "
                             f"{e(r['status'])} — {e(str(r['error']))}</li>")
         body.append("</ul>")
-    details = method_details(run_dirs, records)
+    details = method_detail_items(run_dirs, records)
     if details:
-        items = [ln[2:] for ln in details.splitlines() if ln.startswith("- ")]
-        body.append("<h3>Method details</h3><ul>" + "".join(f"<li>{e(i)}</li>" for i in items) + "</ul>")
+        body.append("<h3>Method details</h3><ul>" + "".join(
+            f"<li><code>{e(cell)}</code> ({e(model)}{'' if b is None else f', {b:.3f} bits/w'}): {e(text)}</li>"
+            for cell, model, b, text in details) + "</ul>")
     kv_rows = kv_scaling_rows(records)
     if kv_rows:
         body.append("<h3>KV cache for Llama-3-70B at 128k tokens (calculator)</h3><p class=\"note\">L=80, H_kv=8, "
@@ -523,8 +513,11 @@ def render_extras(run_dirs: Iterable[str | Path], out_dir: str | Path | None = N
     Returns the written paths by kind ("html", "plots", "screenshot")."""
     dirs = [Path(d) for d in run_dirs]
     out = Path(out_dir) if out_dir else (dirs[0] if dirs[0].is_dir() else dirs[0].parent)
+    records = load_runs(dirs)  # read and checked before anything is written
+    for d in dirs:
+        if d.is_dir():
+            read_env(d)
     out.mkdir(parents=True, exist_ok=True)
-    records = load_runs(dirs)
     plots: list[Path] = []
     for fn in (plot_bits_ppl, plot_latency_memory, plot_kv_bits_ppl):
         try:

@@ -20,13 +20,8 @@ from typing import Any
 
 from ...methods.base import ConfigError
 from ..inputs.models import model_key
-from ..measure import METRICS
 from ..paths import REPO_ROOT
-from .records import (
-    make_record,
-    utc_now,
-)
-from .runner import CellRunner, start_run
+from .runner import CellRunner, failed_records, start_run
 from .suite import Cell, ResourcesSpec, Suite
 
 log = logging.getLogger(__name__)
@@ -56,19 +51,6 @@ def _task_options(res: ResourcesSpec) -> dict[str, Any]:
     return opts
 
 
-def _failed_records(suite: Suite, model_spec: Any, cell: Cell, run_id: str, env: dict[str, Any],
-                    error: str) -> list[dict[str, Any]]:
-    info = {"name": model_key(model_spec), "source": None, "sha256": None, "params": None,
-            "source_precision": None, "dtype": None}
-    prov = {**env, "executor": "ray", "started": utc_now(), "seconds": None}
-    configs = [m.config_dict() for m in cell.chain]  # the same resolved configs the local executor records
-    return [make_record(run_id=run_id, suite=suite.name, cell=cell.name, model=info, method=cell.method_label,
-                        method_config=configs[0] if len(configs) == 1 else configs, metric=name, value=None,
-                        unit=METRICS[name].unit, higher_is_better=METRICS[name].higher_is_better,
-                        status="failed", error=error, provenance=prov)
-            for name in cell.metrics]
-
-
 def run_suite_ray(
     suite: Suite,
     out: Path | None = None,
@@ -78,15 +60,16 @@ def run_suite_ray(
     cell_filter: Callable[[Cell], bool] | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
+    force: bool = False,
 ) -> Path:
     """Run every pending cell of ``suite`` as a Ray task (cluster: ``address``/``num_cpus``, else the
-    suite's ``executor:``); returns the run directory."""
+    suite's ``executor:``); returns the run directory (``resume``/``force``: see ``runner.start_run``)."""
     try:
         import ray  # deferred: ray is optional
     except ImportError as e:  # pragma: no cover - depends on the extra
         raise ConfigError("the Ray executor needs Ray: pip install 'quantbench[ray]'") from e
 
-    run = start_run(suite, out, resume)
+    run = start_run(suite, out, resume, seed, limit, force)
     run_dir, env, done, run_id, writer = run.dir, run.env, run.done, run.run_id, run.writer
     seed = suite.seed if seed is None else seed
     address = suite.executor.address if address is None else address
@@ -117,8 +100,10 @@ def run_suite_ray(
             except Exception as e:  # task raised, or its worker died after the retries
                 log.error("cell %s/%s lost: %s", model_key(model_spec), cell.name, type(e).__name__)
                 msg = str(e).strip().splitlines()
-                recs = _failed_records(suite, model_spec, cell, run_id, env,
-                                       f"{type(e).__name__}: {msg[-1] if msg else ''}"[:500])
+                prov = {**env, "executor": "ray", "seed": seed,
+                        "cell_definition": run.definitions.get((model_key(model_spec), cell.name))}
+                recs = failed_records(suite, model_spec, cell, run_id, prov,
+                                      f"{type(e).__name__}: {msg[-1] if msg else ''}"[:500])
             writer.write_cell(recs)
     finally:
         if started_here:

@@ -3,24 +3,30 @@
 For each model: load the base model once, tokenize the evaluation split, build (or reuse) the
 unquantized reference log-probs, then for each cell: fresh deep copy -> calibration -> method
 chain -> metrics -> records.  A failing cell is recorded with ``status: failed`` and the run goes
-on; Ctrl-C keeps every finished cell; ``resume`` skips cells already recorded.
+on; a model that fails to load records its pending cells as failed and the run goes on with the
+next model; Ctrl-C (or a crash, or kill -9) keeps every finished cell; ``resume`` skips the cells whose
+every metric is recorded ok under the cell's current definition (``start_run``).
 """
 
 from __future__ import annotations
 
 import copy
 import gc
+import hashlib
 import json
 import logging
 import math
+import os
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ...methods.base import Calibration, Method
+import yaml
+
+from ...methods.base import METHODS, Calibration, ConfigError, Method
 from ...methods.quantize import quantize
 from ..inputs import data as datamod
 from ..inputs.models import LoadedModel, load_model, model_key
@@ -39,6 +45,8 @@ from .suite import CalibrationSpec, Cell, Suite, resolved_yaml
 
 log = logging.getLogger(__name__)
 
+#: the files that make a directory a run directory (a new run refuses to write over them)
+RUN_FILES = ("records.jsonl", "suite.resolved.yaml", "env.json")
 
 
 def default_run_dir(suite: Suite) -> Path:
@@ -52,6 +60,8 @@ class CellRunner:
     def __init__(self, suite: Suite, model_spec: Any, run_dir: Path | None, seed: int,
                  limit: int | None = None, loaded: LoadedModel | None = None) -> None:
         self.suite, self.model_spec, self.run_dir, self.seed, self.limit = suite, model_spec, run_dir, seed, limit
+        self.definitions = {c: h for (m, c), h in definition_hashes(suite, seed, limit).items()
+                            if m == model_key(model_spec)}
         self.base = loaded or load_model(model_spec)
         self.base.model.eval()
         self._calib: dict[tuple, Calibration] = {}
@@ -124,8 +134,8 @@ class CellRunner:
         finally:
             del model
             gc.collect()
-        prov = {**env, "seed": self.seed, "started": started, "seconds": round(time.perf_counter() - t0, 3),
-                "metric_seconds": metric_seconds}
+        prov = {**env, "seed": self.seed, "cell_definition": self.definitions.get(cell.name), "started": started,
+                "seconds": round(time.perf_counter() - t0, 3), "metric_seconds": metric_seconds}
         log.info("cell %s: %.1f s (%s)", cell.name, prov["seconds"],
                  ", ".join(f"{k} {v:.1f}" for k, v in metric_seconds.items()))
         return self._records(cell, methods, results, run_id, prov)
@@ -165,8 +175,10 @@ class CellRunner:
         return self.run_dir / "cells" / _safe(model_key(self.model_spec)) / _safe(cell.name)
 
     def _model_info(self) -> dict[str, Any]:
+        """The model as recorded; its name is the spec's key, the one resume looks cells up under."""
         i = self.base.info
-        return {k: i.get(k) for k in ("name", "source", "sha256", "params", "source_precision", "dtype")}
+        return {"name": model_key(self.model_spec),
+                **{k: i.get(k) for k in ("source", "sha256", "params", "source_precision", "dtype")}}
 
     def _save_artifacts(self, cell: Cell, methods: list[Method]) -> None:
         if self.run_dir is None:
@@ -182,6 +194,84 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in name)
 
 
+def failed_records(suite: Suite, model_spec: Any, cell: Cell, run_id: str, prov: dict[str, Any],
+                   error: str) -> list[dict[str, Any]]:
+    """One failed record per metric of a cell that never ran (its model did not load, its Ray task was lost)."""
+    info = {"name": model_key(model_spec), "source": None, "sha256": None, "params": None,
+            "source_precision": None, "dtype": None}
+    prov = {"started": utc_now(), "seconds": None, **prov}
+    configs = [m.config_dict() for m in cell.chain]  # the same resolved configs a measured cell records
+    return [make_record(run_id=run_id, suite=suite.name, cell=cell.name, model=info, method=cell.method_label,
+                        method_config=configs[0] if len(configs) == 1 else configs, metric=name, value=None,
+                        unit=METRICS[name].unit, higher_is_better=METRICS[name].higher_is_better,
+                        status="failed", error=error, provenance=prov)
+            for name in cell.metrics]
+
+
+# --------------------------------------------------------------------------- run directory and resume
+
+def resolved_text(suite: Suite, seed: int | None = None, limit: int | None = None) -> str:
+    """``suite.resolved.yaml``: the suite as run (the effective seed; ``limit`` when one was given)."""
+    text = resolved_yaml(suite if seed is None else replace(suite, seed=seed))
+    return text + (yaml.safe_dump({"limit": limit}) if limit is not None else "")
+
+
+def _needs_calibration(chain: list[Any]) -> bool:
+    names = [str(m.get("method")) if isinstance(m, dict) else "" for m in chain]
+    return any(n not in METHODS or METHODS[n].needs_calibration for n in names)
+
+
+def cell_definitions(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (model key, cell) of a resolved suite document, everything its records depend on: the model
+    spec, seed, eval and limit, the method chain's configs, the calibration (when a method of the
+    chain calibrates), the metrics and the suite blocks they read (``tasks``, ``latency``)."""
+    defs: dict[tuple[str, str], dict[str, Any]] = {}
+    for cell in doc.get("cells") or []:
+        chain = cell.get("method") or []
+        metrics = list(cell.get("metrics") or [])
+        blocks = sorted({str(METRICS[m].params) for m in metrics if m in METRICS and METRICS[m].params})
+        common = {"seed": doc.get("seed"), "eval": doc.get("eval"), "limit": doc.get("limit"), "method": chain,
+                  "calibration": cell.get("calibration") if _needs_calibration(chain) else None,
+                  "metrics": sorted(metrics), **{b: cell.get(b, doc.get(b)) for b in blocks}}
+        for spec in doc.get("models") or []:
+            defs[(model_key(spec), str(cell.get("name")))] = {"model": spec, **common}
+    return defs
+
+
+def _hash(definition: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(definition, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def definition_hashes(suite: Suite, seed: int | None = None, limit: int | None = None) -> dict[tuple[str, str], str]:
+    """(model key, cell) -> the hash of its definition (``provenance.cell_definition`` of its records)."""
+    doc = yaml.safe_load(resolved_text(suite, seed, limit))
+    return {k: _hash(d) for k, d in cell_definitions(doc).items()}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a crash leaves the old file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _changed_cells(old_text: str, new_doc: dict[str, Any]) -> dict[tuple[str, str], list[str]]:
+    """Cells of both documents whose definitions differ, with the fields that differ."""
+    try:
+        old_doc = yaml.safe_load(old_text)
+    except yaml.YAMLError as e:
+        log.warning("suite.resolved.yaml of the run is unreadable (%s); cells are matched by their records", e)
+        return {}
+    if not isinstance(old_doc, dict):
+        return {}
+    old, new = cell_definitions(old_doc), cell_definitions(new_doc)
+    return {k: [f for f in dict.fromkeys([*old[k], *d]) if old[k].get(f) != d.get(f)]
+            for k, d in new.items() if k in old and old[k] != d}
+
+
 @dataclass
 class RunState:
     dir: Path
@@ -189,21 +279,60 @@ class RunState:
     done: set[tuple[str, str]]
     run_id: str
     writer: RecordWriter
+    definitions: dict[tuple[str, str], str]  # (model key, cell) -> definition hash
 
 
-def start_run(suite: Suite, out: Path | None, resume: bool) -> RunState:
-    """Create (or, with ``resume``, reopen) a run directory; shared by every executor."""
+def start_run(suite: Suite, out: Path | None, resume: bool, seed: int | None = None, limit: int | None = None,
+              force: bool = False) -> RunState:
+    """Create (or, with ``resume``, reopen) a run directory; shared by every executor.
+
+    A new run refuses a directory that already holds a run. ``resume`` restores a torn last write
+    of ``records.jsonl`` and compares the suite with the run's ``suite.resolved.yaml``: a cell whose
+    definition changed (``cell_definitions``) is refused (ConfigError) unless ``force``, which reruns
+    the changed cells (their old records are superseded) and rewrites ``suite.resolved.yaml``."""
+    keys = [model_key(m) for m in suite.models]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ConfigError(f"models {twice} share a name; give each a distinct 'name:' (records and resume key on it)")
+    if force and not resume:
+        raise ConfigError("--force applies to --resume (rerun the cells whose definition changed)")
+    seed = suite.seed if seed is None else seed
     run_dir = Path(out) if out else default_run_dir(suite)
     records_path = run_dir / "records.jsonl"
-    if records_path.exists() and not resume:
-        raise FileExistsError(f"{records_path} exists; pass --resume to continue that run")
+    resolved_path = run_dir / "suite.resolved.yaml"
+    if not resume:
+        held = [f for f in RUN_FILES if (run_dir / f).exists()]
+        if held:
+            raise FileExistsError(f"{run_dir} already holds a run ({', '.join(held)}); continue it with --resume "
+                                  "or choose another --out")
+    new_text = resolved_text(suite, seed, limit)
+    new_doc = yaml.safe_load(new_text)
+    hashes = {k: _hash(d) for k, d in cell_definitions(new_doc).items()}
+    metrics = {c.name: c.metrics for c in suite.cells}
+    writer = RecordWriter(records_path)
+    changed: dict[tuple[str, str], list[str]] = {}
+    if resume:
+        writer.repair({k: metrics[k[1]] for k in hashes})
+        if resolved_path.exists():
+            changed = _changed_cells(resolved_path.read_text(encoding="utf-8"), new_doc)
+        described = [f"{m}/{c} ({', '.join(fields)})" for (m, c), fields in changed.items()]
+        if len(described) > 12:
+            described = described[:12] + [f"and {len(described) - 12} more"]
+        if changed and not force:
+            raise ConfigError(f"the suite changed since {run_dir} started: {'; '.join(described)}; rerun these "
+                              "cells with --resume --force (their old records are superseded) or start a new run")
+        if changed:
+            log.warning("--force: rerunning %d changed cell(s), their old records superseded: %s", len(changed),
+                        "; ".join(described))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "suite.resolved.yaml").write_text(resolved_yaml(suite))
+    _write_atomic(resolved_path, new_text)
     env = environment()
-    (run_dir / "env.json").write_text(json.dumps(env, indent=1))
+    _write_atomic(run_dir / "env.json", json.dumps(env, indent=1))
     existing = read_records(records_path)
     run_id = existing[0]["run_id"] if existing else run_dir.name
-    return RunState(run_dir, env, completed_cells(existing), run_id, RecordWriter(records_path))
+    expected = {k: (metrics[k[1]], h) for k, h in hashes.items()}
+    done = completed_cells(existing, expected) - set(changed)
+    return RunState(run_dir, env, done, run_id, writer, hashes)
 
 
 def run_suite(
@@ -213,9 +342,10 @@ def run_suite(
     seed: int | None = None,
     limit: int | None = None,
     cell_filter: Callable[[Cell], bool] | None = None,
+    force: bool = False,
 ) -> Path:
-    """Run every pending cell of ``suite`` locally; returns the run directory."""
-    run = start_run(suite, out, resume)
+    """Run every pending cell of ``suite`` locally; returns the run directory (``force``: see start_run)."""
+    run = start_run(suite, out, resume, seed, limit, force)
     run_dir, env, done, run_id, writer = run.dir, run.env, run.done, run.run_id, run.writer
     seed = suite.seed if seed is None else seed
 
@@ -227,7 +357,17 @@ def run_suite(
             log.info("%s: skipping %d recorded cell(s)", mname, skipped)
         if not todo:
             continue
-        runner = CellRunner(suite, model_spec, run_dir, seed, limit)
+        try:
+            runner = CellRunner(suite, model_spec, run_dir, seed, limit)
+        except Exception as e:  # a model that does not load fails its cells; the next model goes on
+            err = f"{type(e).__name__}: {e}"
+            log.error("model %s failed to load (%s): its %d pending cell(s) are recorded as failed", mname, err,
+                      len(todo))
+            log.debug("%s", traceback.format_exc())
+            for cell in todo:
+                prov = {**env, "seed": seed, "cell_definition": run.definitions.get((mname, cell.name))}
+                writer.write_cell(failed_records(suite, model_spec, cell, run_id, prov, err))
+            continue
         for cell in todo:
             log.info("cell %s / %s", mname, cell.name)
             try:

@@ -32,12 +32,19 @@ own. A cell defined again in a later file (a later include, or the including fil
 earlier definition in place, as a later key replaces an earlier one; a cell name defined twice in
 one file, a missing file and an include cycle are errors; an included file need not be a complete
 suite.
+
+A suite file is UTF-8 YAML read by a safe loader that also refuses a key given twice in one mapping and
+a document whose aliases expand past :data:`MAX_NODES` nodes (an alias bomb); every error, in the file
+or in what it says, is one line (:class:`ConfigError`), raised before anything is run or written.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
+import re
+import reprlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +65,12 @@ TOP_KEYS = {"name", "description", "include", "models", "seed", "eval", "calibra
             "tolerances", "resources", "tasks", "latency", "executor"}
 CELL_KEYS = {"name", "method", "params", "calibration", "metrics", "resources", "tasks", "latency"}
 EXECUTORS = ("local", "ray")
+MAX_COUNT = 1_000_000  # the most samples, tokens, windows, steps... a suite may ask for
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds: 0 .. 2**32 - 1
+MAX_FILE_BYTES = 1 << 20  # a suite file is text of a few KiB
+MAX_NODES = 100_000  # YAML nodes of one file once its aliases are expanded
+MAX_DEPTH = 64  # nesting of one file's YAML
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,99}")  # a suite's name names its run dir and baseline
 
 
 @dataclass(frozen=True)
@@ -170,6 +183,15 @@ class Suite:
         return f"{model_key(model)}/{cell.name}"
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _show(v: Any) -> str:
+    """``repr(v)`` cut to a readable length (a message quotes what the file said, never a whole block)."""
+    return _REPR.repr(v)
+
+
 def _err(where: str, msg: str) -> ConfigError:
     return ConfigError(f"{where}: {msg}")
 
@@ -178,12 +200,43 @@ def _check_keys(where: str, d: Any, valid: set[str]) -> None:
     if not isinstance(d, dict):
         raise _err(where, f"expected a mapping, got {type(d).__name__}")
     for k in d:
+        if not isinstance(k, str):
+            raise _err(where, f"a key is a name, got {_show(k)} ({type(k).__name__})")
         if k not in valid:
-            raise _err(where, f"unknown key '{k}'{did_you_mean(str(k), valid)}")
+            raise _err(where, f"unknown key {k!r}{did_you_mean(k, valid)}")
 
 
-def _is_int(v: Any, minimum: int = 1) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+def _is_int(v: Any, minimum: int = 1, maximum: int = MAX_COUNT) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and minimum <= v <= maximum
+
+
+def _int_problem(name: str, v: Any, minimum: int = 1, maximum: int = MAX_COUNT, nullable: bool = False) -> str | None:
+    """Why ``v`` is not an integer in ``minimum..maximum`` ("seq_len must be a positive integer, got 0"), or None."""
+    if (v is None and nullable) or _is_int(v, minimum, maximum):
+        return None
+    if isinstance(v, int) and not isinstance(v, bool) and v > maximum:
+        return f"{name} must be at most {maximum}, got {v}"
+    kind = {0: "an integer >= 0", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+    return f"{name} must be {kind}{' or null' if nullable else ''}, got {_show(v)}"
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return math.isfinite(v)
+    except (OverflowError, TypeError):  # an int too large for a float
+        return False
+
+
+def _is_number(v: Any, minimum: float = 0.0, maximum: float = float(MAX_COUNT)) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) and minimum <= v <= maximum
+
+
+def _check_name(where: str, name: Any, what: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise _err(where, f"{what} must be a non-empty string, got {_show(name)}")
+    if not name.isprintable():
+        raise _err(where, f"{what} must not hold control characters (newlines, tabs), got {_show(name)}")
+    return name
 
 
 def _auto_name(chain: tuple[MethodSpec, ...]) -> str:
@@ -205,18 +258,22 @@ def _parse_chain(where: str, method: Any, params: Any) -> tuple[MethodSpec, ...]
             raise _err(where, "with a method chain, give params inside each chain entry")
         items = [{"method": m} if isinstance(m, str) else m for m in method]
     else:
-        raise _err(where, f"'method' must be a name or a list, got {method!r}")
+        raise _err(where, f"'method' must be a name or a list, got {_show(method)}")
     chain = []
     for i, item in enumerate(items):
         _check_keys(f"{where}.method[{i}]", item, {"method", "params"})
+        if "method" not in item:
+            raise _err(f"{where}.method[{i}]", "missing 'method'")
+        if not isinstance(item["method"], str):
+            raise _err(f"{where}.method[{i}]", f"'method' must be a name, got {_show(item['method'])}")
         p = item.get("params") or {}
         if not isinstance(p, dict):
-            raise _err(where, f"params must be a mapping, got {p!r}")
+            raise _err(where, f"params must be a mapping, got {_show(p)}")
         try:
             build_method(item["method"], p)  # validates the name and every parameter
         except ConfigError as e:
             raise _err(where, str(e)) from None
-        chain.append(MethodSpec(str(item["method"]), dict(p)))
+        chain.append(MethodSpec(item["method"], dict(p)))
     if not chain:
         raise _err(where, "empty method chain")
     return tuple(chain)
@@ -226,9 +283,27 @@ def _check_metrics(where: str, metrics: Any) -> list[str]:
     if not isinstance(metrics, list) or not metrics:
         raise _err(where, "metrics must be a non-empty list")
     for m in metrics:
+        if not isinstance(m, str):
+            raise _err(where, f"a metric is a name, got {_show(m)}")
         if m not in METRICS:
-            raise _err(where, f"unknown metric '{m}'{did_you_mean(str(m), METRICS)}")
+            raise _err(where, f"unknown metric {m!r}{did_you_mean(m, METRICS)}")
+    if len(set(metrics)) != len(metrics):
+        twice = next(m for m in metrics if metrics.count(m) > 1)
+        raise _err(where, f"metric {twice!r} is listed twice")
     return list(metrics)
+
+
+def _check_dataset(where: str, name: Any, split: str, what: str) -> None:
+    if not isinstance(name, str):
+        raise _err(where, f"dataset must be a name, got {_show(name)}")
+    if name not in DATASETS:
+        raise _err(where, f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}")
+    try:
+        corpus = get_corpus(name)
+    except ConfigError as e:
+        raise _err(where, str(e)) from None
+    if split not in corpus.splits:
+        raise _err(where, f"dataset {name!r} has no {what} split")
 
 
 def _check_calibration(where: str, c: Any, base: CalibrationSpec | None = None) -> CalibrationSpec:
@@ -236,56 +311,75 @@ def _check_calibration(where: str, c: Any, base: CalibrationSpec | None = None) 
     c = c or {}
     _check_keys(where, c, set(CalibrationSpec.__dataclass_fields__))
     spec = replace(base or CalibrationSpec(), **c)
-    try:
-        corpus = get_corpus(spec.dataset)
-    except ConfigError as e:
-        raise _err(where, str(e)) from None
-    if "calib" not in corpus.splits:
-        raise _err(where, f"dataset '{spec.dataset}' has no calibration split")
+    _check_dataset(where, spec.dataset, "calib", "calibration")
     for k in ("n_samples", "seq_len"):
-        if not _is_int(getattr(spec, k)):
-            raise _err(where, f"{k} must be a positive integer, got {getattr(spec, k)!r}")
+        if problem := _int_problem(k, getattr(spec, k)):
+            raise _err(where, problem)
     return spec
 
 
 def _check_tasks(where: str, tasks: Any) -> Any:
-    return validate_tasks(where, tasks)
+    if isinstance(tasks, list):
+        for i, t in enumerate(tasks):
+            name = t.get("name") if isinstance(t, dict) else t
+            if not isinstance(name, str) or not name:
+                raise _err(f"{where}[{i}]", f"a task is a name or a mapping with 'name', got {_show(t)}")
+    out = validate_tasks(where, tasks)
+    for i, t in enumerate(out):
+        for k in ("limit", "shots", "batch_size"):
+            if isinstance(t.get(k), int) and t[k] > MAX_COUNT:
+                raise _err(f"{where}[{i}]", f"{k} must be at most {MAX_COUNT}, got {t[k]}")
+    return out
 
 
 def _check_latency(where: str, lat: Any) -> dict[str, Any]:
+    if not isinstance(lat, dict):
+        raise _err(where, f"latency must be a mapping, got {_show(lat)}")
     validate_params(where, lat)
+    for k, v in lat.items():
+        if v > MAX_COUNT:
+            raise _err(where, f"latency.{k} must be at most {MAX_COUNT}, got {v}")
     return dict(lat)
 
 
 def _check_eval(where: str, e: Any) -> EvalSpec:
     _check_keys(where, e, set(EvalSpec.__dataclass_fields__))
     spec = replace(EvalSpec(), **e)
-    if spec.dataset not in DATASETS:
-        raise _err(where, f"unknown dataset '{spec.dataset}'{did_you_mean(str(spec.dataset), DATASETS)}")
-    if "test" not in DATASETS[spec.dataset].splits:
-        raise _err(where, f"dataset '{spec.dataset}' has no test split")
-    if spec.protocol not in PROTOCOLS:
-        raise _err(where, f"unknown protocol '{spec.protocol}'{did_you_mean(str(spec.protocol), PROTOCOLS)}")
-    if not _is_int(spec.seq_len):
-        raise _err(where, f"seq_len must be a positive integer, got {spec.seq_len!r}")
+    _check_dataset(where, spec.dataset, "test", "test")
+    if not isinstance(spec.protocol, str) or spec.protocol not in PROTOCOLS:
+        raise _err(where, f"unknown protocol {_show(spec.protocol)}{did_you_mean(str(spec.protocol), PROTOCOLS)}")
+    if problem := _int_problem("seq_len", spec.seq_len):
+        raise _err(where, problem)
     for k in ("stride", "max_windows"):
-        v = getattr(spec, k)
-        if v is not None and not _is_int(v):
-            raise _err(where, f"{k} must be a positive integer or null, got {v!r}")
+        if problem := _int_problem(k, getattr(spec, k), nullable=True):
+            raise _err(where, problem)
     return spec
+
+
+def _check_tolerances(where: str, tol: Any) -> dict[str, dict[str, float]]:
+    tol = tol or {}
+    if not isinstance(tol, dict):
+        raise _err(where, "expected a mapping of metric -> {rel, abs, recovery}")
+    for metric, spec in tol.items():
+        if not isinstance(metric, str):
+            raise _err(where, f"a metric is a name, got {_show(metric)}")
+        if isinstance(spec, dict):
+            for k, v in spec.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and not _finite(v):
+                    raise _err(f"{where}.{metric}.{k}", f"expected a finite number, got {_show(v)}")
+    return validate_tolerances(tol, where)
 
 
 def _check_resources(where: str, r: Any) -> ResourcesSpec:
     r = r or {}
     _check_keys(where, r, set(ResourcesSpec.__dataclass_fields__))
     for k, v in r.items():
-        number = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-        if k in ("num_cpus", "num_gpus") and not number:
-            raise _err(where, f"{k} must be a number >= 0 (Ray accepts fractions), got {v!r}")
-        if k == "memory" and not _is_int(v):
-            raise _err(where, f"memory must be a positive integer (bytes), got {v!r}")
-        if k == "max_retries" and not _is_int(v, 0):
-            raise _err(where, f"max_retries must be an integer >= 0, got {v!r}")
+        if k in ("num_cpus", "num_gpus") and not _is_number(v):
+            raise _err(where, f"{k} must be a number in 0..{MAX_COUNT} (Ray accepts fractions), got {_show(v)}")
+        if k == "memory" and (problem := _int_problem("memory", v, 1, 2**60)):
+            raise _err(where, problem.replace("positive integer", "positive integer (bytes)"))
+        if k == "max_retries" and (problem := _int_problem("max_retries", v, 0, 1000)):
+            raise _err(where, problem)
     return ResourcesSpec(**r)
 
 
@@ -293,12 +387,13 @@ def _check_executor(where: str, e: Any) -> ExecutorSpec:
     e = {"name": e} if isinstance(e, str) else e
     _check_keys(where, e, set(ExecutorSpec.__dataclass_fields__))
     spec = replace(ExecutorSpec(), **e)
-    if spec.name not in EXECUTORS:
-        raise _err(where, f"unknown executor '{spec.name}'{did_you_mean(str(spec.name), EXECUTORS)}")
-    if spec.address is not None and not (isinstance(spec.address, str) and spec.address):
-        raise _err(where, f"address must be a Ray address ('auto', 'ray://HOST:PORT', ...), got {spec.address!r}")
-    if spec.num_cpus is not None and not _is_int(spec.num_cpus):
-        raise _err(where, f"num_cpus must be a positive integer, got {spec.num_cpus!r}")
+    if not isinstance(spec.name, str) or spec.name not in EXECUTORS:
+        raise _err(where, f"unknown executor {_show(spec.name)}{did_you_mean(str(spec.name), EXECUTORS)}")
+    if spec.address is not None and not (isinstance(spec.address, str) and spec.address.strip()
+                                         and not any(ch.isspace() for ch in spec.address)):
+        raise _err(where, f"address must be a Ray address ('auto', 'ray://HOST:PORT', ...), got {_show(spec.address)}")
+    if problem := _int_problem("num_cpus", spec.num_cpus, nullable=True):
+        raise _err(where, problem.replace(" or null", ""))
     if spec.name != "ray":
         extra = [k for k in ("address", "num_cpus") if getattr(spec, k) is not None]
         if extra:
@@ -308,11 +403,114 @@ def _check_executor(where: str, e: Any) -> ExecutorSpec:
     return spec
 
 
-def _read_yaml(p: Path) -> Any:
+class _SuiteYAMLError(yaml.YAMLError):
+    """What :class:`_SuiteLoader` refuses (a duplicate key, an alias bomb), as one line."""
+
+
+class _SuiteLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also refuses a key given twice in one mapping (YAML says keys are unique;
+    PyYAML silently keeps the last) and a document that expands, aliases followed, to more than
+    :data:`MAX_NODES` nodes or :data:`MAX_DEPTH` levels (an alias bomb's few lines expand exponentially)
+    or that contains itself (``&a [*a]``)."""
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        _expanded_size(node, 0, {}, set())
+        return node
+
+    def compose_mapping_node(self, anchor: Any) -> Any:
+        node = super().compose_mapping_node(anchor)
+        first: dict[tuple[str, str], Any] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            seen = first.setdefault((key_node.tag, key_node.value), key_node)
+            if seen is not key_node:
+                raise _SuiteYAMLError(f"duplicate key {key_node.value!r} at line {key_node.start_mark.line + 1} "
+                                      f"(first at line {seen.start_mark.line + 1})")
+        return node
+
+
+def _expanded_size(node: Any, depth: int, sizes: dict[int, int], open_: set[int]) -> int:
+    """Nodes under ``node`` with every alias expanded (memoized: an alias bomb is counted, not expanded)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    line = node.start_mark.line + 1
+    if key in open_:
+        raise _SuiteYAMLError(f"an alias at line {line} refers to a node that contains it (a recursive structure)")
+    if depth > MAX_DEPTH:
+        raise _SuiteYAMLError(f"nested deeper than {MAX_DEPTH} levels at line {line}")
+    open_.add(key)
+    if isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    n = 1
+    for child in children:
+        n += _expanded_size(child, depth + 1, sizes, open_)
+        if n > MAX_NODES:
+            raise _SuiteYAMLError(f"the document expands to more than {MAX_NODES} nodes with its aliases followed "
+                                  f"(at line {line}); write the suite out")
+    open_.discard(key)
+    sizes[key] = n
+    return n
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _path_kind(p: Path, where: str) -> str:
+    """"file", "dir", "other" or "missing"; ConfigError for a path the system cannot look up (too long, NUL)."""
     try:
-        return yaml.safe_load(p.read_text())
+        if p.is_file():
+            return "file"
+        if p.is_dir():
+            return "dir"
+        return "other" if p.exists() else "missing"
+    except (OSError, ValueError) as e:
+        raise _err(where, f"cannot look up {_show(str(p))}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _read_yaml(p: Path) -> Any:
+    """A suite file's document: UTF-8 YAML of at most :data:`MAX_FILE_BYTES`, read by :class:`_SuiteLoader`."""
+    kind = _path_kind(p, "suite file")
+    if kind == "missing":
+        raise ConfigError(f"suite file {p} not found")
+    if kind != "file":
+        raise ConfigError(f"{p}: {'a directory' if kind == 'dir' else 'not a regular file'}, not a suite file")
+    try:
+        with open(p, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read it ({e.strerror or type(e).__name__})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{p.name}: larger than {MAX_FILE_BYTES} bytes; a suite file is a few KiB of YAML")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{p.name}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); "
+                          "save the suite as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_SuiteLoader)  # a SafeLoader
+    except _SuiteYAMLError as e:
+        raise ConfigError(f"{p.name}: {e}") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = _one_line(" ".join(x for x in (e.context, e.problem) if x) or type(e).__name__)
+        raise ConfigError(f"{p.name}: invalid YAML{at}: {what}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p.name}: invalid YAML: {e}") from None
+        raise ConfigError(f"{p.name}: invalid YAML: {_one_line(str(e))}") from None
+    except RecursionError:
+        raise ConfigError(f"{p.name}: invalid YAML: nested too deeply") from None
+    except Exception as e:  # PyYAML's constructors raise plain errors for a bad explicit tag (``!!float x``)
+        raise ConfigError(f"{p.name}: invalid YAML: a value does not fit its tag "
+                          f"({_one_line(f'{type(e).__name__}: {e}')})") from None
 
 
 def _expand_includes(raw: Any, path: Path | None,
@@ -322,6 +520,8 @@ def _expand_includes(raw: Any, path: Path | None,
     Returns the merged document (no ``include`` key), where each of its cells was written
     (``file.cells[i]``) and which file each top-level key came from (for error messages)."""
     where = path.name if path else "suite"
+    if raw is None:
+        raise _err(where, "empty document; a suite is a mapping with name, models and cells")
     _check_keys(where, raw, TOP_KEYS)
     own_cells = raw.get("cells") or []
     if not isinstance(own_cells, list):
@@ -332,7 +532,7 @@ def _expand_includes(raw: Any, path: Path | None,
     incs = raw["include"]
     incs = [incs] if isinstance(incs, str) else incs
     if not isinstance(incs, list) or not incs or not all(isinstance(i, str) for i in incs):
-        raise _err(f"{where}.include", f"expected a file name or a list of file names, got {raw['include']!r}")
+        raise _err(f"{where}.include", f"expected a file name or a list of file names, got {_show(raw['include'])}")
     base_dir = path.parent if path else Path.cwd()
     merged: dict[str, Any] = {}
     cells: list[Any] = []
@@ -340,10 +540,10 @@ def _expand_includes(raw: Any, path: Path | None,
     key_files: dict[str, str] = {}
     for inc in incs:
         p = base_dir / inc
-        if not p.is_file():
+        if _path_kind(p, f"{where}.include") != "file":
             here = sorted(q.name for q in base_dir.glob("*.yaml"))
             hint = did_you_mean(inc, here) if here else ""
-            raise _err(f"{where}.include", f"no file '{inc}' next to {where}{hint}")
+            raise _err(f"{where}.include", f"no file {inc!r} next to {where}{hint}")
         if p.resolve() in stack:
             cycle = " -> ".join([q.name for q in stack[stack.index(p.resolve()):]] + [p.name])
             raise _err(f"{where}.include", f"include cycle: {cycle}")
@@ -385,7 +585,19 @@ def _raw_name(c: Any) -> str | None:
 
 
 def parse_suite(raw: dict[str, Any], path: str | None = None) -> Suite:
-    """Validate a suite document (``include:`` paths relative to ``path``, else to the working directory)."""
+    """Validate a suite document (``include:`` paths relative to ``path``, else to the working directory).
+
+    Raises :class:`ConfigError` with a one-line message for anything wrong in it or in the files it includes."""
+    try:
+        return _parse_suite(raw, path)
+    except ConfigError as e:
+        msg = str(e)
+        if "\n" in msg or "\r" in msg:  # a name quoted from the file may hold a newline
+            raise ConfigError(_one_line(msg)) from None
+        raise
+
+
+def _parse_suite(raw: dict[str, Any], path: str | None) -> Suite:
     where = Path(path).name if path else "suite"
     stack = (Path(path).resolve(),) if path else ()
     raw, cell_wheres, key_files = _expand_includes(raw, Path(path) if path else None, stack)
@@ -396,23 +608,32 @@ def parse_suite(raw: dict[str, Any], path: str | None = None) -> Suite:
     for k in ("name", "models", "cells"):
         if k not in raw:
             raise _err(where, f"missing required key '{k}'")
+    name = _check_name(at("name"), raw["name"], "name")
+    if not SAFE_NAME.fullmatch(name):
+        raise _err(at("name"), f"name {name!r} names the run directory and the baseline file: use letters, "
+                               "digits and '.', '_', '+', '=', '-' (at most 100 characters, not starting with one)")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise _err(at("description"), f"description must be a string, got {_show(description)}")
     models = raw["models"]
     if not isinstance(models, list) or not models:
         raise _err(where, "models must be a non-empty list")
+    model_keys: set[str] = set()
     for m in models:
         try:
             validate_model_spec(m)
         except ConfigError as e:
             raise _err(at("models"), str(e)) from None
+        if model_key(m) in model_keys:
+            raise _err(at("models"), f"model {model_key(m)!r} is listed twice (give each a distinct name)")
+        model_keys.add(model_key(m))
 
     ev = _check_eval(at("eval"), raw.get("eval", {}))
     calib = _check_calibration(at("calibration"), raw.get("calibration"))
     metrics = tuple(_check_metrics(at("metrics"), raw.get("metrics", ["perplexity"])))
     top_tasks = _check_tasks(at("tasks"), raw["tasks"]) if "tasks" in raw else None
     top_latency = _check_latency(at("latency"), raw["latency"]) if "latency" in raw else None
-    if not isinstance(raw.get("tolerances") or {}, dict):
-        raise _err(at("tolerances"), "expected a mapping of metric -> {rel, abs, recovery}")
-    tolerances = validate_tolerances(raw.get("tolerances") or {}, at("tolerances"))
+    tolerances = _check_tolerances(at("tolerances"), raw.get("tolerances"))
     resources = _check_resources(at("resources"), raw.get("resources"))
     executor = _check_executor(at("executor"), raw.get("executor", {}))
 
@@ -427,12 +648,12 @@ def parse_suite(raw: dict[str, Any], path: str | None = None) -> Suite:
         if "method" not in c:
             raise _err(cw, "missing 'method'")
         chain = _parse_chain(cw, c["method"], c.get("params"))
-        name = str(c.get("name") or _auto_name(chain))
-        if name in seen:
-            raise _err(cw, f"duplicate cell name '{name}' (also {seen[name]})")
-        seen[name] = cw
+        cell_name = _check_name(cw, c["name"], "a cell's name") if "name" in c else _auto_name(chain)
+        if cell_name in seen:
+            raise _err(cw, f"duplicate cell name {cell_name!r} (also {seen[cell_name]})")
+        seen[cell_name] = cw
         cells.append(Cell(
-            name=name,
+            name=cell_name,
             chain=chain,
             calibration=_check_calibration(f"{cw}.calibration", c.get("calibration"), calib),
             metrics=tuple(_check_metrics(f"{cw}.metrics", c["metrics"])) if "metrics" in c else metrics,
@@ -442,10 +663,12 @@ def parse_suite(raw: dict[str, Any], path: str | None = None) -> Suite:
         ))
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise _err(at("seed"), f"seed must be an integer, got {seed!r}")
+        raise _err(at("seed"), f"seed must be an integer, got {_show(seed)}")
+    if not 0 <= seed <= MAX_SEED:
+        raise _err(at("seed"), f"seed must be in 0..{MAX_SEED} (what numpy and torch accept), got {seed}")
     return Suite(
-        name=str(raw["name"]),
-        description=str(raw.get("description", "")),
+        name=name,
+        description=description,
         models=tuple(models),
         seed=seed,
         eval=ev,
@@ -463,15 +686,18 @@ def parse_suite(raw: dict[str, Any], path: str | None = None) -> Suite:
 
 
 def load_suite(path: str | Path) -> Suite:
+    """The suite in file ``path``; a bare name (no directory part, e.g. ``smoke`` or ``smoke.yaml``) that is
+    not a file here is the built-in ``suites/<name>[.yaml]``. ConfigError (one line) for anything wrong."""
     p = Path(path)
-    if not p.exists():
+    if p.name == str(path) and p.name not in ("", ".", "..") and _path_kind(p, "suite file") == "missing":
         builtin = SUITES_DIR / p.name
-        alt = builtin if builtin.exists() else builtin.with_suffix(".yaml")
-        if alt.exists():
+        alt = builtin if _path_kind(builtin, "suite file") == "file" else builtin.with_suffix(".yaml")
+        if _path_kind(alt, "suite file") == "file":
             p = alt
-        else:
-            raise ConfigError(f"suite file {path} not found")
-    return parse_suite(_read_yaml(p), str(p))
+    if _path_kind(p, "suite file") == "missing":
+        raise ConfigError(f"suite file {path} not found")
+    raw = _read_yaml(p)
+    return parse_suite(raw, str(p))
 
 
 def resolved_yaml(suite: Suite) -> str:

@@ -10,8 +10,8 @@ On a machine with one NVIDIA GPU it
    replayed from a CUDA graph, without launch costs), with achieved GB/s and TFLOP/s against the
    device's measured copy bandwidth and bf16 matmul rate;
 3. optionally runs the smoke and default suites on the GPU (``--suites``);
-4. writes everything as JSONL records (``--out``) that ``quantbench report`` renders, and prints a
-   summary table last.
+4. writes everything as JSONL records (``--out``; a directory that already holds a records.jsonl is
+   refused, exit 2) that ``quantbench report`` renders, and prints a summary table last.
 
 ``--dry-run`` runs the same checks on the CPU under ``TRITON_INTERPRET=1`` at small shapes, without
 timings; CI runs it so the script cannot rot between GPU sessions.
@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import statistics
 import sys
 import time
@@ -36,6 +37,7 @@ from ...kernels.kvcache import decode_attention_ref, pack_codes
 from ...kernels.ternary import pack_ternary
 from ...methods.qlinear import IntQuantLinear
 from ...methods.rtn import rtn_quantize_weight
+from ..paths import SUITES_DIR
 from ..run.records import environment, make_record, utc_now
 from ..run.runner import run_suite
 from ..run.suite import load_suite
@@ -46,6 +48,7 @@ FULL_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K in, N out)
 FULL_M = [1, 4, 16, 512, 2048]
 DRY_SHAPES = [(128, 64), (200, 72)]  # K = 200: not a multiple of the K tiles (masks, a short group)
 DRY_M = [1, 16, 33]  # decode (split-K) and mid-size tiles
+SUITE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -533,11 +536,20 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     gpu = not args.dry_run and torch.cuda.is_available()
     device_name = torch.cuda.get_device_name(0) if gpu else "CPU (TRITON_INTERPRET=1, dry run)"
     save = None
+    suites = args.suites.split(",") if args.suites and not args.dry_run else []
+    bad = [n for n in suites if not SUITE_NAME.fullmatch(n)]
+    if bad:  # a suite name becomes a directory under --out: plain names only
+        print(f"gpu-check: invalid suite name {bad[0]!r} (letters, digits, '.', '_', '-' only)", file=sys.stderr)
+        return 2
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         path, env = out / "records.jsonl", run_environment()
-        path.write_text("")
+        try:
+            path.open("x").close()  # never overwrite (nor follow a link to) an earlier run's records
+        except FileExistsError:
+            print(f"gpu-check: {path} already exists; give --out a new or empty directory", file=sys.stderr)
+            return 2
 
         def save(r: Result, ceilings: dict[str, float]) -> None:  # after every case: a timeout keeps the rest
             with open(path, "a") as f:
@@ -545,10 +557,9 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
                     f.write(json.dumps(rec) + "\n")
 
     results, ceilings = run_checks(args.dry_run, args.seed, args.only, on_result=save)
-    if args.suites and not args.dry_run:
-
-        for name in args.suites.split(","):
-            run_suite(load_suite(f"suites/{name}.yaml"), Path(args.out or "results/runs") / f"gpu-{name}")
+    if suites:
+        for name in suites:
+            run_suite(load_suite(SUITES_DIR / f"{name}.yaml"), Path(args.out or "results/runs") / f"gpu-{name}")
     print(summary_table(results, ceilings, device_name))
     print(
         f"{sum(bool(r.ok) for r in results)} passed, {sum(not r.ok for r in results)} failed "
@@ -560,7 +571,8 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
 def add_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gpu-check", help="validate and time the Triton kernels (GPU; --dry-run on CPU)")
     p.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, small shapes, no timing")
-    p.add_argument("--out", help="directory for records.jsonl (and suite runs)")
+    p.add_argument("--out", help="directory for records.jsonl (and suite runs); refused if it already holds "
+                   "a records.jsonl")
     p.add_argument("--suites", help="comma-separated suites to run on the GPU afterwards, e.g. smoke,default")
     p.add_argument("--only", help="substring of the kernel names to check")
     p.add_argument("--seed", type=int, default=0)

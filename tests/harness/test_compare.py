@@ -4,6 +4,7 @@ identical rerun passes, missing cells fail, timing tolerances are skipped across
 import copy
 import json
 import random
+import re
 
 import pytest
 
@@ -271,3 +272,35 @@ def test_cli_exit_codes_and_json(tmp_path, capsys):
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["passed"] is False and s["regressions"] == 1 and s["tolerances"] == str(tol)
     assert main(["compare", str(tmp_path / "nope"), str(b)]) == 2
+
+
+def test_markdown_diff_escapes_names(tmp_path):
+    """Cell, model and protocol text from records never breaks the diff's table or injects HTML into a PR comment."""
+    hostile = {"a|b": "rtn", "<script>x</script>": "rtn", "tick`s\nnl": "rtn"}
+    base = [r for name, m in hostile.items()
+            for r in cell(name, {"perplexity": 22.0, "bits_per_weight": 4.5}, method=m, model="<b>m|</b>",
+                          config={"method": m, "name": name})]
+    cur = copy.deepcopy(base)
+    for r in cur:
+        if r["metric"] == "perplexity":
+            r["value"] = 30.0
+            r["protocol"] = dict(r["protocol"], text_sha256="<i>|")
+    md = to_markdown(compare_records(base, cur, TOL))
+    outside_code = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", md)
+    assert "<script" not in outside_code and "<b>" not in outside_code and "<i>" not in outside_code
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert len(rows) == 1 + 2 * len(hostile)
+    for ln in rows:  # 11 columns: an unescaped | would add one
+        assert len(re.findall(r"(?<!\\)\|", ln.replace("\\\\", ""))) == 12, ln
+    assert "| &lt;b&gt;m\\|&lt;/b&gt; | a\\|b | perplexity |" in md
+    assert "- `<b>m|</b>/a|b` **perplexity**" in md  # a code span outside a table is literal as it is
+    assert "- ``<b>m|</b>/tick`s nl`` **perplexity**" in md
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 10**400, -0.1, True, "0.1"])
+def test_a_tolerance_must_be_a_finite_number(value):
+    from quantbench.harness.measure.base import check_tolerance
+    from quantbench.methods.base import ConfigError
+
+    with pytest.raises(ConfigError, match="expected a number >= 0"):
+        check_tolerance("tolerances.perplexity", {"rel": value})

@@ -66,3 +66,25 @@ def test_unknown_dataset_and_split():
 def test_kjv_has_text():
     docs = data.documents("kjv", "calib")
     assert len(docs) == 1189 and docs[0].startswith("Genesis 1\n\nIn the beginning God created")
+
+
+def test_package_sources_are_pips(tmp_path, monkeypatch):
+    """fetch_artifact reads the index pip is configured with: $PIP_* first, then [download], then [global]."""
+    for var in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX", "PIP_CERT"):
+        monkeypatch.delenv(var, raising=False)
+    conf = tmp_path / "pip.conf"
+    conf.write_text("[global]\nindex-url = https://global.example/simple\nextra-index-url = file:///a file:///b\n"
+                    "find-links = /wheels\ncert = /ca.pem\n[download]\nindex-url = https://download.example/simple\n")
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(conf))
+    src = data.package_sources()
+    assert src.indexes == ("https://download.example/simple", "file:///a", "file:///b")
+    assert src.find_links == ("/wheels",) and src.cert == "/ca.pem"
+    monkeypatch.setenv("PIP_INDEX_URL", "https://env.example/simple")
+    monkeypatch.setenv("PIP_NO_INDEX", "")
+    assert data.package_sources().indexes[0] == "https://env.example/simple"
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    assert data.package_sources().indexes == ()
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    for var in ("PIP_INDEX_URL", "PIP_NO_INDEX"):
+        monkeypatch.delenv(var)
+    assert data.package_sources().indexes[0] == data.DEFAULT_INDEX

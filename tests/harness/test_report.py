@@ -202,3 +202,102 @@ def test_kv_scaling_rows_reproduce_the_calculator():
     assert rows["kvq4"]["bits_per_element"] == pytest.approx(ref, abs=2e-3)
     assert "| fp16 cache | kv-fp16 | 42.95 | 16.000 |" in kv_scaling_markdown(recs)
     assert kv_scaling_rows(recs[1:]) == []
+
+
+# ------------------------------------------------------------------ hostile names (issue U)
+HOSTILE = ["a|b", "<script>alert(1)</script>", "two\nlines", "tick`s", "x & y", "back\\|slash"]
+HOSTILE_MODEL = "<img src=x onerror=alert(1)>"
+
+
+def _md_cells(line):
+    """The cells of a Markdown table row as GFM splits it (a backslash escapes the next character)."""
+    cells, cur = [], ""
+    for tok in re.findall(r"\\.|[^|\\]+|\||\\", line.strip()[1:-1]):
+        if tok == "|":
+            cells.append(cur)
+            cur = ""
+        else:
+            cur += tok
+    return [*cells, cur]
+
+
+def _hostile_run(tmp_path):
+    d = tmp_path / "run"
+    recs = cell("fp", {"perplexity": 20.0, "bits_per_weight": 16.0}, method="fp", model=HOSTILE_MODEL,
+                suite="s|<b>")
+    for name in HOSTILE:
+        recs += cell(name, {"perplexity": 21.0, "bits_per_weight": 4.5}, method="rtn", model=HOSTILE_MODEL,
+                     suite="s|<b>")
+    recs.append(rec("<i>kv|", "kv_bytes_per_token", 10.0, method="gptq+kivi", model=HOSTILE_MODEL, suite="s|<b>",
+                    config=[{"method": "gptq", "bits": 4}, {"method": "kivi", "bits": 2}]))
+    recs.append(rec("tick`s", "top1_agreement", None, method="rtn", status="failed", model=HOSTILE_MODEL,
+                    suite="s|<b>", error="ValueError: <bad> | `x`\nline 2"))
+    RecordWriter(d / "records.jsonl").write_cell(recs)
+    (d / "env.json").write_text(json.dumps({"git_sha": "<sha>", "versions": {"torch": "2|<t>"},
+                                            "hardware": {"cpu": "<script>cpu</script>", "gpu": None}, "threads": 1}))
+    arts = d / "cells" / "m" / "<img src=y onerror=alert(2)>|"
+    arts.mkdir(parents=True)
+    (arts / "artifacts.json").write_text(json.dumps({"llamacpp": {"type_histogram": {"<Q4>": 1}}}))
+    return d
+
+
+def test_markdown_leaderboard_escapes_every_text_cell(tmp_path):
+    d = _hostile_run(tmp_path)
+    md = write_report([d]).read_text()
+    outside_code = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", md)  # a code span shows its text literally
+    for raw in ("<script", "<img", "<b>", "<i>", "<bad>", "<sha>", "<t>", "<Q4>"):
+        assert raw not in outside_code, raw  # no HTML passes through
+    assert "- `<img src=y onerror=alert(2)>|` (m): llamacpp tensor types &lt;Q4&gt; ×1" in md
+    tables: list[list[list[str]]] = []
+    in_table = False
+    for line in md.splitlines():
+        if line.startswith("|"):
+            assert line.endswith("|")
+            if not in_table:
+                tables.append([])
+            in_table = True
+            if not line.startswith("|---"):
+                tables[-1].append(_md_cells(line))
+        else:
+            in_table = False
+            assert not line.strip() or line.startswith(("#", "- ", "L=", "Run ")), line  # no torn-off cell text
+    assert len(tables) == 2
+    for t in tables:  # every row keeps its table's column count
+        assert {len(r) for r in t} == {len(t[0])}
+    assert [c[0].strip() for c in tables[0][1:]] == [
+        "fp", "a\\|b", "&lt;script&gt;alert(1)&lt;/script&gt;", "two lines", "tick\\`s", "x &amp; y",
+        "back\\\\\\|slash", "&lt;i&gt;kv\\|"]
+    assert "## s\\|&lt;b&gt; — &lt;img src=x onerror=alert(1)&gt;" in md
+    assert "- ``tick`s`` top1_agreement: failed — ValueError: &lt;bad&gt; \\| \\`x\\` line 2" in md
+    assert "Run `run`: git &lt;sha&gt;" in md and "&lt;script&gt;cpu&lt;/script&gt;" in md
+
+
+def test_html_leaderboard_escapes_every_name(tmp_path):
+    d = _hostile_run(tmp_path)
+    render_extras([d], screenshot=False)
+    page = (d / "leaderboard.html").read_text()
+
+    class _Tags(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.text = [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append((tag, dict(attrs)))
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    p = _Tags()
+    p.feed(page)
+    assert [t for t, _ in p.tags if t in ("script", "b", "i")] == ["script"]  # only the page's sorter
+    assert all(a["src"].startswith("data:image/png;base64,") for t, a in p.tags if t == "img")  # only the plots
+    assert not any(k.startswith("on") for _, a in p.tags for k in a)
+    text = "".join(p.text)
+    for name in [*HOSTILE, HOSTILE_MODEL, "<i>kv|", "<script>cpu</script>", "ValueError: <bad> | `x`\nline 2",
+                 "<img src=y onerror=alert(2)>|", "<Q4>"]:
+        assert name in text, name  # shown literally
+    tables = _Table()
+    tables.feed(page)
+    lb = tables.tables[0]
+    assert [r[0] for r in lb["rows"][1:]] == ["fp", *HOSTILE, "<i>kv|"]

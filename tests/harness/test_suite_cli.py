@@ -254,3 +254,12 @@ def test_plugins_show_in_ls_and_validate(monkeypatch, capsys, tmp_path):
     finally:  # the registries are process-wide: leave them as other tests expect
         METHODS._entries.pop("test-plugin-identity", None)
         METRICS._entries.pop("test_plugin_param_count", None)
+
+
+def test_a_missing_plugin_module_is_one_clear_error(monkeypatch, capsys):
+    from quantbench.methods import registry
+
+    monkeypatch.setenv("QUANTBENCH_PLUGINS", "no_such_quantbench_plugin")
+    monkeypatch.setattr(registry, "_PLUGINS_LOADED", set())
+    assert main(["ls", "methods"]) == 2
+    assert capsys.readouterr().err.strip() == "error: QUANTBENCH_PLUGINS: no module named 'no_such_quantbench_plugin'"
