@@ -8,8 +8,8 @@ from quantbench.methods.base import METHODS, ConfigError, build_method, get_meth
 
 # the methods the README documents; each must be found by name without a second list in the code
 DOCUMENTED = ["fp", "rtn", "gptq", "w8a8", "smoothquant", "bitnet-ptq", "bitnet-1bit", "bitnet-qat", "kv-fp16",
-              "kv-uniform", "kivi", "kvquant", "llamacpp", "mixed", "absmax", "awq", "hqq", "fp8", "fp8-weight", "mxfp4",
-              "nvfp4", "mxfp4-a4", "nvfp4-a4"]
+              "kv-uniform", "kivi", "kvquant", "llamacpp", "mixed", "absmax", "awq", "hqq", "fp8", "fp8-weight",
+              "mxfp4", "nvfp4", "mxfp4-a4", "nvfp4-a4"]
 
 
 def test_registry_discovers_every_documented_method():
