@@ -194,10 +194,9 @@ def search_clip(
     the MSE of the group's partial output on ``x`` [tokens, in] after fake quantization."""
     out_f, in_f = w.shape
     gs = in_f if group_size == -1 else group_size
-    if in_f % gs:
-        raise ConfigError(f"awq: clipping needs group_size to divide in_features ({in_f} % {gs})")
-    ng = in_f // gs
-    x = x.float().reshape(-1, ng, gs)  # [n, ng, gs]
+    ng = -(-in_f // gs)  # a last, shorter group when gs does not divide in_f (as RTN's grid has)
+    w, in_f = _pad_groups(w, ng * gs), ng * gs  # padded columns copy the last one: min/max unchanged
+    x = torch.nn.functional.pad(x.float(), (0, in_f - x.shape[-1])).reshape(-1, ng, gs)  # zero inputs: no output
     best_lo = torch.empty(out_f, ng, device=w.device)
     best_hi = torch.empty(out_f, ng, device=w.device)
     n_steps = max(1, int(max_shrink * n_grid))
@@ -222,13 +221,21 @@ def search_clip(
 
 
 @torch.no_grad()
-def apply_clip(lin: nn.Linear, lo: torch.Tensor, hi: torch.Tensor) -> None:
-    """Clamp ``lin``'s weight per (row, group) to [lo, hi] [out, n_groups]."""
+def apply_clip(lin: nn.Linear, lo: torch.Tensor, hi: torch.Tensor, group_size: int) -> None:
+    """Clamp ``lin``'s weight per (row, group of ``group_size`` columns) to [lo, hi] [out, n_groups]."""
     w = lin.weight.data
+    out_f, in_f = w.shape
     ng = lo.shape[1]
-    wg = w.reshape(w.shape[0], ng, -1)
+    gs = in_f if group_size == -1 else group_size
+    wg = _pad_groups(w, ng * gs).reshape(out_f, ng, gs)
     lo_t, hi_t = lo.to(w.dtype).unsqueeze(-1), hi.to(w.dtype).unsqueeze(-1)
-    w.copy_(torch.maximum(torch.minimum(wg, hi_t), lo_t).reshape_as(w))
+    w.copy_(torch.maximum(torch.minimum(wg, hi_t), lo_t).reshape(out_f, -1)[:, :in_f])
+
+
+def _pad_groups(w: torch.Tensor, width: int) -> torch.Tensor:
+    """``w`` [out, in] widened to ``width`` columns with copies of its last column (RTN pads its last group so)."""
+    pad = width - w.shape[1]
+    return torch.cat([w, w[:, -1:].expand(w.shape[0], pad)], dim=1) if pad else w
 
 
 # --------------------------------------------------------------------------- method
@@ -283,7 +290,7 @@ class AWQ(Method):
                     x = feats[n]
                     x = x[:: max(1, x.shape[0] // c.clip_tokens)][: c.clip_tokens]  # spread over the samples
                     lo, hi = search_clip(lin.weight, x, c.bits, c.group_size, c.n_grid, c.max_shrink)
-                    apply_clip(lin, lo, hi)
+                    apply_clip(lin, lo, hi, c.group_size)
                     clipped += 1
         model.train(was_training)
         rtn = RTN(RTNConfig(bits=c.bits, group_size=c.group_size, sym=False, include=c.include, exclude=c.exclude))

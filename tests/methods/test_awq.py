@@ -145,3 +145,22 @@ def test_block_without_llama_modules_is_named():
     block.input_layernorm = nn.LayerNorm(8)
     with pytest.raises(ConfigError, match="self_attn.q_proj"):
         scale_groups(block)
+
+
+def test_clipping_with_a_short_last_group_as_smollm2_has():
+    # SmolLM2: in_features 576 = 4.5 x 128; the last group is shorter, as in RTN's grid
+    from quantbench.methods.awq import apply_clip, fake_quantize_weight, search_clip
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(200, 16, bias=False)
+    lin.weight.data = torch.randn(16, 200, generator=g)
+    lin.weight.data[:, 150] = 8.0  # an outlier in the short group
+    x = torch.randn(64, 200, generator=g)
+    w0 = lin.weight.data.clone()
+    lo, hi = search_clip(w0, x, bits=4, group_size=128, n_grid=20, max_shrink=0.5)
+    assert lo.shape == hi.shape == (16, 2)
+    apply_clip(lin, lo, hi, 128)
+    assert lin.weight.shape == (16, 200)
+    err = lambda w: (x @ (fake_quantize_weight(w, 4, 128) - w0).t()).pow(2).mean()  # noqa: E731
+    assert err(lin.weight.data) <= err(w0) + 1e-9
+    assert torch.equal(lin.weight.data[:, :128].clamp(lo[:, :1], hi[:, :1]), lin.weight.data[:, :128])
