@@ -347,8 +347,12 @@ def _hf_dataset(path: str, name: str | None, split: str, field: str = "text", **
 
 
 def _wikitext2(split: str) -> list[str]:
-    hf_split = {"calib": "train", "test": "test"}[split]
-    return ["".join(_hf_dataset("wikitext", "wikitext-2-raw-v1", hf_split))]
+    """The GPTQ protocol's text (IST-DASLab/gptq datautils): the test rows joined with "\\n\\n" (each row is a
+    document here, and :func:`tokens` joins documents with "\\n\\n"); the train rows joined with " " (one
+    document) for calibration."""
+    if split == "calib":
+        return [" ".join(_hf_dataset("wikitext", "wikitext-2-raw-v1", "train"))]
+    return list(_hf_dataset("wikitext", "wikitext-2-raw-v1", "test"))
 
 
 def _c4(split: str) -> list[str]:
@@ -366,6 +370,8 @@ class Corpus:
     loader: Callable[[str], list[str]]
     description: str
     licence: str
+    #: bumped when the loader's text changes, so cached token files of the old text are not reused
+    version: int = 1
 
 
 #: every corpus, by name (``quantbench ls datasets``); a plugin adds one with ``DATASETS.add(name, Corpus(...))``
@@ -373,7 +379,8 @@ DATASETS: Registry[Corpus] = Registry("dataset")
 for _c in (
     Corpus("wiki", ("calib", "test"), _wiki, "Wikipedia Vital Articles summaries (en), split by article", "CC BY-SA"),
     Corpus("kjv", ("calib",), _kjv, "King James Bible, by chapter", "public domain"),
-    Corpus("wikitext2", ("calib", "test"), _wikitext2, "WikiText-2 raw (train=calib, test) via datasets", "CC BY-SA"),
+    Corpus("wikitext2", ("calib", "test"), _wikitext2, "WikiText-2 raw (train=calib, test) via datasets", "CC BY-SA",
+           version=2),
     Corpus("c4", ("calib", "test"), _c4, "C4 en shard 0 via datasets", "ODC-BY"),
 ):
     DATASETS.add(_c.name, _c)
@@ -406,7 +413,9 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 
 def tokens(name: str, split: str, tokenizer: Any) -> torch.Tensor:
     """The split's documents joined with "\\n\\n" and tokenized once (cached on disk)."""
-    path = cache_dir() / "tokens" / f"{name}-{split}-{tokenizer_id(tokenizer)}.npy"
+    version = get_corpus(name).version
+    tag = f"-v{version}" if version > 1 else ""
+    path = cache_dir() / "tokens" / f"{name}-{split}{tag}-{tokenizer_id(tokenizer)}.npy"
     if path.exists():
         return torch.from_numpy(np.load(path).astype(np.int64))
     ids = np.asarray(encode(tokenizer, "\n\n".join(documents(name, split))), dtype=np.int32)

@@ -88,3 +88,15 @@ def test_package_sources_are_pips(tmp_path, monkeypatch):
     for var in ("PIP_INDEX_URL", "PIP_NO_INDEX"):
         monkeypatch.delenv(var)
     assert data.package_sources().indexes[0] == data.DEFAULT_INDEX
+
+
+def test_wikitext2_text_is_the_gptq_protocols(tmp_path, monkeypatch):
+    """GPTQ's datautils: test rows joined with "\\n\\n", train rows with " " (issue Q, deviation 6)."""
+    rows = {"test": [" = A = \n", "", " b c\n"], "train": [" x\n", "", " y\n"]}
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "_hf_dataset", lambda path, name, split, **kw: rows[split])
+    tok = ByteTokenizer()
+    assert tok.decode(data.tokens("wikitext2", "test", tok)) == "\n\n".join(rows["test"])
+    assert data.documents("wikitext2", "calib") == [" ".join(rows["train"])]
+    # the token cache of the old text (rows joined with "") is not reused: its file name differs
+    assert [p.name.split("-")[:3] for p in (tmp_path / "tokens").glob("*.npy")] == [["wikitext2", "test", "v2"]]
