@@ -16,16 +16,18 @@ import os
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, TypeVar, Union, cast
 
 import torch
 from torch import nn
 
 from .registry import ConfigError, Registry, did_you_mean, load_plugins
 from .timing import greedy_decode
+
+T = TypeVar("T")
 
 __all__ = ["ConfigError", "did_you_mean", "load_plugins"]
 
@@ -246,10 +248,25 @@ class Calibration:
     seed: int
     tokenizer: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: captures computed from these tokens, shared by the cells of a run that hold the same Calibration
+    #: (the runner keeps one per calibration spec): see :meth:`memoized`
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def batches(self, batch_size: int = 1) -> Iterator[torch.Tensor]:
         for i in range(0, self.tokens.shape[0], batch_size):
             yield self.tokens[i : i + batch_size]
+
+    def memoized(self, key: Any, compute: Callable[[], T]) -> T:
+        """``compute()`` once per ``key`` for these tokens.
+
+        The key must name everything the result depends on besides the tokens, the model's exact
+        weights above all (:func:`model_fingerprint`): two cells of a run that start from the same fp
+        model then share one calibration pass (naive W8A8's and SmoothQuant's activation statistics).
+        The caller copies a result it will modify.
+        """
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return cast(T, self.memo[key])
 
 
 # --------------------------------------------------------------------------- methods

@@ -43,6 +43,7 @@ from .base import (
     ModuleSelection,
     check_choice,
     iter_linears,
+    model_fingerprint,
     register,
     set_module,
 )
@@ -95,9 +96,20 @@ class ActStats:
     output_absmax: torch.Tensor  # scalar, max |Y|
 
 
-@torch.no_grad()
 def calibrate_act_stats(model: nn.Module, calib: Calibration, names: list[str]) -> dict[str, ActStats]:
-    """Run the calibration tokens through ``model`` and record absmax statistics of the named linears."""
+    """Absmax statistics of the named linears' inputs and outputs over the calibration tokens.
+
+    One pass per (exact model weights, names) and Calibration: naive W8A8 and SmoothQuant cells of a run
+    that start from the same fp model share it (:meth:`Calibration.memoized`); each caller gets its own
+    copy, since smoothing rewrites the input statistics.
+    """
+    key = ("act_absmax", model_fingerprint(model), tuple(names))
+    stats = calib.memoized(key, lambda: _capture_act_stats(model, calib, names))
+    return {n: ActStats(s.input_absmax.clone(), s.output_absmax.clone()) for n, s in stats.items()}
+
+
+@torch.no_grad()
+def _capture_act_stats(model: nn.Module, calib: Calibration, names: list[str]) -> dict[str, ActStats]:
     stats: dict[str, ActStats] = {}
 
     def hook(name: str):
@@ -117,7 +129,7 @@ def calibrate_act_stats(model: nn.Module, calib: Calibration, names: list[str]) 
     try:
         torch.manual_seed(calib.seed)
         device = next(model.parameters()).device
-        for batch in tqdm(list(calib.batches(1)), desc="smoothquant calibration", leave=False):
+        for batch in tqdm(list(calib.batches(1)), desc="smoothquant calibration", leave=False, disable=None):
             model(batch.to(device))
     finally:
         for h in handles:
@@ -233,7 +245,7 @@ class W8A8(Method):
             raise ConfigError(f"{self.name}: act_scheme=per_tensor_static needs calibration data")
         self.smooth(model, stats)  # steps 2-3 (smoothquant); updates stats' input absmax to X / s
 
-        for name in tqdm(names, desc=self.name, leave=False):  # step 4
+        for name in tqdm(names, desc=self.name, leave=False, disable=None):  # step 4
             lin = cast(nn.Linear, model.get_submodule(name))  # names come from iter_linears
             st = stats.get(name)
             quantize_output = c.quantize_bmm_input and name.rsplit(".", 1)[-1] in BMM_INPUT_PROJS

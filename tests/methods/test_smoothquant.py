@@ -188,3 +188,29 @@ def test_config_validation():
 
 def test_outlier_ratio():
     assert outlier_ratio(torch.tensor([1.0, 1.0, 2.0, 10.0, 1.0])) == 10.0
+
+
+def test_w8a8_and_smoothquant_share_one_calibration_pass(monkeypatch):
+    """Cells of a run holding the same Calibration and fp weights capture the activation statistics once;
+    the result equals a fresh capture, and smoothing one cell's copy leaves the other's untouched."""
+    from quantbench.methods import smoothquant as sq
+
+    lm = tiny_llama(seed=3)
+    calib = Calibration(torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0)), "rand", 0)
+    calls = []
+    real = sq._capture_act_stats
+    monkeypatch.setattr(sq, "_capture_act_stats", lambda *a: calls.append(1) or real(*a))
+    a = build_method("w8a8", {}).quantize(copy.deepcopy(lm.model), calib)
+    b = build_method("smoothquant", {"alpha": 0.5}).quantize(copy.deepcopy(lm.model), calib)
+    assert len(calls) == 1
+    fresh = build_method("smoothquant", {"alpha": 0.5}).quantize(
+        copy.deepcopy(lm.model), Calibration(calib.tokens, "rand", 0))
+    assert len(calls) == 2  # a new Calibration captures again
+    x = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(b(x).logits, fresh(x).logits)
+        assert a(x).logits.shape == b(x).logits.shape
+    # a different model (different weights) is captured again
+    other = tiny_llama(seed=4)
+    build_method("w8a8", {}).quantize(copy.deepcopy(other.model), calib)
+    assert len(calls) == 3
