@@ -279,6 +279,9 @@ class Method(ABC):
     #: what the method quantizes: "weights", "activations" and/or "kv", joined by "+" (e.g.
     #: "weights+activations"); ask with :meth:`quantizes`, never by the class or method name
     target: ClassVar[str] = "weights"
+    #: the engine that serves this method's format when quantbench's own forward is only a reference
+    #: path for it (e.g. "llama.cpp"); None: quantbench's kernels are the format's kernels
+    serving_engine: ClassVar[str | None] = None
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_cls()

@@ -241,7 +241,7 @@ def collect_imatrix(model: nn.Module, calib: Calibration, names: list[str]) -> d
     for name in names:
         hooks.append(model.get_submodule(name).register_forward_hook(hook(name)))
     try:
-        for batch in tqdm(list(calib.batches(1)), desc="imatrix", leave=False):
+        for batch in tqdm(list(calib.batches(1)), desc="imatrix", leave=False, disable=None):
             model(batch.to(next(model.parameters()).device))
     finally:
         for h in hooks:
@@ -255,6 +255,9 @@ class LlamaCpp(Method):
 
     name = "llamacpp"
     config_cls = LlamaCppConfig
+    #: quantbench runs this format through float32 weights dequantized once (a reference path, not the
+    #: format's speed): latency is timed in llama.cpp itself, on the exported GGUF, or is unavailable
+    serving_engine = "llama.cpp"
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -280,7 +283,7 @@ class LlamaCpp(Method):
             imat = collect_imatrix(model, calib, names)
         # 2.+3. per-tensor type, quantize
         types: dict[str, str] = {}
-        for name, lin in tqdm(linears, desc=f"llamacpp {c.preset}", leave=False):
+        for name, lin in tqdm(linears, desc=f"llamacpp {c.preset}", leave=False, disable=None):
             gname = gguf_name(name)
             t = tensor_type(gname, lin.in_features, c.preset, n_layer, n_gqa, has_output, bool(imat))
             types[gname] = t

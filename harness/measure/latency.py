@@ -20,15 +20,19 @@ import dataclasses
 import logging
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ...methods.base import ConfigError, Method, did_you_mean, model_storage
+from ...methods.gguf_export import export_gguf
 from ...methods.timing import greedy_decode, sync
+from ..tools import llamacpp
 from .base import PARAM_BLOCKS, CellContext, MetricResult, metric
 from .memory import measure_kv_bytes_per_token, prefill, random_ids
 
@@ -172,11 +176,65 @@ def _pct(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+def _noise_reasons(p50: float, p90: float, mon_p: dict[str, Any], cpu_threads: int | None) -> list[str]:
+    reasons = []
+    if p90 / p50 > NOISY_P90_P50:
+        reasons.append(f"p90/p50 = {p90 / p50:.2f} > {NOISY_P90_P50}")
+    cores = os.cpu_count() or 1
+    for k in ("load1_before", "load1_after"):
+        if mon_p[k] is not None and mon_p[k] > cores:
+            reasons.append(f"{k} {mon_p[k]:.2f} > {cores} cores")
+            break
+    if cpu_threads is not None and mon_p["other_processes_cpu_cores"] is not None \
+            and mon_p["other_processes_cpu_cores"] + cpu_threads > cores + 0.25:
+        reasons.append(f"other processes used {mon_p['other_processes_cpu_cores']:.2f} cores")
+    return reasons
+
+
+def _engine_latency(ctx: CellContext, engine: str, p: LatencyParams) -> dict[str, Any]:
+    """Latency of a format served by another engine, timed in that engine on the exported file; a dict
+    with ``unavailable`` (the reason) when the engine is not installed or cannot run the chain."""
+    base = {**dataclasses.asdict(p), "engine": engine}
+    if engine != "llama.cpp":
+        return {**base, "unavailable": f"no latency engine for {engine}"}
+    if len(ctx.methods) != 1:
+        return {**base, "unavailable": "llama.cpp times a GGUF file; this cell chains "
+                f"{' + '.join(m.name for m in ctx.methods)}, which one file cannot hold"}
+    if llamacpp.tool("llama-bench") is None:
+        return {**base, "unavailable": "the GGUF format's latency is timed in llama.cpp (llama-bench), which is not "
+                "built here (opt-in: scripts/setup_llamacpp.sh); quantbench's own forward for this cell runs "
+                "float32 weights dequantized once and is not the format's speed"}
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="qb-llamabench-") as tmp:
+        path = export_gguf(ctx.model, ctx.base.tokenizer, ctx.base.info, Path(tmp) / "cell.gguf")
+        with LoadMonitor() as mon:
+            r = llamacpp.bench(path, p.prompt_len, p.context, p.decode_tokens, max(p.repeats, 2), threads, p.batch)
+        file_bytes = path.stat().st_size
+    steps = r["decode_ms_samples"]
+    p50, p90 = _pct(steps, 0.5), _pct(steps, 0.9)
+    mon_p = mon.protocol()
+    reasons = _noise_reasons(p50, p90, mon_p, threads)
+    return {**base, **{k: v for k, v in r.items() if k not in ("decode_ms_samples",)},
+            "device": "cpu", "gguf_bytes": file_bytes,
+            "prefill_tokens_per_s": statistics.median(r["prefill_tokens_per_s_samples"]),
+            "decode_ms_p50": p50, "decode_ms_p90": p90, "decode_ms_p10": _pct(steps, 0.1),
+            "decode_samples": len(steps), "decode_ms_samples": steps,
+            **mon_p, "noisy": bool(reasons), "noisy_reasons": reasons}
+
+
 def measure_latency(ctx: CellContext) -> dict[str, Any]:
-    """One prefill + decode measurement of the cell (memoized in ``ctx.memo['latency']``)."""
+    """One prefill + decode measurement of the cell (memoized in ``ctx.memo['latency']``).
+
+    A chain whose method names a ``serving_engine`` (llama.cpp's GGUF types) is timed in that engine,
+    or reported unavailable: quantbench's reference forward for such a format is never its latency.
+    """
     if "latency" in ctx.memo:
         return ctx.memo["latency"]
     p: LatencyParams = ctx.params["latency"]
+    engine = next((m.serving_engine for m in ctx.methods if m.serving_engine), None)
+    if engine is not None:
+        ctx.memo["latency"] = _engine_latency(ctx, engine, p)
+        return ctx.memo["latency"]
     model, kv = ctx.model, ctx.kv_method
     dev = next(model.parameters()).device
     pre_ids = random_ids(model, p.batch, p.prompt_len, ctx.seed)
@@ -202,19 +260,10 @@ def measure_latency(ctx: CellContext) -> dict[str, Any]:
     p50, p90 = _pct(steps, 0.5), _pct(steps, 0.9)
     gbs = (weight_bytes + kv_read) / p50
     mon_p = mon.protocol()
-    reasons = []
-    if p90 / p50 > NOISY_P90_P50:
-        reasons.append(f"p90/p50 = {p90 / p50:.2f} > {NOISY_P90_P50}")
-    cores = os.cpu_count() or 1
-    for k in ("load1_before", "load1_after"):
-        if mon_p[k] is not None and mon_p[k] > cores:
-            reasons.append(f"{k} {mon_p[k]:.2f} > {cores} cores")
-            break
-    if dev.type == "cpu" and mon_p["other_processes_cpu_cores"] is not None \
-            and mon_p["other_processes_cpu_cores"] + torch.get_num_threads() > cores + 0.25:
-        reasons.append(f"other processes used {mon_p['other_processes_cpu_cores']:.2f} cores")
+    reasons = _noise_reasons(p50, p90, mon_p, torch.get_num_threads() if dev.type == "cpu" else None)
     res = {
-        **dataclasses.asdict(p), "device": str(dev), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        **dataclasses.asdict(p), "engine": "quantbench", "device": str(dev),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "cache": "DynamicCache" if kv is None else f"{type(kv).__module__}.make_cache",
         "prefill_s": pre_t, "prefill_tokens_per_s": p.batch * p.prompt_len / statistics.median(pre_t),
         "decode_ms_p50": 1e3 * p50, "decode_ms_p90": 1e3 * p90, "decode_steps": len(steps),
@@ -236,6 +285,8 @@ def _protocol(r: dict[str, Any], drop: tuple[str, ...]) -> dict[str, Any]:
         tolerance={"rel": 0.15}, hardware_bound=True, params="latency", tag=latency_tag)
 def prefill_tokens_per_s(ctx: CellContext) -> list[MetricResult]:
     r = measure_latency(ctx)
+    if "unavailable" in r:
+        return [MetricResult(None, _protocol(r, ("unavailable",)), status="unavailable", error=r["unavailable"])]
     return [MetricResult(r["prefill_tokens_per_s"], _protocol(r, ("prefill_tokens_per_s",)))]
 
 
@@ -244,4 +295,6 @@ def prefill_tokens_per_s(ctx: CellContext) -> list[MetricResult]:
 def decode_ms_per_token(ctx: CellContext) -> list[MetricResult]:
     """p50 of the decode steps (p90 and the rest of the measurement in the protocol)."""
     r = measure_latency(ctx)
+    if "unavailable" in r:
+        return [MetricResult(None, _protocol(r, ("unavailable",)), status="unavailable", error=r["unavailable"])]
     return [MetricResult(r["decode_ms_p50"], _protocol(r, ("decode_ms_p50",)))]

@@ -109,3 +109,47 @@ def test_bandwidth_cached():
     a = latency.memory_bandwidth("cpu", nbytes=8 << 20)
     assert a > 1e8 and latency.memory_bandwidth("cpu", nbytes=8 << 20) == a
     assert torch.get_num_threads() >= 1
+
+
+def test_gguf_cell_latency_is_llamacpps_or_unavailable(monkeypatch, tmp_path):
+    """A llamacpp cell never reports quantbench's dequantized forward as the format's latency (issue T item 4)."""
+    from quantbench.harness.tools import llamacpp
+
+    monkeypatch.setenv("QUANTBENCH_LLAMACPP", str(tmp_path / "absent"))
+    ctx = make_ctx("llamacpp", {"preset": "Q8_0"})
+    (dec,) = METRICS["decode_ms_per_token"].fn(ctx)
+    (pre,) = METRICS["prefill_tokens_per_s"].fn(ctx)
+    for r in (dec, pre):
+        assert r.status == "unavailable" and r.value is None
+        assert "llama-bench" in r.error and "setup_llamacpp.sh" in r.error
+        assert r.protocol["engine"] == "llama.cpp"
+    assert llamacpp.tool("llama-bench") is None
+
+
+def test_llamabench_json_is_read_per_repetition(monkeypatch, tmp_path):
+    """The engine's samples: prefill tokens/s and decode ms/token per llama-bench repetition, and the
+    decode test runs at the cache depth of the suite's context."""
+    from quantbench.harness.tools import llamacpp
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    exe = bindir / "llama-bench"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("QUANTBENCH_LLAMACPP", str(tmp_path))
+    calls = []
+
+    def fake(cmd):
+        calls.append(cmd)
+        if cmd[cmd.index("-n") + 1] == "0":
+            return {"samples_ns": [int(0.5e9), int(0.25e9)], "build_commit": "abc"}
+        return {"samples_ns": [int(80e6), int(40e6), int(60e6)], "build_commit": "abc"}
+
+    monkeypatch.setattr(llamacpp, "_bench_json", fake)
+    r = llamacpp.bench(tmp_path / "m.gguf", prompt_len=256, context=128, decode_tokens=8, repeats=3, threads=2)
+    assert r["prefill_tokens_per_s_samples"] == pytest.approx([512.0, 1024.0])
+    assert r["decode_ms_samples"] == pytest.approx([10.0, 5.0, 7.5])
+    dec_cmd = calls[1]
+    assert dec_cmd[dec_cmd.index("-d") + 1] == "128" and dec_cmd[dec_cmd.index("-t") + 1] == "2"
+    with pytest.raises(ValueError, match="batch 1"):
+        llamacpp.bench(tmp_path / "m.gguf", 256, 128, 8, 3, 2, batch=4)
