@@ -124,6 +124,11 @@ def energy_j_per_token(ctx: CellContext, rapl_root: Path = RAPL_ROOT, nvml: Any 
     counter, reason = find_counter(dev, rapl_root, nvml)
     if counter is None:
         return [MetricResult(None, {"device": dev}, status="unavailable", error=reason)]
+    engine = next((m.serving_engine for m in ctx.methods if m.serving_engine), None)
+    if engine is not None:
+        return [MetricResult(None, {"device": dev, "engine": engine}, status="unavailable",
+                             error=f"this format is served by {engine}; quantbench's reference forward for it "
+                                   "would not measure the format's energy")]
     p = ctx.params["latency"]
     sync = torch.cuda.synchronize if dev.startswith("cuda") else None
     prefill_fn, decode_fn = latency.workloads(ctx, p)
