@@ -14,8 +14,9 @@ Tensors are ``[B, H_kv, T, D]`` (the layout of the attention's key/value states)
   channel's thresholds; values: the ``outlier_frac / 2`` largest and smallest entries of each
   token) in fp16 as a sparse part (int32 token-major flat index + fp16).
 
-Tokens before ``sink`` (attention sink) and, for ``residual`` > 0, the most recent tokens that
-do not fill a whole token group (KIVI's full-precision window) stay in fp16.  Codes are packed
+Tokens before ``sink`` (attention sink), the last ``residual`` tokens and the newest tokens that do
+not fill a whole ``span_group`` block (KIVI's full-precision windows, :func:`quantized_span`)
+stay in fp16.  Codes are packed
 along D: 2/4/8 bits into uint8 (value i in byte i // (8/b), bits (i % (8/b)) * b), 3 bits as
 the int32 bit stream of :func:`quantbench.kernels.intq.pack_bits`.
 """
@@ -49,29 +50,50 @@ class KVSpec:
     outlier_frac: float = 0.0
     sink: int = 0
     residual: int = 0
-    span_group: int = 0  # >0: the quantized span is a whole number of these token groups (KIVI values)
-    centroids: torch.Tensor | None = None  # nuq: [2**bits] in [-1, 1]
+    span_group: int = 0  # >0: the quantized span is a whole number of these token blocks (KIVI keys: R)
+    centroids: torch.Tensor | None = None  # nuq: [2**bits] in [-1, 1], the table codes are assigned against
     # nuq channel axis (keys): per-channel lower/upper outlier thresholds calibrated offline, fp16
     # [H, D]; they are also the normalization range (inliers normalize into [-1, 1])
     lo: torch.Tensor | None = None
     hi: torch.Tensor | None = None
+    # nuq Q-Norm (KVQuant): (scale, offset) applied to the looked-up centroid, calibrated offline so the
+    # reconstruction keeps the normalized calibration data's mean and std; codes use ``centroids`` as is
+    qnorm: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme == "int" and self.axis == "channel" and self.span_group % max(self.group_size, 1):
+            raise ValueError(f"KVSpec: span_group {self.span_group} is not a multiple of group_size {self.group_size}")
+
+    def table(self) -> torch.Tensor:
+        """nuq: the reconstruction table, ``centroids`` with the Q-Norm scale/offset applied (if any)."""
+        assert self.centroids is not None
+        if self.qnorm is None:
+            return self.centroids
+        return self.centroids.float() * self.qnorm[0] + self.qnorm[1]
 
     def static_bytes(self) -> int:
-        """Bytes of the calibrated per-layer state a cache needs (fp16 thresholds, centroids)."""
+        """Bytes of the calibrated per-layer state a cache needs (fp16 thresholds, centroids, and the
+        Q-Norm scale and offset as two float32)."""
         n = 0
         for t in (self.lo, self.hi, self.centroids):
             if t is not None:
                 n += t.numel() * 2
-        return n
+        return n + (8 if self.qnorm is not None else 0)
 
 
 def quantized_span(T: int, spec: KVSpec) -> tuple[int, int]:
-    """[start, end) of the tokens stored quantized; the others stay fp16 (sink before, window after)."""
+    """[start, end) of the tokens stored quantized; the others stay fp16 (sink before, window after).
+
+    The last ``residual`` tokens stay fp16; of the rest, the quantized span is the longest run of
+    whole ``span_group`` blocks (per-channel int keys without one: whole ``group_size`` groups).
+    KIVI: keys have ``span_group`` = R and no residual (every full block of R tokens quantized, the
+    T mod R newest in fp16), values ``residual`` = R (the R newest in fp16, the others per token).
+    """
     start = min(spec.sink, T)
     if spec.scheme == "fp16":
         return start, start
     end = max(T - spec.residual, start)
-    g = spec.group_size if (spec.scheme == "int" and spec.axis == "channel") else spec.span_group
+    g = spec.span_group or (spec.group_size if (spec.scheme == "int" and spec.axis == "channel") else 0)
     if g > 0:
         end = start + (end - start) // g * g
     return start, end
@@ -194,12 +216,18 @@ def weighted_kmeans_1d(x: torch.Tensor, w: torch.Tensor | None, k: int, iters: i
     return c.float()
 
 
-def q_norm(centroids: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
-    """KVQuant's Q-Norm: shift/scale the centroids so the quantized data keeps xn's mean and std."""
-    xq = centroids[nearest_centroid(xn.float(), centroids)]
-    mu, sd = xn.float().mean(), xn.float().std()
+def q_norm(centroids: torch.Tensor, xn: torch.Tensor) -> tuple[float, float]:
+    """KVQuant's Q-Norm: (scale, offset) for the reconstruction ``centroids[code] * scale + offset``.
+
+    Codes stay nearest-centroid against the original ``centroids``; the affine map is fitted so the
+    reconstruction of the (normalized calibration) data ``xn`` has xn's mean and std.
+    """
+    x = xn.double()
+    xq = centroids.double()[nearest_centroid(x, centroids.double())]
+    mu, sd = x.mean(), x.std()
     mq, sq = xq.mean(), xq.std().clamp_min(1e-12)
-    return (centroids - mq) / sq * sd + mu
+    scale = sd / sq
+    return float(scale), float(mu - mq * scale)
 
 
 def topk_outlier_mask(x: torch.Tensor, frac: float) -> torch.Tensor:
@@ -312,7 +340,7 @@ def encode(x: torch.Tensor, spec: KVSpec) -> Encoded:
         scales = [lo16, hi16]
         lo, hi = lo16.float(), hi16.float()
     xn = (x - (hi + lo) / 2) / ((hi - lo) / 2).clamp_min(1e-6)
-    codes = nearest_centroid(xn, spec.centroids)
+    codes = nearest_centroid(xn, spec.centroids)  # the original table, also with Q-Norm
     mt = mask.permute(2, 0, 1, 3).reshape(-1)
     flat = mt.nonzero().flatten()
     return Encoded(
@@ -335,8 +363,7 @@ def decode(e: Encoded, spec: KVSpec, out: torch.Tensor | None = None) -> torch.T
         xg = _groups(codes, spec).mul_(scale.unsqueeze(-1)).add_(zero.unsqueeze(-1))
         x = _ungroup(xg, spec, codes.shape)
         return x if out is None else out.copy_(x)
-    assert spec.centroids is not None
-    xn = lookup_codes(e.codes, spec.centroids, spec.bits, D)
+    xn = lookup_codes(e.codes, spec.table(), spec.bits, D)
     if spec.axis == "channel":
         assert spec.lo is not None and spec.hi is not None
         lo, hi = spec.lo[None, :, None, :].float(), spec.hi[None, :, None, :].float()
@@ -374,6 +401,7 @@ class _KVStore:
         self.enc: Encoded | None = None
         self.head: torch.Tensor | None = None  # fp16 sink tokens
         self.tail: torch.Tensor | None = None  # fp16 tokens not (yet) quantized
+        self.reader = PackedReader(spec)  # the packed decode attention's tables (built on first use)
 
     @property
     def n_quant(self) -> int:
@@ -381,6 +409,13 @@ class _KVStore:
 
     def length(self) -> int:
         return sum(0 if t is None else t.shape[2] for t in (self.head, self.tail)) + self.n_quant
+
+    def heads(self) -> int:
+        for t in (self.head, self.tail):
+            if t is not None:
+                return t.shape[1]
+        assert self.enc is not None
+        return self.enc.shape[1]
 
     def append(self, x: torch.Tensor) -> None:
         x = x.half()
@@ -429,6 +464,300 @@ class _KVStore:
         return out
 
 
+# --------------------------------------------------------------------------- decode attention on the packed store
+
+
+def channel_byte_lut(spec: KVSpec) -> torch.Tensor:
+    """nuq keys (per-channel range): [H * D * b / 8 * 256, 8 / b] float32, for byte position p of head
+    h and byte value v, the dequantized pre-RoPE keys of the 8 / b channels packed in it
+    (``table[code] * half_range + mid`` with the channel's calibrated range folded in)."""
+    assert spec.lo is not None and spec.hi is not None and spec.bits in (2, 4, 8)
+    per = 8 // spec.bits
+    lo, hi = spec.lo.float(), spec.hi.float()  # [H, D]
+    H, D = lo.shape
+    hr, mid = ((hi - lo) / 2).clamp_min(1e-6), (hi + lo) / 2
+    base = byte_lut(spec.table(), spec.bits)  # [256, per]
+    hr, mid = hr.reshape(H, D // per, 1, per), mid.reshape(H, D // per, 1, per)
+    return (base.to(hr.device) * hr + mid).reshape(-1, per)  # the same float ops as decode()
+
+
+def _take_rows(lut: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``lut[idx]`` (rows), numpy's take on CPU (no index conversion for int32/uint8 indices)."""
+    if idx.device.type == "cpu":
+        return torch.from_numpy(np.take(lut.numpy(), idx.numpy(), axis=0))
+    return torch.nn.functional.embedding(idx.to(torch.int32), lut)
+
+
+class PackedReader:
+    """Per-store state of the packed decode attention: lookup tables built once from the calibrated
+    spec, and the outliers' (head, token, channel) coordinates, extended as the store grows."""
+
+    def __init__(self, spec: KVSpec) -> None:
+        self.spec = spec
+        self.lut: torch.Tensor | None = None  # the codes' byte table ([256 or H*P*256, 8/b])
+        self.offsets: torch.Tensor | None = None
+        self._out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # bh, t, d of the outliers
+
+    def _codes(self, e: Encoded, table: torch.Tensor) -> torch.Tensor:
+        """``table[code]`` float32 [B, H, n, D] (the byte table cached; 3 bits: :func:`lookup_codes`)."""
+        if self.spec.bits == 3:
+            return lookup_codes(e.codes, table, 3, e.shape[3])
+        if self.lut is None:
+            self.lut = byte_lut(table, self.spec.bits).to(e.codes.device)
+        return lookup_codes(e.codes, table, self.spec.bits, e.shape[3], self.lut)
+
+    def outliers(self, e: Encoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(b * H + h, t, d) int64 of the sparse outliers (token-major flat indices decomposed)."""
+        assert e.out_idx is not None
+        B, H, _, D = e.shape
+        m = e.out_idx.numel()
+        done = 0 if self._out is None else self._out[0].numel()
+        if done > m:
+            self._out, done = None, 0
+        if done < m:
+            i = e.out_idx[done:].long()
+            t, r = i.div(B * H * D, rounding_mode="floor"), i % (B * H * D)
+            part = (r.div(D, rounding_mode="floor"), t, r % D)
+            self._out = part if self._out is None else cast(Any, tuple(torch.cat(x) for x in zip(self._out, part)))
+        assert self._out is not None
+        return self._out
+
+    def keys(self, e: Encoded) -> torch.Tensor:
+        """Pre-RoPE keys [B, H, n, D] float32 of the quantized span, one table gather per packed byte
+        (nuq 2/4 bits: the per-channel range folded into a per-(head, byte position) table; int per
+        channel: the codes gathered, then scale and zero in one fused multiply-add)."""
+        spec = self.spec
+        B, H, n, D = e.shape
+        if spec.scheme == "nuq" and spec.axis == "channel" and spec.bits in (2, 4, 8):
+            if self.lut is None:
+                self.lut = channel_byte_lut(spec).to(e.codes.device)
+                P = D * spec.bits // 8
+                self.offsets = (torch.arange(H * P, dtype=torch.int32, device=e.codes.device) * 256).reshape(1, H, 1, P)
+            assert self.offsets is not None
+            k = _take_rows(self.lut, e.codes.to(torch.int32).add_(self.offsets)).reshape(B, H, n, D)
+        elif spec.scheme == "int" and spec.axis == "channel":
+            c = self._codes(e, torch.arange(2**spec.bits, dtype=torch.float32))
+            g = spec.group_size
+            scale, zero = (t.float().unsqueeze(3) for t in e.scales)  # [B, H, n/g, 1, D]
+            return torch.addcmul(zero, c.view(B, H, n // g, g, D), scale).view(B, H, n, D)
+        else:
+            return decode(e, spec)
+        if e.out_idx is not None and e.out_idx.numel():
+            assert e.out_val is not None
+            bh, t, d = self.outliers(e)
+            k.view(-1).index_put_(((bh * n + t) * D + d,), e.out_val.float())
+        return k
+
+    def values_into(self, e: Encoded, out: torch.Tensor) -> None:
+        """Write the quantized span's values (float32 [B, H, n, D], e.g. a slice of a buffer) into
+        ``out``: one table gather, then the per-token scale/offset in one multiply-add, outliers put."""
+        spec = self.spec
+        B, H, n, D = e.shape
+        if spec.axis != "token":
+            out.copy_(decode(e, spec))
+            return
+        if spec.scheme == "int":
+            c = self._codes(e, torch.arange(2**spec.bits, dtype=torch.float32))
+            scale, zero = (t.float().unsqueeze(-1) for t in e.scales)  # [B, H, n, G, 1]
+            G = scale.shape[3]
+            torch.addcmul(zero, c.view(B, H, n, G, D // G), scale, out=out.view(B, H, n, G, D // G))
+            return
+        vn = self._codes(e, spec.table())
+        lo, hi = (t.float() for t in e.scales)  # [B, 1, n, 1]
+        torch.addcmul((hi + lo) / 2, vn, ((hi - lo) / 2).clamp_min(1e-6), out=out)
+        if e.out_idx is not None and e.out_idx.numel():
+            assert e.out_val is not None
+            bh, t, d = self.outliers(e)
+            out.index_put_((bh.div(H, rounding_mode="floor"), bh % H, t, d), e.out_val.float())
+
+    def attend_values(self, p: torch.Tensor, e: Encoded) -> torch.Tensor:
+        """``p @ V`` [B, H, rep, D] for softmax weights p [B, H, rep, n] over the quantized span, with
+        the per-token scale/offset folded into the weights: V = code_value * s_t + z_t, so
+        p @ V = (p * s) @ code_value + p @ z (per channel group), sparse outliers added separately."""
+        spec = self.spec
+        B, H, n, D = e.shape
+        if spec.axis != "token":
+            return p @ decode(e, spec)
+        if spec.scheme == "int":
+            c = self._codes(e, torch.arange(2**spec.bits, dtype=torch.float32))
+            scale, zero = (t.float() for t in e.scales)  # [B, H, n, G]
+            G = scale.shape[-1]
+            g = D // G
+            if G == 1:
+                return (p * scale.transpose(-1, -2)) @ c + p @ zero
+            w = p.unsqueeze(-1) * scale.unsqueeze(2)  # [B, H, rep, n, G]
+            out = torch.einsum("bhrng,bhngk->bhrgk", w, c.view(B, H, n, G, g))
+            return out.reshape(*p.shape[:3], D) + (p @ zero).repeat_interleave(g, -1)
+        # nuq per token (all heads share a token's range): V = table[code] * hr_t + mid_t
+        vn = self._codes(e, spec.table())
+        lo, hi = (t.float().reshape(B, 1, 1, n) for t in e.scales)  # [B, 1, n, 1] stored
+        hr, mid = ((hi - lo) / 2).clamp_min(1e-6), (hi + lo) / 2
+        out = (p * hr) @ vn
+        out += (p * mid).sum(-1, keepdim=True)
+        if e.out_idx is not None and e.out_idx.numel():
+            assert e.out_val is not None
+            bh, t, d = self.outliers(e)
+            bht = bh * n + t
+            bt = bh.div(H, rounding_mode="floor") * n + t
+            deq = vn.view(-1)[bht * D + d] * hr.view(-1)[bt] + mid.view(-1)[bt]
+            corr = e.out_val.float() - deq  # the outlier minus what the dense part reconstructed there
+            rep = p.shape[2]
+            pw = p.transpose(2, 3).reshape(B * H * n, rep)[bht]  # [n_out, rep]
+            acc = torch.zeros(B * H * D, rep, dtype=out.dtype, device=out.device)
+            acc.index_add_(0, bh * D + d, pw * corr.unsqueeze(1))
+            out += acc.view(B, H, D, rep).transpose(-1, -2)
+        return out
+
+
+def packed_decode_attention(
+    q: torch.Tensor,
+    k_store: _KVStore,
+    v_store: _KVStore,
+    scaling: float,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode step's attention [B, H_q, 1, D] straight from the packed stores.
+
+    q [B, H_q, 1, D] (post-RoPE query); the stores hold fp16 sink tokens, the packed span and the
+    fp16 window; ``rope`` (cos, sin) [1, 1, >= T, D] rotates the stored pre-RoPE keys (None: keys
+    are stored as attended).  Keys of the packed span are rebuilt by one table gather per byte
+    (scales folded into the table) and rotated, the scores are one matmul per KV head for its
+    query heads (GQA without repeating K/V), and the values' per-token scale/offset are folded into
+    the softmax weights (:meth:`PackedReader.attend_values`).  ``mask``: [B, 1, 1, T] bool (True =
+    attend) or additive float.  Equals dequantize-then-attend (:func:`decode_attention_dense`).
+    """
+    B, Hq, _, D = q.shape
+    ek, ev = k_store.enc, v_store.enc
+    H = k_store.heads()
+    rep = Hq // H
+    qg = q.float().reshape(B, H, rep, D)
+    s = 0 if k_store.head is None else k_store.head.shape[2]
+    n = k_store.n_quant
+    T = k_store.length()
+    kparts: list[torch.Tensor] = []
+    if s:
+        assert k_store.head is not None
+        kparts.append(k_store.head.float())
+    if n:
+        assert ek is not None
+        kparts.append(k_store.reader.keys(ek))
+    if k_store.tail is not None and k_store.tail.shape[2]:
+        kparts.append(k_store.tail.float())
+    scores = []
+    pos = 0
+    for k in kparts:
+        m = k.shape[2]
+        if rope is not None:
+            cos, sin = rope[0][:, :, pos : pos + m].float(), rope[1][:, :, pos : pos + m].float()
+            h = D // 2
+            kr = k * cos
+            kr[..., :h].addcmul_(k[..., h:], sin[..., :h], value=-1)
+            kr[..., h:].addcmul_(k[..., :h], sin[..., h:])
+            k = kr
+        scores.append(qg @ k.transpose(-1, -2))
+        pos += m
+    sc = (torch.cat(scores, -1) if len(scores) > 1 else scores[0]).mul_(scaling)  # [B, H, rep, T]
+    if mask is not None:
+        mk = mask[..., -T:].reshape(B, 1, 1, T)
+        sc = sc.masked_fill(~mk, -torch.inf) if mk.dtype == torch.bool else sc + mk.float()
+    p = sc.softmax(-1)
+    sv = 0 if v_store.head is None else v_store.head.shape[2]
+    nv = v_store.n_quant
+    out = torch.zeros(B, H, rep, D, dtype=torch.float32, device=q.device)
+    if sv:
+        assert v_store.head is not None
+        out += p[..., :sv] @ v_store.head.float()
+    if nv:
+        assert ev is not None
+        out += v_store.reader.attend_values(p[..., sv : sv + nv], ev)
+    if v_store.tail is not None and v_store.tail.shape[2]:
+        out += p[..., sv + nv :] @ v_store.tail.float()
+    return out.reshape(B, Hq, 1, D).to(q.dtype)
+
+
+def fused_decode_attention(
+    q: torch.Tensor,
+    k_store: _KVStore,
+    v_store: _KVStore,
+    scaling: float,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode step's attention [B, H_q, 1, D] with one fused SDPA call: the packed span's keys are
+    gathered from the scale-folded tables (:meth:`PackedReader.keys`) and rotated straight into one
+    float32 K buffer, its values written as ``code_value * s + z`` (one multiply-add, outliers put in
+    place) into one V buffer, sink and window copied beside them; then SDPA with GQA (no repeated
+    K/V).  Same inputs and result as :func:`packed_decode_attention` (the scale-folding variant):
+    on CPU this one runs fewer, larger ops (``scripts/kv_decode_bench.py --attention-only``)."""
+    B, Hq, _, D = q.shape
+    H = k_store.heads()
+    T = k_store.length()
+    kb = torch.empty(B, H, T, D, dtype=torch.float32, device=q.device)
+    pos = 0
+    for part in (k_store.head, "enc", k_store.tail):
+        if part is None:
+            continue
+        if isinstance(part, str):
+            if not k_store.n_quant:
+                continue
+            assert k_store.enc is not None
+            k = k_store.reader.keys(k_store.enc)
+        else:
+            k = part.float()
+        m = k.shape[2]
+        if not m:
+            continue
+        dst = kb[:, :, pos : pos + m]
+        if rope is None:
+            dst.copy_(k)
+        else:
+            cos, sin = rope[0][:, :, pos : pos + m].float(), rope[1][:, :, pos : pos + m].float()
+            h = D // 2
+            torch.mul(k, cos, out=dst)
+            dst[..., :h].addcmul_(k[..., h:], sin[..., :h], value=-1)
+            dst[..., h:].addcmul_(k[..., :h], sin[..., h:])
+        pos += m
+    vb = torch.empty(B, H, T, D, dtype=torch.float32, device=q.device)
+    sv = 0 if v_store.head is None else v_store.head.shape[2]
+    nv = v_store.n_quant
+    if sv:
+        assert v_store.head is not None
+        vb[:, :, :sv] = v_store.head
+    if nv:
+        assert v_store.enc is not None
+        v_store.reader.values_into(v_store.enc, vb[:, :, sv : sv + nv])
+    if v_store.tail is not None and v_store.tail.shape[2]:
+        vb[:, :, sv + nv :] = v_store.tail
+    am = None
+    if mask is not None:
+        am = mask[..., -T:].reshape(B, 1, 1, T)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), kb, vb, attn_mask=am, scale=scaling, enable_gqa=Hq != H
+    )
+    return out.to(q.dtype)
+
+
+def decode_attention_dense(
+    q: torch.Tensor,
+    k_store: _KVStore,
+    v_store: _KVStore,
+    scaling: float,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Reference of :func:`packed_decode_attention`: dequantize both stores, rotate, attend (float64)."""
+    B, Hq, _, D = q.shape
+    k = k_store.materialize(torch.float64)
+    v = v_store.materialize(torch.float64)
+    T = k.shape[2]
+    if rope is not None:
+        k = apply_rope(k, rope[0][:, :, :T].double(), rope[1][:, :, :T].double())
+    rep = Hq // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = (q.double() @ k.transpose(-1, -2)) * scaling
+    return (s.softmax(-1) @ v).to(q.dtype)
+
+
 class RopeTable:
     """cos/sin of the model's rotary embedding for positions 0..n-1, shared by every layer and
     grown geometrically, so a decode step slices it instead of recomputing all positions."""
@@ -463,6 +792,12 @@ class QuantizedKVCache:
     Keys are stored pre-RoPE (KVQuant): the model's k_proj wrappers hand their output to the
     cache (``capture``), the layer quantizes it, and returns dequantized keys with RoPE applied
     for positions 0..T-1 (``rotary`` = the model's rotary embedding; None for models without RoPE).
+
+    Packed decode: after ``cache.set_packed_decode(True)``, with the model's attention
+    implementation set to :data:`PACKED_ATTENTION` (:func:`register_packed_attention`), a one-token
+    step returns nothing dequantized: the layer leaves itself on its capture
+    (``pending_attention``) and the attention runs on the packed store
+    (:func:`packed_decode_attention`); prefill and multi-token steps keep the dequantize path.
     """
 
     def __new__(
@@ -492,10 +827,20 @@ class QuantizedKVCache:
                     self.capture.captured = None
                 self.k_store.append(pre)
                 self.v_store.append(value_states)
+                if packed["on"] and key_states.shape[2] == 1 and self.capture is not None:
+                    # decode step: the attention (packed_attention_forward) reads the packed stores
+                    self.capture.pending_attention = self
+                    return key_states, value_states
                 keys = self.k_store.materialize(self.dtype)
                 if rope is not None and self.capture is not None:
                     keys = apply_rope(keys, *rope.get(keys.shape[2], keys))
                 return keys, self.v_store.materialize(self.dtype)
+
+            def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+                r = None
+                if rope is not None and self.capture is not None:
+                    r = rope.get(self.k_store.length(), query)
+                return packed_decode_attention(query, self.k_store, self.v_store, scaling, r, mask)
 
             def get_seq_length(self) -> int:
                 return self.k_store.length()
@@ -504,6 +849,7 @@ class QuantizedKVCache:
                 return self.get_seq_length() + query_length, 0
 
         caps = captures or [None] * len(specs)
+        packed = {"on": False}  # set by set_packed_decode(), with the model on PACKED_ATTENTION
         rope = None if rotary is None else RopeTable(rotary)
         # list[Any]: Cache.__init__'s (invariant) list element type differs across transformers versions
         layers: list[Any] = [QuantizedKVLayer(k, v, c) for (k, v), c in zip(specs, caps, strict=True)]
@@ -512,7 +858,46 @@ class QuantizedKVCache:
 
         Cache.__init__(cache, layers=layers)
         cache.kv_bytes = lambda: kv_bytes(cache)
+        cache.set_packed_decode = lambda on: packed.update(on=bool(on))
         return cache
+
+
+PACKED_ATTENTION = "quantbench_packed_kv"
+
+
+def packed_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: a :class:`QuantizedKVCache` decode step left pending on the
+    module's k_proj capture attends on the packed store; anything else goes to SDPA unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cap = getattr(module, "k_proj", None)
+    layer = getattr(cap, "pending_attention", None)
+    if layer is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    cap.pending_attention = None  # type: ignore[union-attr]
+    out = layer.attend(query, attention_mask, query.shape[-1] ** -0.5 if scaling is None else scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_packed_attention() -> str:
+    """Register :func:`packed_attention_forward` (with SDPA's mask) as :data:`PACKED_ATTENTION`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    return PACKED_ATTENTION
 
 
 def kv_bytes(cache: Any) -> dict[str, int]:
@@ -581,4 +966,12 @@ __all__ = [
     "token_range",
     "apply_rope",
     "RopeTable",
+    "PackedReader",
+    "packed_decode_attention",
+    "decode_attention_dense",
+    "fused_decode_attention",
+    "channel_byte_lut",
+    "PACKED_ATTENTION",
+    "packed_attention_forward",
+    "register_packed_attention",
 ]

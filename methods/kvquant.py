@@ -8,22 +8,29 @@ KVQuant, in the paper's order:
 4. per-vector dense-and-sparse: ``outlier_frac / 2`` at each end of every channel (keys: lower
    and upper thresholds calibrated offline, which are also the channel's normalization range) /
    token over all KV heads (values: online, range = the inliers' min/max) kept in fp16,
-   5. Q-Norm (for 2 bits): centroids shifted/scaled so the quantized calibration data keeps the
+   5. Q-Norm (for 2 bits): codes are assigned against the k-means centroids; the reconstruction
+   ``centroid * scale + offset`` is shifted/scaled so the quantized calibration data keeps the
    mean and std of the normalized data, 6. attention sink: the first ``sink`` tokens in fp16.
 
 Baselines: ``kv-fp16`` (K/V rounded to fp16), ``kv-uniform`` (per-token asymmetric int-b with
-``group_size`` channels), ``kivi`` (Liu et al., 2024: keys per channel in groups of ``group_size``
-tokens, values per token, the most recent ``residual_length`` tokens in fp16).
+``group_size`` channels), ``kivi`` (Liu et al., 2024, Algorithm 1: keys per channel in groups of
+``group_size`` tokens, every full block of R = ``residual_length`` tokens quantized and the T mod R
+newest in fp16; values per token in groups of ``group_size`` channels, the R newest in fp16).
 
 Execution: the evaluation path wraps k_proj/v_proj (whatever their class, so it composes with
 weight methods) and quantize-dequantizes the whole sequence in the forward pass.  Keys are
 quantized pre-RoPE for every method here (KIVI and the naive baseline quantize post-RoPE keys in
 their papers: a documented deviation).  KIVI's eval path keeps in fp16 what its cache holds in
-fp16 after prefilling the whole window: the last ``residual_length`` tokens plus the tokens of
-an incomplete key group.  The real cache
+fp16 after prefilling the whole window: the T mod R newest keys and the R newest values.  The
+real cache quantizes a decode step's token block before that step's attention (KIVI's reference
+attends first, then quantizes: the newest key block/value is seen once in fp16 more).  The real cache
 (:func:`make_cache`) stores keys pre-RoPE (captured from k_proj) and re-applies RoPE after
 dequantization, as the paper does; it holds packed codes, fp16 scales and sparse outliers and
-reports ``kv_bytes()`` from those buffers.  :func:`make_cache` builds the real quantized cache
+reports ``kv_bytes()`` from those buffers.  :func:`generate_with_cache` (the latency metrics' and
+the KV decode benchmark's decode) runs each one-token step's attention on the packed store
+(:func:`quantbench.kernels.kvcache.packed_decode_attention`: key scales folded into lookup
+tables, value scales into the softmax weights, no dequantized K/V copy); prefill and the
+evaluation path are unchanged.  :func:`make_cache` builds the real quantized cache
 (:class:`quantbench.kernels.kvcache.QuantizedKVCache`) from the same per-layer specs.
 
 Each method class declares ``target = "kv"`` and owns its cache (``make_cache``, ``generate``) and
@@ -47,6 +54,7 @@ from ..kernels.kvcache import (
     QuantizedKVCache,
     q_norm,
     qdq_sequence,
+    register_packed_attention,
     token_range,
     value_outlier_mask,
     weighted_kmeans_1d,
@@ -97,19 +105,27 @@ class KIVIConfig(MethodConfig):
     group_size: int = 32
     residual_length: int = 32
 
+    # 2: keys quantize every full block of residual_length tokens (T mod R in fp16, was R + T mod g);
+    #    values keep exactly the residual_length newest tokens in fp16
+    version: ClassVar[int] = 2
+
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8):
             raise ConfigError(f"kivi: bits must be one of [2, 3, 4, 8], got {self.bits}")
         if not 0 < self.group_size <= 1 << 20 or not 0 <= self.residual_length <= 1_000_000:
             raise ConfigError(f"kivi: group_size must be in 1..{1 << 20} and residual_length in 0..1000000, "
                               f"got {self.group_size} and {self.residual_length}")
+        if self.residual_length % self.group_size:
+            raise ConfigError(f"kivi: residual_length ({self.residual_length}) must be a multiple of group_size "
+                              f"({self.group_size}): the key window is quantized as whole groups")
 
 
 @dataclass(frozen=True)
 class KVQuantConfig(MethodConfig):
     # 2: keys' lower/upper per-channel thresholds are the range; values per token over all heads
     # 3: max_calib_samples defaults to the paper's 16 (was 4)
-    version: ClassVar[int] = 3
+    # 4: Q-Norm assigns codes against the k-means centroids and rescales the reconstruction
+    version: ClassVar[int] = 4
     bits: int = 4
     outlier_frac: float = 0.01
     sink: int = 1
@@ -274,30 +290,26 @@ class KIVI(_KVMethod):
     def layer_specs(self, model: nn.Module, calib: Calibration | None) -> list[tuple[KVSpec, KVSpec]]:
         c: KIVIConfig = self.config  # type: ignore[assignment]
         hd = head_dim_of(model)
-        ks = KVSpec("int", "channel", c.bits, c.group_size, residual=c.residual_length)
-        # values: per token (groups of group_size channels); the same recent window stays fp16
-        vs = KVSpec(
-            "int",
-            "token",
-            c.bits,
-            c.group_size if hd % c.group_size == 0 else -1,
-            residual=c.residual_length,
-            span_group=c.group_size,
-        )
+        # keys: every full block of R tokens (R = residual_length, or group_size when 0) quantized
+        ks = KVSpec("int", "channel", c.bits, c.group_size, span_group=c.residual_length or c.group_size)
+        # values: per token (groups of group_size channels); the R newest tokens stay fp16
+        vs = KVSpec("int", "token", c.bits, c.group_size if hd % c.group_size == 0 else -1, residual=c.residual_length)
         return [(ks, vs) for _ in attention_modules(model)]
 
     def kv_cache_bytes(self, *, n_layers: int, n_kv_heads: int, head_dim: int, tokens: int, batch: int = 1,
                        key_outliers: int | None = None) -> dict[str, float]:
-        """Whole groups of ``group_size`` tokens quantized (keys: fp16 scale + zero per channel and group;
-        values: per token and channel group); the rest, the recent window included, in fp16."""
+        """Keys: every full block of R tokens quantized (fp16 scale + zero per channel and group of
+        ``group_size`` tokens), the T mod R newest in fp16; values: all but the R newest quantized (fp16
+        scale + zero per token and channel group), those R in fp16."""
         c: KIVIConfig = self.config  # type: ignore[assignment]
         L, H, D, T, B = n_layers, n_kv_heads, head_dim, tokens, batch
         b, g, r = c.bits, c.group_size, c.residual_length
-        tq = max(T - r, 0) // g * g
+        tk = T // (r or g) * (r or g)
+        tv = max(T - r, 0)
         gv = g if D % g == 0 else D
-        return cache_bytes(codes=2 * L * B * H * tq * D * b / 8,
-                           scales=L * B * H * ((tq // g) * D * 4 + tq * (D // gv) * 4),
-                           fp16=2 * L * B * H * (T - tq) * D * 2)
+        return cache_bytes(codes=L * B * H * (tk + tv) * D * b / 8,
+                           scales=L * B * H * ((tk // g) * D * 4 + tv * (D // gv) * 4),
+                           fp16=L * B * H * (2 * T - tk - tv) * D * 2)
 
 
 @register
@@ -313,7 +325,7 @@ class KVQuant(_KVMethod):
         if calib is None:
             raise ConfigError("kvquant needs calibration data")
         (keys, vals, kgrad, vgrad), reused = cached_record_kv(model, calib, c.fisher, c.max_calib_samples, c.sink)
-        qn = c.bits == 2 if c.qnorm is None else c.qnorm
+        qn = qnorm_on(c)
         specs, summary = [], []
         for i in range(len(keys)):
             ks = calibrate_keys(keys[i], kgrad[i], c, qn)
@@ -325,6 +337,7 @@ class KVQuant(_KVMethod):
                     "layer": i,
                     "k_centroids": [round(float(x), 4) for x in ks.centroids],
                     "v_centroids": [round(float(x), 4) for x in vs.centroids],
+                    "qnorm_scale_offset": [ks.qnorm, vs.qnorm],
                 }
             )
         self.artifacts["centroids"] = summary[:: max(1, len(summary) // 4)]
@@ -349,7 +362,7 @@ class KVQuant(_KVMethod):
         vout = L * B * tq * 2 * max(1, int(round(f * H * D / 2))) if f > 0 else 0
         return cache_bytes(codes=2 * L * B * H * tq * D * b / 8, scales=L * B * tq * 4,
                            outliers=(kout + vout) * OUTLIER_BYTES, fp16=2 * L * B * H * s * D * 2,
-                           static=L * (2 * H * D * 2 + 2 * (2**b) * 2))
+                           static=L * (2 * H * D * 2 + 2 * (2**b) * 2 + (16 if qnorm_on(c) else 0)))
 
 
 # --------------------------------------------------------------------------- KVQuant calibration
@@ -434,13 +447,21 @@ def record_kv(
     return keys, vals, kg, vg
 
 
-def _fit_centroids(xn: torch.Tensor, w: torch.Tensor | None, c: KVQuantConfig, qn: bool) -> torch.Tensor:
+def qnorm_on(c: KVQuantConfig) -> bool:
+    """Q-Norm is on for 2 bits unless the config says otherwise (the paper's setting)."""
+    return c.bits == 2 if c.qnorm is None else c.qnorm
+
+
+def _fit_centroids(
+    xn: torch.Tensor, w: torch.Tensor | None, c: KVQuantConfig, qn: bool
+) -> tuple[torch.Tensor, tuple[float, float] | None]:
+    """Sensitivity-weighted k-means centroids and, with Q-Norm, the reconstruction's (scale, offset)."""
     n = xn.numel()
     if n > KMEANS_MAX_POINTS:  # seeded random subsample (a fixed stride would skip whole channels)
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:KMEANS_MAX_POINTS]
         xn, w = xn[idx], None if w is None else w[idx]
     cent = weighted_kmeans_1d(xn, w, 2**c.bits, c.kmeans_iters)
-    return q_norm(cent, xn) if qn else cent
+    return cent, (q_norm(cent, xn) if qn else None)
 
 
 def key_thresholds(k: torch.Tensor, outlier_frac: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -468,8 +489,9 @@ def calibrate_keys(k: torch.Tensor, g: torch.Tensor | None, c: KVQuantConfig, qn
     inl = (k >= lf) & (k <= hf)
     xn = (k - (hf + lf) / 2) / ((hf - lf) / 2).clamp_min(1e-6)
     w = None if g is None else (g**2)[inl]
-    cent = _fit_centroids(xn[inl], w, c, qn)
-    return KVSpec("nuq", "channel", c.bits, outlier_frac=c.outlier_frac, sink=c.sink, centroids=cent, lo=lo, hi=hi)
+    cent, qnp = _fit_centroids(xn[inl], w, c, qn)
+    return KVSpec("nuq", "channel", c.bits, outlier_frac=c.outlier_frac, sink=c.sink, centroids=cent, lo=lo, hi=hi,
+                  qnorm=qnp)
 
 
 def calibrate_values(v: torch.Tensor, g: torch.Tensor | None, c: KVQuantConfig, qn: bool) -> KVSpec:
@@ -480,8 +502,8 @@ def calibrate_values(v: torch.Tensor, g: torch.Tensor | None, c: KVQuantConfig, 
     xn = ((x - (hi + lo) / 2) / ((hi - lo) / 2).clamp_min(1e-6))[0].permute(1, 0, 2)
     mask = mask[0].permute(1, 0, 2)
     w = None if g is None else (g**2)[~mask]
-    cent = _fit_centroids(xn[~mask], w, c, qn)
-    return KVSpec("nuq", "token", c.bits, outlier_frac=c.outlier_frac, sink=c.sink, centroids=cent)
+    cent, qnp = _fit_centroids(xn[~mask], w, c, qn)
+    return KVSpec("nuq", "token", c.bits, outlier_frac=c.outlier_frac, sink=c.sink, centroids=cent, qnorm=qnp)
 
 
 # --------------------------------------------------------------------------- real cache + generation
@@ -502,12 +524,25 @@ def generate_with_cache(
     model: nn.Module, input_ids: torch.Tensor, n_new: int, cache: Any, timings: list[float] | None = None
 ) -> torch.Tensor:
     """:func:`~quantbench.methods.timing.greedy_decode` through ``cache`` with the wrappers capturing
-    pre-RoPE keys for it; each step's seconds appended to ``timings``."""
+    pre-RoPE keys for it; each step's seconds appended to ``timings``.
+
+    With a :class:`~quantbench.kernels.kvcache.QuantizedKVCache` on an SDPA model, the one-token
+    decode steps attend on the packed store (:func:`~quantbench.kernels.kvcache.packed_decode_attention`,
+    the model's attention implementation switched to it for the call; prefill still runs SDPA)."""
+    cfg = getattr(model, "config", None)
+    attn = getattr(cfg, "_attn_implementation", None)
+    packed = hasattr(cache, "set_packed_decode") and attn == "sdpa"
     set_mode(model, "capture")
+    if packed:
+        cfg._attn_implementation = register_packed_attention()  # type: ignore[union-attr]
+        cache.set_packed_decode(True)
     try:
         return greedy_decode(model, input_ids, n_new, cache, timings)
     finally:
         set_mode(model, "qdq")
+        if packed:
+            cache.set_packed_decode(False)
+            cfg._attn_implementation = attn  # type: ignore[union-attr]
 
 
 def decode_ms_per_token(

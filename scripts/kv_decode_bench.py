@@ -6,6 +6,14 @@ token prefill with each cache (:func:`quantbench.methods.kvquant.decode_ms_per_t
 one JSON line with p50/p90 ms/token, their ratio and the real cache's bytes.
 
     .venv/bin/python scripts/kv_decode_bench.py --context 4096 --new 8
+
+``--attention-only``: no model; one smollm2-shaped layer (3 KV heads, 9 query heads, head dim 64)
+of random K/V at ``--context`` tokens in a kvquant-4-like (1% outliers, 1 sink) and a kivi-2 store,
+and the thread CPU time (median and min of 25, so load from other processes does not count) of one
+decode step's attention: fp (DynamicCache's concatenation + SDPA), the dequantize path
+(materialize, RoPE, SDPA) and the packed paths (:func:`~quantbench.kernels.kvcache.packed_decode_attention`,
+scales folded into the query side and the softmax weights; :func:`~quantbench.kernels.kvcache.fused_decode_attention`,
+table gathers written into one K/V buffer, then one SDPA).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 import torch
 
@@ -24,9 +33,13 @@ def main() -> None:
     ap.add_argument("--method", default="kvquant")
     ap.add_argument("--params", default='{"bits": 4, "outlier_frac": 0.01, "fisher": false}')
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--attention-only", action="store_true")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.attention_only:
+        attention_only(a.context)
+        return
     from quantbench.harness.inputs import data as datamod
     from quantbench.harness.inputs.models import load_smollm2
     from quantbench.methods import kvquant as kq
@@ -61,6 +74,68 @@ def main() -> None:
             }
         )
     )
+
+
+def attention_only(T: int, H: int = 3, Hq: int = 9, D: int = 64, reps: int = 25) -> None:
+    import torch.nn.functional as F
+
+    from quantbench.kernels.kvcache import (
+        KVSpec,
+        QuantizedKVCache,
+        apply_rope,
+        fused_decode_attention,
+        packed_decode_attention,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    k, v = 0.6 * torch.randn(1, H, T, D, generator=g), torch.randn(1, H, T, D, generator=g)
+    q = torch.randn(1, Hq, 1, D, generator=g)
+    inv = 1.0 / 10000 ** (torch.arange(0, D, 2).float() / D)
+    ang = torch.arange(T + reps + 8).float()[:, None] * inv
+    rope = (torch.cat([ang, ang], -1).cos()[None, None], torch.cat([ang, ang], -1).sin()[None, None])
+    kt = k[0].transpose(0, 1)
+    lo, hi = kt.quantile(0.005, dim=0).half(), kt.quantile(0.995, dim=0).half()
+    cases = {
+        "kvquant-4": (KVSpec("nuq", "channel", 4, outlier_frac=0.01, sink=1, centroids=torch.linspace(-1, 1, 16),
+                             lo=lo, hi=hi),
+                      KVSpec("nuq", "token", 4, outlier_frac=0.01, sink=1, centroids=torch.linspace(-1, 1, 16))),
+        "kivi-2": (KVSpec("int", "channel", 2, 32, span_group=128), KVSpec("int", "token", 2, 32, residual=128)),
+    }
+
+    def cpu_ms(f: Any) -> tuple[float, float]:
+        ts = []
+        for _ in range(reps):
+            t = time.thread_time()
+            f()
+            ts.append(time.thread_time() - t)
+        ts.sort()
+        return round(1000 * ts[reps // 2], 3), round(1000 * ts[0], 3)
+
+    out: dict[str, Any] = {"context": T, "threads": torch.get_num_threads(), "unit": "thread CPU ms (p50, min)"}
+    x1 = k[:, :, :1]
+    out["fp"] = cpu_ms(lambda: F.scaled_dot_product_attention(
+        q, torch.cat([k, x1], 2), torch.cat([v, x1], 2), enable_gqa=True))
+    for name, (ks, vs) in cases.items():
+        lay = QuantizedKVCache([(ks, vs)]).layers[0]
+        lay.k_store.append(k)
+        lay.v_store.append(v)
+        n = lay.k_store.length()
+
+        def dequant(lay: Any = lay, n: int = n) -> torch.Tensor:
+            kk = apply_rope(lay.k_store.materialize(torch.float32), rope[0][:, :, :n], rope[1][:, :, :n])
+            vv = lay.v_store.materialize(torch.float32)
+            return F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
+
+        def packed(lay: Any = lay) -> torch.Tensor:
+            return packed_decode_attention(q, lay.k_store, lay.v_store, D**-0.5, rope)
+
+        def fused(lay: Any = lay) -> torch.Tensor:
+            return fused_decode_attention(q, lay.k_store, lay.v_store, D**-0.5, rope)
+
+        out[f"{name}_dequantize"] = cpu_ms(dequant)
+        out[f"{name}_packed_fold"] = cpu_ms(packed)
+        out[f"{name}_packed_fused"] = cpu_ms(fused)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

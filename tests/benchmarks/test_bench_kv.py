@@ -37,3 +37,26 @@ def test_bench_decode_int4_packed(benchmark, kv):
     err = (out - _fp_attention(q, k, v)).norm() / _fp_attention(q, k, v).norm()
     assert err < 0.2  # near-uniform attention over 8k random tokens: output norm is small
     assert ek.codes.numel() * ek.codes.element_size() == k.numel() // 2  # 4 bits per element
+
+
+@pytest.fixture(scope="module")
+def kivi_store():
+    from quantbench.kernels.kvcache import QuantizedKVCache
+
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(B, HKV, T, D, generator=g), torch.randn(B, HKV, T, D, generator=g)
+    ks, vs = KVSpec("int", "channel", 2, 32, span_group=128), KVSpec("int", "token", 2, 32, residual=128)
+    cache = QuantizedKVCache([(ks, vs)])
+    cache.update(k, v, 0)
+    return cache.layers[0], torch.randn(B, HQ, 1, D, generator=g)
+
+
+def test_bench_decode_kivi2_packed_attention(benchmark, kivi_store):
+    """Decode attention on the packed KIVI-2 store (no dequantized K/V copy), checked against
+    dequantize-then-attend."""
+    from quantbench.kernels.kvcache import decode_attention_dense, packed_decode_attention
+
+    layer, q = kivi_store
+    out = benchmark(packed_decode_attention, q, layer.k_store, layer.v_store, D**-0.5)
+    ref = decode_attention_dense(q.double(), layer.k_store, layer.v_store, D**-0.5)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-4

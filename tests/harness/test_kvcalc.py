@@ -15,8 +15,8 @@ def test_method_overheads():
     kw = dict(n_layers=1, n_kv_heads=1, head_dim=128, tokens=1024)
     u = kv_cache_bytes("kv-uniform", {"bits": 4, "group_size": 32}, **kw)
     assert u["codes"] == 2 * 1024 * 64 and u["scales"] == 2 * 1024 * 4 * 4
-    kivi = kv_cache_bytes("kivi", {"bits": 2, "group_size": 32, "residual_length": 100}, **kw)
-    assert kivi["fp16"] == 2 * (1024 - 896) * 128 * 2  # 896 = 28 whole groups quantized
+    kivi = kv_cache_bytes("kivi", {"bits": 2, "group_size": 32, "residual_length": 128}, **kw)
+    assert kivi["fp16"] == (1024 - 896) * 128 * 2  # KIVI: all 1024 keys quantized (8 blocks of 128), 896 values
     q = kv_cache_bytes("kvquant", {"bits": 4, "outlier_frac": 0.01, "sink": 1}, **kw)
     assert q["fp16"] == 2 * 128 * 2
     assert q["outliers"] == pytest.approx((1023 * 128 * 0.01 + 1023 * 2) * 6)  # values: max + min

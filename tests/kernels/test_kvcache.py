@@ -76,14 +76,26 @@ def test_weighted_kmeans_recovers_planted_clusters():
     assert abs(c1.item() - 0.1) < 1e-5
 
 
-def test_q_norm_matches_mean_and_std():
-    x = _x(5000).clamp(-1, 1)
+def test_q_norm_codes_against_original_table_and_reconstruction_keeps_mean_and_std():
+    """KVQuant's Q-Norm: codes are nearest-centroid against the k-means table; the reconstruction
+    ``table[code] * scale + offset`` has the calibration data's mean and std (2 bits, N(0, 0.35^2))."""
+    x = (0.35 * _x(20000)).clamp(-1, 1)
     c = weighted_kmeans_1d(x, None, 4)
-    cn = q_norm(c, x)
-    from quantbench.kernels.kvcache import nearest_centroid
-
-    xq = cn[nearest_centroid(x, cn)]
-    assert abs(xq.mean() - x.mean()) < 0.02 and abs(xq.std() - x.std()) < 0.02
+    scale, offset = q_norm(c, x)
+    spec = KVSpec("nuq", "token", 2, centroids=c, qnorm=(scale, offset))
+    xb = x.reshape(1, 1, 200, 100)
+    e = encode(xb, spec)  # the cache's codes: nearest centroid of the per-token normalized data
+    lo, hi = (t.float() for t in e.scales)
+    xn = (xb - (hi + lo) / 2) / ((hi - lo) / 2)
+    ref_codes = (xn.unsqueeze(-1) - c).abs().argmin(-1)  # nearest centroid of the ORIGINAL table
+    assert torch.equal(unpack_codes(e.codes, 2, 100), ref_codes)
+    torch.testing.assert_close(decode(e, spec), (c * scale + offset)[ref_codes] * (hi - lo) / 2 + (hi + lo) / 2)
+    # on the calibration data itself: the reconstruction's std and mean are the data's
+    codes = (x.unsqueeze(-1) - c).abs().argmin(-1)
+    rec = spec.table()[codes]
+    assert abs(rec.std().item() - x.std().item()) < 1e-3 and abs(rec.mean().item() - x.mean().item()) < 1e-3
+    assert abs(c[codes].std().item() - x.std().item()) > 5e-3  # without Q-Norm it does not (the test can fail)
+    assert spec.static_bytes() == 4 * 2 + 8
 
 
 def _nuq_value_spec(bits=2, frac=0.1):
@@ -156,8 +168,8 @@ def test_real_cache_equals_eval_path_and_calculator(kind):
     if kind == "kvquant":
         vs = _nuq_value_spec(bits=4, frac=1 / 16)
     elif kind == "kivi":
-        ks = KVSpec("int", "channel", 2, 16, residual=8)
-        vs = KVSpec("int", "token", 2, 16, residual=8, span_group=16)
+        ks = KVSpec("int", "channel", 2, 8, span_group=16)
+        vs = KVSpec("int", "token", 2, 8, residual=16)
     elif kind == "uniform":
         ks = vs = KVSpec("int", "token", 2, 8)
     else:
@@ -171,7 +183,7 @@ def test_real_cache_equals_eval_path_and_calculator(kind):
     nb = kv_bytes(cache)
     name, prm = {
         "kvquant": ("kvquant", {"bits": 4, "outlier_frac": 1 / 16, "sink": 1}),
-        "kivi": ("kivi", {"bits": 2, "group_size": 16, "residual_length": 8}),
+        "kivi": ("kivi", {"bits": 2, "group_size": 8, "residual_length": 16}),
         "uniform": ("kv-uniform", {"bits": 2, "group_size": 8}),
         "fp16": ("kv-fp16", {}),
     }[kind]
@@ -267,3 +279,133 @@ def test_cache_keeps_one_packed_store_and_no_float_copy():
         assert st.enc.codes.dtype == torch.uint8 and st.enc.codes.shape == (1, 2, 39, 8)
         held = [t for t in vars(st).values() if isinstance(t, torch.Tensor)]
         assert all(t.dtype == torch.float16 and t.shape[2] <= 1 for t in held)  # only the sink
+
+
+def test_kivi_window_quantizes_every_full_block_of_R_keys():
+    """KIVI (Algorithm 1): keys quantize every full block of R tokens (T mod R newest in fp16), values
+    keep exactly the R newest in fp16; decode steps fill the key window until it holds R tokens,
+    which are then quantized as one block."""
+    from quantbench.kernels.kvcache import quantized_span
+
+    R, g = 128, 32
+    ks = KVSpec("int", "channel", 2, g, span_group=R)
+    vs = KVSpec("int", "token", 2, g, residual=R)
+    assert quantized_span(1024, ks) == (0, 1024) and quantized_span(1024, vs) == (0, 1024 - R)
+    assert quantized_span(1025, ks) == (0, 1024) and quantized_span(100, ks) == (0, 0)
+    assert quantized_span(100, vs) == (0, 0) and quantized_span(129, vs) == (0, 1)
+    H, D = 2, 64
+    k, v = _x(1, H, 1024 + R, D, seed=11), _x(1, H, 1024 + R, D, seed=12)
+    cache = QuantizedKVCache([(ks, vs)])
+    cache.update(k[:, :, :1025], v[:, :, :1025], 0)
+    kst, vst = cache.layers[0].k_store, cache.layers[0].v_store
+    assert kst.n_quant == 1024 and kst.tail.shape[2] == 1  # one fp16 key after a 1025-token prefill
+    assert vst.n_quant == 1025 - R and vst.tail.shape[2] == R
+    for t in range(1025, 1024 + R - 1):  # the key window grows to R - 1 ...
+        cache.update(k[:, :, t : t + 1], v[:, :, t : t + 1], 0)
+        assert kst.n_quant == 1024 and kst.tail.shape[2] == t + 1 - 1024
+        assert vst.n_quant == t + 1 - R and vst.tail.shape[2] == R
+    kk, _ = cache.update(k[:, :, 1024 + R - 1 :], v[:, :, 1024 + R - 1 :], 0)  # ... and at R it is quantized
+    assert kst.n_quant == 1024 + R and kst.tail.shape[2] == 0
+    block = k[:, :, 1024 : 1024 + R]
+    torch.testing.assert_close(kk[:, :, 1024:], decode(encode(block.half().float(), ks), ks), atol=0, rtol=0)
+    torch.testing.assert_close(kk, qdq_sequence(k, ks), atol=1e-6, rtol=0)
+
+
+def _rope_cs(T, D):
+    inv = 1.0 / 10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv
+    ang = torch.cat([ang, ang], -1)
+    return ang.cos().float()[None, None], ang.sin().float()[None, None]
+
+
+def _packed_case(kind, bits, H=2, D=64):
+    if kind == "kivi":
+        return KVSpec("int", "channel", bits, 16, span_group=32), KVSpec("int", "token", bits, 16, residual=32)
+    ks, _ = _key_spec(H, D, bits)
+    vs = _nuq_value_spec(bits=bits, frac=1 / 16)
+    ks.residual = vs.residual = 8  # a fp16 window after the packed span, besides the sink
+    if bits == 2:  # Q-Norm's reconstruction table
+        ks.qnorm, vs.qnorm = (1.1, 0.02), (0.9, -0.03)
+    return ks, vs
+
+
+@pytest.mark.parametrize("kind,bits", [("kivi", 2), ("kivi", 4), ("kvquant", 2), ("kvquant", 3), ("kvquant", 4)])
+def test_packed_decode_attention_equals_dequantize_then_attend(kind, bits):
+    """Attention on the packed store (scales folded into tables / softmax weights, outliers added
+    separately, sink and fp16 window attended as is) == dequantize, rotate, attend (float64)."""
+    from quantbench.kernels.kvcache import decode_attention_dense, fused_decode_attention, packed_decode_attention
+
+    H, Hq, D, T = 2, 6, 64, 150
+    ks, vs = _packed_case(kind, bits, H, D)
+    k, v = 2 * _x(1, H, T, D, seed=21), _x(1, H, T, D, seed=22)
+    k[..., 5] += 4  # an outlier channel
+    cache = QuantizedKVCache([(ks, vs)])
+    cache.update(k[:, :, :137], v[:, :, :137], 0)
+    lay = cache.layers[0]
+    rope = _rope_cs(T, D)
+    for t in range(137, T):  # decode steps: the windows fill and get quantized
+        cache.update(k[:, :, t : t + 1], v[:, :, t : t + 1], 0)
+        q = _x(1, Hq, 1, D, seed=t)
+        out = packed_decode_attention(q, lay.k_store, lay.v_store, D**-0.5, rope)
+        ref = decode_attention_dense(q.double(), lay.k_store, lay.v_store, D**-0.5, rope)
+        assert out.shape == (1, Hq, 1, D)
+        err = (out.double() - ref).norm() / ref.norm()
+        assert err < 1e-4, (t, err.item())
+        fused = fused_decode_attention(q, lay.k_store, lay.v_store, D**-0.5, rope)
+        assert ((fused.double() - ref).norm() / ref.norm()).item() < 1e-4
+    assert lay.k_store.n_quant > 0 and lay.v_store.n_quant > 0
+    if kind == "kvquant":
+        assert lay.k_store.enc.out_idx.numel() > 0 and lay.v_store.enc.out_idx.numel() > 0
+        assert lay.k_store.head.shape[2] == 1 and lay.k_store.tail.shape[2] > 0
+    # the reference itself is not trivially equal to the float attention (the test can fail)
+    kf = apply_rope(k.double(), rope[0].double(), rope[1].double()).repeat_interleave(3, 1)
+    dense = ((q.double() @ kf.transpose(-1, -2)) * D**-0.5).softmax(-1) @ v.double().repeat_interleave(3, 1)
+    assert (dense - ref).norm() / ref.norm() > 1e-3
+
+
+def test_packed_decode_in_the_model_equals_the_dequantize_path(monkeypatch):
+    """Greedy decode of a tiny llama through the real kvquant cache: the packed attention path
+    (generate_with_cache) gives the logits of the dequantize-then-SDPA path."""
+    import copy
+
+    from quantbench.harness.inputs.models import tiny_llama
+    from quantbench.methods import kvquant as kq
+    from quantbench.methods.base import Calibration, build_method
+    from quantbench.methods.timing import greedy_decode
+
+    torch.manual_seed(0)
+    model = tiny_llama().model.eval()
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 256, (2, 96), generator=torch.Generator().manual_seed(5))
+    meth = build_method("kvquant", {"bits": 2, "outlier_frac": 0.02})
+    model = meth.quantize(copy.deepcopy(model), Calibration(ids, "random", 5))
+    prompt = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(6))
+    import quantbench.kernels.kvcache as kvc
+
+    calls = []
+    real = kvc.packed_decode_attention
+    monkeypatch.setattr(kvc, "packed_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    c1 = meth.make_cache(model)
+    out_packed = kq.generate_with_cache(model, prompt, 6, c1)
+    assert len(calls) == 6 * len(c1.layers)  # every decode step of every layer attended on the packed store
+    assert model.config._attn_implementation == "sdpa"  # restored
+    c2 = meth.make_cache(model)
+    kq.set_mode(model, "capture")
+    try:
+        out_ref = greedy_decode(model, prompt, 6, c2)
+    finally:
+        kq.set_mode(model, "qdq")
+    assert torch.equal(out_packed, out_ref)
+    with torch.no_grad():  # one more step each way: the logits agree to float rounding
+        kq.set_mode(model, "capture")
+        nxt = out_ref[:, -1:]
+        ref_logits = model(nxt, past_key_values=c2, use_cache=True).logits
+        model.config._attn_implementation = kq.register_packed_attention()
+        c1.set_packed_decode(True)
+        try:
+            pk_logits = model(nxt, past_key_values=c1, use_cache=True).logits
+        finally:
+            c1.set_packed_decode(False)
+            model.config._attn_implementation = "sdpa"
+            kq.set_mode(model, "qdq")
+    torch.testing.assert_close(pk_logits, ref_logits, atol=1e-4, rtol=1e-4)

@@ -175,3 +175,20 @@ def test_calibration_recording_is_reused_only_for_the_same_model_and_tokens(llam
         assert meth.artifacts["calib_recording_reused"] is False
     assert len(m4.model.layers) == len(llama.model.layers)
     kq.clear_record_cache()
+
+
+def test_qnorm_assigns_codes_with_the_kmeans_table_and_rescales_the_reconstruction():
+    """Q-Norm (2 bits): the spec keeps the k-means centroids for code assignment (identical to the run
+    without Q-Norm) and adds a (scale, offset) so the reconstruction has the calibration data's std."""
+    from quantbench.kernels.kvcache import nearest_centroid, token_range, value_outlier_mask
+
+    v = 0.35 * torch.randn(300, 2, 16, generator=torch.Generator().manual_seed(3))
+    cfg = kq.KVQuantConfig(bits=2, outlier_frac=0.02, fisher=False)
+    on, off = kq.calibrate_values(v, None, cfg, True), kq.calibrate_values(v, None, cfg, False)
+    assert torch.equal(on.centroids, off.centroids) and off.qnorm is None and on.qnorm is not None
+    x = v.permute(1, 0, 2).unsqueeze(0)
+    mask = value_outlier_mask(x, cfg.outlier_frac)
+    lo, hi = (t.float() for t in token_range(x, mask))
+    xn = ((x - (hi + lo) / 2) / ((hi - lo) / 2))[~mask]
+    rec = on.table()[nearest_centroid(xn, on.centroids)]
+    assert abs(rec.std().item() - xn.std().item()) < 1e-3 and abs(rec.mean().item() - xn.mean().item()) < 1e-3
