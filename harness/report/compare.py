@@ -36,7 +36,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import yaml
 
@@ -45,7 +45,7 @@ from ..measure import METRICS
 from ..measure.base import validate_tolerances
 from ..paths import REPO_ROOT, SUITES_DIR
 from ..run.records import VOLATILE_PROVENANCE
-from .leaderboard import load_records, md_code, md_text, protocol_tag, spec_of
+from .leaderboard import NOISE_SIGMAS, load_records, md_code, md_text, protocol_tag, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,9 @@ class Row:
     tolerance: str = ""
     note: str = ""
     baseline_cell: str | None = None
+    noise_stderr: float | None = None  # stderr of current - baseline (see noise_of)
+    noise_kind: str = ""  # paired | paired-bound | independent
+    within_noise: bool | None = None  # |Δ| <= NOISE_SIGMAS x noise_stderr (None: no stderr known)
 
     @property
     def delta(self) -> float | None:
@@ -348,6 +351,7 @@ def compare_records(base_recs: list[dict[str, Any]], cur_recs: list[dict[str, An
                 row.note = _join(cell_note, f"current {sc}: {rc.get('error')}")
                 continue
             _judge(row, rb, rc, tol, fp_cur.get((c.model, mk)), warnings)
+            _noise(row, rb, rc, b, c)
             pb, pc = rb.get("protocol") or {}, rc.get("protocol") or {}
             if tag and pb != pc:  # a tagged protocol (text, windows, ...); untagged ones carry breakdowns
                 diff = _config_diff(pb, pc)
@@ -400,11 +404,75 @@ def _judge(row: Row, rb: dict[str, Any], rc: dict[str, Any], tol: dict[str, floa
     row.result = min(results, key=lambda r: SEVERITY[r]) if results else OK
 
 
+def _ratio_rec(cell: CellRecords, tag: str) -> dict[str, Any] | None:
+    r = cell.metrics.get(("ln_ppl_ratio", tag)) or next(
+        (x for (m, _), x in cell.metrics.items() if m == "ln_ppl_ratio"), None)
+    return r if r is not None and r["status"] == "ok" and _num_ok(r.get("stderr")) else None
+
+
+def _num_ok(v: Any) -> TypeGuard[int | float]:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def noise_of(rb: dict[str, Any], rc: dict[str, Any], cb: CellRecords | None = None,
+             cc: CellRecords | None = None) -> tuple[float | None, str]:
+    """The stderr of ``current - baseline`` for one metric, and how it was found:
+
+    - ``paired``: accuracy with per-example ``samples`` of one length in both records: the stderr of the
+      mean per-example difference (the same examples scored twice);
+    - ``paired-bound``: perplexity (and ``ln_ppl_ratio``) with an ``ln_ppl_ratio`` record in both cells: each
+      is a paired per-token NLL difference vs its run's reference on the same tokens, so the per-token
+      difference between the runs has a stderr of at most the sum of the two (Cauchy-Schwarz), times the
+      current perplexity for perplexity (the delta method);
+    - ``independent``: both records carry a stderr: combined as independent errors;
+    - none: ``(None, "")``."""
+    metric = rc["metric"]
+    qs, bs = rc.get("samples"), rb.get("samples")
+    if (metric == "accuracy" and isinstance(qs, list) and isinstance(bs, list) and len(qs) == len(bs) > 1
+            and all(_num_ok(x) for x in qs + bs)):
+        d = [a - b for a, b in zip(qs, bs)]
+        mean = sum(d) / len(d)
+        var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+        return math.sqrt(var / len(d)), "paired"
+    if metric in ("perplexity", "ln_ppl_ratio") and cb is not None and cc is not None:
+        tag = protocol_tag(rc)
+        xb, xc = _ratio_rec(cb, tag), _ratio_rec(cc, tag)
+        if xb is not None and xc is not None:
+            se = float(xb["stderr"]) + float(xc["stderr"])
+            return (se * float(rc["value"]) if metric == "perplexity" else se), "paired-bound"
+    sb, sc = rb.get("stderr"), rc.get("stderr")
+    if _num_ok(sb) and _num_ok(sc):
+        return math.hypot(sb, sc), "independent"
+    return None, ""
+
+
+def _noise(row: Row, rb: dict[str, Any], rc: dict[str, Any], cb: CellRecords, cc: CellRecords) -> None:
+    """Add to ``row`` whether its change is within NOISE_SIGMAS stderrs (information: the tolerance gate
+    alone decides the result and the exit status)."""
+    d = row.delta
+    if d is None or not math.isfinite(d):
+        return
+    se, kind = noise_of(rb, rc, cb, cc)
+    if se is None or not math.isfinite(se):
+        return
+    row.noise_stderr, row.noise_kind = se, kind
+    row.within_noise = abs(d) <= NOISE_SIGMAS * se
+    if row.within_noise and d != 0:
+        row.note = _join(row.note, f"within noise (|Δ| {abs(d):.3g} ≤ {NOISE_SIGMAS:g} x stderr {se:.3g}, {kind})")
+
+
 # --------------------------------------------------------------------------- output
 def _num(v: float | None) -> str:
     if v is None:
         return "—"
     return f"{v:.6g}"
+
+
+def _noise_text(r: Row) -> str:
+    if r.noise_stderr is None:
+        return "—"
+    return (f"±{r.noise_stderr:.3g} {r.noise_kind}: "
+            f"{'within' if r.within_noise else 'beyond'} {NOISE_SIGMAS:g}σ")
 
 
 def to_markdown(cmp: Comparison) -> str:
@@ -438,15 +506,17 @@ def to_markdown(cmp: Comparison) -> str:
     if cmp.new_cells:
         lines += ["New cells (not in the baseline): " + ", ".join(md_code(c) for c in cmp.new_cells), ""]
     lines += [f"<details><summary>all {len(cmp.rows)} comparisons</summary>", "",
-              "| model | cell | metric | protocol | baseline | current | Δ | Δ% | tolerance | result | note |",
-              "|---|---|---|---|---:|---:|---:|---:|---|---|---|"]
+              "| model | cell | metric | protocol | baseline | current | Δ | Δ% | noise (stderr of Δ) | tolerance | "
+              "result | note |",
+              "|---|---|---|---|---:|---:|---:|---:|---|---|---|---|"]
     for r in cmp.rows:
         d = f"{r.delta:+.4g}" if r.delta is not None else "—"
         rd = f"{r.rel_delta:+.2%}" if r.rel_delta is not None else "—"
         res = f"**{r.result}**" if r.result in FAILING else r.result
         t = md_text
         lines.append(f"| {t(r.model)} | {t(r.cell)} | {t(r.metric)} | {t(r.protocol or '—')} | {_num(r.baseline)} | "
-                     f"{_num(r.current)} | {d} | {rd} | {t(r.tolerance)} | {res} | {t(r.note)} |")
+                     f"{_num(r.current)} | {d} | {rd} | {t(_noise_text(r))} | {t(r.tolerance)} | {res} | "
+                     f"{t(r.note)} |")
     lines += ["", "</details>", ""]
     return "\n".join(lines)
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import pandas as pd
 
@@ -60,7 +62,7 @@ def protocol_tag(rec: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- reading records (fail closed)
-def _is_num(v: Any) -> bool:
+def _is_num(v: Any) -> TypeGuard[int | float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -353,38 +355,632 @@ def _fmt_derived(v: Any, col: str) -> str:
 
 
 def markdown(records: list[dict[str, Any]], title: str | None = None) -> str:
-    wide = leaderboard(records)
-    if wide.empty:
+    """The leaderboard as Markdown: one table per (suite, model), columns grouped quality | size | speed |
+    tasks with short headers, each value with its uncertainty, a legend (protocols, markers) under each
+    table and the metrics not measured summarised once per reason (see :func:`board`)."""
+    sections = board(records)
+    if not sections:
         return "(no records)\n"
     lines: list[str] = []
     if title:
         lines += [f"# {title}", ""]
-    metric_cols = metric_columns(wide)
-    wide, derived = vs_fp(wide)
-    for (suite, model), g in wide.groupby(["suite", "model"], sort=False):
-        lines += [f"## {md_text(suite)} — {md_text(model)}", ""]
-        header = ["cell"] + metric_cols + derived + ["status"]
+    for sec in sections:
+        lines += [f"## {md_text(sec.suite)} — {md_text(sec.model)}", ""]
+        if sec.baseline_label:
+            lines += [f"Baseline: {md_text(sec.baseline_label)}.", ""]
+        status = any(r.status != "ok" for r in sec.rows)
+        header = ["cell"] + [c.header for c in sec.columns] + (["status"] if status else [])
         lines.append("| " + " | ".join(md_text(h) for h in header) + " |")
-        lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|")
-        for _, row in g.iterrows():
-            cells = [row["cell"]] + [_fmt(row[c], c) for c in metric_cols]
-            cells += [_fmt_derived(row[c], c) for c in derived]
-            cells.append(row["status"])
-            lines.append("| " + " | ".join(md_text(c) for c in cells) + " |")
+        lines.append("|" + "|".join(["---"] + ["---:"] * len(sec.columns) + (["---"] if status else [])) + "|")
+        for row in sec.rows:
+            cells = [md_text(row.label + row.marks)]
+            for c in sec.columns:
+                v = row.values[c.key]
+                cells.append(f"**{md_text(v.text)}**" if v.tone else md_text(v.text))
+            if status:
+                cells.append(md_text(row.status))
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    failed = [r for r in latest(records) if r["status"] != "ok"]
-    if failed:
-        lines += ["### Not measured", ""]
-        seen = set()
-        for r in failed:
-            key = (r["cell"], r["metric"], r["status"], r["error"])
-            if key in seen:
-                continue
-            seen.add(key)
-            lines.append(f"- {md_code(r['cell'])} {md_text(r['metric'])}: {md_text(r['status'])} — "
-                         f"{md_text(r['error'])}")
-        lines.append("")
+        lines += [f"- {md_legend(item)}" for item in sec.legend] + [""]
+    nm = not_measured(records)
+    if nm:
+        lines += ["### Not measured", ""] + [f"- {md_legend(item)}" for item in nm] + [""]
     return "\n".join(lines)
+
+
+def md_legend(item: tuple[str, str]) -> str:
+    """A legend item (a term, its text) as Markdown: the term bold, both escaped."""
+    head, text = item
+    return (f"**{md_text(head)}**: " if head else "") + md_text(text)
+
+
+# --------------------------------------------------------------------------- the grouped, uncertainty-aware view
+GROUPS = ("quality", "size", "speed", "tasks", "other")
+GROUP_OF = {
+    "perplexity": "quality", "ln_ppl_ratio": "quality", "kl_divergence": "quality", "kl_median": "quality",
+    "kl_p90": "quality", "kl_p99": "quality", "kl_p999": "quality", "kl_max": "quality", "rms_delta_p": "quality",
+    "delta_p_p01": "quality", "delta_p_p99": "quality", "same_top_p": "quality", "top1_agreement": "quality",
+    "bits_per_weight": "size", "weight_bytes": "size", "kv_bytes_per_token": "size", "peak_memory_bytes": "size",
+    "quantize_seconds": "speed", "prefill_tokens_per_s": "speed", "decode_ms_per_token": "speed",
+    "energy_j_per_token": "speed", "accuracy": "tasks",
+}
+#: the metrics the tables show (the data files hold every metric); in this order within a group
+SHOWN = ("perplexity", "kl_divergence", "kl_p99", "top1_agreement", "bits_per_weight", "weight_bytes",
+         "kv_bytes_per_token", "peak_memory_bytes", "quantize_seconds", "prefill_tokens_per_s",
+         "decode_ms_per_token", "energy_j_per_token", "accuracy")
+#: short table headers of the per-token metrics vs the reference (their registered labels are longer)
+EXTRA_LABELS = {"kl_median": "KL p50", "kl_p90": "KL p90", "kl_p99": "KL p99", "kl_p999": "KL p99.9",
+                "kl_max": "KL max", "rms_delta_p": "RMS Δp", "delta_p_p01": "Δp p1", "delta_p_p99": "Δp p99",
+                "same_top_p": "same top", "ln_ppl_ratio": "ln ppl ratio"}
+FAMILIES = ("baseline", "weight", "activation", "kv")
+FAMILY_TITLES = {"baseline": "baseline", "weight": "weight-only", "activation": "weights + activations",
+                 "kv": "KV cache"}
+NOISE_SIGMAS = 2.0  # a difference is "beyond noise" when |Δ| > NOISE_SIGMAS x its stderr
+_DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+#: weight grids of GGUF source formats a cell's grid can contain (see :func:`holds_source_grid`)
+SOURCE_GRIDS = {"GGUF Q4_1": {"block": 32, "levels": 15, "asym": True}}
+MARK_NOISY, MARK_INDEP, MARK_GRID = "~", "†", "§"
+
+
+def short_label(metric: str) -> str:
+    """A metric's table header: the short forms of :data:`EXTRA_LABELS` first, else its registered label."""
+    if metric in EXTRA_LABELS:
+        return EXTRA_LABELS[metric]
+    spec = spec_of(metric)
+    return spec.label if spec else metric
+
+
+def chain(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The method configs of a record's cell (a chain or one config)."""
+    mc = rec.get("method_config")
+    if isinstance(mc, list):
+        return [c for c in mc if isinstance(c, dict)]
+    return [mc] if isinstance(mc, dict) else []
+
+
+def family(rec: dict[str, Any]) -> str:
+    """The method family of a record's cell: "baseline" (nothing quantized), "kv" (a method of the chain
+    quantizes the KV cache), "activation" (one quantizes activations) or "weight" (weight-only); asked of the
+    registered classes (``Method.quantizes``), never of method names."""
+    names = [c.get("method") for c in chain(rec)] or [rec.get("method")]
+    names = [n for n in names if n != "fp"]
+    if not names:
+        return "baseline"
+    classes = [METHODS.get(n) for n in names if isinstance(n, str) and n in METHODS]
+    if any(c.quantizes("kv") for c in classes):
+        return "kv"
+    if any(c.quantizes("activations") for c in classes):
+        return "activation"
+    return "weight"
+
+
+def baseline_label(rec: dict[str, Any]) -> str:
+    """What the unquantized row really is: its dtype and the precision of the weights it was loaded from
+    (``model.source_precision``), e.g. "fp32 (dequantized from GGUF Q4_1)"; the cell name when unknown."""
+    model = rec.get("model") or {}
+    dtype = next((c.get("dtype") for c in chain(rec) if isinstance(c.get("dtype"), str)), None) or model.get("dtype")
+    if not isinstance(dtype, str):
+        return str(rec["cell"])
+    short = _DTYPE_SHORT.get(dtype, dtype)
+    src = model.get("source_precision")
+    if not isinstance(src, str) or not src.strip():
+        return short
+    head, _, note = src.strip().partition(" ")
+    if head in _DTYPE_SHORT or head in _DTYPE_SHORT.values():  # a float source, maybe with a note: "float32 (random)"
+        same = _DTYPE_SHORT.get(head, head) == short
+        return (short if same else f"{short} (converted from {_DTYPE_SHORT.get(head, head)})") + (
+            f" {note}" if note else "")
+    return f"{short} (dequantized from {src})"
+
+
+def holds_source_grid(rec: dict[str, Any]) -> bool:
+    """Whether the cell's weight grid contains the grid its source weights were stored on, so that it can
+    reproduce the (dequantized) source weights exactly and its error vs the baseline says nothing of the method.
+
+    The rule, for a GGUF Q4_1 source (asymmetric 4-bit: per block of 32 input columns a scale d = (max-min)/15
+    and a min m, so every block's values are m + d*q, q = 0..15, spanning its full code range): a method of the
+    chain that is ``rtn`` or ``gptq`` (``gptq`` without act-order, or with static groups, so that its groups
+    are column blocks), asymmetric (``sym: false``), with ``group_size`` 32 (groups aligned with the source's
+    blocks) and ``bits`` b with 2^b - 1 a multiple of 15 (b = 4, 8, ...: the block's own min/max grid then
+    has the source levels among its own).  Coarser groups (64, 128, per channel) do not contain it: one scale
+    cannot hold two source blocks' different scales.  Other source formats are not marked."""
+    grid = SOURCE_GRIDS.get(str((rec.get("model") or {}).get("source_precision")))
+    if grid is None:
+        return False
+    for c in chain(rec):
+        m, bits = c.get("method"), c.get("bits")
+        if m not in ("rtn", "gptq") or not _is_num(bits) or c.get("sym") is not False:
+            continue
+        if m == "gptq" and c.get("act_order") and not c.get("static_groups"):
+            continue
+        if c.get("group_size") == grid["block"] and int(bits) == bits and (2 ** int(bits) - 1) % grid["levels"] == 0:
+            return True
+    return False
+
+
+def is_noisy(rec: dict[str, Any]) -> bool:
+    """Whether the record says its measurement was disturbed (``noisy`` in its protocol or provenance)."""
+    return bool((rec.get("protocol") or {}).get("noisy")) or bool((rec.get("provenance") or {}).get("noisy"))
+
+
+def compact(v: float | None, fmt: str | None = None) -> str:
+    """A number for a table: large values compact (74.4k, 1.28e8), else ``fmt`` or about 4 significant digits."""
+    if v is None or not math.isfinite(v):
+        return "—" if v is None else str(v)
+    if v == 0:
+        v = 0.0  # never "-0.000"
+    a = abs(v)
+    if a >= 1e6:
+        m, e = f"{v:.2e}".split("e")
+        return f"{m}e{int(e)}"
+    if a >= 1e4:
+        return f"{v / 1e3:.1f}k"
+    if fmt:
+        t = format(v, fmt)
+        return t[1:] if re.fullmatch(r"-0\.?0*", t) else t  # a tiny negative shown as 0, unsigned
+    if a >= 100:
+        return f"{v:.1f}"
+    if a >= 10:
+        return f"{v:.2f}"
+    if a >= 0.01 or a == 0:
+        return f"{v:.3f}"
+    return f"{v:.2g}"
+
+
+def _signed(v: float, fmt: str | None = None) -> str:
+    t = compact(v, fmt)
+    return t if t.startswith("-") else "+" + t
+
+
+@dataclass
+class Val:
+    """One shown value: the number (sortable), its text, its uncertainty and a tone (beyond noise)."""
+
+    value: float | None
+    text: str = "—"
+    stderr: float | None = None
+    tone: str = ""  # "good" / "bad": beyond NOISE_SIGMAS stderrs (Δ and recovery only)
+    paired: bool | None = None
+
+
+@dataclass
+class Column:
+    key: str  # unique in its table
+    header: str  # short header
+    group: str
+    metric: str
+    tag: str
+    kind: str  # value | linear | other | delta | recovery
+
+
+@dataclass
+class BoardRow:
+    cell: str
+    method: str
+    family: str
+    label: str  # the cell name, or the baseline's real precision
+    marks: str  # MARK_GRID ...
+    status: str
+    bits: float | None
+    values: dict[str, Val]
+
+
+@dataclass
+class Section:
+    suite: str
+    model: str
+    baseline_label: str | None
+    columns: list[Column]
+    rows: list[BoardRow]
+    legend: list[tuple[str, str]]
+
+
+def paired_recovery(q: dict[str, Any], f: dict[str, Any]) -> tuple[float, float | None, bool]:
+    """Accuracy recovery q/f and its stderr: paired over the same examples (the records' ``samples``: the
+    ratio estimator's linearisation z_i = (q_i - R f_i) / mean(f)) when both have samples of one length,
+    else from the two stderrs as independent errors; returns (recovery, stderr or None, paired)."""
+    qv, fv = float(q["value"]), float(f["value"])
+    r = qv / fv if fv else float("nan")
+    qs, fs = q.get("samples"), f.get("samples")
+    if (isinstance(qs, list) and isinstance(fs, list) and len(qs) == len(fs) > 1 and fv
+            and all(_is_num(x) for x in qs + fs)):
+        n = len(qs)
+        fbar = sum(fs) / n
+        if fbar:
+            z = [(a - r * b) / fbar for a, b in zip(qs, fs)]
+            zbar = sum(z) / n
+            var = sum((x - zbar) ** 2 for x in z) / (n - 1)
+            return r, math.sqrt(var / n), True
+    sq, sf = q.get("stderr"), f.get("stderr")
+    if _is_num(sq) and _is_num(sf) and fv:
+        rel = (sq / qv) ** 2 if qv else 0.0
+        se = math.sqrt(r * r * (rel + (sf / fv) ** 2)) if qv else sq / fv
+        return r, se, False
+    return r, None, False
+
+
+def paired_delta_ppl(q: dict[str, Any], f: dict[str, Any], ratio: dict[str, Any] | None
+                     ) -> tuple[float, float | None, bool]:
+    """Δppl = ppl - ppl_baseline and its stderr: paired from the cell's ``ln_ppl_ratio`` record (mean per-token
+    NLL difference vs the reference on the same tokens; Δppl's stderr = ppl x that stderr, the delta method)
+    when present, else the two perplexity stderrs as independent errors; returns (Δ, stderr or None, paired)."""
+    d = float(q["value"]) - float(f["value"])
+    if ratio is not None and ratio.get("status") == "ok" and _is_num(ratio.get("stderr")):
+        return d, float(q["value"]) * float(ratio["stderr"]), True
+    sq, sf = q.get("stderr"), f.get("stderr")
+    if _is_num(sq) and _is_num(sf):
+        return d, math.hypot(sq, sf), False
+    return d, None, False
+
+
+def _tone(diff: float, se: float | None, higher_is_better: bool) -> str:
+    if se is None or not math.isfinite(diff) or abs(diff) <= NOISE_SIGMAS * se:
+        return ""
+    return "good" if (diff > 0) == higher_is_better else "bad"
+
+
+def _latency_range(r: dict[str, Any], scale: float) -> tuple[float | None, float | None]:
+    """(p10, p90) of a latency record's protocol (decode step times), when recorded."""
+    p = r.get("protocol") or {}
+    if r["metric"] != "decode_ms_per_token":
+        return None, None
+    lo, hi = p.get("decode_ms_p10"), p.get("decode_ms_p90")
+    return (lo * scale if _is_num(lo) else None), (hi * scale if _is_num(hi) else None)
+
+
+def _value(r: dict[str, Any] | None) -> Val:
+    if r is None or r["status"] != "ok" or not _is_num(r["value"]):
+        return Val(None)
+    spec = spec_of(r["metric"])
+    scale, fmt = (spec.scale, spec.fmt) if spec else (1.0, None)
+    v = float(r["value"]) * scale
+    text = compact(v, fmt)
+    se = float(r["stderr"]) * scale if _is_num(r.get("stderr")) else None
+    if se is not None:
+        text += f" ± {compact(se, fmt if se == 0 or abs(se) >= 0.01 else None)}"
+    lo, hi = _latency_range(r, scale)
+    if lo is not None and hi is not None:
+        text += f" ({compact(lo)}–{compact(hi)})"
+    elif hi is not None:
+        text += f" (p90 {compact(hi)})"
+    if is_noisy(r):
+        text = MARK_NOISY + text
+    return Val(v, text, se)
+
+
+_PROTO_SKIP = {"noisy", "noisy_reasons", "text_sha256", "prefill_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_p10",
+               "prefill_tokens_per_s", "decode_steps", "weight_bytes", "kv_bytes_read_per_step", "achieved_gb_s",
+               "roofline_pct", "load1_before", "load1_after", "other_processes_cpu_cores", "memory_bandwidth_gb_s",
+               "packed_weights", "scales_zeros", "outliers", "unquantized", "linear_total", "other_total",
+               "linear_weights", "whole_model", "quantized_only", "static_bytes", "calc_bytes_per_token",
+               "phases", "quantize_detail", "eval_detail", "components", "lm_eval_metric", "task_version"}
+
+
+def _proto_items(p: dict[str, Any]) -> list[tuple[str, str]]:
+    """The facts of a protocol worth a legend line: scalars (not flags), measurements left out."""
+    return [(k, str(v)) for k, v in p.items()
+            if k not in _PROTO_SKIP and isinstance(v, (str, int, float)) and not isinstance(v, bool) and v != ""]
+
+
+def _proto_text(p: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in _proto_items(p))
+
+
+def _section(suite: str, model: str, recs: list[dict[str, Any]]) -> Section:
+    order = list(dict.fromkeys(r["cell"] for r in recs))
+    by_cell: dict[str, dict[tuple[str, str], dict[str, Any]]] = {c: {} for c in order}
+    for r in recs:
+        by_cell[r["cell"]][(r["metric"], protocol_tag(r))] = r
+    first = {c: next(r for r in recs if r["cell"] == c) for c in order}
+    base_cell = next((c for c in order if first[c]["method"] == "fp"), None) or ("fp" if "fp" in order else None)
+    base = by_cell.get(base_cell, {}) if base_cell else {}
+    # columns: metric x protocol with at least one ok value, grouped, in the registered order
+    present: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in recs:
+        if r["status"] == "ok" and r["metric"] in SHOWN:
+            present.setdefault((r["metric"], protocol_tag(r)), r)
+
+    def key(mk: tuple[str, str]) -> tuple[Any, ...]:
+        metric, tag = mk
+        return (GROUPS.index(GROUP_OF.get(metric, "other")), SHOWN.index(metric), _natural(tag))
+
+    cols: list[Column] = []
+    for mk in sorted(present, key=key):
+        metric, tag = mk
+        group = GROUP_OF.get(metric, "other")
+        label = short_label(metric)
+        if metric == "weight_bytes" and any(
+                _is_num((c.get(mk) or {}).get("protocol", {}).get("linear_total")) for c in by_cell.values()):
+            cols.append(Column(f"{metric}:linear [{tag}]", "linear MB", group, metric, tag, "linear"))
+            cols.append(Column(f"{metric}:other [{tag}]", "other MB", group, metric, tag, "other"))
+            continue
+        if metric == "accuracy":
+            task = str((present[mk].get("protocol") or {}).get("task", tag))
+            cols.append(Column(f"{metric} [{tag}]", task, group, metric, tag, "value"))
+            if (base.get(mk) or {}).get("status") == "ok":
+                cols.append(Column(f"recovery [{tag}]", "rec", group, metric, tag, "recovery"))
+            continue
+        cols.append(Column(f"{metric} [{tag}]", label, group, metric, tag, "value"))
+        if metric == "perplexity" and (base.get(mk) or {}).get("status") == "ok":
+            cols.append(Column(f"delta [{tag}]", "Δppl", group, metric, tag, "delta"))
+    # a header shown twice in a table (one metric under two protocols) carries its tag
+    counts: dict[str, int] = {}
+    for c in cols:
+        counts[c.header] = counts.get(c.header, 0) + 1
+    for c in cols:
+        if counts[c.header] > 1 and c.kind != "recovery":
+            c.header = f"{c.header} [{c.tag}]"
+    rows: list[BoardRow] = []
+    blabel = baseline_label(first[base_cell]) if base_cell else None
+    for cname in order:
+        cell_recs = by_cell[cname]
+        r0 = first[cname]
+        fam = family(r0)
+        values: dict[str, Val] = {}
+        for c in cols:
+            mk = (c.metric, c.tag)
+            cr = cell_recs.get(mk)
+            b = base.get(mk)
+            ok = cr is not None and cr["status"] == "ok" and _is_num(cr["value"])
+            if c.kind == "value":
+                values[c.key] = _value(cr)
+            elif c.kind in ("linear", "other"):
+                p = (cr or {}).get("protocol") or {}
+                v = p.get(f"{c.kind}_total")
+                values[c.key] = Val(v * 1e-6, compact(v * 1e-6)) if ok and _is_num(v) else Val(None)
+            elif not ok or b is None or not _is_num(b.get("value")):
+                values[c.key] = Val(None)
+            elif cname == base_cell:
+                values[c.key] = Val(0.0 if c.kind == "delta" else 1.0, "ref")
+            elif c.kind == "delta":
+                ratio = cell_recs.get(("ln_ppl_ratio", c.tag)) or next(
+                    (x for (m, _), x in cell_recs.items() if m == "ln_ppl_ratio"), None)
+                d, se, paired = paired_delta_ppl(cr, b, ratio)  # type: ignore[arg-type]
+                text = _signed(d) + (f" ± {compact(se)}" if se is not None else "") + (
+                    MARK_INDEP if se is not None and not paired else "")
+                values[c.key] = Val(d, text, se, _tone(d, se, False), paired)
+            else:
+                rv, se, paired = paired_recovery(cr, b)  # type: ignore[arg-type]
+                text = compact(rv, ".3f") + (f" ± {compact(se, '.3f')}" if se is not None else "") + (
+                    MARK_INDEP if se is not None and not paired else "")
+                values[c.key] = Val(rv, text, se, _tone(rv - 1.0, se, True), paired)
+        statuses = [r["status"] for r in cell_recs.values()]
+        st = "ok" if all(s in ("ok", "unavailable") for s in statuses) else (
+            "failed" if "failed" in statuses else "partial")
+        bits = next((float(r["value"]) for (m, _), r in cell_recs.items()
+                     if m == "bits_per_weight" and r["status"] == "ok" and _is_num(r["value"])), None)
+        label = blabel if cname == base_cell and blabel else cname
+        rows.append(BoardRow(cname, str(r0["method"]), fam, label, MARK_GRID if holds_source_grid(r0) else "",
+                             st, bits, values))
+    return Section(suite, model, blabel, cols, rows, _legend(cols, present, recs, rows))
+
+
+def _legend(cols: list[Column], present: dict[tuple[str, str], dict[str, Any]], recs: list[dict[str, Any]],
+            rows: list[BoardRow]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for g in GROUPS:
+        gcols = [c for c in cols if c.group == g]
+        if not gcols:
+            continue
+        vcols = [c for c in gcols if c.kind in ("value", "linear")]
+        protos = [{k: v for k, v in (present[(c.metric, c.tag)].get("protocol") or {}).items()} for c in vcols]
+        common = {k: v for k, v in protos[0].items() if all(p.get(k) == v for p in protos[1:])} if protos else {}
+        # the rest of each protocol: every fact once, with the columns it holds for
+        holders: dict[tuple[str, str], list[str]] = {}
+        for c, p in zip(vcols, protos):
+            rest = {k: v for k, v in p.items() if k not in common or len(protos) == 1}
+            for item in _proto_items(rest):
+                heads_of = holders.setdefault(item, [])
+                if c.header not in heads_of:
+                    heads_of.append(c.header)
+        by_heads: dict[tuple[str, ...], list[str]] = {}
+        for (k, v), hs in holders.items():
+            by_heads.setdefault(tuple(hs), []).append(f"{k} {v}")
+        parts = [_proto_text(common)] if len(protos) > 1 else []
+        parts += [f"{', '.join(hs)}: {', '.join(items)}" for hs, items in by_heads.items()]
+        heads = ", ".join(dict.fromkeys(c.header for c in gcols))
+        detail = "; ".join(t for t in parts if t)
+        out.append((g, f"{heads}." + (f" Protocol: {detail}." if detail else "")))
+    kinds = {c.kind for c in cols}
+    metrics = {c.metric for c in cols}
+    if any(v.stderr is not None for r in rows for c in cols if c.kind == "value" for v in [r.values[c.key]]):
+        out.append(("±", "one standard error as the record gives it (perplexity: spread of the per-token NLL; "
+                         "accuracy: over the task's examples)."))
+    if "delta" in kinds:
+        out.append(("Δppl", "perplexity minus the baseline row's on the same protocol; ± paired stderr from the "
+                            "cell's ln_ppl_ratio record (per-token NLL differences on the same tokens, x ppl) "
+                            f"where recorded. {MARK_INDEP} marks independent errors combined (no paired record: "
+                            "overstates the noise of a difference on shared text)."))
+    if "recovery" in kinds:
+        out.append(("rec", "accuracy / the baseline row's accuracy on the same task; ± paired stderr over the same "
+                           f"examples (the records' samples) where recorded, {MARK_INDEP} independent errors."))
+    if "delta" in kinds or "recovery" in kinds:
+        out.append(("bold / colour", f"Δppl or rec beyond {NOISE_SIGMAS:g} stderr of no change (within it: "
+                                     "indistinguishable from the baseline at this sample size)."))
+    if "decode_ms_per_token" in metrics:
+        out.append(("decode ms/tok", "p50 of the decode steps, in brackets p10–p90 (or the p90 alone) when "
+                                     "recorded."))
+    noisy = [r for r in recs if r["status"] == "ok" and is_noisy(r)]
+    if noisy:
+        reasons = sorted({str(x) for r in noisy for x in (r.get("protocol") or {}).get("noisy_reasons") or []})
+        cells = list(dict.fromkeys(r["cell"] for r in noisy))
+        out.append((MARK_NOISY, f"noisy measurement (the record's own flag) in {len(cells)} cell(s): "
+                                f"{', '.join(cells)}" + (f"; reasons: {'; '.join(reasons)}" if reasons else "")
+                    + ". Read those timings as indicative."))
+    if any(c.kind == "linear" for c in cols):
+        out.append(("linear MB / other MB", "weight bytes (10^6) of the linear layers of the blocks (packed codes, "
+                                            "scales, zeros) / of everything else (embeddings, norms, an untied "
+                                            "lm_head): kept in the baseline dtype by most methods, quantized by "
+                                            "llama.cpp presets."))
+    if any(r.marks for r in rows):
+        src = next((str((r0.get("model") or {}).get("source_precision")) for r0 in recs), "")
+        out.append((MARK_GRID, f"the cell's weight grid contains the source's {src} grid (asymmetric, groups of "
+                               "32 aligned with the source blocks, 2^bits - 1 a multiple of 15): it can reproduce the "
+                               "source weights exactly, so its error vs this baseline is not a measure of the method."))
+    return out
+
+
+def not_measured(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Failed and unavailable records, one line per (model, metric, status, reason) with the cells it covers."""
+    groups: dict[tuple[str, str, str, str], list[str]] = {}
+    cells: dict[str, set[str]] = {}
+    for r in latest(records):
+        cells.setdefault(r["model"]["name"], set()).add(r["cell"])
+        if r["status"] != "ok":
+            tag = protocol_tag(r)
+            name = short_label(r["metric"]) + (f" [{tag}]" if tag else "") + f" ({r['metric']})"
+            groups.setdefault((r["model"]["name"], name, r["status"], str(r["error"])), []).append(r["cell"])
+    out = []
+    for (model, name, status, err), cs in groups.items():
+        cs = list(dict.fromkeys(cs))
+        where = (f"every cell ({len(cs)})" if len(cs) == len(cells[model]) and len(cs) > 1
+                 else ", ".join(cs))
+        out.append((name, f"{status} in {where} of {model} — {err}"))
+    return out
+
+
+def board(records: list[dict[str, Any]]) -> list[Section]:
+    """The leaderboard's sections, one per (suite, model) in record order (see :func:`markdown`)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in latest(records):
+        groups.setdefault((r["suite"], r["model"]["name"]), []).append(r)
+    return [_section(s, m, rs) for (s, m), rs in groups.items()]
+
+
+# --------------------------------------------------------------------------- data out: tidy and wide tables
+DATA_FORMATS = ("md", "html", "csv", "parquet", "json")
+
+
+def _proto_cell(v: Any) -> str | None:
+    if v is None:
+        return None
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+
+
+def tidy_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (suite, model, cell, metric, protocol tag), flat columns: the ids, ``family``, ``label``
+    (the baseline's real precision), ``metric``, ``task`` (accuracy), ``column`` (the wide table's column:
+    ``metric``, ``metric/task``, with `` [tag]`` when the metric has several protocols), ``value``,
+    ``stderr``, ``stderr_kind``, ``lo``/``hi`` (decode p10/p90), ``unit``, ``status``, ``noisy``,
+    ``error``, ``protocol_tag`` and the protocol flattened as ``proto.<key>`` (nested values as JSON).
+
+    Derived rows: ``delta_ppl_vs_baseline`` and ``recovery_vs_baseline`` (per task), with their paired
+    (``stderr_kind`` "paired") or independent ("independent") stderr."""
+    rows: list[dict[str, Any]] = []
+    for sec in board(records):
+        base_row = next((r for r in sec.rows if r.label == sec.baseline_label and sec.baseline_label), None)
+        last: dict[tuple[str, str, str], dict[str, Any]] = {}  # a cell's metric once, when runs are merged
+        for r in latest(records):
+            if r["suite"] == sec.suite and r["model"]["name"] == sec.model:
+                last[(r["cell"], r["metric"], protocol_tag(r))] = r
+        sec_recs = list(last.values())
+        info = {r.cell: r for r in sec.rows}
+        for r in sec_recs:
+            br = info[r["cell"]]
+            p = r.get("protocol") or {}
+            lo, hi = _latency_range(r, 1.0)
+            task = p.get("task") if r["metric"] == "accuracy" else None
+            row = {"suite": sec.suite, "model": sec.model, "cell": r["cell"], "method": r["method"],
+                   "family": br.family, "label": br.label, "holds_source_grid": bool(br.marks),
+                   "metric": r["metric"], "task": task, "protocol_tag": protocol_tag(r),
+                   "value": r["value"], "stderr": r.get("stderr"),
+                   "stderr_kind": "record" if _is_num(r.get("stderr")) else None, "lo": lo, "hi": hi,
+                   "unit": r["unit"], "status": r["status"], "noisy": is_noisy(r), "error": r["error"]}
+            row.update({f"proto.{k}": _proto_cell(v) for k, v in p.items()})
+            rows.append(row)
+        for c in sec.columns:
+            if c.kind not in ("delta", "recovery") or base_row is None:
+                continue
+            for br in sec.rows:
+                v = br.values[c.key]
+                if v.value is None:
+                    continue
+                task = (next((r.get("protocol") or {} for r in sec_recs if r["metric"] == c.metric
+                              and protocol_tag(r) == c.tag), {})).get("task") if c.kind == "recovery" else None
+                rows.append({"suite": sec.suite, "model": sec.model, "cell": br.cell, "method": br.method,
+                             "family": br.family, "label": br.label, "holds_source_grid": bool(br.marks),
+                             "metric": "delta_ppl_vs_baseline" if c.kind == "delta" else "recovery_vs_baseline",
+                             "task": task, "protocol_tag": c.tag, "value": v.value, "stderr": v.stderr,
+                             "stderr_kind": None if v.stderr is None else ("paired" if v.paired else "independent"),
+                             "lo": None, "hi": None, "unit": "ppl" if c.kind == "delta" else "fraction",
+                             "status": "ok", "noisy": False, "error": None})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    keys = df["metric"] + df["task"].map(lambda t: f"/{t}" if isinstance(t, str) else "")
+    n_tags = df.assign(_k=keys).groupby("_k")["protocol_tag"].nunique()
+    df["column"] = [k + (f" [{t}]" if n_tags[k] > 1 else "") for k, t in zip(keys, df["protocol_tag"])]
+    front = ["suite", "model", "cell", "method", "family", "label", "holds_source_grid", "metric", "task",
+             "column", "value", "stderr", "stderr_kind", "lo", "hi", "unit", "status", "noisy", "error",
+             "protocol_tag"]
+    proto = sorted(c for c in df.columns if c.startswith("proto."))
+    return df[front + proto]
+
+
+WIDE_INDEX = ["suite", "model", "cell"]
+
+
+def wide_table(tidy: pd.DataFrame) -> pd.DataFrame:
+    """One row per (suite, model, cell) with ``method``, ``family``, ``label`` and one column per tidy
+    ``column`` (metric, metric/task, [tag] when needed) holding the value."""
+    if tidy.empty:
+        return tidy
+    vals = tidy.pivot(index=WIDE_INDEX, columns="column", values="value")
+    order = list(dict.fromkeys(tidy["column"]))
+    vals = vals[[c for c in order if c in vals.columns]]
+    ids = tidy.drop_duplicates(WIDE_INDEX).set_index(WIDE_INDEX)[["method", "family", "label"]]
+    out = ids.join(vals).reset_index()
+    out.columns.name = None
+    return out
+
+
+def parse_formats(spec: Iterable[str] | None) -> list[str]:
+    """``--format`` values (each a name or comma list; ``all``) as a list of :data:`DATA_FORMATS`."""
+    out: list[str] = []
+    for item in spec or ["md", "html"]:
+        for f in str(item).split(","):
+            f = f.strip().lower()
+            if not f:
+                continue
+            if f == "all":
+                out += list(DATA_FORMATS)
+            elif f in DATA_FORMATS:
+                out.append(f)
+            else:
+                raise ConfigError(f"--format: unknown format {f!r} (one of {', '.join(DATA_FORMATS)}, all)")
+    return list(dict.fromkeys(out))
+
+
+def check_parquet() -> None:
+    """ConfigError unless pandas can write parquet (pyarrow installed)."""
+    try:
+        import pyarrow  # noqa: F401  (deferred: an optional dependency)
+    except ImportError:
+        raise ConfigError("parquet output needs pyarrow, which is not installed: pip install 'quantbench[parquet]' "
+                          "(or pyarrow), or pick --format csv/json") from None
+
+
+def write_data(records: list[dict[str, Any]], out: str | Path, formats: Iterable[str]) -> list[Path]:
+    """leaderboard_tidy.* and leaderboard_wide.* (csv, parquet, json) into ``out``; returns the paths."""
+    fmts = [f for f in formats if f in ("csv", "parquet", "json")]
+    if "parquet" in fmts:
+        check_parquet()
+    tidy = tidy_table(records)
+    wide = wide_table(tidy)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for name, df in (("tidy", tidy), ("wide", wide)):
+        for f in fmts:
+            p = out / f"leaderboard_{name}.{f}"
+            if f == "csv":
+                df.to_csv(p, index=False)
+            elif f == "parquet":
+                df.to_parquet(p, index=False)
+            else:
+                p.write_text(df.to_json(orient="records", indent=1) + "\n", encoding="utf-8")
+            paths.append(p)
+    return paths
 
 
 def run_env(run_dir: str | Path, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:

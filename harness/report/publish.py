@@ -23,26 +23,29 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from ...methods.kvcalc import kv_cache_bytes
 from . import browser
 from .leaderboard import (
-    ID_COLUMNS,
-    _fmt,
-    _fmt_derived,
+    FAMILIES,
+    FAMILY_TITLES,
+    GROUPS,
+    Section,
+    baseline_label,
+    board,
+    chain,
+    compact,
+    family,
+    is_noisy,
     kv_scaling_rows,
     latest,
-    leaderboard,
     load_runs,
     method_detail_items,
-    metric_columns,
+    not_measured,
     protocol_tag,
     quantizes_kv,
     read_env,
     run_env,
     scaled_metrics,
-    vs_fp,
 )
 
 log = logging.getLogger(__name__)
@@ -64,18 +67,11 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _chain(rec: dict[str, Any]) -> list[dict[str, Any]]:
-    mc = rec.get("method_config")
-    if isinstance(mc, list):
-        return [c for c in mc if isinstance(c, dict)]
-    return [mc] if isinstance(mc, dict) else []
-
-
 def kv_bits(cell_records: list[dict[str, Any]]) -> float | None:
     """KV-cache bits of a cell: from a record's protocol (``kv_bits``, or ``bits`` of the
     kv_bytes_per_token record), else from the KV method's config, else (no bits parameter: the fp16
     cache) the bits per element of the method's byte formula; None for cells that leave the cache alone."""
-    kv_conf = [c for r in cell_records[:1] for c in _chain(r) if quantizes_kv(c.get("method"))]
+    kv_conf = [c for r in cell_records[:1] for c in chain(r) if quantizes_kv(c.get("method"))]
     if not kv_conf:
         return None
     for r in cell_records:
@@ -93,15 +89,6 @@ def kv_bits(cell_records: list[dict[str, Any]]) -> float | None:
     params = {k: v for k, v in c.items() if k not in ("method", "version")}
     shape = {"n_layers": 1, "n_kv_heads": 1, "head_dim": 128, "tokens": 4096}
     return 8 * kv_cache_bytes(c["method"], params, **shape)["total"] / (2 * 128 * 4096)
-
-
-def _ok_values(records: list[dict[str, Any]], metric: str) -> dict[tuple[str, str, str], float]:
-    """(model, cell, protocol tag) -> value of the latest ok record of ``metric``."""
-    out = {}
-    for r in latest(records):
-        if r["metric"] == metric and r["status"] == "ok" and r["value"] is not None:
-            out[(r["model"]["name"], r["cell"], protocol_tag(r))] = float(r["value"])
-    return out
 
 
 def _by_cell(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -142,90 +129,225 @@ def _grid(n: int) -> tuple[Any, list[Any]]:
     return fig, flat[:n]
 
 
+FAMILY_COLORS = {"baseline": "#52606d", "weight": "#2e86ab", "activation": "#d1495b", "kv": "#6a994e"}
+Y_CAP = 5.0  # the ppl axis ends at Y_CAP x the baseline's perplexity; cells beyond it sit at the edge
+
+
+def _rec_of(records: list[dict[str, Any]], metric: str) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(model, cell, protocol tag) -> the latest ok record of ``metric`` with a value."""
+    return {(r["model"]["name"], r["cell"], protocol_tag(r)): r for r in latest(records)
+            if r["metric"] == metric and r["status"] == "ok" and isinstance(r["value"], (int, float))}
+
+
+def _baselines(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """model -> the first record of its baseline (method fp) cell."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in latest(records):
+        if family(r) == "baseline":
+            out.setdefault(r["model"]["name"], r)
+    return out
+
+
+def place_labels(ax: Any, pts: list[tuple[float, float]], texts: list[str], fontsize: float = 7.5) -> None:
+    """Write ``texts`` beside ``pts`` (data coordinates) without overlaps: each label takes the first of
+    twelve offsets around its point whose rendered box meets no label or point placed before it, with a
+    leader line when it had to move away from its point (all taken: the first offset)."""
+    from matplotlib.transforms import Bbox  # deferred: matplotlib is optional
+
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    px = [tuple(ax.transData.transform(p)) for p in pts]
+    taken: list[Any] = [Bbox.from_extents(x - 4, y - 4, x + 4, y + 4) for x, y in px]
+    offsets = [(5, 3), (5, -3), (-5, 3), (-5, -3), (6, 14), (6, -14), (-6, 14), (-6, -14), (16, 26), (16, -26),
+               (-16, 26), (-16, -26), (30, 0), (-30, 0)]
+    for text, p in zip(texts, pts):
+        for k, (dx, dy) in enumerate(offsets + [offsets[0]]):
+            far = abs(dy) > 10 or abs(dx) > 10
+            t = ax.annotate(text, p, xytext=(dx, dy), textcoords="offset pixels", fontsize=fontsize,
+                            ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top",
+                            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "#9aa5b1", "shrinkA": 0,
+                                        "shrinkB": 3} if far else None)
+            box = t.get_window_extent(renderer)
+            if k == len(offsets) or not any(box.overlaps(o) for o in taken):
+                taken.append(box)
+                break
+            t.remove()
+
+
+def _numbered(ax: Any, names: list[str]) -> None:
+    """The key of a panel's numbered labels, beside it."""
+    ax.text(1.02, 1.0, "\n".join(f"{i + 1:>2}  {n}" for i, n in enumerate(names)), transform=ax.transAxes,
+            va="top", ha="left", fontsize=7, family="monospace")
+
+
+def _ppl_panel(ax: Any, pts: list[tuple[str, str, float, float, float | None]], base_ppl: float | None,
+               base_name: str | None, xlabel: str, tag: str, frontier: bool) -> None:
+    """A perplexity panel: points (cell, family, x, ppl, stderr) with error bars, the y axis up to Y_CAP x the
+    baseline (cells beyond it drawn at the edge with their value), the baseline as a dashed line and,
+    when asked, the Pareto frontier of the cells on scale."""
+    ref = base_ppl if base_ppl else min(p[3] for p in pts)
+    cap = Y_CAP * ref
+    on = [p for p in pts if p[3] <= cap]
+    off = [p for p in pts if p[3] > cap]
+    for fam in dict.fromkeys(p[1] for p in on):
+        sel = [p for p in on if p[1] == fam]
+        ax.errorbar([p[2] for p in sel], [p[3] for p in sel], yerr=[p[4] or 0.0 for p in sel], fmt="o", ms=5,
+                    color=FAMILY_COLORS.get(fam, "#333"), ecolor="#9aa5b1", elinewidth=1, capsize=2, zorder=3,
+                    label=FAMILY_TITLES.get(fam, fam))
+    if frontier and len(on) >= 2:
+        front = pareto_front([(p[2], p[3]) for p in on])
+        ax.step([on[i][2] for i in front], [on[i][3] for i in front], where="post", color="#f0a202", lw=1.2,
+                zorder=2, label="Pareto frontier (on scale)")
+    if base_ppl:
+        ax.axhline(base_ppl, color=FAMILY_COLORS["baseline"], ls="--", lw=1,
+                   label=f"{base_name or 'baseline'}: {compact(base_ppl)}")
+    lo = min([p[3] - (p[4] or 0) for p in on] + ([base_ppl] if base_ppl else []))
+    ax.set_ylim(max(0.0, lo - 0.05 * (cap - lo)), cap * 1.04)
+    xs = [p[2] for p in pts]
+    pad = 0.08 * (max(xs) - min(xs)) if max(xs) > min(xs) else 0.5
+    ax.set_xlim(min(xs) - pad, max(xs) + pad)
+    for p in off:
+        ax.plot([p[2]], [cap], marker="^", ms=7, color=FAMILY_COLORS.get(p[1], "#333"), zorder=4, clip_on=False)
+    if off:
+        ax.plot([], [], "^", color="#52606d", label=f"off scale (> {Y_CAP:g}x baseline), value in the key")
+    names = [p[0] for p in on] + [f"{p[0]} (ppl {compact(p[3])})" for p in off]
+    place_labels(ax, [(p[2], p[3]) for p in on] + [(p[2], cap) for p in off],
+                 [str(i + 1) for i in range(len(names))])
+    _numbered(ax, names)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"perplexity [{tag}] ± stderr")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+
+
 def plot_bits_ppl(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    ppl = _ok_values(records, "perplexity")
-    bits = {(m, c): v for (m, c, _), v in _ok_values(records, "bits_per_weight").items()}
-    panels: dict[tuple[str, str], list[tuple[str, float, float]]] = {}
-    for (model, cell, tag), y in ppl.items():
-        if (model, cell) in bits:
-            panels.setdefault((model, tag), []).append((cell, bits[(model, cell)], y))
-    panels = {k: v for k, v in panels.items() if len(v) >= 2}
+    """bits/weight vs perplexity: one panel per (model, protocol, family): weight-only and weight+activation
+    methods apart, KV-cache methods left to :func:`plot_kv_bits_ppl`; the baseline a dashed line."""
+    ppl = _rec_of(records, "perplexity")
+    bits = {(m, c): r["value"] for (m, c, _), r in _rec_of(records, "bits_per_weight").items()}
+    fams = {(r["model"]["name"], r["cell"]): family(r) for r in latest(records)}
+    bases = _baselines(records)
+    panels: dict[tuple[str, str, str], list[tuple[str, str, float, float, float | None]]] = {}
+    base_ppl: dict[tuple[str, str], float] = {}
+    for (model, cell, tag), r in ppl.items():
+        fam = fams[(model, cell)]
+        if fam == "baseline":
+            base_ppl[(model, tag)] = float(r["value"])
+        elif fam in ("weight", "activation") and (model, cell) in bits:
+            se = r.get("stderr") if isinstance(r.get("stderr"), (int, float)) else None
+            panels.setdefault((model, tag, fam), []).append((cell, fam, float(bits[(model, cell)]),
+                                                             float(r["value"]), se))
     if not panels:
         return []
     fig, axes = _grid(len(panels))
-    for ax, ((model, tag), pts) in zip(axes, panels.items()):
-        xs, ys = [p[1] for p in pts], [p[2] for p in pts]
-        front = pareto_front(list(zip(xs, ys)))
-        ax.scatter(xs, ys, color="#9aa5b1", zorder=2, label="cells")
-        ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="#d1495b", zorder=3)
-        ax.scatter([xs[i] for i in front], [ys[i] for i in front], color="#d1495b", zorder=4,
-                   label="Pareto frontier")
-        for name, x, y in pts:
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(_plt().FuncFormatter(lambda v, _pos: f"{v:g}"))
-        ax.set_xlabel("bits / weight (effective, incl. scales)")
-        ax.set_ylabel(f"perplexity [{tag}] (log)")
-        ax.set_yscale("log")  # collapsed cells (ternary PTQ: 1e8) must not flatten the others
-        ax.set_title(f"{model}", fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+    for ax, ((model, tag, fam), pts) in zip(axes, panels.items()):
+        b = bases.get(model)
+        _ppl_panel(ax, pts, base_ppl.get((model, tag)), baseline_label(b) if b else None,
+                   "bits / weight (effective, incl. scales)", tag, frontier=True)
+        ax.set_title(f"{model}: {FAMILY_TITLES[fam]} methods", fontsize=10)
     fig.suptitle("bits/weight vs perplexity (lower-left is better)", fontsize=11)
     return _save(fig, out_dir, "pareto_bits_ppl")
 
 
 def plot_latency_memory(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    lat = _ok_values(records, "decode_ms_per_token")
-    mem = {(m, c): v for (m, c, _), v in _ok_values(records, "weight_bytes").items()}
-    panels: dict[str, list[tuple[str, str, float, float]]] = {}
-    for (model, cell, tag), y in lat.items():
+    """Decode latency (p50, bars to p10/p90 where recorded; hollow: a noisy measurement) vs weight memory."""
+    lat = _rec_of(records, "decode_ms_per_token")
+    mem = {(m, c): r["value"] for (m, c, _), r in _rec_of(records, "weight_bytes").items()}
+    fams = {(r["model"]["name"], r["cell"]): family(r) for r in latest(records)}
+    bases = _baselines(records)
+    panels: dict[tuple[str, str], list[tuple[str, dict[str, Any], float]]] = {}
+    for (model, cell, tag), r in lat.items():
         if (model, cell) in mem:
-            panels.setdefault(model, []).append((cell, tag, mem[(model, cell)] * 1e-6, y))
+            panels.setdefault((model, tag), []).append((cell, r, mem[(model, cell)] * 1e-6))
     if not panels:
         return []
     fig, axes = _grid(len(panels))
-    for ax, (model, pts) in zip(axes, panels.items()):
-        for tag in dict.fromkeys(p[1] for p in pts):
-            sel = [p for p in pts if p[1] == tag]
-            ax.scatter([p[2] for p in sel], [p[3] for p in sel], label=tag or "decode", zorder=3)
-            for name, _, x, y in sel:
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.set_xlabel("weight memory (MB)")
-        ax.set_ylabel("decode latency, p50 (ms / token)")
-        ax.set_title(model, fontsize=10)
+    for ax, ((model, tag), pts) in zip(axes, panels.items()):
+        names = []
+        xy = []
+        for cell, r, x in pts:
+            y = float(r["value"])
+            p = r.get("protocol") or {}
+            lo = float(p["decode_ms_p10"]) if isinstance(p.get("decode_ms_p10"), (int, float)) else y
+            hi = float(p["decode_ms_p90"]) if isinstance(p.get("decode_ms_p90"), (int, float)) else y
+            fam = fams[(model, cell)]
+            col = FAMILY_COLORS.get(fam, "#333")
+            ax.errorbar([x], [y], yerr=[[max(0.0, y - lo)], [max(0.0, hi - y)]], fmt="o", ms=5, ecolor="#9aa5b1",
+                        elinewidth=1, capsize=2, color=col, mfc="white" if is_noisy(r) else col, zorder=3)
+            b = bases.get(model)
+            names.append(baseline_label(b) if fam == "baseline" and b else cell)
+            xy.append((x, y))
+        for fam in dict.fromkeys(fams[(model, c)] for c, _, _ in pts):
+            ax.plot([], [], "o", color=FAMILY_COLORS.get(fam, "#333"), label=FAMILY_TITLES.get(fam, fam))
+        if any(is_noisy(r) for _, r, _ in pts):
+            ax.plot([], [], "o", color="#52606d", mfc="white", label="noisy measurement")
+        place_labels(ax, xy, [str(i + 1) for i in range(len(xy))])
+        _numbered(ax, names)
+        ax.set_xlabel("weight memory (MB, all weights)")
+        ax.set_ylabel("decode latency p50 (ms / token), bars p10–p90")
+        ax.set_title(f"{model} [{tag}]", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("decode latency vs weight memory", fontsize=11)
     return _save(fig, out_dir, "latency_memory")
 
 
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+def kv_bits_per_element(records: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
+    """(model, cell) -> KV-cache bits per cached element, from the ``kv_bytes_per_token`` records: the
+    measured bytes per token x 8 over the elements per token (the protocol's ``elements_per_token`` when
+    recorded, else the baseline cell's bytes per token over its dtype's size)."""
+    kv = {(m, c): r for (m, c, _), r in _rec_of(records, "kv_bytes_per_token").items()}
+    bases = _baselines(records)
+    elems: dict[str, float] = {}
+    for model, b in bases.items():
+        r = kv.get((model, b["cell"]))
+        dtype = next((c.get("dtype") for c in chain(b) if isinstance(c.get("dtype"), str)), None) or (
+            b.get("model") or {}).get("dtype")
+        if r is not None and dtype in _DTYPE_BYTES:
+            elems[model] = float(r["value"]) / _DTYPE_BYTES[dtype]
+    out = {}
+    for (model, cell), r in kv.items():
+        n = (r.get("protocol") or {}).get("elements_per_token") or elems.get(model)
+        if isinstance(n, (int, float)) and n > 0:
+            out[(model, cell)] = 8 * float(r["value"]) / n
+    return out
+
+
 def plot_kv_bits_ppl(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    ppl = _ok_values(records, "perplexity")
+    """KV-cache bits per element (measured cache bytes, incl. scales and outliers) vs perplexity for the
+    cells that quantize the KV cache; the baseline (its cache in its dtype) a dashed line."""
+    ppl = _rec_of(records, "perplexity")
     cells = _by_cell(records)
-    panels: dict[tuple[str, str], list[tuple[str, float, float]]] = {}
-    fp_ppl: dict[tuple[str, str], float] = {}
-    for (model, cell, tag), y in ppl.items():
+    per_elem = kv_bits_per_element(records)
+    bases = _baselines(records)
+    panels: dict[tuple[str, str], list[tuple[str, str, float, float, float | None]]] = {}
+    base_ppl: dict[tuple[str, str], float] = {}
+    for (model, cell, tag), r in ppl.items():
         recs = cells.get((model, cell), [])
-        if recs and recs[0]["method"] == "fp":
-            fp_ppl[(model, tag)] = y
-        b = kv_bits(recs)
-        if b is not None:
-            panels.setdefault((model, tag), []).append((cell, b, y))
+        if recs and family(recs[0]) == "baseline":
+            base_ppl[(model, tag)] = float(r["value"])
+        if not recs or family(recs[0]) != "kv":
+            continue
+        x = per_elem.get((model, cell))
+        if x is None:
+            x = kv_bits(recs)
+        if x is not None:
+            se = r.get("stderr") if isinstance(r.get("stderr"), (int, float)) else None
+            panels.setdefault((model, tag), []).append((cell, "kv", x, float(r["value"]), se))
     if not panels:
         return []
     fig, axes = _grid(len(panels))
     for ax, ((model, tag), pts) in zip(axes, panels.items()):
-        ax.scatter([p[1] for p in pts], [p[2] for p in pts], color="#2e86ab", zorder=3)
-        for name, x, y in pts:
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if (model, tag) in fp_ppl:
-            ax.axhline(fp_ppl[(model, tag)], color="#555", ls="--", lw=1, label="fp")
-            ax.legend(fontsize=7)
-        ax.set_xlabel("KV-cache bits / element")
-        ax.set_ylabel(f"perplexity [{tag}] (log)")
-        ax.set_yscale("log")
-        ax.set_title(model, fontsize=10)
-        ax.grid(True, alpha=0.3)
+        b = bases.get(model)
+        bx = per_elem.get((model, b["cell"])) if b else None
+        name = (baseline_label(b) + (f", cache {bx:g} bits" if bx else "")) if b else None
+        _ppl_panel(ax, pts, base_ppl.get((model, tag)), name, "KV-cache bits / element (measured bytes x 8 / "
+                   "elements, incl. scales and outliers)", tag, frontier=False)
+        ax.set_title(f"{model}: KV-cache methods", fontsize=10)
     fig.suptitle("KV-cache bits vs perplexity", fontsize=11)
     return _save(fig, out_dir, "kv_bits_ppl")
 
@@ -349,6 +471,13 @@ td.st-partial{color:#b54708}.note{color:#52606d;font-size:12.5px}
 .plots img{max-width:100%;border:1px solid #e4e7eb;margin:8px 0}
 footer{margin-top:32px;border-top:1px solid #d9e2ec;padding-top:8px;font-size:12.5px;color:#52606d}
 footer code{font-size:12px}ul.nm{font-size:12.5px}
+div.tw{overflow-x:auto;max-width:100%}table.lb{font-size:13px}
+table.lb th,table.lb td{padding:3px 6px}table.lb th{white-space:normal;overflow-wrap:anywhere;min-width:3.5em;
+ vertical-align:bottom}table.lb td:first-child{white-space:normal;min-width:9em}
+table.lb tr.groups th{background:#fff;cursor:default;text-align:center;border-bottom:2px solid #9fb3c8}
+table.lb th.grp{font-size:12px;color:#334e68;text-transform:uppercase;letter-spacing:.04em}
+ul.legend{font-size:12.5px;color:#52606d;margin:4px 0 12px}form.filters{font-size:13px;margin:6px 0}
+form.filters label{margin-right:10px}
 """
 
 JS = """
@@ -356,10 +485,11 @@ JS = """
   function key(td){var v=td.getAttribute('data-v');
     if(v===null||v===''){return null;} var n=Number(v); return isNaN(n)?v.toLowerCase():n;}
   document.querySelectorAll('table.lb').forEach(function(t){
-    t.querySelectorAll('thead th').forEach(function(th,col){
+    var heads=t.tHead.rows[t.tHead.rows.length-1].cells;
+    Array.prototype.forEach.call(heads,function(th,col){
       th.addEventListener('click',function(){
         var asc=th.getAttribute('aria-sort')!=='ascending';
-        t.querySelectorAll('thead th').forEach(function(h){h.removeAttribute('aria-sort');});
+        Array.prototype.forEach.call(heads,function(h){h.removeAttribute('aria-sort');});
         th.setAttribute('aria-sort',asc?'ascending':'descending');
         var body=t.tBodies[0], rows=Array.prototype.slice.call(body.rows);
         rows.sort(function(a,b){
@@ -371,6 +501,20 @@ JS = """
       });
     });
   });
+  document.querySelectorAll('form.filters').forEach(function(f){
+    var t=document.getElementById(f.getAttribute('data-for'));
+    function apply(){
+      var fams={}; f.querySelectorAll('input[type=checkbox]').forEach(function(c){fams[c.value]=c.checked;});
+      var sel=f.querySelector('select'), max=sel&&sel.value!==''?Number(sel.value):null, shown=0;
+      Array.prototype.forEach.call(t.tBodies[0].rows,function(r){
+        var b=r.getAttribute('data-bits'), fam=r.getAttribute('data-family');
+        var ok=fams[fam]!==false&&(max===null||(b!==''&&Number(b)<=max)||fam==='baseline');
+        r.hidden=!ok; if(ok){shown++;}
+      });
+      var n=f.querySelector('.shown'); if(n){n.textContent=shown+' of '+t.tBodies[0].rows.length+' rows';}
+    }
+    f.addEventListener('change',apply); apply();
+  });
 })();
 """
 
@@ -380,31 +524,56 @@ def _data_v(v: Any) -> str:
     return repr(float(v)) if isinstance(v, (int, float)) else str(v)
 
 
-def _table_html(g: pd.DataFrame, metric_cols: list[str], derived: list[str], table_id: str) -> str:
+def bits_class(bits: float | None) -> int | None:
+    """The nominal bit class of an effective bits/weight (4.17 -> 4, 5.53 -> 5, 2.998 -> 3): the filter's unit."""
+    return None if bits is None else int(math.floor(bits + 0.25))
+
+
+def _filters_html(sec: Section, table_id: str) -> str:
     e = html.escape
-    header = ["cell", "method"] + metric_cols + derived + ["status"]
-    out = [f'<table class="lb" id="{e(table_id)}"><thead><tr>']
+    fams = [f for f in FAMILIES if any(r.family == f for r in sec.rows)]
+    classes = sorted({c for r in sec.rows if r.family != "baseline" for c in [bits_class(r.bits)] if c is not None})
+    out = [f'<form class="filters" data-for="{e(table_id)}"">Show: ']
+    out += [f'<label><input type="checkbox" name="family" value="{e(f)}" checked> {e(FAMILY_TITLES[f])}</label> '
+            for f in fams]
+    if classes:
+        out.append('<label>bits/w <select name="bits"><option value="">any</option>'
+                   + "".join(f'<option value="{c}">≤ {c} (nominal)</option>' for c in classes)
+                   + "</select></label> ")
+    out.append('<span class="shown note"></span></form>')
+    return "".join(out)
+
+
+def _table_html(sec: Section, table_id: str) -> str:
+    e = html.escape
+    status = any(r.status != "ok" for r in sec.rows)
+    out = [f'<table class="lb" id="{e(table_id)}"><thead><tr class="groups"><th colspan="2"></th>']
+    for g in GROUPS:
+        n = sum(c.group == g for c in sec.columns)
+        if n:
+            out.append(f'<th colspan="{n}" class="grp">{e(g)}</th>')
+    out.append("<th></th>" if status else "")
+    out.append("</tr><tr>")
+    header = ["cell", "method"] + [c.header for c in sec.columns] + (["status"] if status else [])
     out += [f'<th scope="col" title="click to sort">{e(h)}</th>' for h in header]
     out.append("</tr></thead><tbody>")
-    for _, row in g.iterrows():
-        cls = ' class="fp"' if row["method"] == "fp" else ""
-        tds = [f'<td data-v="{e(str(row["cell"]))}">{e(str(row["cell"]))}</td>',
-               f'<td data-v="{e(str(row["method"]))}">{e(str(row["method"]))}</td>']
-        for c in metric_cols:
-            v = row[c]
-            tds.append(f'<td class="num" data-v="{e(_data_v(v))}">{e(_fmt(v, c))}</td>')
-        for c in derived:
-            v = row[c]
-            tone = ""
-            if pd.notna(v):
-                worse = v > 1e-12 if c.startswith("Δ") else v < 1 - 1e-12
-                better = v < -1e-12 if c.startswith("Δ") else v > 1 + 1e-12
-                tone = " bad" if worse else (" good" if better else "")
-            tds.append(f'<td class="num{tone}" data-v="{e(_data_v(v))}">{e(_fmt_derived(v, c))}</td>')
-        st = str(row["status"])
-        tds.append(f'<td class="st-{e(st)}" data-v="{e(st)}">{e(st)}</td>')
-        out.append(f"<tr{cls}>" + "".join(tds) + "</tr>")
+    for row in sec.rows:
+        b = bits_class(row.bits)
+        attrs = (f' data-family="{e(row.family)}" data-bits="{"" if b is None else b}"'
+                 + (' class="fp"' if row.family == "baseline" else ""))
+        tds = [f'<td data-v="{e(row.label)}">{e(row.label + row.marks)}</td>',
+               f'<td data-v="{e(row.method)}">{e(row.method)}</td>']
+        for c in sec.columns:
+            v = row.values[c.key]
+            tone = f" {v.tone}" if v.tone else ""
+            title = f' title="stderr {v.stderr:.4g}{" (paired)" if v.paired else ""}"' if v.stderr is not None else ""
+            tds.append(f'<td class="num{tone}" data-v="{e(_data_v(v.value))}"{title}>{e(v.text)}</td>')
+        if status:
+            tds.append(f'<td class="st-{e(row.status)}" data-v="{e(row.status)}">{e(row.status)}</td>')
+        out.append(f"<tr{attrs}>" + "".join(tds) + "</tr>")
     out.append("</tbody></table>")
+    out.append('<ul class="legend">' + "".join(
+        f"<li>{f'<strong>{e(h)}</strong>: ' if h else ''}{e(t)}</li>" for h, t in sec.legend) + "</ul>")
     return "".join(out)
 
 
@@ -444,35 +613,27 @@ def render_html(records: list[dict[str, Any]], run_dirs: list[Path], plots: list
                 title: str = "quantbench leaderboard") -> str:
     """The leaderboard as one self-contained HTML page (inline CSS/JS, plots as data URIs)."""
     e = html.escape
-    wide = leaderboard(records)
+    sections = board(records)
     body: list[str] = [f"<h1>{e(title)}</h1>"]
-    if wide.empty:
+    if not sections:
         body.append("<p>(no records)</p>")
     else:
-        suites = ", ".join(dict.fromkeys(wide["suite"]))
-        body.append(f'<p class="note">Suite(s): {e(suites)}. Click a column header to sort. '
-                    "Δ and recovery are relative to the unquantized (fp) row of the same model. "
-                    f"Memory columns in MB (10<sup>6</sup> bytes; scaled {', '.join(scaled_metrics())}).</p>")
-        for n, ((suite, model), g) in enumerate(wide.groupby(["suite", "model"], sort=False)):
-            g = g.dropna(axis=1, how="all")
-            g_cols = [c for c in metric_columns(wide) if c in g.columns]
-            g2, derived = vs_fp(g[[c for c in g.columns if c in ID_COLUMNS or c in g_cols or c == "status"]])
-            derived = [c for c in derived if g2[c].notna().any()]
-            body.append(f'<section data-suite="{e(str(suite))}" data-model="{e(str(model))}">'
-                        f"<h2>{e(str(suite))} — {e(str(model))}</h2>")
-            body.append(_table_html(g2, g_cols, derived, f"lb-{n}"))
+        suites = ", ".join(dict.fromkeys(sec.suite for sec in sections))
+        body.append(f'<p class="note">Suite(s): {e(suites)}. Click a column header to sort; filter rows by method '
+                    "family and bits. Δppl and rec(overy) are relative to the baseline (unquantized) row of the same "
+                    f"model. Memory columns in MB (10<sup>6</sup> bytes; scaled {', '.join(scaled_metrics())}).</p>")
+        for n, sec in enumerate(sections):
+            body.append(f'<section data-suite="{e(sec.suite)}" data-model="{e(sec.model)}">'
+                        f"<h2>{e(sec.suite)} — {e(sec.model)}</h2>")
+            if sec.baseline_label:
+                body.append(f'<p class="note">Baseline: {e(sec.baseline_label)}.</p>')
+            body.append(_filters_html(sec, f"lb-{n}"))
+            body.append(f'<div class="tw">{_table_html(sec, f"lb-{n}")}</div>')
             body.append("</section>")
-    bad = [r for r in latest(records) if r["status"] != "ok"]
-    if bad:
-        body.append("<h3>Not measured</h3><ul class=\"nm\">")
-        seen = set()
-        for r in bad:
-            k = (r["model"]["name"], r["cell"], r["metric"], r["status"], r["error"])
-            if k not in seen:
-                seen.add(k)
-                body.append(f"<li><code>{e(r['model']['name'])}/{e(r['cell'])}</code> {e(r['metric'])}: "
-                            f"{e(r['status'])} — {e(str(r['error']))}</li>")
-        body.append("</ul>")
+    nm = not_measured(records)
+    if nm:
+        body.append("<h3>Not measured</h3><ul class=\"nm\">" + "".join(
+            f"<li><strong>{e(h)}</strong>: {e(t)}</li>" for h, t in nm) + "</ul>")
     details = method_detail_items(run_dirs, records)
     if details:
         body.append("<h3>Method details</h3><ul>" + "".join(

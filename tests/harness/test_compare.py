@@ -3,9 +3,11 @@ identical rerun passes, missing cells fail, timing tolerances are skipped across
 
 import copy
 import json
+import math
 import random
 import re
 
+import numpy as np
 import pytest
 
 from quantbench.harness.cli import main
@@ -22,6 +24,7 @@ from quantbench.harness.report.compare import (
     compare_records,
     default_tolerances,
     load_tolerances,
+    noise_of,
     to_markdown,
     update_baseline,
 )
@@ -30,7 +33,7 @@ from quantbench.harness.run.runner import run_suite
 from quantbench.harness.run.suite import parse_suite
 from quantbench.methods.base import ConfigError
 
-from .fake_records import cell, hardware, rec
+from .fake_records import cell, hardware, paired_cell, rec
 
 TOL = {"perplexity": {"rel": 0.001}, "kl_divergence": {"rel": 0.05, "abs": 1e-5}, "top1_agreement": {"abs": 0.01},
        "bits_per_weight": {"rel": 0.0}}
@@ -234,7 +237,7 @@ def test_renamed_cell_matched_by_config():
 
 
 def test_every_metric_is_in_the_gate_with_the_facts_of_its_spec():
-    assert sorted(default_tolerances()) == METRICS.names() and len(METRICS) == 12
+    assert sorted(default_tolerances()) == METRICS.names() and len(METRICS) >= 12
     assert default_tolerances()["kl_divergence"] == {"rel": 0.10, "abs": 1e-4}
     assert {n for n, s in METRICS.items() if s.hardware_bound} == {
         "quantize_seconds", "prefill_tokens_per_s", "decode_ms_per_token", "energy_j_per_token", "peak_memory_bytes"}
@@ -290,8 +293,8 @@ def test_markdown_diff_escapes_names(tmp_path):
     assert "<script" not in outside_code and "<b>" not in outside_code and "<i>" not in outside_code
     rows = [ln for ln in md.splitlines() if ln.startswith("| ")]
     assert len(rows) == 1 + 2 * len(hostile)
-    for ln in rows:  # 11 columns: an unescaped | would add one
-        assert len(re.findall(r"(?<!\\)\|", ln.replace("\\\\", ""))) == 12, ln
+    for ln in rows:  # 12 columns: an unescaped | would add one
+        assert len(re.findall(r"(?<!\\)\|", ln.replace("\\\\", ""))) == 13, ln
     assert "| &lt;b&gt;m\\|&lt;/b&gt; | a\\|b | perplexity |" in md
     assert "- `<b>m|</b>/a|b` **perplexity**" in md  # a code span outside a table is literal as it is
     assert "- ``<b>m|</b>/tick`s nl`` **perplexity**" in md
@@ -304,3 +307,35 @@ def test_a_tolerance_must_be_a_finite_number(value):
 
     with pytest.raises(ConfigError, match="expected a number >= 0"):
         check_tolerance("tolerances.perplexity", {"rel": value})
+
+
+# ------------------------------------------------------------------ noise: the tolerance gate decides, noise informs
+def test_compare_adds_paired_noise_information_and_keeps_the_gate():
+    fs = [1.0, 0.0] * 50
+    base = paired_cell("fp", 15.0, 0.7, 0.0, 0.0, fs, method="fp") + paired_cell(
+        "rtn-w4", 16.0, 0.8, math.log(16 / 15), 0.004, fs, method="rtn")
+    qs = list(fs)
+    for i in (0, 2, 4, 6, 8):
+        qs[i] = 0.0  # five examples lost
+    cur = paired_cell("fp", 15.0, 0.7, 0.0, 0.0, fs, method="fp") + paired_cell(
+        "rtn-w4", 16.1, 0.8, math.log(16.1 / 15), 0.004, qs, method="rtn")
+    tol = {"perplexity": {"rel": 0.001}, "accuracy": {"abs": 0.01}}
+    c = compare_records(base, cur, tol)
+    rows = _rows(c)
+    ppl, acc = rows[("rtn-w4", "perplexity")], rows[("rtn-w4", "accuracy")]
+    # perplexity: 16.0 -> 16.1 is beyond the 0.1% tolerance (a regression, exit 1) yet within the paired noise
+    assert ppl.result == REGRESSION and c.failed
+    assert ppl.noise_kind == "paired-bound" and ppl.noise_stderr == pytest.approx((0.004 + 0.004) * 16.1)
+    assert ppl.within_noise and "within noise" in ppl.note
+    # accuracy: 5 of 100 examples lost: paired stderr of the mean difference, from the samples
+    d = np.array(qs) - np.array(fs)
+    assert acc.noise_kind == "paired" and acc.noise_stderr == pytest.approx(d.std(ddof=1) / 10)
+    assert acc.result == REGRESSION and acc.within_noise is False  # 0.05 > 2 x 0.0219
+    md = to_markdown(c)
+    assert "±0.129 paired-bound: within 2σ" in md and "paired: beyond 2σ" in md
+    js = c.to_json()
+    assert {r["metric"]: r["within_noise"] for r in js["rows"] if r["cell"] == "rtn-w4"}["perplexity"] is True
+    # without samples or ratios: independent errors; without stderrs: nothing claimed
+    a, b = rec("x", "perplexity", 10.0, stderr=0.3), rec("x", "perplexity", 10.5, stderr=0.4)
+    assert noise_of(a, b) == (pytest.approx(0.5), "independent")
+    assert noise_of(rec("x", "perplexity", 10.0), b) == (None, "")

@@ -1,5 +1,6 @@
 """The HTML leaderboard in a real browser: headless Chromium loads it from disk (file://), the tables render
-with the expected rows, and a real click on a column header sorts the table (again: reversed)."""
+with the expected rows, a real click on a column header sorts the table (again: reversed), and the
+method-family checkboxes and the bits select filter the rows."""
 
 import json
 import struct
@@ -24,6 +25,7 @@ ROWS = [  # cell, method, ppl, bits/w
     ("gptq-w4", "gptq", 21.0, 4.5),
     ("rtn-w3", "rtn", 30.0, 3.5),
     ("rtn-w2", "rtn", None, 2.5),  # not measured: sorts last both ways
+    ("w8a8", "w8a8", 20.3, 8.05),  # weights + activations
 ]
 
 
@@ -43,14 +45,16 @@ def page(tmp_path_factory):
 
 
 JS_ROWS = "Array.from(document.querySelectorAll('#lb-0 tbody tr')).map(r => r.cells[0].textContent)"
-JS_HEAD = "Array.from(document.querySelectorAll('#lb-0 thead th')).map(h => h.textContent)"
+JS_VISIBLE = ("Array.from(document.querySelectorAll('#lb-0 tbody tr'))"
+              ".filter(r => r.getBoundingClientRect().height > 0).map(r => r.cells[0].textContent)")
+JS_HEAD = "Array.from(document.querySelectorAll('#lb-0 thead tr:last-child th')).map(h => h.textContent)"
 
 
 def _sort_by(b, header_text):
     heads = b.evaluate(JS_HEAD)
     col = heads.index(header_text) + 1
-    b.click_selector(f"#lb-0 thead th:nth-child({col})")
-    return b.evaluate(JS_ROWS), b.evaluate(f"document.querySelector('#lb-0 thead th:nth-child({col})')"
+    b.click_selector(f"#lb-0 thead tr:last-child th:nth-child({col})")
+    return b.evaluate(JS_ROWS), b.evaluate(f"document.querySelector('#lb-0 thead tr:last-child th:nth-child({col})')"
                                             ".getAttribute('aria-sort')")
 
 
@@ -59,8 +63,10 @@ def test_tables_render_expected_rows(page):
     sections = b.evaluate("Array.from(document.querySelectorAll('section h2')).map(h => h.textContent)")
     assert sections == ["t — tiny-llama", "t — tiny-opt"]
     assert b.evaluate(JS_ROWS) == [r[0] for r in ROWS]
-    assert b.evaluate(JS_HEAD) == ["cell", "method", "ppl [wiki/gptq/64]", "bits/w", "Δppl vs fp [wiki/gptq/64]",
-                                   "status"]
+    assert b.evaluate(JS_HEAD) == ["cell", "method", "ppl", "Δppl", "bits/w"]
+    groups = b.evaluate("Array.from(document.querySelectorAll('#lb-0 thead th.grp'))"
+                        ".map(h => [h.textContent, h.colSpan])")
+    assert groups == [["quality", 2], ["size", 1]]
     # the table is really laid out (not just in the DOM)
     h = b.evaluate("document.querySelector('#lb-0').getBoundingClientRect().height")
     assert h > 6 * 15
@@ -69,18 +75,40 @@ def test_tables_render_expected_rows(page):
 
 def test_click_on_header_sorts(page):
     b, _ = page
-    rows, state = _sort_by(b, "ppl [wiki/gptq/64]")
+    rows, state = _sort_by(b, "ppl")
     assert state == "ascending"
-    assert rows == ["fp", "rtn-w8", "gptq-w4", "rtn-w4", "rtn-w3", "rtn-w2"]
-    rows, state = _sort_by(b, "ppl [wiki/gptq/64]")
+    assert rows == ["fp", "rtn-w8", "w8a8", "gptq-w4", "rtn-w4", "rtn-w3", "rtn-w2"]
+    rows, state = _sort_by(b, "ppl")
     assert state == "descending"
-    assert rows == ["rtn-w3", "rtn-w4", "gptq-w4", "rtn-w8", "fp", "rtn-w2"]  # missing value still last
+    assert rows == ["rtn-w3", "rtn-w4", "gptq-w4", "w8a8", "rtn-w8", "fp", "rtn-w2"]  # missing value still last
     rows, _ = _sort_by(b, "bits/w")
     assert rows[:2] == ["rtn-w2", "rtn-w3"] and rows[-1] == "fp"  # numeric, not lexicographic (16 > 8.25)
     rows, _ = _sort_by(b, "cell")
     assert rows == sorted(r[0] for r in ROWS)
     # the other model's table is untouched
     assert b.evaluate("document.querySelectorAll('#lb-1 thead th[aria-sort]').length") == 0
+
+
+def test_filters_by_family_and_bits(page):
+    b, _ = page
+    order = b.evaluate(JS_ROWS)
+    assert b.evaluate(JS_VISIBLE) == order
+    labels = b.evaluate("Array.from(document.querySelectorAll('form[data-for=lb-0] label')).map(l => l.textContent)")
+    assert labels[:3] == [" baseline", " weight-only", " weights + activations"]
+    b.click_selector("form[data-for=lb-0] input[value=weight]")  # a real click unticks weight-only
+    assert b.evaluate(JS_VISIBLE) == [c for c in order if c in ("fp", "w8a8")]
+    assert b.evaluate("document.querySelector('form[data-for=lb-0] .shown').textContent") == "2 of 7 rows"
+    b.click_selector("form[data-for=lb-0] input[value=weight]")
+    assert b.evaluate(JS_VISIBLE) == order
+    options = b.evaluate("Array.from(document.querySelectorAll('form[data-for=lb-0] option')).map(o => o.value)")
+    assert options == ["", "2", "3", "4", "8"]  # nominal classes of 2.5, 3.5, 4.5, 8.25 / 8.05 bits/w
+    b.evaluate("(() => { const s = document.querySelector('form[data-for=lb-0] select'); s.value = '4';"
+               " s.dispatchEvent(new Event('change', {bubbles: true})); })()")
+    assert b.evaluate(JS_VISIBLE) == [c for c in order if c not in ("rtn-w8", "w8a8")]  # the baseline stays
+    assert b.evaluate("document.querySelectorAll('#lb-1 tbody tr[hidden]').length") == 0  # per table
+    b.evaluate("(() => { const s = document.querySelector('form[data-for=lb-0] select'); s.value = '';"
+               " s.dispatchEvent(new Event('change', {bubbles: true})); })()")
+    assert b.evaluate(JS_VISIBLE) == order
 
 
 def _png_size(path):

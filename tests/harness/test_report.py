@@ -67,11 +67,19 @@ def test_protocols_never_share_a_column_and_deltas_vs_fp():
 def test_markdown_sections_and_values():
     md = markdown(_records(), "lb")
     assert md.startswith("# lb\n") and "## t — tiny-llama" in md and "## t — tiny-opt" in md
-    line = next(ln for ln in md.splitlines() if ln.startswith("| gptq-w4 |"))
-    assert "| 21.00 |" in line and "| +1.000 |" in line and "| 0.983 |" in line  # Δppl 1.0, recovery 0.59/0.6
-    assert "- `broken` perplexity: failed — RuntimeError: nan" in md
-    fp_line = next(ln for ln in md.splitlines() if ln.startswith("| fp |"))
-    assert "| +0.000 |" in fp_line and "| 1.000 |" in fp_line
+    lines = md.splitlines()
+    head = next(ln for ln in lines if ln.startswith("| cell |"))
+    assert head == ("| cell | ppl [wiki/gptq/64] | Δppl [wiki/gptq/64] | ppl [wiki/gptq/128] | Δppl [wiki/gptq/128] | "
+                    "bits/w | weight MB | KV B/tok | decode ms/tok | mmlu | rec | status |")
+    line = next(ln for ln in lines if ln.startswith("| gptq-w4 |"))
+    assert line == ("| gptq-w4 | 21.00 | +1.000 | 18.50 | +0.500 | 4.500 | 0.600 | — | 2.100 | 0.590 | 0.983 | ok |")
+    fp_line = next(ln for ln in lines if ln.startswith("| fp |"))
+    assert fp_line.count("| ref |") == 3 and "| 20.00 | ref | 18.00 | ref |" in fp_line
+    # the legend under the table: groups with their protocol once, the markers used
+    assert "- **quality**: ppl [wiki/gptq/64], Δppl [wiki/gptq/64], ppl [wiki/gptq/128], Δppl [wiki/gptq/128]. " \
+           "Protocol: name gptq, dataset wiki, split test, windows 2, tokens 126; ppl [wiki/gptq/64]: seq_len 64; " \
+           "ppl [wiki/gptq/128]: seq_len 128." in md
+    assert "- **ppl [wiki/gptq/64] (perplexity)**: failed in broken of tiny-llama — RuntimeError: nan" in md
 
 
 def test_pareto_front():
@@ -89,16 +97,23 @@ def test_kv_bits_sources():
 
 
 class _Table(HTMLParser):
+    """Tables of a page: ``head`` the texts of the last header row, ``rows`` the body rows' cell texts."""
+
     def __init__(self):
         super().__init__()
-        self.tables, self.in_td, self.scripts, self.external = [], False, 0, []
+        self.tables, self.in_td, self.in_head, self.scripts, self.external = [], False, False, 0, []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "table":
             self.tables.append({"id": a.get("id"), "head": [], "rows": []})
+        elif tag == "thead":
+            self.in_head = True
         elif tag == "tr" and self.tables:
-            self.tables[-1]["rows"].append([])
+            if self.in_head:
+                self.tables[-1]["head"] = []
+            else:
+                self.tables[-1]["rows"].append([])
         elif tag in ("td", "th"):
             self.in_td = tag
         for k in ("src", "href"):
@@ -108,6 +123,8 @@ class _Table(HTMLParser):
     def handle_endtag(self, tag):
         if tag in ("td", "th"):
             self.in_td = False
+        elif tag == "thead":
+            self.in_head = False
 
     def handle_data(self, data):
         if self.in_td == "th":
@@ -139,13 +156,16 @@ def test_render_extras_writes_self_contained_html_and_plots(run_dir, tmp_path):
     assert parser.external == []  # self-contained: no network, no sibling files
     assert "<script>" in html and "<style>" in html and html.count("data:image/png;base64,") == 5
     llama, opt, kv70b = parser.tables  # the two leaderboards, then the KV calculator table (a kivi cell)
-    assert [r[0] for r in kv70b["rows"][1:]] == ["fp16 cache", "gptq+kivi2"]
-    assert [r[0] for r in llama["rows"][1:]] == ["fp", "rtn-w4", "gptq-w4", "rtn-w3", "gptq+kivi2", "broken"]
-    assert [r[0] for r in opt["rows"][1:]] == ["fp", "rtn-w4"]
-    assert "recovery [mmlu/0-shot]" in llama["head"] and "Δppl vs fp [wiki/gptq/128]" in llama["head"]
-    assert "acc [mmlu/0-shot]" not in opt["head"]  # a model's section shows only its measured columns
-    gptq = dict(zip(llama["head"], llama["rows"][3]))
-    assert gptq["ppl [wiki/gptq/64]"] == "21.00" and gptq["recovery [mmlu/0-shot]"] == "0.983"
+    assert [r[0] for r in kv70b["rows"]] == ["fp16 cache", "gptq+kivi2"]
+    assert [r[0] for r in llama["rows"]] == ["fp", "rtn-w4", "gptq-w4", "rtn-w3", "gptq+kivi2", "broken"]
+    assert [r[0] for r in opt["rows"]] == ["fp", "rtn-w4"]
+    assert "rec" in llama["head"] and "Δppl [wiki/gptq/128]" in llama["head"]
+    assert "mmlu" not in opt["head"]  # a model's section shows only its measured columns
+    gptq = dict(zip(llama["head"], llama["rows"][2]))
+    assert gptq["ppl [wiki/gptq/64]"] == "21.00" and gptq["rec"] == "0.983" and gptq["method"] == "gptq"
+    assert re.search(r'<tr class="groups"><th colspan="2"></th><th colspan="4" class="grp">quality</th>'
+                     r'<th colspan="3" class="grp">size</th><th colspan="1" class="grp">speed</th>'
+                     r'<th colspan="2" class="grp">tasks</th>', html)
     assert "git <code>0123456789ab</code> (dirty)" in html and "AMD EPYC" in html and "torch 2.13.0+cpu" in html
     assert re.search(r"perplexity</code> \[wiki/gptq/128\]: <code>\{.*&quot;seq_len&quot;: 128", html)
 
@@ -260,7 +280,8 @@ def test_markdown_leaderboard_escapes_every_text_cell(tmp_path):
                 tables[-1].append(_md_cells(line))
         else:
             in_table = False
-            assert not line.strip() or line.startswith(("#", "- ", "L=", "Run ")), line  # no torn-off cell text
+            # no torn-off cell text
+            assert not line.strip() or line.startswith(("#", "- ", "L=", "Run ", "Baseline: ")), line
     assert len(tables) == 2
     for t in tables:  # every row keeps its table's column count
         assert {len(r) for r in t} == {len(t[0])}
@@ -268,7 +289,8 @@ def test_markdown_leaderboard_escapes_every_text_cell(tmp_path):
         "fp", "a\\|b", "&lt;script&gt;alert(1)&lt;/script&gt;", "two lines", "tick\\`s", "x &amp; y",
         "back\\\\\\|slash", "&lt;i&gt;kv\\|"]
     assert "## s\\|&lt;b&gt; — &lt;img src=x onerror=alert(1)&gt;" in md
-    assert "- ``tick`s`` top1_agreement: failed — ValueError: &lt;bad&gt; \\| \\`x\\` line 2" in md
+    assert "- **top-1 [wiki/gptq/64] (top1_agreement)**: failed in tick\\`s of &lt;img src=x onerror=alert(1)&gt; " \
+           "— ValueError: &lt;bad&gt; \\| \\`x\\` line 2" in md
     assert "Run `run`: git &lt;sha&gt;" in md and "&lt;script&gt;cpu&lt;/script&gt;" in md
 
 
@@ -290,7 +312,7 @@ def test_html_leaderboard_escapes_every_name(tmp_path):
 
     p = _Tags()
     p.feed(page)
-    assert [t for t, _ in p.tags if t in ("script", "b", "i")] == ["script"]  # only the page's sorter
+    assert [t for t, _ in p.tags if t in ("script", "b", "i")] == ["script"]  # only the page's sorter/filter
     assert all(a["src"].startswith("data:image/png;base64,") for t, a in p.tags if t == "img")  # only the plots
     assert not any(k.startswith("on") for _, a in p.tags for k in a)
     text = "".join(p.text)
@@ -300,4 +322,4 @@ def test_html_leaderboard_escapes_every_name(tmp_path):
     tables = _Table()
     tables.feed(page)
     lb = tables.tables[0]
-    assert [r[0] for r in lb["rows"][1:]] == ["fp", *HOSTILE, "<i>kv|"]
+    assert [r[0] for r in lb["rows"]] == ["fp", *HOSTILE, "<i>kv|"]
