@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+import yaml
 
 from ..methods.base import METHODS, ConfigError
 from .inputs.data import DATASETS
@@ -18,12 +19,21 @@ from .inputs.models import MODELS
 from .measure import METRICS
 from .paths import SUITES_DIR
 from .report import compare, publish
-from .report.leaderboard import load_runs, markdown, provenance_footer, run_records_path, write_report
+from .report.leaderboard import (
+    check_parquet,
+    load_runs,
+    markdown,
+    parse_formats,
+    provenance_footer,
+    run_records_path,
+    write_data,
+    write_report,
+)
 from .run import export
 from .run.ray_executor import run_suite_ray
 from .run.records import read_records
 from .run.runner import run_suite
-from .run.suite import load_suite
+from .run.suite import load_suite, preflight_suite, with_models
 from .tools import gpu_check, sensitivity
 
 log = logging.getLogger("quantbench")
@@ -80,8 +90,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_arg(text: str) -> object:
+    """``--model``: a model string, or a flow mapping as a suite writes one (``{random: llama, hidden_size: 1024}``)."""
+    if not text.lstrip().startswith("{"):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--model {text!r}: not a YAML mapping ({_one_line(e)})") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)  # validated before any work starts
+    if args.model or args.dtype or args.device:
+        models = [_model_arg(m) for m in args.model] if args.model else None
+        suite = with_models(suite, models, args.dtype, args.device)
+    for problem in preflight_suite(suite):  # devices exist and hub ids resolve, before any work
+        log.warning("recorded as failed without running: %s", problem)
     _threads(args.threads)
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
@@ -108,13 +133,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    formats = parse_formats(args.format)
+    if "parquet" in formats:
+        check_parquet()  # before anything is written
     for d in args.run_dirs:  # every input exists and holds records before anything is written
         run_records_path(d)
-    path = write_report(args.run_dirs, args.out)
-    publish.render_extras(args.run_dirs, args.out)
     recs = load_runs(args.run_dirs)  # run directories or records/baseline .jsonl files
-    print(markdown(recs))
-    print(f"leaderboard: {path}")
+    written: list[Path] = []
+    if "md" in formats:
+        written.append(write_report(args.run_dirs, args.out))
+    if "html" in formats:
+        written += publish.render_extras(args.run_dirs, args.out)["html"]
+    if set(formats) & {"csv", "parquet", "json"}:
+        first = Path(args.run_dirs[0])
+        written += write_data(recs, args.out or (first if first.is_dir() else first.parent), formats)
+    if "md" in formats:
+        print(markdown(recs))
+    for p in written:
+        print(f"wrote {p}")
     return 0
 
 
@@ -135,7 +171,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     elif what == "models":
         for name, fn in MODELS.items():
             print(f"{name:14s} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
-        print("or any HF causal-LM directory / GGUF file: {name: NAME, path: PATH}")
+        print("or any HF causal-LM directory, .gguf file or hub id org/name (a string, or {name, path, dtype, "
+              "device}), or {random: FAMILY, hidden_size: N} (llama, qwen2, mistral, gemma3, opt, phi3)")
     elif what == "suites":
         for p in sorted(SUITES_DIR.glob("*.yaml")):
             print(p.relative_to(SUITES_DIR.parent))
@@ -162,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", choices=["local", "ray"], help="default: the suite's executor.name, else local")
     r.add_argument("--address", help="Ray cluster address (with --executor ray)")
     r.add_argument("--strict", action="store_true", help="exit 1 if any cell failed")
+    r.add_argument("--model", action="append", metavar="MODEL",
+                   help="replaces the suite's models (repeatable): an embedded name, an HF directory, a .gguf file "
+                        "or a hub id org/name")
+    r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load every model in this dtype "
+                   "(default: each model's own, else float32)")
+    r.add_argument("--device", help="cpu, cuda, cuda:N or auto: load and run every model there (default: each "
+                   "model's own, else cpu)")
     r.set_defaults(fn=cmd_run)
 
     v = sub.add_parser("validate", help="validate a suite without running it")
@@ -175,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="leaderboard of one or more run directories")
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--out", help="output directory (default: the first run directory)")
+    rep.add_argument("--format", action="append", metavar="FMT",
+                     help="md, html, csv, parquet, json or all; repeat or comma-separate (default: md,html). "
+                          "csv/parquet/json write leaderboard_tidy.* (one row per model x cell x metric x "
+                          "protocol) and leaderboard_wide.* (one row per model x cell)")
     rep.set_defaults(fn=cmd_report)
 
     for feature in (export, compare, sensitivity, gpu_check):  # subcommands that live beside their feature
@@ -183,8 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # offline mode is the user's choice (HF_HUB_OFFLINE)
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)

@@ -34,11 +34,11 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..kernels.intq import dequantize_codes
 from .base import Calibration, ConfigError, Method, ModuleSelection, iter_linears, register
 from .gptq import block_output, capture_block_inputs, transformer_blocks
+from .quantize import layer_progress
 from .rtn import RTN, RTNConfig, rtn_quantize_weight
 from .smoothquant import fold_smoothing
 
@@ -268,7 +268,7 @@ class AWQ(Method):
         gen = torch.Generator().manual_seed(calib.seed)
         alphas: dict[str, float] = {}
         clipped = 0
-        for b, block in enumerate(tqdm(blocks, desc="awq", leave=False)):
+        for b, block in enumerate(layer_progress(blocks, desc="awq", unit="block")):
             bname = f"{prefix}.{b}"
             names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and f"{bname}.{n}" in selected]
             feats, inps = self._block_features(block, inps, kws, names, c.max_tokens, n_tok, gen)

@@ -275,7 +275,7 @@ class HQQ(Method):
         c = cast(HQQConfig, self.config)
         layers = list(iter_linears(model, c.include, c.exclude))
         lp_init = lp_final = 0.0
-        for name, lin in tqdm(layers, desc="hqq", leave=False):
+        for name, lin in tqdm(layers, desc="hqq", leave=False, disable=None):
             r = hqq_quantize_weight(lin.weight.data, c.bits, c.group_size, c.p, c.iters, c.beta, c.kappa, c.opt_scale)
             q = HQQLinear.from_codes(
                 r.codes, r.scales, r.zeros, c.bits, c.group_size,

@@ -12,12 +12,13 @@ mixed precision allocates a plan and hands it to them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .base import Calibration, ConfigError, Method, MethodConfig, build_method
 
@@ -28,6 +29,13 @@ ChainEntry = Method | tuple[str, Mapping[str, Any] | None]
 ModulePlan = Mapping[str, tuple[int, int] | None]
 
 C = TypeVar("C", bound=MethodConfig)
+T = TypeVar("T")
+
+
+def layer_progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "layer") -> Iterator[T]:
+    """Per-layer (per-block) progress of a method: a transient bar on a terminal's stderr, and nothing at
+    all when stderr is not a TTY (tqdm's ``disable=None``), so logs never get per-layer lines."""
+    return iter(tqdm(items, desc=desc, total=total, leave=False, disable=None, unit=unit))
 
 
 def quantize(

@@ -74,7 +74,7 @@ class RTN(Method):
         linears = list(iter_linears(model, c.include, c.exclude))
         configs = module_configs(c, (name for name, _ in linears), plan, "rtn")
         layers = [(name, lin) for name, lin in linears if name in configs]
-        for name, lin in tqdm(layers, desc="rtn", leave=False):
+        for name, lin in tqdm(layers, desc="rtn", leave=False, disable=None):
             mc = configs[name]
             codes, scales, zeros = rtn_quantize_weight(lin.weight.data, mc.bits, mc.group_size, mc.sym)
             q = IntQuantLinear.from_codes(

@@ -1,16 +1,29 @@
-"""Model loading: HF causal-LM directories, GGUF files, the embedded default, tiny random models.
+"""Model loading: embedded names, HF causal-LM directories, GGUF files, hub ids, seeded random models.
 
-A model spec in a suite is a name from :data:`MODELS` (``smollm2-135m``, ``tiny-llama``,
-``tiny-opt``), or a dict ``{name, path, gguf_file?}`` for a local HF directory or GGUF file.
+A model spec in a suite (or ``quantbench run --model``, or ``qb.load_model``) is a string or a mapping.
+A string is, in this order: a name from :data:`MODELS` (``smollm2-135m``, ``tiny-llama``, ``tiny-opt``),
+an existing path (an HF directory with ``config.json``, or a ``.gguf`` file), or a hub id ``org/name``
+resolved the way transformers resolves it (from the Hub, or from the user's HF cache when
+``HF_HUB_OFFLINE=1``; the project never sets offline mode for the user's models). A mapping is
+``{name?, path?, gguf_file?, dtype?, device?, device_map?}`` (``path`` is a string as above; without it
+``name`` is) or ``{random: FAMILY, hidden_size?, layers?, heads?, kv_heads?, intermediate_size?, seed?}``
+(a seeded random-init model of a family in :data:`RANDOM_FAMILIES`, byte tokenizer).
+
+``dtype`` is one of :data:`MODEL_DTYPES` (float32 default), ``device`` one of cpu (default), cuda,
+cuda:N, auto (cuda when there is one). :func:`preflight` checks, before any work, that the device
+exists and that a hub id resolves; :func:`check_family` that each method of a chain handles the model's
+family (:data:`FAMILY_LIMITS`; the runner fails such a cell before quantizing, ``qb.quantize`` refuses).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,12 +66,6 @@ def _param_count(model: nn.Module) -> int:
     return n
 
 
-def _offline_env() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
 def _gguf_source_precision(path: Path) -> str:
     """The dominant tensor type of a GGUF file, e.g. 'GGUF Q4_1'."""
     try:
@@ -88,10 +95,10 @@ def smollm2_path() -> Path:
 def load_gguf(path: str | Path, name: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _offline_env()
-    path = Path(path)
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    path = Path(path)  # a local file: nothing to resolve, never the network
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                 local_files_only=True)
     model.eval()
     info = {
         "name": name or path.stem,
@@ -110,25 +117,105 @@ def load_hf_dir(path: str | Path, name: str | None = None, dtype: torch.dtype = 
     """An HF causal-LM directory; ``device_map="auto"`` spreads it over GPUs, CPU RAM and disk (accelerate)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _offline_env()
     path = Path(path)
     if not (path / "config.json").exists():
         raise ConfigError(f"{path} is not a Hugging Face model directory (no config.json)")
-    tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device_map)
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device_map, local_files_only=True)
     model.eval()
-    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    h = hashlib.sha256()
-    for w in weights:
-        h.update(sha256_file(w).encode())
     src_dtype = getattr(model.config, "torch_dtype", None) or getattr(model.config, "dtype", None)
     info = {
         "name": name or path.name,
         "source": str(path),
-        "sha256": h.hexdigest(),
+        "sha256": _weights_sha256(path),
         "params": _param_count(model),
         "dtype": str(dtype).replace("torch.", ""),
         "source_precision": str(src_dtype).replace("torch.", "") if src_dtype else "unknown",
+        "architecture": model.config.model_type,
+    }
+    return LoadedModel(model, tok, info)
+
+
+def _weights_sha256(path: Path) -> str:
+    """One hash over the directory's weight files (a file in an HF cache snapshot links to a blob named by its
+    sha256, read from the name instead of hashing gigabytes again)."""
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    h = hashlib.sha256()
+    for w in weights:
+        blob = Path(os.path.realpath(w)).name
+        h.update((blob if w.is_symlink() and re.fullmatch(r"[0-9a-f]{64}", blob) else sha256_file(w)).encode())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------ hub ids
+
+#: a hub id as the Hub spells one: ``org/name`` (a legacy id without an org, ``gpt2``, is not accepted: a
+#: misspelt embedded name would otherwise pass as one; write ``openai-community/gpt2``)
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+def is_hub_id(text: str) -> bool:
+    return bool(HUB_ID.fullmatch(text)) and "--" not in text and ".." not in text and not text.endswith(".")
+
+
+def _truthy(v: str | None) -> bool:
+    return (v or "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_offline() -> bool:
+    """Whether the user asked for offline mode (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``), read now."""
+    return _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def hub_cache_dir() -> str | None:
+    """The hub cache the user's environment names now (``HF_HUB_CACHE``, else ``$HF_HOME/hub``); None: the
+    library's default."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    return None
+
+
+def resolve_hub(repo_id: str, gguf_file: str | None = None) -> Path:
+    """The local snapshot file of ``repo_id``'s config (or its ``gguf_file``), downloaded when online, found
+    in the HF cache when offline; ConfigError naming the id and the offline state when it cannot be."""
+    from huggingface_hub import hf_hub_download
+
+    offline = hub_offline()
+    try:
+        return Path(hf_hub_download(repo_id, gguf_file or "config.json", cache_dir=hub_cache_dir(),
+                                    local_files_only=offline))
+    except Exception as e:  # not found, gated, no network, not in the cache
+        cache = hub_cache_dir() or "(the default one)"
+        where = (f"offline mode is on (HF_HUB_OFFLINE=1): it must be in the HF cache {cache}" if offline
+                 else "offline mode is off: looked up on the Hub")
+        raise ConfigError(f"model {repo_id!r} cannot be resolved as a hub id; {where} "
+                          f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+
+
+def load_hub(repo_id: str, name: str | None = None, dtype: torch.dtype = torch.float32,
+             device_map: str | dict | None = None, gguf_file: str | None = None) -> LoadedModel:
+    """A hub id, resolved by transformers from the Hub or, offline, from the user's HF cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = resolve_hub(repo_id, gguf_file)
+    kw: dict[str, Any] = {"cache_dir": hub_cache_dir(), "local_files_only": hub_offline()}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    tok = AutoTokenizer.from_pretrained(repo_id, **kw)
+    model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, device_map=device_map, **kw)
+    model.eval()
+    snapshot = local.parent
+    src_dtype = getattr(model.config, "torch_dtype", None) or getattr(model.config, "dtype", None)
+    info = {
+        "name": name or repo_id,
+        "source": f"hub:{repo_id}@{snapshot.name}",  # the snapshot directory is named by the commit
+        "sha256": sha256_file(local) if gguf_file else _weights_sha256(snapshot),
+        "params": _param_count(model),
+        "dtype": str(dtype).replace("torch.", ""),
+        "source_precision": _gguf_source_precision(local) if gguf_file else
+        (str(src_dtype).replace("torch.", "") if src_dtype else "unknown"),
         "architecture": model.config.model_type,
     }
     return LoadedModel(model, tok, info)
@@ -218,17 +305,119 @@ def load_smollm2() -> LoadedModel:
     return load_gguf(smollm2_path(), name="smollm2-135m")
 
 
+# ------------------------------------------------------------------ seeded random models of several families
+
+#: ``{random: FAMILY}``: the families a random model can be built in (tests and GPU smoke runs)
+RANDOM_FAMILIES = ("llama", "qwen2", "mistral", "gemma3", "opt", "phi3")
+#: the size fields of a ``{random: ...}`` spec (each a positive integer; ``seed`` may be 0)
+RANDOM_FIELDS = ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "seed")
+
+
+def random_config(family: str, hidden_size: int = 256, layers: int = 2, heads: int | None = None,
+                  kv_heads: int | None = None, intermediate_size: int | None = None) -> Any:
+    """A small transformers config of ``family``: vocabulary 256 (the byte tokenizer), head_dim 64 by default
+    (``heads = hidden_size // 64``), GQA (``kv_heads = heads // 2``) where the family has it."""
+    import transformers as tf
+
+    heads = heads or max(hidden_size // 64, 1)
+    kv_heads = kv_heads or (heads // 2 if heads % 2 == 0 else heads)
+    inter = intermediate_size or 2 * hidden_size
+    common: dict[str, Any] = dict(vocab_size=256, hidden_size=hidden_size, num_hidden_layers=layers,
+                                  num_attention_heads=heads,
+                  max_position_embeddings=2048)
+    gqa: dict[str, Any] = dict(common, intermediate_size=inter, num_key_value_heads=kv_heads)
+    if family == "llama":
+        return tf.LlamaConfig(**gqa, tie_word_embeddings=True)
+    if family == "qwen2":  # q/k/v biases
+        return tf.Qwen2Config(**gqa, tie_word_embeddings=True)
+    if family == "mistral":
+        return tf.MistralConfig(**gqa, sliding_window=64, tie_word_embeddings=False)
+    if family == "gemma3":  # (1 + w) RMSNorms, scaled embeddings, q/k norms, sliding and full layers
+        head_dim = hidden_size // heads
+        return tf.Gemma3TextConfig(**gqa, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=64,
+                                   layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                                for i in range(layers)])
+    if family == "opt":
+        return tf.OPTConfig(**common, ffn_dim=intermediate_size or 4 * hidden_size, word_embed_proj_dim=hidden_size,
+                            do_layer_norm_before=True, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(**gqa, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    raise ConfigError(f"unknown random model family {family!r}{did_you_mean(family, RANDOM_FAMILIES)}")
+
+
+def random_model(family: str, seed: int = 0, name: str | None = None, **sizes: Any) -> LoadedModel:
+    """A seeded random-init model of ``family`` (:func:`random_config`) with the byte tokenizer. Norm weights
+    are perturbed (N(0, 0.1) added) so a method that mishandles a norm (Gemma's ``1 + w``) shows it."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = random_config(family, **sizes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "norm" in n and n.endswith("weight"):
+                    p.add_(torch.randn_like(p) * 0.1)
+    info = _tiny_info(name or f"random-{family}", model, seed)
+    return LoadedModel(model, ByteTokenizer(256), info)
+
+
 #: named models (``quantbench ls models``): name -> a loader returning a LoadedModel
 MODELS: Registry[Callable[[], LoadedModel]] = Registry("model")
 MODELS.add("smollm2-135m", load_smollm2)
 MODELS.add("tiny-llama", tiny_llama)
 MODELS.add("tiny-opt", tiny_opt)
+#: the family of each embedded model (known without loading it)
+EMBEDDED_FAMILIES = {"smollm2-135m": "llama", "tiny-llama": "llama", "tiny-opt": "opt"}
 
 
 #: the dtypes a model spec may load in (``dtype:``; ``torch.<name>``)
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
-MODEL_FIELDS = ("name", "path", "gguf_file", "dtype", "device_map")
+#: ``device:`` (and ``--device``): where the model is loaded and run
+DEVICE = re.compile(r"cpu|cuda|cuda:[0-9]{1,3}|auto")
+MODEL_FIELDS = ("name", "path", "gguf_file", "dtype", "device", "device_map", "random")
 GGUF_MAGIC = b"GGUF"
+MAX_RANDOM_SIZE = 1 << 16
+
+_KV = ("kv-fp16", "kv-uniform", "kivi", "kvquant")
+_GEMMA_NORM = "Gemma's RMSNorm scales by (1 + weight) and folding a smoothing scale into it is not implemented"
+#: what a method cannot do on a family (``model_type`` without ``_text``): method -> why, and what it would need.
+#: Checked before any work (:func:`check_family`); a method missing here runs (tests/harness/test_families.py).
+FAMILY_LIMITS: dict[str, dict[str, str]] = {
+    "gemma3": {
+        "llamacpp": "its GGML embedding drops Gemma's embedding scale (sqrt(hidden_size)); needs the replacement "
+                    "embedding to keep embed_tokens.embed_scale",
+        "w8a8": "it looks up SmoothQuant's norm->linear groups, which refuse Gemma's (1 + weight) RMSNorm; needs "
+                "naive W8A8 to skip the smoothing-group lookup (it folds nothing)",
+        "smoothquant": f"{_GEMMA_NORM}; needs the fold weight <- (1 + weight) / s - 1",
+        "awq": f"{_GEMMA_NORM}; needs the fold weight <- (1 + weight) / s - 1",
+        **{m: "it quantizes k_proj's output, but Gemma 3 applies k_norm to the keys before RoPE, so the cache would "
+              "hold pre-norm keys; needs the key hook after k_norm" for m in _KV},
+    },
+    "phi3": {
+        **{m: "Phi-3 fuses q/k/v into qkv_proj: there is no k_proj/v_proj to wrap and the method would change "
+              "nothing; needs the K and V slices of qkv_proj's output" for m in _KV},
+        "smoothquant": "Phi-3 fuses qkv_proj and gate_up_proj: no norm->q/k/v or norm->gate/up group is found and "
+                       "smoothing would silently do nothing; needs groups for the fused projections",
+        "awq": "Phi-3's fused qkv_proj/gate_up_proj are not llama-style blocks; needs scale groups for fused "
+               "projections",
+    },
+    "opt": {
+        "llamacpp": "it quantizes only linears under model.layers.*, and OPT's are under model.decoder.layers.* "
+                    "(only the embedding would be quantized); needs OPT's tensor names in its GGUF name map",
+        "awq": "OPT blocks are not llama-style (no input_layernorm / gate_proj); needs OPT scale groups",
+    },
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a model spec names: ``kind`` embedded | dir | gguf | hub | random, and ``ref`` (a name, a path, a
+    hub id or a family)."""
+
+    kind: str
+    ref: str
+    gguf_file: str | None = None
 
 
 def _file_magic(path: Path) -> bytes:
@@ -239,22 +428,44 @@ def _file_magic(path: Path) -> bytes:
         raise ConfigError(f"model file {str(path)!r} cannot be read ({e.strerror or type(e).__name__})") from None
 
 
-def validate_model_spec(spec: Any) -> None:
-    """A suite's model entry, checked before any work: a registered name, or ``{name?, path, gguf_file?,
-    dtype?, device_map?}`` whose path exists and is a GGUF file (its first bytes ``GGUF``) or an HF
-    directory (with ``config.json``). ConfigError (one line) otherwise."""
+def _exists(text: str) -> bool:
+    try:
+        return Path(text).expanduser().exists()
+    except (OSError, ValueError, RuntimeError) as e:  # a path the system cannot look up (too long, ~nouser)
+        raise ConfigError(f"model path {text!r}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _string_source(text: str) -> ModelSource:
+    if text in MODELS:
+        return ModelSource("embedded", text)
+    if _exists(text):
+        return _path_source({"path": text}, None)
+    if is_hub_id(text):
+        return ModelSource("hub", text)
+    raise ConfigError(f"unknown model {text!r}{did_you_mean(text, MODELS.names())}: not an embedded name, an "
+                      "existing HF directory or .gguf file, nor a hub id org/name")
+
+
+def _check_int(field_: str, v: Any, minimum: int, maximum: int) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or not minimum <= v <= maximum:
+        raise ConfigError(f"model {field_} must be an integer in {minimum}..{maximum}, got {v!r}")
+
+
+def model_source(spec: Any) -> ModelSource:
+    """What ``spec`` names, checked before any load (no network): ConfigError (one line) when it names nothing
+    loadable. A hub id is only checked for its spelling here; :func:`preflight` resolves it."""
     if isinstance(spec, str):
-        if spec not in MODELS:
-            raise ConfigError(f"unknown model {spec!r}{did_you_mean(spec, MODELS.names())}; or give {{name, path}}")
-        return
+        if not spec.strip() or "\0" in spec:
+            raise ConfigError(f"a model name must be a non-empty string, got {spec!r}")
+        return _string_source(spec)
     if not isinstance(spec, dict):
         raise ConfigError(f"a model is a name or a mapping, not {spec!r}")
-    unknown = [k for k in spec if k not in MODEL_FIELDS]
+    random_ = "random" in spec
+    valid = MODEL_FIELDS + (RANDOM_FIELDS if random_ else ())
+    unknown = [k for k in spec if k not in valid]
     if unknown:
-        raise ConfigError(f"unknown model field(s) {sorted(map(str, unknown))}; valid: {', '.join(MODEL_FIELDS)}")
-    if "path" not in spec:
-        raise ConfigError("a model given as a mapping needs 'path' (HF directory or .gguf file)")
-    for k in ("name", "path", "gguf_file"):
+        raise ConfigError(f"unknown model field(s) {sorted(map(str, unknown))}; valid: {', '.join(valid)}")
+    for k in ("name", "path", "gguf_file", "random"):
         if k in spec and not (isinstance(spec[k], str) and spec[k].strip() and "\0" not in spec[k]):
             raise ConfigError(f"model {k} must be a non-empty string, got {spec[k]!r}")
     if "name" in spec and not spec["name"].isprintable():
@@ -262,21 +473,62 @@ def validate_model_spec(spec: Any) -> None:
     dtype = spec.get("dtype", "float32")
     if not isinstance(dtype, str) or dtype not in MODEL_DTYPES:
         raise ConfigError(f"model dtype {dtype!r} is not valid{did_you_mean(str(dtype), MODEL_DTYPES)}")
+    device = spec.get("device", "cpu")
+    if not isinstance(device, str) or not DEVICE.fullmatch(device):
+        raise ConfigError(f"model device {device!r} is not valid: cpu, cuda, cuda:N or auto")
     device_map = spec.get("device_map")
     if device_map is not None and not (isinstance(device_map, str) and device_map) and not isinstance(device_map, dict):
         raise ConfigError(f"model device_map must be a string ('auto', 'cpu', ...) or a mapping, got {device_map!r}")
+    if device_map is not None and "device" in spec:
+        raise ConfigError("give a model 'device' or a 'device_map', not both")
+    if random_:
+        if spec["random"] not in RANDOM_FAMILIES:
+            raise ConfigError(f"unknown random model family {spec['random']!r}"
+                              f"{did_you_mean(spec['random'], RANDOM_FAMILIES)}; valid: {', '.join(RANDOM_FAMILIES)}")
+        for k in ("path", "gguf_file", "device_map"):
+            if k in spec:
+                raise ConfigError(f"a random model takes no {k!r}")
+        for k in RANDOM_FIELDS:
+            if k in spec:
+                _check_int(k, spec[k], 0 if k == "seed" else 1, 2**32 - 1 if k == "seed" else MAX_RANDOM_SIZE)
+        return ModelSource("random", spec["random"])
+    if "path" in spec:
+        return _path_source(spec, device_map)
+    if "name" not in spec:
+        raise ConfigError("a model given as a mapping needs 'path' (HF directory, .gguf file or hub id org/name), "
+                          "'name' (an embedded name or hub id) or 'random' (a family)")
+    src = _string_source(spec["name"])
+    if "gguf_file" in spec:
+        raise ConfigError("model gguf_file goes with 'path' (the directory or hub id that holds it)")
+    if device_map is not None and src.kind in ("gguf", "embedded"):
+        raise ConfigError("model device_map applies to Hugging Face directories and hub ids")
+    return src
+
+
+def validate_model_spec(spec: Any) -> None:
+    """A suite's model entry, checked before any work (:func:`model_source`); ConfigError (one line) otherwise."""
+    model_source(spec)
+
+
+def _path_source(spec: dict[str, Any], device_map: Any) -> ModelSource:
+    text = spec["path"]
+    if not _exists(text) and is_hub_id(text):
+        gguf = spec.get("gguf_file")
+        if gguf is not None and (Path(gguf).name != gguf or not gguf.endswith(".gguf")):
+            raise ConfigError(f"model gguf_file must be the name of a .gguf file in the repository, got {gguf!r}")
+        return ModelSource("hub", text, gguf)
     try:
-        _check_model_path(spec, device_map)
+        return _check_model_path(spec, device_map)
     except ConfigError:
         raise
     except (OSError, ValueError, RuntimeError) as e:  # a path the system cannot look up (too long, ~nouser)
         raise ConfigError(f"model path {spec['path']!r}: {getattr(e, 'strerror', None) or e}") from None
 
 
-def _check_model_path(spec: dict[str, Any], device_map: Any) -> None:
+def _check_model_path(spec: dict[str, Any], device_map: Any) -> ModelSource:
     path = Path(spec["path"]).expanduser()
     if not path.exists():
-        raise ConfigError(f"model path {spec['path']!r} does not exist")
+        raise ConfigError(f"model path {spec['path']!r} does not exist (nor is it a hub id org/name)")
     if spec.get("gguf_file"):
         gguf = spec["gguf_file"]
         if Path(gguf).name != gguf or not gguf.endswith(".gguf"):
@@ -290,30 +542,154 @@ def _check_model_path(spec: dict[str, Any], device_map: Any) -> None:
         if not (path / "config.json").is_file():
             raise ConfigError(f"model path {str(path)!r} is neither a Hugging Face model directory (no config.json) "
                               "nor a .gguf file")
-        return
+        return ModelSource("dir", str(path))
     if not path.is_file() or path.suffix != ".gguf" or _file_magic(path) != GGUF_MAGIC:
         raise ConfigError(f"model file {str(path)!r} is not a GGUF file (a .gguf file starting with b'GGUF') "
                           "nor a Hugging Face model directory")
     if device_map is not None:
         raise ConfigError("model device_map applies to Hugging Face directories, not to GGUF files")
+    return ModelSource("gguf", str(path))
 
 
 def model_key(spec: Any) -> str:
-    """The name a model spec is recorded and resumed under: the name its loader gives (a GGUF file's stem)."""
+    """The name a model spec is recorded and resumed under: its ``name``, else the string itself (an embedded
+    name, a path, a hub id), a path's stem (a GGUF file) or name, a hub id, or ``random-FAMILY-hH-lL-sS``."""
     if isinstance(spec, str) or spec.get("name"):
         return spec if isinstance(spec, str) else str(spec["name"])
+    if spec.get("random"):
+        return (f"random-{spec['random']}-h{spec.get('hidden_size', 256)}-l{spec.get('layers', 2)}"
+                f"-s{spec.get('seed', 0)}")
+    if not _exists(spec["path"]) and is_hub_id(spec["path"]):
+        return str(spec["path"]) + (f"/{spec['gguf_file']}" if spec.get("gguf_file") else "")
     path = Path(spec["path"]) / spec["gguf_file"] if spec.get("gguf_file") else Path(spec["path"])
     return path.stem if path.suffix == ".gguf" else path.name
 
 
-def load_model(spec: Any) -> LoadedModel:
-    validate_model_spec(spec)
-    if isinstance(spec, str):
-        return MODELS[spec]()
-    dtype = getattr(torch, spec.get("dtype", "float32"))
-    path = Path(spec["path"]).expanduser()
-    if spec.get("gguf_file"):
-        path = path / spec["gguf_file"]
-    if path.suffix == ".gguf":
-        return load_gguf(path, spec.get("name"), dtype)
-    return load_hf_dir(path, spec.get("name"), dtype, spec.get("device_map"))
+def with_settings(spec: Any, dtype: str | None = None, device: str | None = None) -> Any:
+    """``spec`` with ``dtype``/``device`` set (``--dtype``/``--device``): a string becomes ``{name: string}``
+    (same key, same source); unchanged when neither is given."""
+    if dtype is None and device is None:
+        return spec
+    out = {"name": spec} if isinstance(spec, str) else dict(spec)
+    if dtype is not None:
+        out["dtype"] = dtype
+    if device is not None:
+        out.pop("device_map", None)
+        out["device"] = device
+    validate_model_spec(out)
+    return out
+
+
+def resolve_device(device: str) -> str:
+    """``device`` as torch names it, checked to exist here: ``auto`` is cuda when there is one, else cpu;
+    ConfigError for cuda on a machine without one or an index past the last GPU."""
+    if not DEVICE.fullmatch(device):
+        raise ConfigError(f"device {device!r} is not valid: cpu, cuda, cuda:N or auto")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: this machine has no CUDA device (torch {torch.__version__}, "
+                              f"built for CUDA {torch.version.cuda or 'none'}); use device cpu")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+def _normalize_family(model_type: str | None) -> str | None:
+    return model_type.removesuffix("_text") if model_type else None
+
+
+def model_family(spec: Any, resolve: bool = False) -> str | None:
+    """The spec's family (``model_type`` without ``_text``: llama, gemma3, ...) where it is known without loading
+    the weights; a hub id only with ``resolve`` (reads its config.json, downloading it when online); None when
+    unknown (a GGUF file, an embedded model a plugin added)."""
+    src = model_source(spec)
+    if src.kind == "embedded":
+        return EMBEDDED_FAMILIES.get(src.ref)
+    if src.kind == "random":
+        return src.ref
+    config: Path | None = None
+    if src.kind == "dir":
+        config = Path(src.ref) / "config.json"
+    elif src.kind == "hub" and resolve and not src.gguf_file:
+        config = resolve_hub(src.ref)
+    if config is None:
+        return None
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return _normalize_family(model_type if isinstance(model_type, str) else None)
+
+
+def family_of(model: nn.Module) -> str | None:
+    """A loaded model's family: its config's ``model_type`` without ``_text`` (gemma3_text -> gemma3)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return _normalize_family(model_type if isinstance(model_type, str) else None)
+
+
+def check_family(family: str | None, methods: Iterable[str], model: str = "the model") -> None:
+    """ConfigError when a method of ``methods`` cannot handle ``family`` (:data:`FAMILY_LIMITS`)."""
+    limits = FAMILY_LIMITS.get(family or "", {})
+    for m in methods:
+        if m in limits:
+            raise ConfigError(f"method {m!r} does not support model {model!r} (family {family}): {limits[m]}")
+
+
+def preflight(spec: Any, device: str | None = None) -> str | None:
+    """What is checked about a model before a run starts, beyond :func:`model_source`: that its device exists
+    and that a hub id resolves (online, or from the HF cache offline). Returns its family (None: unknown), for
+    :func:`family_problems`."""
+    src = model_source(spec)
+    settings = spec if isinstance(spec, dict) else {}
+    if settings.get("device_map") is None:
+        resolve_device(device or settings.get("device") or "cpu")
+    if src.kind == "hub" and src.gguf_file:
+        resolve_hub(src.ref, src.gguf_file)
+    return model_family(spec, resolve=True)
+
+
+def family_problems(family: str | None, chains: Iterable[tuple[str, Iterable[str]]],
+                    model: str = "the model") -> list[str]:
+    """For each (cell name, method names) a method cannot run on ``family``: "cell: why" (the runner records
+    such a cell failed without quantizing; ``qb.quantize`` refuses it)."""
+    out = []
+    for cell, names in chains:
+        try:
+            check_family(family, names, model)
+        except ConfigError as e:
+            out.append(f"{cell}: {e}")
+    return out
+
+
+def load_model(spec: Any, dtype: str | None = None, device: str | None = None) -> LoadedModel:
+    """Load what ``spec`` names in ``dtype`` on ``device`` (arguments over the spec's own, else float32 on cpu);
+    ``info`` records the name, source, sha256, params, dtype and device."""
+    src = model_source(spec)
+    settings: dict[str, Any] = spec if isinstance(spec, dict) else {}
+    dtype_name = dtype or settings.get("dtype") or "float32"
+    if dtype_name not in MODEL_DTYPES:
+        raise ConfigError(f"model dtype {dtype_name!r} is not valid{did_you_mean(str(dtype_name), MODEL_DTYPES)}")
+    device_map = None if device else settings.get("device_map")
+    dev = None if device_map is not None else resolve_device(device or settings.get("device") or "cpu")
+    torch_dtype = getattr(torch, dtype_name)
+    name = settings.get("name")
+    if src.kind == "embedded":
+        lm = MODELS[src.ref]()
+    elif src.kind == "random":
+        lm = random_model(src.ref, name=name or model_key(spec), **{k: settings[k] for k in RANDOM_FIELDS
+                                                                     if k in settings})
+    elif src.kind == "gguf":
+        lm = load_gguf(src.ref, name, torch_dtype)
+    elif src.kind == "dir":
+        lm = load_hf_dir(src.ref, name, torch_dtype, device_map)
+    else:
+        lm = load_hub(src.ref, name, torch_dtype, device_map, src.gguf_file)
+    if dev is not None:
+        lm.model.to(device=dev, dtype=torch_dtype)
+    lm.info["dtype"] = dtype_name
+    lm.info["device"] = dev if dev is not None else f"device_map={device_map}"
+    return lm

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -56,6 +57,7 @@ class MetricResult:
     stderr: float | None = None
     status: str = "ok"
     error: str | None = None
+    samples: list[float] | None = None  # per-example scores (accuracy), written as the record's "samples"
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class MetricSpec:
     scale: float = 1.0  # leaderboard value = record value x scale (bytes -> MB)
     fmt: str | None = None  # leaderboard number format (default: 3 significant-ish digits)
     tag: Callable[[dict[str, Any]], str] | None = None  # protocol -> the tag that makes values comparable
+    needs_reference: bool = False  # reads the unquantized reference store (the runner builds it once per model)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tolerance", check_tolerance(f"metric {self.name}: tolerance", self.tolerance))
@@ -118,6 +121,7 @@ class CellContext:
     params: dict[str, Any] = field(default_factory=dict)  # parsed suite blocks by key (see cell_params)
     limit: int | None = None
     memo: dict[str, Any] = field(default_factory=dict)
+    artifact_dir: Path | None = None  # the cell's directory in the run (None: the run has none)
 
     @property
     def tokenizer(self) -> Any:
@@ -135,7 +139,7 @@ class CellContext:
         return self.memo["storage"]
 
     def eval_stats(self) -> EvalStats:
-        """One evaluation pass shared by perplexity, kl_divergence, top1_agreement (and peak memory)."""
+        """One evaluation pass shared by perplexity and every statistic against the reference (and peak memory)."""
         if "eval" not in self.memo:
             self.memo["eval"] = evaluate(self.model, self.eval_data, self.reference, desc=self.cell)
         return self.memo["eval"]

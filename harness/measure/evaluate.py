@@ -7,9 +7,11 @@ Protocols (DESIGN.md):
 - ``sliding``: windows of ``seq_len`` every ``stride`` tokens; each window scores only the tokens no
   earlier window scored (the first window scores all its predictable tokens).
 
-The reference (unquantized) model's log-probabilities at the scored positions are written once per
-(model, eval spec) to a float32 memmap on disk; each cell streams them back window by window, so
-KL(P_fp || P_q) and top-1 agreement never hold the logits of the whole run in memory.
+The reference (unquantized) model's outputs at the scored positions are written once per (model,
+eval spec) to a compact store on disk (:class:`Reference`); each cell streams them back window by
+window, so the statistics against the reference (:class:`EvalStats`: KL(P_ref || P_q) and its
+percentiles, Δp, top-1 agreement, ln(PPL_q / PPL_ref)) never hold the logits of the whole run in
+memory, and come from the same single pass as perplexity.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import torch
@@ -33,6 +37,11 @@ from ...methods.base import ConfigError
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("gptq", "sliding")
+
+#: the reference store's format; part of :meth:`Reference.key`, so a store of another format is never read
+REFERENCE_FORMAT = "u16-logprob-v1"
+#: uint16 codes per log-prob: 0 .. U16_MAX
+U16_MAX = 65535
 
 
 @dataclass
@@ -104,20 +113,46 @@ def build_eval_data(
 
 def _logprobs(model: nn.Module, w: Window) -> torch.Tensor:
     """log-softmax over the vocabulary at the positions that predict the scored targets: [T, V]."""
-    out = model(w.input_ids.unsqueeze(0))
+    param = next(model.parameters(), None)  # a model loaded on a GPU (--device) reads its inputs there
+    device = param.device if param is not None else w.input_ids.device
+    out = model(w.input_ids.unsqueeze(0).to(device))
     logits = out.logits if hasattr(out, "logits") else out
     logits = logits[0, w.score_from - 1 : -1].float()
-    return F.log_softmax(logits, dim=-1)
+    return F.log_softmax(logits, dim=-1).cpu()
+
+
+def _cat(parts: list[torch.Tensor]) -> np.ndarray:
+    return torch.cat(parts).numpy() if parts else np.zeros(0)
+
+
+#: percentile interpolation of every per-token statistic (numpy's default; llama.cpp's ``percentile`` too)
+PERCENTILE_METHOD: Final = "linear"
+
+
+def percentile(x: np.ndarray, q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``x``, linear interpolation between order statistics."""
+    return float(np.percentile(x, q, method=PERCENTILE_METHOD))
+
+
+def mean_stderr(x: np.ndarray) -> float:
+    """std(x, ddof=1) / sqrt(n): the tokens taken as independent samples (as llama.cpp does)."""
+    return float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")
 
 
 @dataclass
 class EvalStats:
+    """One evaluation pass: the sums the published values come from, and the per-token values of one
+    cell (float64, a few MB for the default eval's 8k tokens) its spreads and percentiles come from."""
+
     nll_sum: float = 0.0
     n_tokens: int = 0
     kl_sum: float = 0.0
     top1_sum: int = 0
     has_reference: bool = False
     per_window_nll: list[float] = field(default_factory=list)
+    tok_nll: list[torch.Tensor] = field(default_factory=list)  # per window: -log p_q(target)
+    tok_ref_nll: list[torch.Tensor] = field(default_factory=list)  # per window: -log p_ref(target)
+    tok_kl: list[torch.Tensor] = field(default_factory=list)  # per window: KL(P_ref || P_q) per position
 
     @property
     def perplexity(self) -> float:
@@ -131,56 +166,178 @@ class EvalStats:
     def top1(self) -> float:
         return self.top1_sum / self.n_tokens
 
+    def token_nll(self) -> np.ndarray:
+        return _cat(self.tok_nll)
+
+    def token_kl(self) -> np.ndarray:
+        return _cat(self.tok_kl)
+
+    def token_ref_nll(self) -> np.ndarray:
+        return _cat(self.tok_ref_nll)
+
+    def token_delta_p(self) -> np.ndarray:
+        """Δp = p_q(target) − p_ref(target) per token (a fraction, not %)."""
+        return np.exp(-self.token_nll()) - np.exp(-self.token_ref_nll())
+
+    def token_nll_diff(self) -> np.ndarray:
+        """nll_q − nll_ref per token: the paired samples of ln(PPL_q / PPL_ref)."""
+        return self.token_nll() - self.token_ref_nll()
+
     def perplexity_stderr(self) -> float:
-        """Delta-method stderr of ppl from the per-window mean NLLs (windows as samples)."""
-        k = len(self.per_window_nll)
-        if k < 2:
+        """Delta-method stderr of ppl from the per-token NLLs: ppl * std(nll) / sqrt(n)."""
+        nll = self.token_nll()
+        if nll.size < 2:
             return float("nan")
-        m = np.asarray(self.per_window_nll)
-        return float(self.perplexity * m.std(ddof=1) / math.sqrt(k))
+        return float(self.perplexity * mean_stderr(nll))
+
+    def kl_stderr(self) -> float:
+        return mean_stderr(self.token_kl())
+
+    def top1_stderr(self) -> float:
+        """Binomial stderr sqrt(p(1-p)/(n-1)) (llama.cpp's for "Same top p")."""
+        p, n = self.top1, self.n_tokens
+        return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
 
 
 class Reference:
-    """Log-probabilities of the unquantized model on an EvalData, as a float32 memmap."""
+    """The unquantized model's outputs at the scored positions of an EvalData, in a directory:
+
+    - ``logprobs.npy``: uint16 [N, V]; per token, log-prob ``lp ≈ lo + code * step`` with
+      ``lo = min_v lp``, ``step = (max_v lp − lo) / 65535`` (llama.cpp's ``--kl-divergence-base``
+      encoding, without its 16-nat clip): every stored log-prob within ``step / 2`` of the float32
+      value (:meth:`error_bound`);
+    - ``scale.npy``: float32 [N, 2], ``(lo, step)`` per token;
+    - ``target_logprob.npy``: float32 [N], the exact log-prob of each target (the reference's per-token
+      NLL, for ln(PPL_q / PPL_ref) and Δp);
+    - ``argmax.npy``: int64 [N], the exact float32 argmax (top-1 agreement is not moved by rounding ties);
+    - ``meta.json``: format, vocab, tokens; written last (a directory without it is incomplete).
+
+    :meth:`window` decodes a window and renormalizes it (log-softmax), so KL is between two distributions;
+    a decoded log-prob is then within ``step`` of the float32 one.
+    """
+
+    FILES = ("logprobs.npy", "scale.npy", "target_logprob.npy", "argmax.npy")
 
     def __init__(self, path: Path, data: EvalData, vocab: int) -> None:
-        self.path, self.data, self.vocab = path, data, vocab
+        self.path, self.data, self.vocab = Path(path), data, vocab
         self.offsets = np.cumsum([0] + [w.input_ids.numel() - w.score_from for w in data.windows])
+        self._arrays: dict[str, np.ndarray] = {}
 
     @staticmethod
     def key(model_info: dict[str, Any], data: EvalData) -> str:
         blob = json.dumps({"model": model_info.get("sha256") or model_info.get("name"),
-                           "params": model_info.get("params"), "protocol": data.protocol}, sort_keys=True)
+                           "params": model_info.get("params"), "dtype": model_info.get("dtype"),
+                           "protocol": data.protocol, "format": REFERENCE_FORMAT}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     @classmethod
+    def open(cls, path: Path, data: EvalData) -> Reference | None:
+        """A complete store of this format at ``path`` for ``data``, or None (absent, partial, other format)."""
+        try:
+            meta = json.loads((Path(path) / "meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if meta.get("format") != REFERENCE_FORMAT or meta.get("tokens") != data.n_scored:
+            return None
+        return cls(path, data, int(meta["vocab"]))
+
+    @classmethod
+    def load_or_build(cls, model: nn.Module, model_info: dict[str, Any], data: EvalData, cache: Path) -> Reference:
+        """The cached store for (model, data) under ``cache``, built (one pass of ``model``) when missing."""
+        path = Path(cache) / cls.key(model_info, data)
+        ref = cls.open(path, data)
+        if ref is not None:
+            return ref
+        log.info("building the unquantized reference on %d windows", len(data.windows))
+        return cls.build(model, data, path)[0]
+
+    @staticmethod
+    def encode(lp: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """uint16 codes [T, V] and (lo, step) [T, 2] of float32 log-probs [T, V] (round to nearest)."""
+        lp = lp.float()
+        lo = lp.min(-1, keepdim=True).values
+        step = (lp.max(-1, keepdim=True).values - lo) / U16_MAX
+        safe = torch.where(step > 0, step, torch.ones_like(step))
+        codes = torch.round((lp - lo) / safe).clamp_(0, U16_MAX).to(torch.int32)
+        return codes.numpy().astype(np.uint16), torch.cat([lo, step], -1).numpy()
+
+    @staticmethod
+    def decode(codes: np.ndarray, scale: np.ndarray) -> torch.Tensor:
+        """float32 log-probs [T, V] from :meth:`encode`'s output (not renormalized)."""
+        s = torch.from_numpy(np.asarray(scale, dtype=np.float32))
+        return s[:, :1] + torch.from_numpy(np.asarray(codes).astype(np.float32)) * s[:, 1:]
+
+    @classmethod
     def build(cls, model: nn.Module, data: EvalData, path: Path) -> tuple[Reference, EvalStats]:
-        """Run the reference model once; write its log-probs; return its own stats too."""
+        """Run the reference model once; write its store; return its own stats too."""
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        vocab = None
-        mm = None
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # per process: two runs may build the same key
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        n = data.n_scored
+        offsets = np.cumsum([0] + [w.input_ids.numel() - w.score_from for w in data.windows])
         stats = EvalStats()
-        tmp = path.with_suffix(".tmp")
-        for i, w in enumerate(tqdm(data.windows, desc="reference", leave=False)):
+        arrays: dict[str, Any] = {}
+        vocab = 0
+        for i, w in enumerate(tqdm(data.windows, desc="reference", leave=False, disable=None)):
             with torch.inference_mode():
                 lp = _logprobs(model, w)
-            if mm is None:
+            if not arrays:
                 vocab = lp.shape[-1]
-                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(data.n_scored, vocab))
-                ref = cls(path, data, vocab)
-            a, b = ref.offsets[i], ref.offsets[i + 1]
-            mm[a:b] = lp.numpy()
+                shapes = {"logprobs.npy": ((n, vocab), np.uint16), "scale.npy": ((n, 2), np.float32),
+                          "target_logprob.npy": ((n,), np.float32), "argmax.npy": ((n,), np.int64)}
+                arrays = {f: np.lib.format.open_memmap(tmp / f, mode="w+", dtype=dt, shape=sh)
+                          for f, (sh, dt) in shapes.items()}
+            a, b = offsets[i], offsets[i + 1]
+            codes, scale = cls.encode(lp)
+            targets = w.input_ids[w.score_from :]
+            arrays["logprobs.npy"][a:b] = codes
+            arrays["scale.npy"][a:b] = scale
+            arrays["target_logprob.npy"][a:b] = lp.gather(1, targets.unsqueeze(1)).squeeze(1).numpy()
+            arrays["argmax.npy"][a:b] = lp.argmax(-1).numpy()
             _accumulate_nll(stats, lp, w)
-        assert mm is not None and vocab is not None
-        mm.flush()
-        del mm
+        for arr in arrays.values():
+            arr.flush()
+        del arrays
+        meta = {"format": REFERENCE_FORMAT, "vocab": vocab, "tokens": n, "windows": len(data.windows),
+                "encoding": "uint16 per log-prob, per-token lo = min, step = (max - min) / 65535, round to nearest"}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(path, ignore_errors=True)  # an older or partial store at this path
         tmp.replace(path)
         return cls(path, data, vocab), stats
 
+    def _array(self, name: str) -> np.ndarray:
+        if name not in self._arrays:  # opened once, not per window
+            self._arrays[name] = np.load(self.path / name, mmap_mode="r")
+        return self._arrays[name]
+
+    def _slice(self, name: str, i: int) -> np.ndarray:
+        return np.array(self._array(name)[self.offsets[i] : self.offsets[i + 1]])
+
+    def raw_window(self, i: int) -> torch.Tensor:
+        """Window ``i``'s stored log-probs [T, V] as decoded (within :meth:`error_bound` of float32)."""
+        return self.decode(self._slice("logprobs.npy", i), self._slice("scale.npy", i))
+
     def window(self, i: int) -> torch.Tensor:
-        if getattr(self, "_mm", None) is None:  # opened once, not per window
-            self._mm = np.load(self.path, mmap_mode="r")
-        return torch.from_numpy(np.array(self._mm[self.offsets[i] : self.offsets[i + 1]]))
+        """Window ``i``'s log-probs [T, V], decoded and renormalized."""
+        return F.log_softmax(self.raw_window(i), dim=-1)
+
+    def error_bound(self, i: int) -> torch.Tensor:
+        """Per token of window ``i``: the largest |stored − float32| log-prob, ``step / 2`` plus the float32
+        rounding of encoding and decoding (4 float32 epsilons of ``|lo|``, the largest magnitude)."""
+        s = self._slice("scale.npy", i).astype(np.float64)
+        return torch.from_numpy(s[:, 1] / 2 + 4 * float(np.finfo(np.float32).eps) * np.abs(s[:, 0]))
+
+    def target_logprob(self, i: int) -> torch.Tensor:
+        """Window ``i``: the exact (float32) reference log-prob of each target."""
+        return torch.from_numpy(self._slice("target_logprob.npy", i))
+
+    def argmax(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self._slice("argmax.npy", i))
+
+    def nbytes(self) -> int:
+        return sum((self.path / f).stat().st_size for f in self.FILES)
 
 
 def _accumulate_nll(stats: EvalStats, lp: torch.Tensor, w: Window) -> None:
@@ -189,13 +346,14 @@ def _accumulate_nll(stats: EvalStats, lp: torch.Tensor, w: Window) -> None:
     stats.nll_sum += float(nll.sum())
     stats.n_tokens += int(nll.numel())
     stats.per_window_nll.append(float(nll.mean()))
+    stats.tok_nll.append(nll)
 
 
 def evaluate(model: nn.Module, data: EvalData, reference: Reference | None = None,
              desc: str = "eval") -> EvalStats:
-    """Perplexity of ``model`` on ``data``; KL and top-1 agreement when a reference is given."""
+    """Perplexity of ``model`` on ``data``; the statistics against the reference when one is given."""
     stats = EvalStats(has_reference=reference is not None)
-    for i, w in enumerate(tqdm(data.windows, desc=desc, leave=False)):
+    for i, w in enumerate(tqdm(data.windows, desc=desc, leave=False, disable=None)):
         with torch.inference_mode():
             lp = _logprobs(model, w)
         if not torch.isfinite(lp).all():
@@ -207,5 +365,7 @@ def evaluate(model: nn.Module, data: EvalData, reference: Reference | None = Non
                 raise ValueError(f"reference window {i} has shape {tuple(ref.shape)}, model gives {tuple(lp.shape)}")
             kl = F.kl_div(lp, ref, log_target=True, reduction="none").sum(-1).double()
             stats.kl_sum += float(kl.sum())
-            stats.top1_sum += int((ref.argmax(-1) == lp.argmax(-1)).sum())
+            stats.tok_kl.append(kl)
+            stats.top1_sum += int((reference.argmax(i) == lp.argmax(-1)).sum())
+            stats.tok_ref_nll.append(-reference.target_logprob(i).double())
     return stats

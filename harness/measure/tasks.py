@@ -15,8 +15,11 @@ from ``suites/tasks/*.yaml.tmpl`` with absolute data paths):
 
 Any other name is passed to lm-eval's own task registry (hellaswag, arc_easy, lambada_openai,
 ...) and works where that machine has the data.  Each task gives one ``accuracy`` record with
-its stderr and ``task``, ``shots`` and ``n`` in the protocol.  The ``tasks:`` block (a cell's list
-replaces the suite's) is :class:`Tasks`, a list of :class:`TaskSpec`.
+its stderr (lm-eval's), ``task``, ``shots`` and ``n`` in the protocol, and a top-level ``samples``
+list: the per-example score under lm-eval's metric, in document order (their mean is the value), so
+accuracy differences can be paired per example.  lm-eval's results JSON and logged samples go to the
+cell's directory (``lmeval/results.json``, ``lmeval/samples_<task>.jsonl``) when the run has one.
+The ``tasks:`` block (a cell's list replaces the suite's) is :class:`Tasks`, a list of :class:`TaskSpec`.
 """
 
 from __future__ import annotations
@@ -341,9 +344,50 @@ def _task_manager(include_defaults: bool) -> Any:
     return _TM[key]
 
 
+def task_samples(res: dict[str, Any], task: str, metric: str) -> list[float]:
+    """Per-example scores of ``task`` from lm-eval's logged samples, in document order (``doc_id``).
+
+    ``metric`` is lm-eval's result key (``"acc,none"``): the score of each example under that metric and
+    filter, so that their mean is the task's value."""
+    name, _, filt = metric.partition(",")
+    rows = [r for r in (res.get("samples") or {}).get(task, []) if r.get("filter", filt) == filt]
+    return [float(r[name]) for r in sorted(rows, key=lambda r: r["doc_id"])]
+
+
+def save_lmeval_outputs(out_dir: Path, res: dict[str, Any], task: str) -> None:
+    """Write lm-eval's results JSON (``lmeval/results.json``, merged over the cell's tasks: each task runs as
+    its own ``simple_evaluate`` call) and its logged samples (``lmeval/samples_<task>.jsonl``) into ``out_dir``."""
+    from lm_eval.utils import handle_non_serializable  # deferred: lm_eval is optional
+
+    d = Path(out_dir) / "lmeval"
+    d.mkdir(parents=True, exist_ok=True)
+    rows = (res.get("samples") or {}).get(task, [])
+    (d / f"samples_{task}.jsonl").write_text(
+        "".join(json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n" for r in rows))
+    path = d / "results.json"
+    merged: dict[str, Any] = {}
+    if path.exists():
+        try:
+            merged = json.loads(path.read_text())
+        except ValueError:
+            merged = {}
+    for k, v in res.items():
+        if k == "samples":
+            continue
+        if isinstance(v, dict) and isinstance(merged.get(k), dict) and task in v:  # per-task sections
+            merged[k] = {**merged[k], **v}
+        else:
+            merged[k] = v
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(merged, indent=1, default=handle_non_serializable, ensure_ascii=False))
+    tmp.replace(path)
+
+
 def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[TaskSpec], batch_size: int = 8,
-                   limit_cap: int | None = None) -> list[dict[str, Any]]:
-    """Run each task through ``lm_eval.simple_evaluate`` on the in-memory model; one dict per task."""
+                   limit_cap: int | None = None, out_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Run each task through ``lm_eval.simple_evaluate`` on the in-memory model; one dict per task, with
+    ``samples`` (per-example scores in document order). With ``out_dir``, lm-eval's results JSON and logged
+    samples are written there (:func:`save_lmeval_outputs`)."""
     _offline_env()
     from lm_eval import simple_evaluate  # deferred: lm_eval is optional
     from lm_eval.models.huggingface import HFLM  # deferred: lm_eval is optional
@@ -364,17 +408,20 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[TaskSpec], batch_size
             limit = min(limit or limit_cap, limit_cap)
         lm.batch_size_per_gpu = t.batch_size or batch_size
         res = simple_evaluate(model=lm, tasks=[t.name], num_fewshot=t.shots, limit=limit,
-                              task_manager=tm, log_samples=False, bootstrap_iters=1000,
+                              task_manager=tm, log_samples=True, bootstrap_iters=1000,
                               random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
                               fewshot_random_seed=1234)
         r = res["results"][t.name]
         n = res.get("n-samples", {}).get(t.name, {})
         metric = "acc,none" if "acc,none" in r else next(k for k in r if k.endswith(",none") and "stderr" not in k)
         stderr = r.get(metric.replace(",", "_stderr,", 1))
+        if out_dir is not None:
+            save_lmeval_outputs(out_dir, res, t.name)
         out.append({"task": t.name, "metric": metric.split(",")[0], "value": float(r[metric]),
                     "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
                     "shots": t.shots, "n": n.get("effective"), "n_total": n.get("original"),
-                    "limit": limit, "version": res.get("versions", {}).get(t.name)})
+                    "limit": limit, "version": res.get("versions", {}).get(t.name),
+                    "samples": task_samples(res, t.name, metric)})
     return out
 
 
@@ -400,7 +447,7 @@ def accuracy(ctx: CellContext) -> list[MetricResult]:
     out = []
     for t in tasks:
         try:
-            (r,) = evaluate_tasks(ctx.model, ctx.tokenizer, [t], limit_cap=ctx.limit)
+            (r,) = evaluate_tasks(ctx.model, ctx.tokenizer, [t], limit_cap=ctx.limit, out_dir=ctx.artifact_dir)
         except Exception as e:
             log.error("task %s failed: %s", t.name, e)
             out.append(MetricResult(None, {"task": t.name, "shots": t.shots}, status="failed",
@@ -412,7 +459,9 @@ def accuracy(ctx: CellContext) -> list[MetricResult]:
                  "threads": torch.get_num_threads()}
         if r["task"] in LOCAL_TASKS:
             proto["data"] = _DESCRIPTIONS[r["task"] if not r["task"].startswith("bb_") else "bb"]
-        out.append(MetricResult(r["value"], proto, stderr=r["stderr"]))
+        if ctx.artifact_dir is not None:
+            proto["samples_file"] = f"lmeval/samples_{r['task']}.jsonl"
+        out.append(MetricResult(r["value"], proto, stderr=r["stderr"], samples=r["samples"]))
     return out
 
 

@@ -10,6 +10,7 @@ every metric is recorded ok under the cell's current definition (``start_run``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import hashlib
@@ -25,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ...methods.base import METHODS, Calibration, ConfigError, Method
 from ...methods.quantize import quantize
 from ..inputs import data as datamod
-from ..inputs.models import LoadedModel, load_model, model_key
+from ..inputs.models import LoadedModel, check_family, family_of, load_model, model_key
 from ..measure import METRICS, CellContext, MetricResult, cell_params, memory
 from ..measure.evaluate import EvalData, Reference, build_eval_data
 from ..paths import REPO_ROOT
@@ -67,7 +70,7 @@ class CellRunner:
         self._calib: dict[tuple, Calibration] = {}
         self.eval_data = self._eval_data()
         self.reference: Reference | None = None
-        if any(m in ("kl_divergence", "top1_agreement") for c in suite.cells for m in c.metrics):
+        if any(m in METRICS and METRICS[m].needs_reference for c in suite.cells for m in c.metrics):
             self.reference = self._reference()
 
     def _eval_data(self) -> EvalData:
@@ -79,19 +82,8 @@ class CellRunner:
         return build_eval_data(ids, ev.dataset, ev.protocol, ev.seq_len, ev.stride, max_windows)
 
     def _reference(self) -> Reference:
-        key = Reference.key(self.base.info, self.eval_data)
-        path = datamod.cache_dir() / "reference" / f"{key}.npy"
-        if path.exists():
-            try:
-                import numpy as np
-
-                vocab = int(np.load(path, mmap_mode="r").shape[1])
-                return Reference(path, self.eval_data, vocab)
-            except (ValueError, OSError):
-                path.unlink()
-        log.info("building the unquantized reference on %d windows", len(self.eval_data.windows))
-        ref, _ = Reference.build(self.base.model, self.eval_data, path)
-        return ref
+        return Reference.load_or_build(self.base.model, self.base.info, self.eval_data,
+                                       datamod.cache_dir() / "reference")
 
     def calibration(self, spec: CalibrationSpec) -> Calibration:
         key = (spec.dataset, spec.n_samples, spec.seq_len, self.seed)
@@ -106,6 +98,8 @@ class CellRunner:
         metric_seconds: dict[str, float] = {}
         model = None
         try:
+            # a method that cannot handle the model's family fails the cell before any work (FAMILY_LIMITS)
+            check_family(family_of(self.base.model), [s.method for s in cell.chain], model_key(self.model_spec))
             memory.reset_peak()
             model = copy.deepcopy(self.base.model)
             tq = time.perf_counter()
@@ -118,7 +112,8 @@ class CellRunner:
             model.eval()
             ctx = CellContext(cell.name, model, self.base, self.eval_data, self.reference, methods,
                               quantize_seconds, self.seed, cell.calibration.to_dict(),
-                              cell_params(self.suite, cell), self.limit)
+                              cell_params(self.suite, cell), self.limit,
+                              artifact_dir=self._cell_dir(cell) if self.run_dir else None)
             ctx.memo["peak_quantize"] = peak_quantize
             results = []
             for name in cell.metrics:
@@ -167,6 +162,8 @@ class CellRunner:
                     unit=spec.unit, higher_is_better=spec.higher_is_better, protocol=r.protocol,
                     stderr=r.stderr, status=r.status, error=r.error, provenance=prov,
                 ))
+                if r.samples is not None:
+                    out[-1]["samples"] = r.samples
         return out
 
     def _cell_dir(self, cell: Cell) -> Path:
@@ -178,7 +175,7 @@ class CellRunner:
         """The model as recorded; its name is the spec's key, the one resume looks cells up under."""
         i = self.base.info
         return {"name": model_key(self.model_spec),
-                **{k: i.get(k) for k in ("source", "sha256", "params", "source_precision", "dtype")}}
+                **{k: i.get(k) for k in ("source", "sha256", "params", "source_precision", "dtype", "device")}}
 
     def _save_artifacts(self, cell: Cell, methods: list[Method]) -> None:
         if self.run_dir is None:
@@ -346,12 +343,24 @@ def run_suite(
 ) -> Path:
     """Run every pending cell of ``suite`` locally; returns the run directory (``force``: see start_run)."""
     run = start_run(suite, out, resume, seed, limit, force)
-    run_dir, env, done, run_id, writer = run.dir, run.env, run.done, run.run_id, run.writer
+    done = run.done
     seed = suite.seed if seed is None else seed
+    pending = {model_key(m): [c for c in suite.cells if (model_key(m), c.name) not in done
+                              and (cell_filter is None or cell_filter(c))] for m in suite.models}
+    # one bar over the run's pending cells, its ETA from the finished ones; silent when stderr is no TTY
+    bar = tqdm(total=sum(len(t) for t in pending.values()), desc=suite.name, unit="cell", disable=None,
+               dynamic_ncols=True)
+    with bar, (logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext()):
+        _run_models(suite, run, pending, seed, limit, bar)
+    return run.dir
 
+
+def _run_models(suite: Suite, run: RunState, pending: dict[str, list[Cell]], seed: int, limit: int | None,
+                bar: tqdm) -> None:
+    env, run_id, writer, run_dir = run.env, run.run_id, run.writer, run.dir
     for model_spec in suite.models:
         mname = model_key(model_spec)
-        todo = [c for c in suite.cells if (mname, c.name) not in done and (cell_filter is None or cell_filter(c))]
+        todo = pending[mname]
         skipped = len(suite.cells) - len(todo)
         if skipped:
             log.info("%s: skipping %d recorded cell(s)", mname, skipped)
@@ -367,18 +376,20 @@ def run_suite(
             for cell in todo:
                 prov = {**env, "seed": seed, "cell_definition": run.definitions.get((mname, cell.name))}
                 writer.write_cell(failed_records(suite, model_spec, cell, run_id, prov, err))
+            bar.update(len(todo))
             continue
         for cell in todo:
             log.info("cell %s / %s", mname, cell.name)
+            bar.set_postfix_str(f"{mname}/{cell.name}")
             try:
                 recs = runner.run_cell(cell, run_id, env)
             except KeyboardInterrupt:
                 log.warning("interrupted: finished cells are in %s; continue with --resume", writer.path)
                 raise
             writer.write_cell(recs)
+            bar.update(1)
             failed = [r for r in recs if r["status"] == "failed"]
             if failed:
                 log.warning("cell %s: %d metric(s) failed: %s", cell.name, len(failed), failed[0]["error"])
         del runner
         gc.collect()
-    return run_dir

@@ -3,7 +3,7 @@
 ```yaml
 name: default
 include: [base.yaml]                # optional: suites this one extends (see below)
-models: [smollm2-135m]              # registry names or {name, path[, gguf_file]}
+models: [smollm2-135m]              # names, paths, hub ids, {name?, path, dtype?, device?}, {random: llama}
 seed: 0
 eval: {dataset: wiki, protocol: gptq, seq_len: 1024, max_windows: 16}
 calibration: {dataset: wiki, n_samples: 32, seq_len: 512}
@@ -53,7 +53,7 @@ import yaml
 
 from ...methods.base import ConfigError, build_method, did_you_mean
 from ..inputs.data import DATASETS, get_corpus
-from ..inputs.models import model_key, validate_model_spec
+from ..inputs.models import family_problems, model_key, preflight, validate_model_spec, with_settings
 from ..measure import METRICS
 from ..measure.base import validate_tolerances
 from ..measure.evaluate import PROTOCOLS
@@ -160,7 +160,7 @@ class Suite:
 
     name: str
     description: str
-    models: tuple[Any, ...]  # registry names or {name, path[, gguf_file, dtype, device_map]}
+    models: tuple[Any, ...]  # model specs (harness/inputs/models.py): names, paths, hub ids, mappings
     seed: int
     eval: EvalSpec
     calibration: CalibrationSpec
@@ -584,6 +584,46 @@ def _raw_name(c: Any) -> str | None:
     return None
 
 
+def _check_models(where: str, models: list[Any]) -> None:
+    """Each model spec names something loadable (checked without loading or the network), each key once."""
+    model_keys: set[str] = set()
+    for m in models:
+        try:
+            validate_model_spec(m)
+        except ConfigError as e:
+            raise _err(where, str(e)) from None
+        if model_key(m) in model_keys:
+            raise _err(where, f"model {model_key(m)!r} is listed twice (give each a distinct name)")
+        model_keys.add(model_key(m))
+
+
+def preflight_suite(suite: Suite) -> list[str]:
+    """Before a run: each model's device exists and its hub id resolves (ConfigError otherwise); returns the
+    (model, cell) pairs whose method cannot handle the model's family, which the runner records as failed
+    without quantizing (``models.FAMILY_LIMITS``), as "model/cell: why"."""
+    problems = []
+    chains = [(c.name, [s.method for s in c.chain]) for c in suite.cells]
+    for m in suite.models:
+        family = preflight(m)
+        problems += [f"{model_key(m)}/{p}" for p in family_problems(family, chains, model_key(m))]
+    return problems
+
+
+def with_models(suite: Suite, models: list[Any] | None = None, dtype: str | None = None,
+                device: str | None = None) -> Suite:
+    """``suite`` with its models replaced (``--model``) and each given ``dtype``/``device`` (``--dtype``,
+    ``--device``), validated as the suite's own models are."""
+    specs = list(suite.models if models is None else models)
+    if not specs:
+        raise ConfigError("--model: give at least one model")
+    _check_models("--model" if models is not None else "models", specs)
+    try:
+        specs = [with_settings(m, dtype, device) for m in specs]
+    except ConfigError as e:
+        raise ConfigError(f"--dtype/--device: {e}") from None
+    return replace(suite, models=tuple(specs), raw={**suite.raw, "models": specs})
+
+
 def parse_suite(raw: dict[str, Any], path: str | None = None) -> Suite:
     """Validate a suite document (``include:`` paths relative to ``path``, else to the working directory).
 
@@ -618,15 +658,7 @@ def _parse_suite(raw: dict[str, Any], path: str | None) -> Suite:
     models = raw["models"]
     if not isinstance(models, list) or not models:
         raise _err(where, "models must be a non-empty list")
-    model_keys: set[str] = set()
-    for m in models:
-        try:
-            validate_model_spec(m)
-        except ConfigError as e:
-            raise _err(at("models"), str(e)) from None
-        if model_key(m) in model_keys:
-            raise _err(at("models"), f"model {model_key(m)!r} is listed twice (give each a distinct name)")
-        model_keys.add(model_key(m))
+    _check_models(at("models"), models)
 
     ev = _check_eval(at("eval"), raw.get("eval", {}))
     calib = _check_calibration(at("calibration"), raw.get("calibration"))

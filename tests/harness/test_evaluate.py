@@ -1,6 +1,8 @@
 """Perplexity protocols on hand-computable cases; KL/top-1 against a direct computation."""
 
+import io
 import math
+import sys
 
 import pytest
 import torch
@@ -101,3 +103,216 @@ def test_bad_protocol_is_a_config_error():
         make_windows(torch.arange(100), "rolling", 10)
     with pytest.raises(ConfigError, match="fewer than seq_len"):
         make_windows(torch.arange(10), "gptq", 100)
+
+
+# --------------------------------------------------------------------------- statistics against the reference
+
+
+def _llama_percentile(values, q):
+    """llama.cpp's ``percentile``: linear interpolation between the sorted values at fraction q / 100."""
+    v = sorted(values)
+    p = q / 100 * (len(v) - 1)
+    i = int(p)
+    p -= i
+    return (1 - p) * v[i] + p * v[min(i + 1, len(v) - 1)]
+
+
+class PosBigram(nn.Module):
+    """Logits = table[current token] + pos[position]: every scored position has its own distribution."""
+
+    def __init__(self, table, pos):
+        super().__init__()
+        self.table, self.pos = table, pos
+
+    def forward(self, ids):
+        return self.table[ids] + self.pos[: ids.shape[1]]
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """A reference and a 'quantized' tiny random model (vocab 13) and their direct float64 statistics."""
+    torch.manual_seed(1)
+    V, L = 13, 50
+    ids = torch.randint(0, V, (400,))
+    t_ref, p_ref = torch.randn(V, V) * 2, torch.randn(L, V)
+    t_q, p_q = t_ref + 0.5 * torch.randn(V, V), p_ref + 0.3 * torch.randn(L, V)
+    ref_model, q_model = PosBigram(t_ref, p_ref), PosBigram(t_q, p_q)
+    data = build_eval_data(ids, "t", "gptq", L)
+    ref, _ = Reference.build(ref_model, data, tmp_path / "ref")
+    # direct: full softmax in float64 at every scored position
+    lp = torch.cat([F.log_softmax(ref_model(w.input_ids[None])[0, w.score_from - 1 : -1].double(), -1)
+                    for w in data.windows])
+    lq = torch.cat([F.log_softmax(q_model(w.input_ids[None])[0, w.score_from - 1 : -1].double(), -1)
+                    for w in data.windows])
+    tgt = torch.cat([w.input_ids[w.score_from :] for w in data.windows])
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    nll_q, nll_r = -lq.gather(1, tgt[:, None])[:, 0], -lp.gather(1, tgt[:, None])[:, 0]
+    direct = {"kl": kl.numpy(), "dp": (torch.exp(-nll_q) - torch.exp(-nll_r)).numpy(),
+              "dnll": (nll_q - nll_r).numpy(), "nll": nll_q.numpy(),
+              "top1": float((lp.argmax(-1) == lq.argmax(-1)).double().mean())}
+    return q_model, data, ref, direct
+
+
+def _ctx(model, data, ref):
+    from quantbench.harness.measure import CellContext
+
+    return CellContext("c", model, None, data, ref, [], 0.0, 0)
+
+
+def test_kl_statistics_match_direct_float64(pair):
+    import numpy as np
+
+    from quantbench.harness.measure import METRICS
+
+    q_model, data, ref, d = pair
+    ctx = _ctx(q_model, data, ref)
+    val = {name: METRICS[name].compute(ctx)[0] for name in
+           ("kl_divergence", "kl_median", "kl_p90", "kl_p99", "kl_p999", "kl_max")}
+    assert all(r.status == "ok" for r in val.values())
+    kl = d["kl"]
+    assert val["kl_divergence"].value == pytest.approx(kl.mean(), rel=1e-4)
+    assert val["kl_divergence"].stderr == pytest.approx(kl.std(ddof=1) / math.sqrt(kl.size), rel=1e-3)
+    for name, q in (("kl_median", 50), ("kl_p90", 90), ("kl_p99", 99), ("kl_p999", 99.9)):
+        assert val[name].value == pytest.approx(_llama_percentile(kl, q), rel=1e-3), name
+    assert val["kl_max"].value == pytest.approx(kl.max(), rel=1e-3)
+    # distinct order statistics here (the test would notice a wrong q)
+    v = {k: r.value for k, r in val.items()}
+    assert v["kl_median"] < v["kl_p90"] < v["kl_p99"] < v["kl_p999"] <= v["kl_max"]
+    assert np.isclose(val["kl_median"].value, np.median(kl), rtol=1e-3)
+
+
+def test_delta_p_same_top_and_ln_ppl_ratio_match_direct_float64(pair):
+    from quantbench.harness.measure import METRICS
+
+    q_model, data, ref, d = pair
+    ctx = _ctx(q_model, data, ref)
+    dp, dnll = d["dp"], d["dnll"]
+    (rms,) = METRICS["rms_delta_p"].compute(ctx)
+    assert rms.value == pytest.approx(math.sqrt((dp**2).mean()), rel=1e-5)
+    (p01,) = METRICS["delta_p_p01"].compute(ctx)
+    (p99,) = METRICS["delta_p_p99"].compute(ctx)
+    assert p01.value == pytest.approx(_llama_percentile(dp, 1), rel=1e-4, abs=1e-7)
+    assert p99.value == pytest.approx(_llama_percentile(dp, 99), rel=1e-4, abs=1e-7)
+    assert p01.value < 0 < p99.value
+    (top,) = METRICS["top1_agreement"].compute(ctx)
+    (same,) = METRICS["same_top_p"].compute(ctx)
+    assert top.value == pytest.approx(d["top1"]) and same.value == top.value
+    assert same.protocol["alias_of"] == "top1_agreement"
+    (lr,) = METRICS["ln_ppl_ratio"].compute(ctx)
+    assert lr.value == pytest.approx(dnll.mean(), rel=1e-5)
+    # paired: the spread of the differences, much smaller than the unpaired sqrt(var_q + var_ref) / sqrt(n)
+    assert lr.stderr == pytest.approx(dnll.std(ddof=1) / math.sqrt(dnll.size), rel=1e-4)
+    assert lr.protocol["paired"] == "over the same tokens"
+    (ppl,) = METRICS["perplexity"].compute(ctx)
+    nll = d["nll"]
+    assert ppl.value == pytest.approx(math.exp(nll.mean()), rel=1e-6)
+    assert ppl.stderr == pytest.approx(ppl.value * nll.std(ddof=1) / math.sqrt(nll.size), rel=1e-4)
+
+
+def test_statistics_unavailable_without_reference(pair):
+    from quantbench.harness.measure import METRICS
+
+    q_model, data, _, _ = pair
+    ctx = _ctx(q_model, data, None)
+    for name in ("kl_divergence", "kl_median", "kl_p90", "kl_p99", "kl_p999", "kl_max", "rms_delta_p",
+                 "delta_p_p01", "delta_p_p99", "same_top_p", "ln_ppl_ratio", "top1_agreement"):
+        (r,) = METRICS[name].compute(ctx)
+        assert r.status == "unavailable" and r.value is None and "reference" in r.error, name
+        assert METRICS[name].needs_reference
+    assert METRICS["perplexity"].compute(ctx)[0].status == "ok"
+
+
+def test_compact_store_within_its_error_bound(tmp_path):
+    torch.manual_seed(2)
+    V = 1000
+    table = torch.randn(V, V) * 6  # log-prob ranges of ~50 nats, like a real LM's
+    model = Bigram(table)
+    data = build_eval_data(torch.randint(0, V, (600,)), "t", "gptq", 100)
+    ref, stats = Reference.build(model, data, tmp_path / "ref")
+    step_seen = []
+    for i, w in enumerate(data.windows):
+        exact = F.log_softmax(table[w.input_ids[w.score_from - 1 : -1]].float(), -1)
+        err = (ref.raw_window(i) - exact).abs().max(-1).values.double()
+        bound = ref.error_bound(i)
+        assert (err <= bound).all(), float((err - bound).max())
+        step = (exact.max(-1).values - exact.min(-1).values).double() / 65535
+        step_seen.append(float((err / step).max()))
+        # renormalized, a log-prob moves by at most another bound
+        assert ((ref.window(i) - exact).abs().max(-1).values.double() <= 2 * bound).all()
+        assert torch.equal(ref.argmax(i), exact.argmax(-1))
+        assert torch.equal(ref.target_logprob(i), exact.gather(1, w.input_ids[w.score_from:, None]).squeeze(1))
+    # rounding to nearest: errors reach step/2 (plus float32 rounding, a few % of a step), not a whole step
+    assert 0.45 < max(step_seen) < 0.55
+    assert ref.nbytes() < data.n_scored * V * 2 + data.n_scored * 32 + 4096  # 2 bytes per log-prob
+    assert Reference.open(tmp_path / "ref", data).vocab == V
+    assert stats.n_tokens == data.n_scored
+
+
+def test_reference_key_and_cache(tmp_path):
+    from quantbench.harness.measure import evaluate as ev
+
+    torch.manual_seed(3)
+    model = Bigram(torch.randn(7, 7))
+    data = build_eval_data(torch.randint(0, 7, (200,)), "t", "gptq", 40)
+    info = {"sha256": "abc", "params": 1}
+    ref = Reference.load_or_build(model, info, data, tmp_path)
+    assert ref.path.name == Reference.key(info, data) and (ref.path / "meta.json").exists()
+    mtime = (ref.path / "logprobs.npy").stat().st_mtime_ns
+    again = Reference.load_or_build(model, info, data, tmp_path)
+    assert (again.path / "logprobs.npy").stat().st_mtime_ns == mtime  # reused, not rebuilt
+    old_format = ev.REFERENCE_FORMAT
+    try:
+        ev.REFERENCE_FORMAT = "float32-v0"
+        assert Reference.key(info, data) != ref.path.name  # the format is part of the key
+        assert Reference.open(ref.path, data) is None  # a store of another format is never read
+    finally:
+        ev.REFERENCE_FORMAT = old_format
+    (ref.path / "meta.json").unlink()  # a partial store is rebuilt
+    assert Reference.open(ref.path, data) is None
+    assert Reference.load_or_build(model, info, data, tmp_path).vocab == 7
+
+
+def test_suite_with_only_kl_or_a_kl_statistic_builds_the_reference(tmp_path, capsys):
+    from quantbench.harness.run.records import read_records
+    from quantbench.harness.run.runner import run_suite
+    from quantbench.harness.run.suite import parse_suite
+
+    for metrics in (["kl_divergence"], ["kl_p99", "ln_ppl_ratio"]):
+        suite = parse_suite({"name": "t", "models": ["tiny-llama"], "seed": 0,
+                             "eval": {"dataset": "wiki", "protocol": "gptq", "seq_len": 32, "max_windows": 2},
+                             "metrics": metrics,
+                             "cells": [{"name": "fp", "method": "fp"},
+                                       {"name": "r3", "method": "rtn", "params": {"bits": 3, "group_size": 64}}]})
+        recs = read_records(run_suite(suite, tmp_path / "-".join(metrics)) / "records.jsonl")
+        by = {(r["cell"], r["metric"]): r for r in recs}
+        assert all(r["status"] == "ok" for r in recs), [r["error"] for r in recs]
+        for m in metrics:
+            assert by[("fp", m)]["value"] == pytest.approx(0.0, abs=1e-5)
+            assert by[("r3", m)]["value"] > 1e-4
+    # stderr is no TTY here: neither the run's bar nor a method's per-layer bar printed anything
+    err = capsys.readouterr().err
+    assert "\r" not in err and "cell/s" not in err and "rtn" not in err
+
+
+class _TTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_over_cells_on_a_tty(tmp_path, monkeypatch):
+    from quantbench.harness.run.runner import run_suite
+    from quantbench.harness.run.suite import parse_suite
+    from quantbench.methods.quantize import layer_progress
+
+    tty = _TTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert list(layer_progress(range(3), desc="layers-x")) == [0, 1, 2]
+    assert "layers-x" in tty.getvalue()
+    suite = parse_suite({"name": "bar", "models": ["tiny-llama"], "seed": 0,
+                         "eval": {"dataset": "wiki", "protocol": "gptq", "seq_len": 32, "max_windows": 1},
+                         "metrics": ["perplexity"], "cells": ["fp", {"name": "r8", "method": "rtn"}]})
+    run_suite(suite, tmp_path / "run")
+    out = tty.getvalue()
+    assert "bar: 100%" in out and "2/2" in out and "tiny-llama/r8" in out
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # no TTY: silent
+    assert list(layer_progress(range(3), desc="layers-y")) == [0, 1, 2] and sys.stderr.getvalue() == ""

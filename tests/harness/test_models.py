@@ -3,7 +3,20 @@
 import pytest
 import torch
 
-from quantbench.harness.inputs.models import load_hf_dir, load_model, tiny_llama, tiny_opt, validate_model_spec
+from quantbench.harness.inputs.models import (
+    ModelSource,
+    check_family,
+    load_hf_dir,
+    load_model,
+    model_family,
+    model_key,
+    model_source,
+    preflight,
+    resolve_device,
+    tiny_llama,
+    tiny_opt,
+    validate_model_spec,
+)
 from quantbench.methods.base import ConfigError
 
 
@@ -81,3 +94,139 @@ def test_default_model_rtn_ordering(smollm2):
     assert 0 < out[8].kl < out[4].kl < out[3].kl
     assert out[4].perplexity < out[3].perplexity
     assert out[8].top1 > out[4].top1 > out[3].top1
+
+
+# --------------------------------------------------------------------------- any model: hub ids, devices, dtypes
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hub_cache(home, repo="acme/tiny-llama"):
+    """``HF_HOME/hub`` laid out as huggingface_hub lays out a downloaded snapshot (refs/main -> the commit)."""
+    org, name = repo.split("/")
+    root = home / "hub" / f"models--{org}--{name}"
+    snap = root / "snapshots" / SHA
+    snap.mkdir(parents=True)
+    lm = _save_hf_dir(snap)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(SHA)
+    return lm
+
+
+def test_hub_id_resolves_offline_from_the_users_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lm = _hub_cache(tmp_path)
+    validate_model_spec("acme/tiny-llama")
+    assert model_family("acme/tiny-llama") is None and model_family("acme/tiny-llama", resolve=True) == "llama"
+    loaded = load_model("acme/tiny-llama")
+    x = torch.randint(0, 256, (1, 16))
+    assert torch.equal(loaded.model(x).logits, lm.model(x).logits)
+    info = loaded.info
+    assert info["name"] == "acme/tiny-llama" and info["source"] == f"hub:acme/tiny-llama@{SHA}"
+    assert len(info["sha256"]) == 64 and info["device"] == "cpu" and info["dtype"] == "float32"
+    assert model_key("acme/tiny-llama") == "acme/tiny-llama"
+    assert model_key({"path": "acme/tiny-llama"}) == "acme/tiny-llama"
+
+
+def test_unresolvable_hub_id_fails_before_work_naming_it_and_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    validate_model_spec("acme/absent")  # the spelling is a hub id: resolution is the run's preflight
+    with pytest.raises(ConfigError, match=r"'acme/absent' cannot be resolved.*offline mode is on"):
+        preflight("acme/absent")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("smollm2-135n", "unknown model 'smollm2-135n' (did you mean 'smollm2-135m'?)"),
+    ("tiny llama", "nor a hub id org/name"),
+    ("gpt2", "unknown model 'gpt2'"),  # a legacy id without an org: a misspelt name would pass as one
+    ({"random": "lama"}, "unknown random model family 'lama' (did you mean 'llama'?)"),
+    ({"random": "llama", "hidden_size": 0}, "model hidden_size must be an integer in 1.."),
+    ({"random": "llama", "path": "x"}, "a random model takes no 'path'"),
+    ({"name": "tiny-llama", "device": "gpu"}, "model device 'gpu' is not valid: cpu, cuda, cuda:N or auto"),
+    ({"name": "tiny-llama", "dtype": "fp16"}, "model dtype 'fp16' is not valid"),
+    ({"name": "tiny-llama", "hidden_size": 3}, "unknown model field(s) ['hidden_size']"),
+    ({"dtype": "float16"}, "needs 'path'"),
+    ({"path": "/no/such/dir"}, "model path '/no/such/dir' does not exist (nor is it a hub id org/name)"),
+])
+def test_model_strings_and_mappings_are_checked_before_any_load(spec, message):
+    with pytest.raises(ConfigError) as e:
+        validate_model_spec(spec)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_kind_of_spec_is_accepted_and_keyed(tmp_path):
+    _save_hf_dir(tmp_path)
+    for spec, key in [("tiny-llama", "tiny-llama"), ("meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B"),
+                      (str(tmp_path), str(tmp_path)), ({"path": str(tmp_path)}, tmp_path.name),
+                      ({"name": "tiny-opt", "dtype": "bfloat16", "device": "auto"}, "tiny-opt"),
+                      ({"random": "gemma3", "hidden_size": 1024, "seed": 3}, "random-gemma3-h1024-l2-s3")]:
+        validate_model_spec(spec)
+        assert model_key(spec) == key
+    assert model_source(str(tmp_path)).kind == "dir" and model_source("tiny-llama").kind == "embedded"
+    assert model_source({"path": "org/m", "gguf_file": "m.Q4_0.gguf"}) == ModelSource("hub", "org/m", "m.Q4_0.gguf")
+
+
+def test_dtype_and_device_load_there_and_are_recorded():
+    lm = load_model({"name": "tiny-llama", "dtype": "bfloat16"})
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+    assert lm.info["dtype"] == "bfloat16" and lm.info["device"] == "cpu"
+    lm = load_model("tiny-opt", dtype="float16", device="cpu")  # arguments over the spec's own
+    assert {p.dtype for p in lm.model.parameters()} == {torch.float16} and lm.info["dtype"] == "float16"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_that_does_not_exist_fails_before_work():
+    with pytest.raises(ConfigError, match="'cuda': this machine has no CUDA device"):
+        preflight({"name": "tiny-llama", "device": "cuda"})
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        load_model("tiny-llama", device="cuda:1")
+
+
+def test_random_models_are_seeded_per_family():
+    a = load_model({"random": "llama", "hidden_size": 128, "seed": 1})
+    b = load_model({"random": "llama", "hidden_size": 128, "seed": 1})
+    c = load_model({"random": "llama", "hidden_size": 128, "seed": 2})
+    pa, pb, pc = (dict(m.model.named_parameters()) for m in (a, b, c))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa) and not all(torch.equal(pa[k], pc[k]) for k in pa)
+    assert a.model.config.hidden_size == 128 and a.model.config.num_attention_heads == 2
+    assert a.info["name"] == "random-llama-h128-l2-s1" and a.info["architecture"] == "llama"
+
+
+def test_a_method_that_cannot_handle_a_family_fails_its_cell_before_work(tmp_path):
+    """Validation accepts the suite; the preflight names the pair; the runner records the cell failed with the
+    reason, without quantizing, and runs the others."""
+    from quantbench.harness.run.records import read_records
+    from quantbench.harness.run.runner import run_suite
+    from quantbench.harness.run.suite import parse_suite, preflight_suite
+
+    suite = parse_suite({"name": "t", "models": [{"random": "gemma3", "hidden_size": 64}],
+                         "eval": {"seq_len": 32, "max_windows": 1}, "metrics": ["bits_per_weight"],
+                         "cells": [{"name": "q", "method": "llamacpp"}, {"name": "r", "method": "rtn"}]})
+    problems = preflight_suite(suite)
+    assert len(problems) == 1 and problems[0].startswith("random-gemma3-h64-l2-s0/q: method 'llamacpp' does not "
+                                                         "support model 'random-gemma3-h64-l2-s0' (family gemma3)")
+    recs = {r["cell"]: r for r in read_records(run_suite(suite, tmp_path / "run") / "records.jsonl")}
+    assert recs["q"]["status"] == "failed" and "embedding scale" in recs["q"]["error"]
+    assert recs["q"]["error"].startswith("ConfigError: method 'llamacpp' does not support")
+    assert recs["r"]["status"] == "ok" and recs["r"]["model"]["device"] == "cpu"
+    with pytest.raises(ConfigError, match=r"method 'smoothquant' does not support model 'x' \(family phi3\)"):
+        check_family("phi3", ["rtn", "smoothquant"], "x")
+    check_family("llama", ["smoothquant", "llamacpp", "kvquant"])  # no limits
+
+
+def test_the_project_leaves_the_users_offline_setting_alone(tmp_path, monkeypatch):
+    import os
+
+    from quantbench.harness.cli import main
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    _save_hf_dir(tmp_path)
+    load_model({"path": str(tmp_path)})
+    assert main(["validate", "smoke"]) == 0
+    assert "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ

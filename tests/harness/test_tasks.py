@@ -108,6 +108,9 @@ def test_evaluate_tiny_llama(task_cache):
         assert r["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)), rel=1e-6)
     # a random model never predicts the cloze word greedily
     assert by["wiki_cloze"]["value"] == 0.0
+    for r in res:  # per-example scores in document order: one per example, their mean is the value
+        assert len(r["samples"]) == r["n"] and set(r["samples"]) <= {0.0, 1.0}
+        assert sum(r["samples"]) / len(r["samples"]) == pytest.approx(r["value"], abs=1e-12)
 
 
 def test_accuracy_metric_records(task_cache):
@@ -118,6 +121,39 @@ def test_accuracy_metric_records(task_cache):
     (r,) = METRICS["accuracy"].compute(ctx)
     assert r.status == "ok" and r.protocol["task"] == "bb_sports_understanding"
     assert r.protocol["shots"] == 2 and r.protocol["n"] == 6 and 0 <= r.value <= 1 and r.stderr is not None
+    assert len(r.samples) == 6 and sum(r.samples) / 6 == pytest.approx(r.value)
+    assert "samples_file" not in r.protocol  # no cell directory: nothing written
+
+
+def test_accuracy_writes_lmeval_outputs_and_record_samples(task_cache, tmp_path):
+    from types import SimpleNamespace
+
+    from quantbench.harness.measure import METRICS
+    from quantbench.harness.run.runner import CellRunner
+    from quantbench.harness.run.suite import parse_suite
+    from tests.harness.test_latency import make_ctx
+
+    ctx = make_ctx(tasks=[{"name": "mmlu_qb", "limit": 7}, {"name": "bb_sports_understanding", "limit": 5}])
+    ctx.artifact_dir = tmp_path / "cell"
+    res = METRICS["accuracy"].compute(ctx)
+    assert [r.status for r in res] == ["ok", "ok"]
+    d = tmp_path / "cell" / "lmeval"
+    results = json.loads((d / "results.json").read_text())
+    assert set(results["results"]) == {"mmlu_qb", "bb_sports_understanding"}  # merged over the cell's tasks
+    for r, n in zip(res, (7, 5), strict=True):
+        task = r.protocol["task"]
+        assert results["results"][task]["acc,none"] == pytest.approx(r.value)
+        rows = [json.loads(line) for line in (d / f"samples_{task}.jsonl").read_text().splitlines()]
+        assert [x["doc_id"] for x in rows] == list(range(n))
+        assert r.samples == [float(x["acc"]) for x in rows]
+        assert r.protocol["samples_file"] == f"lmeval/samples_{task}.jsonl"
+    # the runner writes the samples as a top-level field of the record
+    suite = parse_suite({"name": "t", "models": ["tiny-llama"], "cells": ["fp"], "metrics": ["accuracy"],
+                         "tasks": ["mmlu_qb"]})
+    fake = SimpleNamespace(suite=suite, _model_info=lambda: {"name": "tiny-llama"})
+    recs = CellRunner._records(fake, suite.cells[0], [], [("accuracy", res)], "run", {})
+    assert [len(rec["samples"]) for rec in recs] == [7, 5]
+    assert all(sum(rec["samples"]) / len(rec["samples"]) == pytest.approx(rec["value"]) for rec in recs)
 
 
 def test_quantbench_lm_registered_and_quantizes():
