@@ -5,6 +5,18 @@ and per-group options).  Weights (BitNet, 1 bit): W~ = Sign(W - alpha), alpha = 
 beta = mean|W| (``centralize=False`` gives plain sign(W)).  Activations: int8 per token, absmax scaling
 Q_b = 127 / max|x|.  Training uses the straight-through estimator (STE).
 
+The input of every BitLinear is normalized before the activation quantizer (both papers: BitLinear
+computes W~ Quant(LN(x)); BitNet uses LayerNorm, b1.58 LLaMA-style RMSNorm -- the b1.58 training-tips
+code calls ``RMSNorm(x)`` inside ``BitLinear.forward``).  ``bitnet-qat`` carries this norm (``norm``:
+``"rms"`` by default, ``"layer"``, or ``"none"`` for the former norm-free layer) with a learnable
+per-channel gain, trained with the weights and stored (fp32) in the packed module.  The papers train from
+scratch, where the gain starts at 1; from a pretrained model a gain of 1 would rescale every layer's
+output (o_proj / down_proj inputs are not normalized in a pretrained LLaMA), so the gain starts at its
+least-squares fit to the layer's calibration inputs, g_c = E[n_c x_c] / E[n_c^2] with n = norm(x) --
+the norm then replaces only the per-token scale, which is what the papers' BitLinear discards.  The
+model's own block norms stay as they are (they are not quantized).  The PTQ methods have no norm (no
+training to absorb it).
+
 Methods:
 - ``bitnet-ptq``: ternarize a pretrained model post hoc (no training; the paper trains from scratch,
   so expect a collapse — that is the result to show).
@@ -15,6 +27,17 @@ Methods:
   safetensors + JSON (never pickle), resumed only when their JSON matches the run's config.
 
 Default QAT budget (sized from a measured step on smollm2-135m, 2 threads): see ``BitNetQATConfig``.
+
+Measured on smollm2-135m (QAT's first batch, 2 x 256 wiki calibration tokens, no training; a one-off
+script building BitLinears with ``BitNetQAT._init_norm_gains``, 2026-11-29): cross-entropy fp 2.47; no
+norm 2.47 at lambda 0 and 17.78 at lambda 1; rms norm 5.41 at lambda 0 and 16.64 at lambda 1.  The norm
+alone costs ~2.9 nats on a pretrained model (its o_proj / down_proj inputs carry per-token scales), and
+the former 12-step run's final loss (17.8) is the untrained ternary model's: the warm-up reaches it.
+With the norm, default.yaml's row (steps 12, warmup 4, lr 2e-4, 4 x 256 tokens a step; a script calling
+``build_method("bitnet-qat", {"steps": 12, "warmup": 4})`` on the suite's calibration) logged the loss
+5.45, 5.20, 8.73, 13.38, 15.18 (lambda reaches 1), 13.72, 13.64, 12.95, 12.09, 11.71, 11.45, 10.57: it
+climbs only while lambda ramps, then falls every step (wiki test ppl 32,882 on the first 2 of the suite's
+8 windows; the published 74,399 is on 8).
 """
 
 from __future__ import annotations
@@ -53,6 +76,8 @@ log = logging.getLogger(__name__)
 
 GRANULARITIES = ("tensor", "channel", "group")
 EPS = 1e-5
+NORMS = ("rms", "layer", "none")
+NORM_EPS = 1e-5  # the b1.58 training-tips RMSNorm epsilon
 
 
 # --------------------------------------------------------------------------- quantizers (the paper's math)
@@ -109,20 +134,55 @@ def act_quant(x: torch.Tensor) -> torch.Tensor:
     return (xq.float() / qb).to(x.dtype)
 
 
+def bitlinear_norm(x: torch.Tensor, kind: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The BitLinear input norm over the last dim, times the gain ``weight`` (None: no gain).
+
+    ``"rms"``: x / sqrt(mean(x^2) + eps) (b1.58); ``"layer"``: (x - mean) / sqrt(var + eps) (BitNet);
+    ``"none"``: x unchanged.  Computed in fp32, returned in x's dtype.
+    """
+    if kind == "none":
+        return x
+    xf = x.float()
+    if kind == "layer":
+        xf = xf - xf.mean(-1, keepdim=True)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + NORM_EPS)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def norm_gain_sums(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_rows n * x, sum_rows n^2) per channel, n = norm(x), over the rows of ``x`` [..., k] (fp64)."""
+    xf = x.reshape(-1, x.shape[-1]).double()
+    n = bitlinear_norm(xf, kind)
+    return (n * xf).sum(0), n.pow(2).sum(0)
+
+
+def norm_gain_init(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """The least-squares per-channel gain g = sum(n x) / sum(n^2), minimising ||norm(x) * g - x||^2 (1 where
+    a channel is always zero)."""
+    return torch.where(den > 0, num / den.clamp(min=1e-300), torch.ones_like(num)).float()
+
+
 # --------------------------------------------------------------------------- training module
 
 
 class BitLinear(nn.Linear):
     """Training-time BitLinear: fp latent weights, quantized forward, STE backward.
 
-    ``lam`` (warm-up lambda) blends: W_used = W + lam * (Q(W) - W).detach(), likewise for activations;
-    lam = 1 is the paper's BitLinear.
+    y = Q(W) Quant(norm(x) * g) (+ bias): the input norm (``norm``, learnable gain ``norm_weight``) comes
+    first, then the per-token int8 activation quantizer.  ``lam`` (warm-up lambda) blends the
+    quantizers: W_used = W + lam * (Q(W) - W).detach(), likewise for the normalized activations; lam = 1
+    is the paper's BitLinear.  The norm is part of the layer, not of the quantization: it is never blended.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, bits: str = "ternary",
-                 granularity: str = "tensor", group_size: int = 128, act_bits: int | None = 8) -> None:
+                 granularity: str = "tensor", group_size: int = 128, act_bits: int | None = 8,
+                 norm: str = "none") -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.bits, self.granularity, self.group_size, self.act_bits = bits, granularity, group_size, act_bits
+        self.norm = norm
+        self.norm_weight = None if norm == "none" else nn.Parameter(torch.ones(in_features))
         self.lam = 1.0
 
     @classmethod
@@ -138,6 +198,7 @@ class BitLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         w = w + self.lam * (weight_quant(w, self.bits, self.granularity, self.group_size) - w).detach()
+        x = bitlinear_norm(x, self.norm, self.norm_weight)
         if self.act_bits == 8:
             x = x + self.lam * (act_quant(x) - x).detach()
         return F.linear(x, w, self.bias)
@@ -157,12 +218,15 @@ class TernaryLinear(QuantizedModule):
     qweight: torch.Tensor
     scale: torch.Tensor
     bias: torch.Tensor | None
+    norm_weight: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, fmt: str = "2bit", granularity: str = "tensor",
-                 group_size: int = 128, act_bits: int | None = 8, bias: bool = False) -> None:
+                 group_size: int = 128, act_bits: int | None = 8, bias: bool = False, norm: str = "none") -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.granularity, self.group_size, self.act_bits = fmt, granularity, group_size, act_bits
+        self.norm = norm  # BitLinear input norm applied before the activation quantizer ("none": none)
+        self.register_buffer("norm_weight", None if norm == "none" else torch.ones(in_features))
         n_scales = {"tensor": (1,), "channel": (out_features,),
                     "group": (out_features, max(in_features // group_size, 1))}[granularity]
         self.register_buffer("qweight", torch.zeros(out_features, T.packed_cols(in_features, fmt),
@@ -176,9 +240,12 @@ class TernaryLinear(QuantizedModule):
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, fmt: str = "2bit", granularity: str = "tensor",
                    group_size: int = 128, act_bits: int | None = 8,
-                   bias: torch.Tensor | None = None) -> TernaryLinear:
+                   bias: torch.Tensor | None = None, norm: str = "none",
+                   norm_weight: torch.Tensor | None = None) -> TernaryLinear:
         out_f, in_f = codes.shape
-        m = cls(in_f, out_f, fmt, granularity, group_size, act_bits, bias is not None)
+        m = cls(in_f, out_f, fmt, granularity, group_size, act_bits, bias is not None, norm)
+        if m.norm_weight is not None and norm_weight is not None:
+            m.norm_weight.copy_(norm_weight.float())
         m.qweight.copy_(T.pack_ternary(codes, fmt))
         m.scale.copy_(scale.float().reshape(m.scale.shape))
         if bias is not None:
@@ -199,7 +266,8 @@ class TernaryLinear(QuantizedModule):
 
     def storage(self) -> Storage:
         return Storage(packed_weights=tensor_bytes(self.qweight), scales_zeros=tensor_bytes(self.scale),
-                       unquantized=tensor_bytes(self.bias), quantized_weights=self.in_features * self.out_features)
+                       unquantized=tensor_bytes(self.bias) + tensor_bytes(self.norm_weight),
+                       quantized_weights=self.in_features * self.out_features)
 
     def _codes_transposed(self) -> torch.Tensor:
         if self._codes_t is not None and self._codes_t.device == self.qweight.device:
@@ -214,6 +282,7 @@ class TernaryLinear(QuantizedModule):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = bitlinear_norm(x, self.norm, self.norm_weight)
         if self.packed and self.granularity != "group" and x.device.type == "cpu":
             return T.ternary_linear(x, self._codes_transposed(), self.scale.view(-1), self.bias, self.act_bits)
         if self.packed and self.granularity != "group" and self.fmt == "2bit" and x.device.type == "cuda":
@@ -225,7 +294,9 @@ class TernaryLinear(QuantizedModule):
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, fmt={self.fmt}, scale={self.granularity}, a{self.act_bits}"
+        norm = "" if self.norm == "none" else f", norm={self.norm}"
+        return (f"{self.in_features}, {self.out_features}, fmt={self.fmt}, scale={self.granularity}, "
+                f"a{self.act_bits}{norm}")
 
 
 def to_packed(lin: nn.Linear, bits: str, fmt: str, granularity: str, group_size: int,
@@ -238,7 +309,10 @@ def to_packed(lin: nn.Linear, bits: str, fmt: str, granularity: str, group_size:
     else:
         codes, s = ternary_codes(w, granularity, group_size)
     bias = None if lin.bias is None else lin.bias.data
-    return TernaryLinear.from_codes(codes, s, fmt, granularity, group_size, act_bits, bias)
+    norm = getattr(lin, "norm", "none")
+    nw = getattr(lin, "norm_weight", None)
+    return TernaryLinear.from_codes(codes, s, fmt, granularity, group_size, act_bits, bias, norm,
+                                    None if nw is None else nw.data)
 
 
 # --------------------------------------------------------------------------- configs
@@ -288,9 +362,14 @@ class BitNetQATConfig(BitNetConfig):
     batch_size: int = 4
     warmup: int = 10
     checkpoint_every: int = 10
+    norm: str = "rms"  # BitLinear input norm: "rms" (b1.58), "layer" (BitNet), "none" (no norm)
+    norm_init_rows: int = 8  # calibration rows (of seq_len tokens) for the norm gains' least-squares init
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("bitnet-qat", "norm", self.norm, NORMS)
+        if not 0 < self.norm_init_rows <= 1_000_000:
+            raise ConfigError(f"bitnet-qat: norm_init_rows must be in 1..1000000, got {self.norm_init_rows}")
         for k in ("steps", "seq_len", "batch_size", "checkpoint_every"):
             if not 0 < getattr(self, k) <= 1_000_000:
                 raise ConfigError(f"bitnet-qat: {k} must be in 1..1000000, got {getattr(self, k)}")
@@ -362,9 +441,11 @@ class BitNetQAT(Method):
         bitlins: dict[str, BitLinear] = {}
         for name in names:
             bl = BitLinear.from_linear(cast(nn.Linear, model.get_submodule(name)), granularity=c.granularity,
-                                       group_size=c.group_size, act_bits=c.act_bits)
+                                       group_size=c.group_size, act_bits=c.act_bits, norm=c.norm)
             set_module(model, name, bl)
             bitlins[name] = bl
+        if c.norm != "none":
+            self._init_norm_gains(model, bitlins, calib.tokens, c)
         for p in model.parameters():
             p.requires_grad_(False)
         params = [p for bl in bitlins.values() for p in bl.parameters()]
@@ -407,6 +488,44 @@ class BitNetQAT(Method):
             Path(self.artifact_dir).mkdir(parents=True, exist_ok=True)
             (Path(self.artifact_dir) / "loss_curve.json").write_text(json.dumps(curve))
         return model
+
+    @staticmethod
+    @torch.no_grad()
+    def _init_norm_gains(model: nn.Module, bitlins: dict[str, BitLinear], tokens: torch.Tensor,
+                         c: BitNetQATConfig) -> None:
+        """Each BitLinear's norm gain := the least-squares fit of norm(x) * g to its input x (fp model,
+        the first ``norm_init_rows`` rows of ``seq_len`` calibration tokens), so the pretrained scale is kept."""
+        sums: dict[str, list[torch.Tensor]] = {}
+        kinds = {n: bl.norm for n, bl in bitlins.items()}
+
+        def hook(n: str, x: torch.Tensor) -> None:
+            num, den = norm_gain_sums(x.detach(), kinds[n])
+            if n in sums:
+                sums[n][0] += num
+                sums[n][1] += den
+            else:
+                sums[n] = [num, den]
+
+        handles = []
+        for n, bl in bitlins.items():
+            bl.lam, bl.norm = 0.0, "none"  # the fp layer: every linear sees the pretrained model's input
+            handles.append(bl.register_forward_pre_hook(lambda _m, args, n=n: hook(n, args[0])))
+        was_training = model.training
+        model.eval()
+        try:
+            rows = qat_batch(tokens, 0, c.norm_init_rows, c.seq_len)
+            for i in range(0, rows.shape[0], c.batch_size):
+                model(input_ids=rows[i : i + c.batch_size])
+        finally:
+            for h in handles:
+                h.remove()
+            for n, bl in bitlins.items():
+                bl.norm = kinds[n]
+            model.train(was_training)
+        for n, bl in bitlins.items():
+            assert bl.norm_weight is not None
+            bl.norm_weight.copy_(norm_gain_init(*sums[n]))
+        log.info("bitnet-qat: %s norm gains fitted on %d x %d calibration tokens", c.norm, rows.shape[0], c.seq_len)
 
     def _checkpoints(self) -> list[QATCheckpoint]:
         return qat_checkpoints(self.artifact_dir) if self.artifact_dir is not None else []

@@ -63,11 +63,15 @@ class GPTQConfig(ModuleSelection):
     blocksize: int = 128
     true_sequential: bool = True
     mse: bool = False
+    # which weights a group's grid is fitted on when group_size < blocksize (see gptq_quantize):
+    # "reference" (the reference implementation), "updated" (all earlier columns' feedback applied)
+    group_grid: str = "reference"
     offload: bool = False  # keep fp blocks on disk (safetensors), one in memory at a time
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("gptq", "bits", self.bits, (2, 3, 4, 8))
+        check_choice("gptq", "group_grid", self.group_grid, ("reference", "updated"))
         if self.group_size != -1 and not 0 < self.group_size <= 1 << 20:
             raise ConfigError(f"gptq: group_size must be in 1..{1 << 20} or -1 (per channel), got {self.group_size}")
         if not 0 <= self.percdamp < 1:
@@ -188,6 +192,7 @@ class GPTQ(Method):
                         mc.percdamp,
                         mc.blocksize,
                         mc.mse,
+                        mc.group_grid,
                     )
                     lin.weight.data.copy_(r.Q.to(lin.weight.dtype))
                     layer_losses[f"{bname}.{n}"] = float(r.losses.sum())

@@ -94,14 +94,28 @@ def gptq_quantize(
     percdamp: float = 0.01,
     blocksize: int = 128,
     mse: bool = False,
+    group_grid: str = "reference",
 ) -> GPTQResult:
     """Quantize ``W`` [rows, columns] against the Hessian ``H`` [columns, columns] (GPTQ, Algorithm 1).
 
-    ``group_size=-1``: one grid per row.  With groups, each group's grid is computed on the
-    error-updated weights when its first column is reached (``static_groups``: on the original
-    weights before any update, so act-order does not scatter groups).  ``act_order`` processes the
-    columns by descending diag(H) and returns everything in the original order with ``g_idx``.
+    ``group_size=-1``: one grid per row.  With groups, each group's grid is computed when its first
+    column is reached (``static_groups``: on the original weights before any update, so act-order
+    does not scatter groups).  Which weights the grid is fitted on (``group_grid``):
+
+    * ``"reference"`` (default, the reference ``fasterquant`` and AutoGPTQ/GPTQModel): the group's
+      columns of ``W`` as they stand at the start of the current lazy block -- every earlier block's
+      error feedback applied, but not the feedback of the earlier columns of the *current* block
+      (that lives in the block's working copy until the block ends).  When ``group_size`` is a
+      multiple of ``blocksize`` every group starts at a block boundary and the two readings agree.
+    * ``"updated"``: the group's columns with every earlier column's feedback applied (the current
+      block's pending updates included), i.e. the grid OBQ applied one column at a time would see;
+      the result then does not depend on ``blocksize``.
+
+    ``act_order`` processes the columns by descending diag(H) and returns everything in the
+    original order with ``g_idx``.
     """
+    if group_grid not in ("reference", "updated"):
+        raise ValueError(f"gptq: group_grid must be 'reference' or 'updated', got {group_grid!r}")
     rows, columns = W.shape
     H, W = prepare_hessian(H, W, percdamp)
     gs = columns if group_size == -1 else group_size
@@ -143,10 +157,14 @@ def gptq_quantize(
             else:
                 g = col // gs
                 if col % gs == 0:
-                    # the group's grid from the current (error-updated) weights: this block's
-                    # columns from W1; later blocks' columns from W plus this block's pending update
-                    later = W[:, i2 : col + gs] - Err1[:, :i] @ Hinv[i1:col, i2 : col + gs]
-                    cur = torch.cat([W1[:, i : i + gs], later], dim=1)
+                    if group_grid == "reference":
+                        # W's columns as of the block start (this block's feedback is still in W1)
+                        cur = W[:, col : col + gs]
+                    else:
+                        # fully updated: this block's columns from W1; later blocks' columns from W
+                        # plus this block's pending update
+                        later = W[:, i2 : col + gs] - Err1[:, :i] @ Hinv[i1:col, i2 : col + gs]
+                        cur = torch.cat([W1[:, i : i + gs], later], dim=1)
                     scale, zero = find_params(cur, bits, sym, mse)
             scales[:, g], zeros[:, g] = scale, zero
             g_perm[col] = g

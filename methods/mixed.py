@@ -7,8 +7,12 @@ size budget by solving a knapsack):
    model with only m quantized (``sensitivity="kl"``, group-wise RTN), the diag-Fisher weighted
    weight error ½ Σ F_ii (w - q)² (``"fisher"``, OBD/HAWQ), or a Taylor estimate of the KL with the
    model's own sampled Fisher, full within each token (``"fisher-kl"``; with ``base_choice`` expanded
-   at the model with EVERY module already at that choice, so compounding is in the estimate); values
-   are cached on disk (:mod:`quantbench.methods.sensitivity`), so several targets share them;
+   at the model with EVERY module already at that choice, so compounding is in the estimate), averaged
+   over ``calib_windows`` windows x ``label_seeds`` label seeds with the spread recorded; each choice's
+   quantized weight is the INNER quantizer's: group-wise RTN, or with ``inner: gptq`` GPTQ of that
+   module alone against the Hessian of its inputs in the unquantized model (``hessian_windows``
+   calibration windows; the one approximation to the sequential GPTQ that follows); values are cached
+   on disk (:mod:`quantbench.methods.sensitivity`), so several targets share them;
 2. the cost c(m, c) of a module is the bytes its :class:`IntQuantLinear` really stores (packed codes,
    fp16 scales, packed zeros of its group size), so the budget ``target_bpw × linear weights / 8``
    counts overheads as ``bits_per_weight`` does;
@@ -25,9 +29,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from .base import (
@@ -45,7 +51,7 @@ from .base import (
 from .gptq import GPTQ, GPTQConfig
 from .qlinear import IntQuantLinear
 from .rtn import RTN, RTNConfig
-from .sensitivity import measure_choice_sensitivities
+from .sensitivity import GPTQFakeQuantize, measure_choice_sensitivities, module_hessians, rtn_fake_quantize, tokens_sha
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +66,9 @@ class MixedConfig(ModuleSelection):
     group_choices: tuple[int, ...] = ()  # () = (group_size,); else the knapsack also picks the group size
     inner: str = "rtn"  # "rtn" | "gptq"
     sensitivity: str = "kl"  # "kl" (measured) | "fisher" (diag-Fisher) | "fisher-kl" (sampled Fisher, full)
-    calib_windows: int = 1
+    calib_windows: int = 2  # calibration windows the sensitivities average over
+    label_seeds: int = 2  # fisher-kl: label-sampling seeds per window (replicates = windows x seeds)
+    hessian_windows: int = 8  # inner gptq: calibration windows for each module's scoring-time Hessian
     calib_seq_len: int = 512
     positions: int = 0  # fisher-kl: positions per window in the quadratic form (0: all)
     base_choice: tuple[int, ...] = ()  # fisher-kl: (bits, group) expansion point, every module there; (): fp
@@ -82,6 +90,9 @@ class MixedConfig(ModuleSelection):
                 raise ConfigError(f"mixed: group sizes must be in 1..{1 << 20} or -1, got {g}")
         check_choice("mixed", "inner", self.inner, ("rtn", "gptq"))
         check_choice("mixed", "sensitivity", self.sensitivity, ("kl", "fisher", "fisher-kl"))
+        if not 0 < self.label_seeds <= 1000 or not 0 < self.hessian_windows <= 1_000_000:
+            raise ConfigError(f"mixed: label_seeds must be in 1..1000 and hessian_windows in 1..1000000, "
+                              f"got {self.label_seeds} and {self.hessian_windows}")
         if not 0 < self.calib_windows <= 1_000_000 or not 1 < self.calib_seq_len <= 1_000_000:
             raise ConfigError(f"mixed: calib_windows must be in 1..1000000 and calib_seq_len in 2..1000000, "
                               f"got {self.calib_windows} and {self.calib_seq_len}")
@@ -171,12 +182,18 @@ class Mixed(Method):
     - ``sensitivity`` ("kl"): "kl" | "fisher" | "fisher-kl" (see the module docstring);
     - ``base_choice`` (()): fisher-kl only, the (bits, group) expansion point;
     - ``positions`` (0): fisher-kl only, positions per window in its quadratic forms (0: all);
-    - ``calib_windows`` (1), ``calib_seq_len`` (512): calibration tokens for the sensitivities;
+    - ``calib_windows`` (2), ``calib_seq_len`` (512): calibration windows the sensitivities average over;
+    - ``label_seeds`` (2): fisher-kl only, label-sampling seeds per window (the replicates are
+      windows x seeds; their mean is the sensitivity, their standard deviation its spread);
+    - ``hessian_windows`` (8): ``inner: gptq`` only, calibration windows for the Hessians of the
+      scoring-time GPTQ (each candidate is scored on the weight GPTQ gives that module alone);
     - ``resolution`` (100000): budget units of the DP; ``include``/``exclude``: module patterns.
 
     Artifacts: ``allocation`` (module -> bits), ``group_sizes`` (module -> group, -1 per channel),
     ``bits_histogram``, ``group_histogram``, ``choice_histogram``, ``achieved_bpw``,
-    ``predicted_total_sensitivity``, ``uniform_sensitivity`` (per choice), timings.
+    ``predicted_total_sensitivity``, ``uniform_sensitivity`` (per choice), ``sensitivity_quantizer``,
+    ``sensitivity_replicates``, ``sensitivity_spread`` (each module's chosen-choice sensitivity with its
+    standard deviation over the replicates, and the median / max relative spread), timings.
     """
 
     name = "mixed"
@@ -196,8 +213,18 @@ class Mixed(Method):
         rows = [{"name": n, "layer": _layer_of(n), "projection": n.rsplit(".", 1)[-1], "kind": "linear"} for n in names]
         choices = c.choices
         base = (c.base_choice[0], c.base_choice[1]) if c.base_choice else None
+        quantize_fn, quantizer = scoring_quantizer(model, calib, names, c)
         sens = measure_choice_sensitivities(
-            model, windows, choices, rows, c.sensitivity, positions=c.positions, base=base
+            model,
+            windows,
+            choices,
+            rows,
+            c.sensitivity,
+            quantize_fn=quantize_fn,
+            quantizer=quantizer,
+            positions=c.positions,
+            base=base,
+            seeds=c.label_seeds,
         )
         t_sens = time.perf_counter() - t0
         # 2. costs (the bytes each IntQuantLinear really stores), budget
@@ -224,6 +251,13 @@ class Mixed(Method):
         hist = {str(b): sum(1 for v in allocation.values() if v == b) for b in c.bits_choices}
         groups = sorted({g for _, g in choices})
         ghist = {str(g): sum(1 for _, gg in plan.values() if gg == g) for g in groups}
+        chosen = {n: sens[g][b][n] for n, (b, g) in plan.items()}
+        rel = sorted(v.get("kl_std", 0.0) / v["kl"] for v in chosen.values() if v["kl"] > 0)
+        spread = {
+            "per_module": {n: {"kl": v["kl"], "kl_std": v.get("kl_std")} for n, v in chosen.items()},
+            "median_rel_std": rel[len(rel) // 2] if rel else None,
+            "max_rel_std": rel[-1] if rel else None,
+        }
         uniform = {
             f"{b}" if len(groups) == 1 else f"{b}/g{g}": float(values[:, j].sum()) for j, (b, g) in enumerate(choices)
         }
@@ -239,6 +273,9 @@ class Mixed(Method):
             uniform_sensitivity=uniform,
             solver="exact DP over the budget discretised in units (costs rounded up)",
             sensitivity=c.sensitivity,
+            sensitivity_quantizer=quantizer,
+            sensitivity_replicates=int(windows.shape[0]) * (c.label_seeds if c.sensitivity == "fisher-kl" else 1),
+            sensitivity_spread=spread,
             calib_tokens=list(windows.shape),
             sensitivity_seconds=round(t_sens, 2),
             quantize_seconds=round(time.perf_counter() - t0, 2),
@@ -251,6 +288,27 @@ class Mixed(Method):
             predicted,
         )
         return model
+
+
+def scoring_quantizer(
+    model: nn.Module, calib: Calibration, names: list[str], c: MixedConfig
+) -> tuple[Callable[..., torch.Tensor], str]:
+    """The fake quantizer the sensitivities are scored with (the inner quantizer's) and its cache name.
+
+    ``inner: rtn``: group-wise RTN.  ``inner: gptq``: GPTQ of each module alone, with the inner GPTQ's
+    settings, against the Hessian of its inputs in the unquantized model over ``hessian_windows``
+    calibration windows (the name carries those tokens' hash, so the cache tells Hessians apart).
+    """
+    if c.inner != "gptq":
+        return rtn_fake_quantize, "rtn"
+    g = inner_quantizer(c).config
+    assert isinstance(g, GPTQConfig)
+    hwin = calib.tokens[: c.hessian_windows, : c.calib_seq_len]
+    hessians = module_hessians(model, hwin, names)
+    fn = GPTQFakeQuantize(hessians, sym=g.sym, act_order=g.act_order, percdamp=g.percdamp, blocksize=g.blocksize,
+                          mse=g.mse, group_grid=g.group_grid)
+    name = f"gptq(act_order={g.act_order},damp={g.percdamp},bs={g.blocksize},grid={g.group_grid})"
+    return fn, f"{name}@{tokens_sha(hwin)}"
 
 
 def inner_quantizer(c: MixedConfig) -> RTN | GPTQ:

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from .base import Calibration, ConfigError, cache_dir, iter_linears, model_fingerprint
 from .gptq import block_output, capture_block_inputs, transformer_blocks
+from .gptq_solver import gptq_quantize
 from .rtn import rtn_quantize_weight
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,55 @@ def rtn_fake_quantize(w: torch.Tensor, bits: int, group_size: int = 128, sym: bo
     gs = in_f if group_size == -1 else group_size
     g = torch.arange(in_f) // gs
     return ((codes.float() - zeros[:, g]) * scales[:, g]).to(w.dtype)
+
+
+class GPTQFakeQuantize:
+    """The dequantized weight GPTQ produces for one module quantized ALONE (``name`` picks its Hessian).
+
+    The scoring-time stand-in for GPTQ as mixed precision's inner quantizer: the solver of
+    :func:`~quantbench.methods.gptq_solver.gptq_quantize` with the inner quantizer's settings, against
+    ``H = 2 X X^T / n`` of the module's inputs in the UNQUANTIZED model (:func:`module_hessians`).  The
+    one approximation: the real sequential GPTQ sees inputs already perturbed by the quantized modules
+    before it, which depend on the allocation being chosen.
+    """
+
+    needs_name = True
+
+    def __init__(self, hessians: dict[str, torch.Tensor], **gptq_kwargs: Any) -> None:
+        self.hessians = hessians
+        self.kwargs = {"sym": False, "act_order": False, **gptq_kwargs}
+
+    def __call__(self, w: torch.Tensor, bits: int, group_size: int, name: str) -> torch.Tensor:
+        return gptq_quantize(w, self.hessians[name], bits, group_size, **self.kwargs).Q.to(w.dtype)
+
+
+def _quantize(fn: Callable[..., torch.Tensor], name: str, w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """``fn(w, bits, group_size)``, plus ``name=`` for per-module quantizers (``needs_name``)."""
+    if getattr(fn, "needs_name", False):
+        return fn(w, bits, group_size, name=name)
+    return fn(w, bits, group_size)
+
+
+@torch.no_grad()
+def module_hessians(model: nn.Module, windows: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``H = 2 X X^T / n`` (fp32) of each named linear's inputs over ``windows`` [n, T], one forward each."""
+    names = list(names)
+    H: dict[str, torch.Tensor] = {}
+    count: dict[str, int] = dict.fromkeys(names, 0)
+
+    def hook(n: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        H[n] = H.get(n, torch.zeros(x.shape[1], x.shape[1])).add_(x.t() @ x)
+        count[n] += x.shape[0]
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: hook(n, a[0])) for n in names]
+    try:
+        for w in range(windows.shape[0]):
+            model(windows[w : w + 1], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: h.mul_(2 / count[n]) for n, h in H.items()}
 
 
 # --------------------------------------------------------------------------- model anatomy
@@ -244,9 +294,14 @@ class SensitivitySpec:
     metric: str = "kl"  # "kl": measured; "fisher": diag-Fisher; "fisher-kl": sampled Fisher, full per token
     positions: int = 0  # fisher-kl: positions per window in the quadratic form (0: all)
     base: str = ""  # fisher-kl: expansion point "bits/group" (every module quantized there); "": fp
+    seeds: int = 1  # fisher-kl: label-sampling seeds per window (replicates = windows x seeds)
 
     def key(self, fingerprint: str, data_sha: str) -> str:
-        fields = {k: v for k, v in self.__dict__.items() if not (k in ("positions", "base") and not v)}
+        fields = {
+            k: v
+            for k, v in self.__dict__.items()
+            if not ((k in ("positions", "base") and not v) or (k == "seeds" and v == 1))
+        }
         blob = json.dumps({"schema": SCHEMA, "model": fingerprint, "data": data_sha, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -297,6 +352,7 @@ def measure_sensitivities(
 
 
 METRICS = ("kl", "fisher", "fisher-kl")
+STORE_BYTES = 2 << 30  # fisher-kl: the (x, g) of this many bytes of replicates are scored together
 
 
 def measure_choice_sensitivities(
@@ -311,13 +367,19 @@ def measure_choice_sensitivities(
     use_cache: bool = True,
     positions: int = 0,
     base: tuple[int, int] | None = None,
+    seeds: int = 1,
 ) -> dict[int, dict[int, dict[str, dict[str, float]]]]:
     """{group size: {bits: {module name: {"kl", ...}}}} for each (bits, group size) choice.
 
     The cache holds one document per (bits, group size); ``metric="fisher-kl"`` computes every
-    missing (module, choice) of one group of windows in a single forward+backward pass per window
-    (see :func:`_measure_fisher_kl`), on ``positions`` evenly spaced positions per window (0: all).
+    missing (module, choice) from one forward+backward pass per window and label seed (``seeds``
+    seeds per window; see :func:`_measure_fisher_kl`), on ``positions`` evenly spaced positions per
+    window (0: all), and records the mean over those replicates (``kl``) with their spread
+    (``kl_std``, ``replicates``).  ``quantize_fn`` may take the module's name (``needs_name``, e.g.
+    :class:`GPTQFakeQuantize`); ``quantizer`` names it in the cache key.
     """
+    if seeds < 1:
+        raise ConfigError(f"sensitivity: seeds must be >= 1, got {seeds}")
     if metric not in METRICS:
         raise ConfigError(f"sensitivity metric '{metric}' is not valid; valid: {', '.join(METRICS)}")
     choices = list(dict.fromkeys((int(b), int(g)) for b, g in choices))
@@ -329,7 +391,13 @@ def measure_choice_sensitivities(
     for b, g in choices:
         fkl = metric == "fisher-kl"
         spec = SensitivitySpec(
-            b, g, quantizer, metric, positions if fkl else 0, f"fisher at {base[0]}/{base[1]}" if fkl and base else ""
+            b,
+            g,
+            quantizer,
+            metric,
+            positions if fkl else 0,
+            f"fisher at {base[0]}/{base[1]}" if fkl and base else "",
+            seeds if fkl else 1,
         )
         paths[b, g] = cache_path(spec.key(fingerprint, dsha))
         doc = _load(paths[b, g]) if use_cache else {}
@@ -348,7 +416,7 @@ def measure_choice_sensitivities(
     if todo:
         t0 = time.perf_counter()
         if metric == "fisher-kl":
-            _measure_fisher_kl(model, windows, todo, quantize_fn, docs, paths, positions, base)
+            _measure_fisher_kl(model, windows, todo, quantize_fn, docs, paths, positions, base, seeds=seeds)
         else:
             for g in dict.fromkeys(c[1] for c, _ in todo):
                 sub = [(c[0], r) for c, r in todo if c[1] == g]
@@ -368,7 +436,7 @@ def _measure_kl(model, windows, todo, group_size, quantize_fn, docs, paths) -> N
     last_save = time.perf_counter()
     for b, row in tqdm(todo, desc="sensitivity", leave=False):
         w = model.get_submodule(row["name"]).weight.data
-        res = probe.measure(row, quantize_fn(w, b, group_size))
+        res = probe.measure(row, _quantize(quantize_fn, row["name"], w, b, group_size))
         res["fp_nll"] = probe.fp_nll
         docs[b]["values"][row["name"]] = res
         if time.perf_counter() - last_save > 20:
@@ -446,7 +514,7 @@ def _measure_fisher(model, windows, todo, group_size, quantize_fn, docs, paths) 
     fis = fisher_diagonals(model, windows, names)
     for b, row in todo:
         w = model.get_submodule(row["name"]).weight.data
-        err = (quantize_fn(w, b, group_size).float() - w.float()).pow(2)
+        err = (_quantize(quantize_fn, row["name"], w, b, group_size).float() - w.float()).pow(2)
         docs[b]["values"][row["name"]] = {"kl": 0.5 * float((fis[row["name"]] * err).sum())}
     for bb in docs:
         _save(paths[bb], docs[bb])
@@ -462,6 +530,7 @@ def _measure_fisher_kl(
     positions: int = 0,
     base: tuple[int, int] | None = None,
     seed: int = 0,
+    seeds: int = 1,
 ) -> None:
     """Taylor estimate of KL(p_fp || p_q) per (module, choice), full (not diagonal) within each token.
 
@@ -479,9 +548,15 @@ def _measure_fisher_kl(
     term g_tᵀ (Q_c - Q_base) x_t) was tried and dropped: the knapsack exploited its negative values
     (see docs/sensitivity.md).
 
-    One forward and one backward per window serve every (module, choice): the
-    backward hook of each linear evaluates all its choices on the spot.  ``positions`` > 0
-    evaluates the forms on that many evenly spaced positions per window only (the passes still
+    Replicates: one label draw per window and seed (``seeds`` generators seeded ``seed``,
+    ``seed + 1``, ...; each draws window after window).  Each replicate's KL estimate is kept; the
+    value is their mean (``kl``) with their standard deviation (``kl_std``) as the spread.
+
+    One forward and one backward per replicate serve every (module, choice): the backward hook of
+    each linear keeps its (x_t, g_t) at the evaluated positions, and every chunk of replicates (up to
+    ``STORE_BYTES`` of them) is scored with each choice's ΔW computed once per chunk -- so an
+    expensive quantizer (GPTQ) runs once per (module, choice), not once per replicate.  ``positions``
+    > 0 evaluates the forms on that many evenly spaced positions per window only (the passes still
     see the whole window): the per-choice products, positions x in x out each, dominate the cost.
     """
     T = windows.shape[1]
@@ -493,43 +568,59 @@ def _measure_fisher_kl(
         by_name.setdefault(r["name"], []).append(c)
     mods = {n: model.get_submodule(n) for n in by_name}
     orig = {n: m.weight.data for n, m in mods.items()}
-    acc = {n: torch.zeros(len(cs), dtype=torch.float64) for n, cs in by_name.items()}
+    # replicates: (label seed, window), seed-major; one generator per seed drawn window after window
+    reps = [(s, w) for s in range(seed, seed + seeds) for w in range(windows.shape[0])]
+    acc = {n: torch.zeros(len(reps), len(cs), dtype=torch.float64) for n, cs in by_name.items()}
+    n_tok = torch.zeros(len(reps), dtype=torch.float64)
+    P = T if sel is None else sel.numel()
+    per_rep = P * 4 * sum(m.in_features + m.out_features for m in mods.values())  # bytes of (x, g) kept
+    chunk = max(1, int(STORE_BYTES // max(per_rep, 1)))
+    store: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in mods}
     xs: dict[str, torch.Tensor] = {}
-
-    def _deltas(n: str) -> list[torch.Tensor]:
-        w = orig[n].float()
-        return [quantize_fn(orig[n], b, gs).float() - w for b, gs in by_name[n]]
 
     def _grad(n: str, g: torch.Tensor) -> None:
         g = g.detach().reshape(-1, g.shape[-1]).float()
-        g = g if sel is None else g[sel]
-        x = xs.pop(n)
-        for i, d in enumerate(_deltas(n)):
-            acc[n][i] += 0.5 * float(((x @ d.t()) * g).sum(-1).square().sum())
+        store[n].append((xs.pop(n), g if sel is None else g[sel]))
 
     def _fwd(mod, args, out, n):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         xs[n] = x if sel is None else x[sel]
         out.register_hook(lambda g, n=n: _grad(n, g))
 
+    def _score(rs: list[int]) -> None:
+        """Every (module, choice) on the stored replicates ``rs``: each choice's ΔW is computed once."""
+        for n, cs in by_name.items():
+            w = orig[n].float()
+            for i, (b, gs) in enumerate(cs):
+                d = _quantize(quantize_fn, n, orig[n], b, gs).float() - w
+                for k, r in enumerate(rs):
+                    x, g = store[n][k]
+                    acc[n][r, i] = 0.5 * float(((x @ d.t()) * g).sum(-1).square().sum())
+            store[n].clear()
+
     handles = [m.register_forward_hook(lambda mod, a, o, n=n: _fwd(mod, a, o, n)) for n, m in mods.items()]
     was = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(seed)
-    n_tok = 0
+    gens: dict[int, torch.Generator] = {}
     try:
         if base is not None:  # the expansion point: every measured module quantized at base
             for n, m in mods.items():
-                m.weight.data = quantize_fn(orig[n], *base).to(orig[n].dtype)
-        for w in tqdm(range(windows.shape[0]), desc="fisher-kl", leave=False):
+                m.weight.data = _quantize(quantize_fn, n, orig[n], *base).to(orig[n].dtype)
+        pending: list[int] = []
+        for r, (s, w) in enumerate(tqdm(reps, desc="fisher-kl", leave=False)):
+            gen = gens.setdefault(s, torch.Generator().manual_seed(s))
             ids = windows[w : w + 1]
             emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # type: ignore[operator]  # HF model attribute on nn.Module
             logits = model(inputs_embeds=emb, use_cache=False).logits[0].float()
             lp = F.log_softmax(logits, -1)
             y = torch.multinomial(lp.detach().exp(), 1, generator=gen)
             lp.gather(1, y).sum().backward()
-            n_tok += ids.shape[1] if sel is None else sel.numel()
+            n_tok[r] = ids.shape[1] if sel is None else sel.numel()
+            pending.append(r)
+            if len(pending) == chunk or r == len(reps) - 1:
+                _score(pending)
+                pending = []
     finally:
         for h in handles:
             h.remove()
@@ -539,8 +630,11 @@ def _measure_fisher_kl(
             p.requires_grad_(was.get(n, False))
             p.grad = None
     for n, cs in by_name.items():
+        per = acc[n] / n_tok[:, None]  # [replicates, choices]: KL estimate of each replicate
+        mean = per.mean(0)
+        std = per.std(0) if len(reps) > 1 else torch.zeros_like(mean)
         for i, c in enumerate(cs):
-            docs[c]["values"][n] = {"kl": float(acc[n][i]) / n_tok}
+            docs[c]["values"][n] = {"kl": float(mean[i]), "kl_std": float(std[i]), "replicates": len(reps)}
     for c in docs:
         _save(paths[c], docs[c])
 

@@ -184,3 +184,73 @@ def test_load_bitnet_checkpoint(tmp_path):
             setattr(ref.get_submodule(parent), child, B.BitLinear.from_linear(mod))
     ids = torch.randint(0, 128, (1, 16))
     torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_bitlinear_forward_is_norm_then_int8_then_ternary():
+    # y = gamma * codes(W) @ dequant(int8(rms_norm(x) * g)), computed by hand
+    w = torch.tensor([[0.5, -0.5, 0.0, 1.0], [0.25, 0.25, -0.25, 0.5]])
+    lin = nn.Linear(4, 2, bias=False)
+    lin.weight.data.copy_(w)
+    bl = B.BitLinear.from_linear(lin, norm="rms")
+    bl.norm_weight.data.copy_(torch.tensor([1.0, 0.5, 2.0, 1.0]))
+    # rms([10, -10, 10, -10]) = 10 -> n = [1, -1, 1, -1]; * g = [1, -.5, 2, -1]; absmax 2 -> Q_b = 63.5;
+    # int8 = round([63.5, -31.75, 127, -63.5]) = [64, -32, 127, -64] (ties to even)
+    # gamma = mean|W| = 3.25 / 8 = .40625; W / gamma -> codes [1, -1, 0, 1], [1, 1, -1, 1]
+    # y = gamma / Q_b * [64 + 32 + 0 - 64, 64 - 32 - 127 - 64] = .40625 / 63.5 * [32, -159]
+    x = torch.tensor([[10.0, -10.0, 10.0, -10.0], [0.1, -0.1, 0.1, -0.1]])
+    y = bl(x)
+    want = torch.tensor([32.0, -159.0]) * 0.40625 / 63.5
+    torch.testing.assert_close(y[0], want, rtol=1e-5, atol=0)
+    # the norm removes the per-token scale: x / 100 gives the same output (up to the norm's eps)
+    torch.testing.assert_close(y[1], want, rtol=1e-3, atol=0)
+    # the packed inference module computes the same, its gain stored as an fp32 buffer
+    q = B.to_packed(bl, "ternary", "2bit", "tensor", 128, 8)
+    assert q.norm == "rms" and torch.equal(q.norm_weight, bl.norm_weight.data)
+    torch.testing.assert_close(q(x), y, rtol=1e-5, atol=1e-7)
+    assert q.storage().unquantized == 4 * 4
+
+
+def test_layer_norm_variant_and_gain_init():
+    x = torch.tensor([[1.0, 2.0, 3.0, 6.0]])  # mean 3, centred [-2, -1, 0, 3], var 14 / 4 = 3.5
+    n = B.bitlinear_norm(x, "layer")
+    torch.testing.assert_close(n, torch.tensor([[-2.0, -1.0, 0.0, 3.0]]) / (3.5 + B.NORM_EPS) ** 0.5)
+    assert torch.equal(B.bitlinear_norm(x, "none"), x)
+    # tokens s_t * u (one direction, varying scale): rms_norm gives u / rms(u) for all of them and the
+    # least-squares gain is rms(u) * mean(s_t), i.e. g * n reproduces the average token
+    u = torch.tensor([1.0, -2.0, 0.5, 2.0])
+    s = torch.tensor([0.5, 1.0, 4.5])
+    g = B.norm_gain_init(*B.norm_gain_sums(s[:, None] * u, "rms"))
+    r = u.pow(2).mean().sqrt()
+    torch.testing.assert_close(g, r * s.mean() * torch.ones(4), rtol=1e-4, atol=0)  # up to the norm's eps
+
+
+def test_qat_trains_norm_gains_from_least_squares_init():
+    lm = tiny_llama()
+    ref = copy.deepcopy(lm.model)
+    calib = Calibration(tokens=torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0)),
+                        dataset="rand", seed=0)
+    meth = build_method("bitnet-qat", dict(steps=3, seq_len=32, batch_size=2, warmup=2, lr=2e-3))
+    init = {}
+    orig = B.BitNetQAT._init_norm_gains
+
+    def spy(model, bitlins, tokens, c):
+        orig(model, bitlins, tokens, c)
+        init.update({n: bl.norm_weight.detach().clone() for n, bl in bitlins.items()})
+
+    B.BitNetQAT._init_norm_gains = staticmethod(spy)
+    try:
+        model = meth.quantize(lm.model, calib)
+    finally:
+        B.BitNetQAT._init_norm_gains = orig
+    packed = {n: m for n, m in model.named_modules() if isinstance(m, B.TernaryLinear)}
+    assert len(packed) == 14 and all(m.norm == "rms" for m in packed.values())
+    # the init is the least-squares gain of each linear's input in the fp model
+    name = "model.layers.0.self_attn.o_proj"
+    xs = []
+    h = ref.get_submodule(name).register_forward_pre_hook(lambda _m, a: xs.append(a[0]))
+    with torch.no_grad():
+        ref(input_ids=B.qat_batch(calib.tokens, 0, 8, 32))
+    h.remove()
+    torch.testing.assert_close(init[name], B.norm_gain_init(*B.norm_gain_sums(torch.cat(xs), "rms")))
+    # then trained: the stored gain moved from its init
+    assert not torch.equal(packed[name].norm_weight, init[name])

@@ -34,13 +34,67 @@ def rtn_dequant(W, bits, gs, sym=False):
 @pytest.mark.parametrize("bits", [3, 4])
 def test_a_lazy_blocks_equal_naive_obq(group_size, bits):
     W, _, H = correlated_layer(cols=96)
-    r = gptq_quantize(W, H, bits, group_size, act_order=False, blocksize=32)
+    r = gptq_quantize(W, H, bits, group_size, act_order=False, blocksize=32, group_grid="updated")
     naive = obq_naive(W, H, bits, group_size, sym=False)
     # the same codes (rounding ties could flip one code in fp noise: allow none here)
     assert (r.Q - naive).abs().max().item() < 1e-4
-    # blocksize must not change the result
-    r2 = gptq_quantize(W, H, bits, group_size, act_order=False, blocksize=7)
+    # with fully updated group grids, blocksize must not change the result
+    r2 = gptq_quantize(W, H, bits, group_size, act_order=False, blocksize=7, group_grid="updated")
     assert (r.Q - r2.Q).abs().max().item() < 1e-4
+
+
+def reference_fasterquant(W, H, bits, groupsize, actorder, blocksize=128, percdamp=0.01):
+    """A plain-torch transcription of the reference GPTQ loop (IST-DASLab ``GPTQ.fasterquant``), grid
+    from ``find_params`` (the min-max grid with fp16 scales), returning codes in the original order."""
+    W = W.clone().float()
+    H = H.clone().float()
+    maxq = 2**bits - 1
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if actorder:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    columns = W.shape[1]
+    H[range(columns), range(columns)] += percdamp * torch.mean(torch.diag(H))
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros_like(W)
+    scale, zero = find_params(W, bits, sym=False)
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w, d = W1[:, i], Hinv1[i, i]
+            if groupsize != -1 and (i1 + i) % groupsize == 0:
+                scale, zero = find_params(W[:, i1 + i : i1 + i + groupsize], bits, sym=False)
+            c = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+            q = scale * (c - zero)
+            codes[:, i1 + i] = c
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    if actorder:
+        codes = codes[:, torch.argsort(perm)]
+    return codes.to(torch.int32)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_group_grid_equals_reference_loop(group_size, act_order):
+    W, _, H = correlated_layer(rows=48, cols=256)
+    ref = reference_fasterquant(W, H, 3, group_size, act_order, blocksize=128)
+    r = gptq_quantize(W, H, 3, group_size, act_order=act_order, blocksize=128)
+    assert torch.equal(r.codes, ref)
+    upd = gptq_quantize(W, H, 3, group_size, act_order=act_order, blocksize=128, group_grid="updated")
+    if group_size == 128:
+        # every group starts at a block boundary: both readings are the same (the previous behaviour)
+        assert torch.equal(upd.codes, r.codes) and torch.equal(upd.scales, r.scales)
+    else:
+        # groups starting inside a block see different weights: the test can tell the two apart
+        assert not torch.equal(upd.scales, r.scales)
 
 
 @pytest.mark.parametrize("sym", [False, True])
@@ -104,6 +158,8 @@ def test_mse_grid_lowers_weight_error():
 def test_config_errors():
     with pytest.raises(ConfigError, match="bits"):
         GPTQConfig(bits=5)
+    with pytest.raises(ConfigError, match="group_grid"):
+        GPTQConfig(group_grid="w1")
     with pytest.raises(ConfigError, match="valid:.*group_size"):
         build_method("gptq", {"groupsize": 128})
     assert GPTQConfig().to_dict()["act_order"] is True

@@ -253,3 +253,91 @@ def test_fisher_kl_at_a_base_choice(tiny, calib):
     assert _bpw(q) <= 3.0
     with pytest.raises(ConfigError, match="base_choice"):
         build_method("mixed", {"base_choice": [3, 128]})  # needs fisher-kl
+
+
+# --------------------------------------------------------------------------- replicates, spread, GPTQ-aware scoring
+
+
+def _linear_rows(model):
+    return [
+        {"name": n, "layer": int(n.split(".")[2]), "projection": n.rsplit(".", 1)[-1], "kind": "linear"}
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    ]
+
+
+def test_fisher_kl_averages_label_seeds_and_records_spread(tiny, calib):
+    from quantbench.methods import sensitivity as S
+
+    model = copy.deepcopy(tiny)
+    rows = _linear_rows(model)
+    choices = [(2, 64), (3, 128)]
+    win = calib.tokens[:1]
+    avg = S.measure_choice_sensitivities(model, win, choices, rows, "fisher-kl", seeds=3)
+    # each replicate alone: the same window with label seed 0, 1, 2
+    single = []
+    for s in range(3):
+        docs = {c: {"values": {}} for c in choices}
+        paths = {c: calib_path for c, calib_path in zip(choices, [S.cache_path(f"t{s}a"), S.cache_path(f"t{s}b")])}
+        S._measure_fisher_kl(model, win, [(c, r) for c in choices for r in rows], S.rtn_fake_quantize, docs, paths,
+                             seed=s)
+        single.append(docs)
+    for b, g in choices:
+        for r in rows:
+            reps = torch.tensor([d[b, g]["values"][r["name"]]["kl"] for d in single], dtype=torch.float64)
+            v = avg[g][b][r["name"]]
+            assert v["replicates"] == 3
+            assert v["kl"] == pytest.approx(float(reps.mean()), rel=1e-9)
+            assert v["kl_std"] == pytest.approx(float(reps.std()), rel=1e-9)
+    assert any(avg[64][2][r["name"]]["kl_std"] > 0 for r in rows)  # the seeds do draw different labels
+    # the seed count is in the cache key: one seed is another entry, with no spread
+    one = S.measure_choice_sensitivities(model, win, choices, rows, "fisher-kl")
+    assert all(one[64][2][r["name"]]["kl_std"] == 0 for r in rows)
+    assert one[64][2][rows[0]["name"]]["kl"] == pytest.approx(single[0][2, 64]["values"][rows[0]["name"]]["kl"])
+
+
+def test_fisher_kl_chunked_replicates_equal_unchunked(tiny, calib, monkeypatch):
+    from quantbench.methods import sensitivity as S
+
+    model = copy.deepcopy(tiny)
+    rows = _linear_rows(model)
+    choices = [(2, 64), (4, -1)]
+    full = S.measure_choice_sensitivities(model, calib.tokens, choices, rows, "fisher-kl", seeds=2, use_cache=False)
+    monkeypatch.setattr(S, "STORE_BYTES", 1)  # one replicate per chunk
+    chunked = S.measure_choice_sensitivities(model, calib.tokens, choices, rows, "fisher-kl", seeds=2,
+                                             use_cache=False)
+    for b, g in choices:
+        for r in rows:
+            assert chunked[g][b][r["name"]]["kl"] == pytest.approx(full[g][b][r["name"]]["kl"], rel=1e-9)
+            assert full[g][b][r["name"]]["replicates"] == 4
+
+
+def test_gptq_inner_scores_with_gptq(tiny, calib, monkeypatch):
+    from quantbench.methods import sensitivity as S
+
+    calls = []
+    orig = S.gptq_quantize
+
+    def spy(w, H, bits, gs, **kw):
+        calls.append((tuple(w.shape), bits, gs, kw["act_order"]))
+        return orig(w, H, bits, gs, **kw)
+
+    monkeypatch.setattr(S, "gptq_quantize", spy)
+    params = {"target_bpw": 3.0, "group_choices": [64, -1], "bits_choices": [2, 3], "sensitivity": "fisher-kl",
+              "calib_windows": 2, "label_seeds": 2}
+    m = build_method("mixed", {**params, "inner": "gptq"})
+    q = m.quantize(copy.deepcopy(tiny), calib)
+    # every (module, choice) scored once on the weight GPTQ gives that module (act_order off, as the inner GPTQ)
+    assert len(calls) == 14 * 4 and {c[3] for c in calls} == {False}
+    assert m.artifacts["sensitivity_quantizer"].startswith("gptq(") and m.artifacts["sensitivity_replicates"] == 4
+    spread = m.artifacts["sensitivity_spread"]
+    assert set(spread["per_module"]) == set(m.artifacts["allocation"])
+    assert all(v["kl_std"] is not None and v["kl_std"] >= 0 for v in spread["per_module"].values())
+    assert 0 < spread["median_rel_std"] <= spread["max_rel_std"]
+    assert _bpw(q) <= 3.0
+    # GPTQ lowers each layer's output error: the GPTQ-scored total at 2 bits is below the RTN-scored one
+    r = build_method("mixed", {**params, "inner": "rtn"})
+    r.quantize(copy.deepcopy(tiny), calib)
+    assert r.artifacts["sensitivity_quantizer"] == "rtn"
+    for k in ("2/g64", "2/g-1"):
+        assert m.artifacts["uniform_sensitivity"][k] < r.artifacts["uniform_sensitivity"][k]
