@@ -631,12 +631,17 @@ def family_of(model: nn.Module) -> str | None:
     return _normalize_family(model_type if isinstance(model_type, str) else None)
 
 
+class UnsupportedFamily(ConfigError):
+    """A method of a cell cannot handle the model's family (:data:`FAMILY_LIMITS`): the runner records the
+    cell's metrics ``unavailable`` with this reason (a known limit, not a failure) and quantizes nothing."""
+
+
 def check_family(family: str | None, methods: Iterable[str], model: str = "the model") -> None:
-    """ConfigError when a method of ``methods`` cannot handle ``family`` (:data:`FAMILY_LIMITS`)."""
+    """UnsupportedFamily when a method of ``methods`` cannot handle ``family`` (:data:`FAMILY_LIMITS`)."""
     limits = FAMILY_LIMITS.get(family or "", {})
     for m in methods:
         if m in limits:
-            raise ConfigError(f"method {m!r} does not support model {model!r} (family {family}): {limits[m]}")
+            raise UnsupportedFamily(f"method {m!r} does not support model {model!r} (family {family}): {limits[m]}")
 
 
 def preflight(spec: Any, device: str | None = None) -> str | None:

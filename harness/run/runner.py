@@ -32,7 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ...methods.base import METHODS, Calibration, ConfigError, Method
 from ...methods.quantize import quantize
 from ..inputs import data as datamod
-from ..inputs.models import LoadedModel, check_family, family_of, load_model, model_key
+from ..inputs.models import LoadedModel, UnsupportedFamily, check_family, family_of, load_model, model_key
 from ..measure import METRICS, CellContext, MetricResult, cell_params, memory
 from ..measure.evaluate import EvalData, Reference, build_eval_data
 from ..paths import REPO_ROOT
@@ -121,6 +121,9 @@ class CellRunner:
                 results.append((name, self._measure(name, ctx)))
                 metric_seconds[name] = round(time.perf_counter() - tm, 3)  # shared work counts once, first
             self._save_artifacts(cell, methods)
+        except UnsupportedFamily as e:  # a known limit of a method: nothing to measure, nothing failed
+            log.warning("cell %s: %s", cell.name, e)
+            results = [(name, [MetricResult(None, status="unavailable", error=str(e))]) for name in cell.metrics]
         except Exception as e:  # a failing cell is recorded, the run goes on
             log.error("cell %s failed: %s", cell.name, e)
             log.debug("%s", traceback.format_exc())

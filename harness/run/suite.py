@@ -599,7 +599,7 @@ def _check_models(where: str, models: list[Any]) -> None:
 
 def preflight_suite(suite: Suite) -> list[str]:
     """Before a run: each model's device exists and its hub id resolves (ConfigError otherwise); returns the
-    (model, cell) pairs whose method cannot handle the model's family, which the runner records as failed
+    (model, cell) pairs whose method cannot handle the model's family, which the runner records unavailable
     without quantizing (``models.FAMILY_LIMITS``), as "model/cell: why"."""
     problems = []
     chains = [(c.name, [s.method for s in c.chain]) for c in suite.cells]
