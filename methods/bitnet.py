@@ -387,7 +387,7 @@ def _pack_model(model: nn.Module, c: BitNetConfig | BitNet1bitConfig, bits: str)
     layers = list(iter_linears(model, c.include, c.exclude))
     fmt = getattr(c, "fmt", "1bit")
     gran, gs = getattr(c, "granularity", "tensor"), getattr(c, "group_size", 128)
-    for name, lin in tqdm(layers, desc=f"bitnet-{bits}", leave=False):
+    for name, lin in tqdm(layers, desc=f"bitnet-{bits}", leave=False, disable=None):
         set_module(model, name, to_packed(lin, bits, fmt, gran, gs, c.act_bits))
     return len(layers)
 
@@ -461,7 +461,8 @@ class BitNetQAT(Method):
         # 3. train: STE through BitLinear, warm-up lambda = min(step / warmup, 1)
         was_training = model.training
         model.train()
-        for step in tqdm(range(start, c.steps), desc="bitnet-qat", leave=False, initial=start, total=c.steps):
+        bar = tqdm(range(start, c.steps), desc="bitnet-qat", leave=False, initial=start, total=c.steps, disable=None)
+        for step in bar:
             lam = min(step / c.warmup, 1.0) if c.warmup > 0 else 1.0
             for bl in bitlins.values():
                 bl.lam = lam
@@ -472,6 +473,7 @@ class BitNetQAT(Method):
             loss.backward()
             opt.step()
             curve.append([step + 1, float(loss.item())])
+            bar.set_postfix(loss=f"{curve[-1][1]:.3f}")
             if not math.isfinite(curve[-1][1]):
                 raise FloatingPointError(f"bitnet-qat: loss is {curve[-1][1]} at step {step + 1}")
             if self.artifact_dir is not None and ((step + 1) % c.checkpoint_every == 0 or step + 1 == c.steps):

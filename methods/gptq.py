@@ -169,7 +169,7 @@ class GPTQ(Method):
                                               dir=str(self.artifact_dir) if self.artifact_dir else None)
             store = BlockStore(blocks, Path(tmp.name))
         max_resident = 0
-        for b, block in enumerate(tqdm(blocks, desc="gptq", leave=False)):
+        for b, block in enumerate(tqdm(blocks, desc="gptq", leave=False, disable=None, unit="block")):
             if store is not None:
                 store.load(b)
                 max_resident = max(max_resident, store.resident_block_bytes())

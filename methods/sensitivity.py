@@ -434,7 +434,7 @@ def measure_choice_sensitivities(
 def _measure_kl(model, windows, todo, group_size, quantize_fn, docs, paths) -> None:
     probe = SensitivityProbe(model, windows)
     last_save = time.perf_counter()
-    for b, row in tqdm(todo, desc="sensitivity", leave=False):
+    for b, row in tqdm(todo, desc="sensitivity", leave=False, disable=None):
         w = model.get_submodule(row["name"]).weight.data
         res = probe.measure(row, _quantize(quantize_fn, row["name"], w, b, group_size))
         res["fp_nll"] = probe.fp_nll
@@ -608,7 +608,7 @@ def _measure_fisher_kl(
             for n, m in mods.items():
                 m.weight.data = _quantize(quantize_fn, n, orig[n], *base).to(orig[n].dtype)
         pending: list[int] = []
-        for r, (s, w) in enumerate(tqdm(reps, desc="fisher-kl", leave=False)):
+        for r, (s, w) in enumerate(tqdm(reps, desc="fisher-kl", leave=False, disable=None)):
             gen = gens.setdefault(s, torch.Generator().manual_seed(s))
             ids = windows[w : w + 1]
             emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # type: ignore[operator]  # HF model attribute on nn.Module
