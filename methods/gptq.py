@@ -239,13 +239,20 @@ class GPTQ(Method):
     def _accumulate_hessians(
         block: nn.Module, names: list[str], inps: list[torch.Tensor], kws: list[dict[str, Any]]
     ) -> dict[str, torch.Tensor]:
-        """H = 2 X X^T / n for each named linear, as a running average over calibration tokens (fp32)."""
+        """H = 2 X X^T / n for each named linear, as a running average over calibration tokens (fp32).
+
+        Each sample's block forward stops as soon as every named linear has seen its input (a pre-hook
+        raises once the last one has): the rest of the block computes nothing these Hessians read, so
+        with true-sequential groups most of the block's forwards are cut short; the Hessians are the same
+        tensors, bit for bit, as with full forwards.
+        """
         H: dict[str, torch.Tensor] = {}
         count: dict[str, int] = {}
         handles = []
+        seen: set[str] = set()
 
         def make_hook(n: str):
-            def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+            def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                 tokens = x.shape[0]
                 if n not in H:
@@ -255,14 +262,21 @@ class GPTQ(Method):
                 count[n] += tokens
                 x = x * (2 / count[n]) ** 0.5
                 H[n] += x.t() @ x
+                seen.add(n)
+                if len(seen) == len(names):
+                    raise _Captured
 
             return hook
 
         for n in names:
-            handles.append(block.get_submodule(n).register_forward_hook(make_hook(n)))
+            handles.append(block.get_submodule(n).register_forward_pre_hook(make_hook(n)))
         try:
             for x, kw in zip(inps, kws):
-                block(x, **kw)
+                seen.clear()
+                try:
+                    block(x, **kw)
+                except _Captured:
+                    pass
         finally:
             for h in handles:
                 h.remove()

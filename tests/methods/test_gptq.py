@@ -263,3 +263,29 @@ def test_packed_and_simulated_paths_agree():
         simulated = q(calib.tokens).logits
     sqnr = 10 * torch.log10(simulated.pow(2).sum() / (simulated - packed).pow(2).sum()).item()
     assert sqnr > 38, sqnr  # ~45 dB measured
+
+
+def test_hessians_with_early_stopped_forwards_equal_full_forwards():
+    """The Hessian pass stops each block forward once the group's linears have seen their inputs; the
+    Hessians still equal 2 X X^T / n over every token, X read by plain hooks on full forwards."""
+    from quantbench.methods.gptq import GPTQ, capture_block_inputs, transformer_blocks
+
+    lm = tiny_llama(seed=2, hidden=64, layers=2)
+    calib = Calibration(torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(1)), "r", 0)
+    _, blocks = transformer_blocks(lm.model)
+    inps, kws = capture_block_inputs(lm.model, blocks[0], calib)
+    names = [n for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    for group in sequential_groups(names, True):
+        got = GPTQ._accumulate_hessians(blocks[0], group, inps, kws)
+        xs: dict[str, list[torch.Tensor]] = {n: [] for n in group}
+        hs = [blocks[0].get_submodule(n).register_forward_hook(
+            lambda mod, a, o, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1]).double())) for n in group]
+        with torch.no_grad():
+            for x, kw in zip(inps, kws):
+                blocks[0](x, **kw)
+        for h in hs:
+            h.remove()
+        for n in group:
+            X = torch.cat(xs[n])
+            want = 2 * X.t() @ X / X.shape[0]
+            assert torch.allclose(got[n].double(), want, rtol=1e-5, atol=1e-6), n
