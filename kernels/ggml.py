@@ -6,6 +6,11 @@ Byte layouts are ggml's (``ggml-common.h``): each row of ``n`` weights is ``n / 
 ``quantize_row_*_impl`` functions (``make_qx_quants``, ``make_q3_quants``, ``make_qkx2_quants``,
 ``make_qkx3_quants``, ``make_qp_quants``).  Everything is numpy float32, vectorized over blocks (the
 per-element loops of the C code become loops over the few positions of a block or search steps).
+Every float32 operation keeps the C order and rounding: sums run left to right (:func:`_ssum`, not
+numpy's pairwise ``sum``), products associate as written, and a search step that improves moves ``min``
+for the later steps as the C loop does.  Requantized weights lie on a grid where candidate errors tie to
+the last bit, so any other order picks other candidates: with this, every tensor of llama-quantize's
+Q2_K..Q8_0 output for SmolLM2 is byte-identical (tests/methods/test_kquants_llamacpp.py).
 
 Public API (per tensor, by type name, reusable by other methods):
 ``quantize(w [rows, cols], type, imatrix=None) -> uint8 [rows, row_bytes]``,
@@ -75,6 +80,19 @@ def _rd(a: np.ndarray | np.float32, b: np.ndarray) -> np.ndarray:
         return np.where(b != 0, a / np.where(b != 0, b, F32(1)), F32(0)).astype(F32)
 
 
+def _ssum(a: np.ndarray) -> np.ndarray:
+    """Sum over the last axis left to right in float32, as the C loops ``s += ...`` do.
+
+    numpy's ``sum`` adds pairwise (a different rounding); the searches compare errors that often tie
+    to the last bit (requantized inputs lie on a grid), so the order decides which candidate wins.
+    """
+    t = np.moveaxis(np.asarray(a, dtype=F32), -1, 0)
+    acc = t[0].copy()
+    for i in range(1, t.shape[0]):
+        acc += t[i]
+    return acc
+
+
 def _signed_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(amax, max): the largest |x| per row and the signed value there (first occurrence)."""
     i = np.abs(x).argmax(axis=-1)[..., None]
@@ -97,7 +115,7 @@ def make_qx_quants(x: np.ndarray, nmax: int, rmse_type: int = 1, qw: np.ndarray 
     def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         lv = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
         lf = lv.astype(F32)
-        return lv, (w * x * lf).sum(-1, dtype=F32), (w * lf * lf).sum(-1, dtype=F32)
+        return lv, _ssum(w * x * lf), _ssum(w * lf * lf)
 
     iscale = (F32(-nmax) / mx).astype(F32)
     lv, sumlx, suml2 = trial(iscale)
@@ -128,8 +146,8 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     iscale = (F32(-nmax) / mx).astype(F32)
     L = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
     w = x * x
-    sumlx = (w * x * L).sum(-1, dtype=F32)
-    suml2 = (w * L * L).sum(-1, dtype=F32)
+    sumlx = _ssum(w * x * L.astype(F32))
+    suml2 = _ssum(w * L.astype(F32) * L.astype(F32))
     active = np.ones(x.shape[0], dtype=bool)
     for _ in range(5):
         changed = np.zeros(x.shape[0], dtype=bool)
@@ -138,7 +156,7 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
             slx = sumlx - wi * xi * li
             sl2 = suml2 - wi * li * li
             ok = active & (slx > 0)
-            new_l = np.clip(_nearest_int(xi * _rd(sl2, slx)), -nmax, nmax - 1)
+            new_l = np.clip(_nearest_int(_rd(xi * sl2, slx)), -nmax, nmax - 1)
             ok &= new_l != L[:, i]
             nl = new_l.astype(F32)
             slx2 = slx + wi * xi * nl
@@ -165,31 +183,34 @@ def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray, rmin: float, 
     w = weights.astype(F32)
     mn = np.minimum(x.min(-1), F32(0))
     mx = x.max(-1)
-    sum_w = w.sum(-1, dtype=F32)
-    sum_x = (w * x).sum(-1, dtype=F32)
+    sum_w = _ssum(w)
+    sum_x = _ssum(w * x)
     flat = (mx <= mn) if v3 else (mx == mn)
     rng = np.where(flat, F32(1), mx - mn).astype(F32)
 
     def err(scale: np.ndarray, mnv: np.ndarray, L: np.ndarray) -> np.ndarray:
         d = scale[:, None] * L.astype(F32) + mnv[:, None] - x
         d = np.abs(d) if use_mad else d * d
-        return (w * d).sum(-1, dtype=F32)
+        return _ssum(w * d)
 
     iscale = (F32(nmax) / rng).astype(F32)
     scale = (F32(1) / iscale).astype(F32)
     L = np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
     best = err(scale, mn, L)
     for s in range(nstep + 1):
-        isc = ((F32(rmin) + F32(rdelta) * F32(s) + F32(nmax)) / rng).astype(F32)
-        v = isc[:, None] * (x - mn[:, None])
-        if v3:
-            la = np.where(v > 0, _nearest_int(np.minimum(v, F32(nmax))), 0)
-        else:
-            la = np.clip(_nearest_int(v), 0, nmax)
+        # as in the C code, a step that improved moves ``min`` and so the range of the next steps
+        cur_rng = np.where(flat, F32(1), mx - mn).astype(F32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            isc = ((F32(rmin) + F32(rdelta) * F32(s) + F32(nmax)) / cur_rng).astype(F32)
+            v = isc[:, None] * (x - mn[:, None])
+            if v3:  # v may be inf or NaN here (min near max): only v > 0 counts, capped at nmax first
+                la = _nearest_int(np.where(v > 0, np.minimum(v, F32(nmax)), F32(0)))
+            else:  # nearest_int(+-inf or NaN) reads as a large negative int in ggml's bit trick: clamps to 0
+                la = np.clip(_nearest_int(np.where(np.isfinite(v), v, F32(0))), 0, nmax)
         lf = la.astype(F32)
-        sum_l = (w * lf).sum(-1, dtype=F32)
-        sum_l2 = (w * lf * lf).sum(-1, dtype=F32)
-        sum_xl = (w * lf * x).sum(-1, dtype=F32)
+        sum_l = _ssum(w * lf)
+        sum_l2 = _ssum(w * lf * lf)
+        sum_xl = _ssum(w * lf * x)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         this_scale = _rd(sum_w * sum_xl - sum_x * sum_l, D)
@@ -221,7 +242,7 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
         if clamp:
             lv = np.minimum(nmax, lv)
         d = x - (F32(1) / isc)[:, None] * lv.astype(F32)
-        return (qw * d * d).sum(-1, dtype=F32)
+        return _ssum(qw * d * d)
 
     iscale = (F32(nmax) / mx).astype(F32)
     best = mse(iscale, False)
@@ -234,8 +255,8 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
         best = np.where(better, m, best)
         iscale = np.where(better, isc, iscale)
     L = np.minimum(nmax, _nearest_int(iscale[:, None] * x))
-    sumlx = (qw * x * L).sum(-1, dtype=F32)
-    suml2 = (qw * L * L).sum(-1, dtype=F32)
+    sumlx = _ssum(qw * x * L.astype(F32))
+    suml2 = _ssum(qw * L.astype(F32) * L.astype(F32))
     active = np.ones(x.shape[0], dtype=bool)
     for _ in range(5):
         changed = np.zeros(x.shape[0], dtype=bool)
@@ -244,7 +265,7 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
             slx = sumlx - wi * xi * li
             sl2 = suml2 - wi * li * li
             ok = active & (slx > 0) & (sl2 > 0)
-            new_l = np.minimum(nmax, _nearest_int(xi * _rd(sl2, slx)))
+            new_l = np.minimum(nmax, _nearest_int(_rd(xi * sl2, slx)))
             ok &= new_l != L[:, i]
             nl = new_l.astype(F32)
             slx2 = slx + wi * xi * nl
@@ -379,7 +400,7 @@ def _q8_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
 
 
 def _sigma2(x: np.ndarray, factor: float) -> np.ndarray:
-    return (F32(factor) * (x * x).sum(-1, dtype=F32) / F32(QK_K)).astype(F32)
+    return (F32(factor) * _ssum(x * x) / F32(QK_K)).astype(F32)
 
 
 def _q2_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
@@ -396,7 +417,7 @@ def _q2_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     else:
         sigma2 = _sigma2(x, 1.0)
         wts = (qw.reshape(B, 16, 16) * np.sqrt(sigma2[:, None, None] + x.reshape(B, 16, 16) ** 2)).astype(F32)
-        sw = wts.sum(-1, dtype=F32)
+        sw = _ssum(wts)
         sc, mn, _ = make_qkx_quants(xs, 3, wts.reshape(-1, 16), -0.9, 0.05, 36, False, True)
         d, ls = make_qp_quants(sc.reshape(B, 16), 15, sw)
         dmin, lm = make_qp_quants(mn.reshape(B, 16), 15, sw)
@@ -431,7 +452,7 @@ def _q3_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     else:
         sigma2 = _sigma2(x, 2.0)
         wts = (qw.reshape(B, 16, 16) * np.sqrt(sigma2[:, None, None] + x.reshape(B, 16, 16) ** 2)).astype(F32)
-        sw = wts.sum(-1, dtype=F32)
+        sw = _ssum(wts)
         sc, L0 = make_qx_quants(xs, 4, 1, wts.reshape(-1, 16))
         d, ls = make_qx_quants(sc.reshape(B, 16), 32, 1, sw)
         scales = _pack_q3_scales(ls)
@@ -452,7 +473,7 @@ def _k4_search(x: np.ndarray, qw: np.ndarray | None, nmax: int, ref_params: tupl
     B = x.shape[0]
     xb = x.reshape(B, 8, 32)
     if qw is None:
-        av_x = np.sqrt((xb * xb).sum(-1, dtype=F32) / F32(32)).astype(F32)
+        av_x = np.sqrt(_ssum(xb * xb) / F32(32)).astype(F32)
         wts = av_x[..., None] + np.abs(xb)
         sc, mn, _ = make_qkx_quants(xb.reshape(-1, 32), nmax, wts.reshape(-1, 32), *ref_params, False, False)
         sc, mn = sc.reshape(B, 8), mn.reshape(B, 8)
@@ -465,7 +486,7 @@ def _k4_search(x: np.ndarray, qw: np.ndarray | None, nmax: int, ref_params: tupl
     else:
         sigma2 = _sigma2(x, 2.0)
         wts = (qw.reshape(B, 8, 32) * np.sqrt(sigma2[:, None, None] + xb * xb)).astype(F32)
-        sw = wts.sum(-1, dtype=F32)
+        sw = _ssum(wts)
         sc, mn, _ = make_qkx_quants(xb.reshape(-1, 32), nmax, wts.reshape(-1, 32), -0.9, 0.05, 36, False, True)
         d, ls = make_qp_quants(sc.reshape(B, 8), 63, sw)
         dmin, lm = make_qp_quants(mn.reshape(B, 8), 63, sw)
@@ -520,7 +541,7 @@ _NO_IMATRIX = {"Q8_0"}  # quantize_q8_0 ignores quant_weights
 
 def _legacy_weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     """Legacy *_impl weights: qw * sqrt(sigma2 + x^2) with sigma2 = mean x^2 over the whole row."""
-    sigma2 = (x * x).sum(-1, dtype=F32) / F32(x.shape[1])
+    sigma2 = _ssum(x * x) / F32(x.shape[1])
     return (qw[None, :] * np.sqrt(sigma2[:, None] + x * x)).astype(F32)
 
 

@@ -16,7 +16,7 @@ import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -218,6 +218,8 @@ class GGMLTensor(QuantizedTensorModule):
 class LlamaCppConfig(MethodConfig):
     preset: str = "Q4_K_M"
     imatrix: bool = False
+    #: 2: the k-quant searches follow llama.cpp's reference order of operations (byte-identical to llama-quantize)
+    version: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
         check_choice("llamacpp", "preset", self.preset, PRESETS)

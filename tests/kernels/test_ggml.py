@@ -93,3 +93,77 @@ def test_row_length_checked() -> None:
     with pytest.raises(ValueError, match="multiple"):
         ggml.quantize(np.zeros((2, 576), np.float32), "Q4_K")
     assert ggml.row_bytes("Q5_0", 576) == 18 * 22
+
+
+# --------------------------------------------------------------------------- C arithmetic order
+# A scalar float32 transcription of the C search loops (each ``s += ...`` left to right, one rounding per
+# operation), to check that the vectorized searches take the same branches.  Inputs lie on a Q4_1 grid,
+# like requantized weights, where candidate errors tie to the last bit and the rounding order decides.
+
+F = np.float32
+
+
+def _grid(n_sub: int, n: int, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    d = rng.uniform(0.002, 0.02, (n_sub, 1)).astype(np.float16).astype(F)
+    m = -rng.uniform(0.0, 0.2, (n_sub, 1)).astype(np.float16).astype(F)
+    return (d * rng.integers(0, 16, (n_sub, n)).astype(F) + m).astype(F)
+
+
+def _scalar_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
+                 ) -> tuple[F, F, list[int]]:
+    mn, mx, sw, sx = x[0], x[0], w[0], F(w[0] * x[0])
+    for i in range(1, len(x)):
+        mn, mx = min(mn, x[i]), max(mx, x[i])
+        sw, sx = F(sw + w[i]), F(sx + F(w[i] * x[i]))
+    mn = min(mn, F(0))
+    iscale = F(F(nmax) / F(mx - mn))
+    scale = F(F(1) / iscale)
+
+    def err(sc: F, m: F, L: list[int]) -> F:
+        e = F(0)
+        for i in range(len(x)):
+            dv = F(F(F(sc * F(L[i])) + m) - x[i])
+            e = F(e + F(w[i] * F(dv * dv)))
+        return e
+
+    L = [min(nmax, max(0, int(np.rint(F(iscale * F(v - mn)))))) for v in x]
+    best = err(scale, mn, L)
+    for s in range(nstep + 1):
+        iscale = F(F(F(F(rmin) + F(F(rdelta) * F(s))) + F(nmax)) / F(mx - mn))
+        La = [min(nmax, max(0, int(np.rint(F(iscale * F(v - mn)))))) for v in x]
+        sl = sl2 = sxl = F(0)
+        for i in range(len(x)):
+            wl = F(w[i] * F(La[i]))
+            sl, sl2, sxl = F(sl + wl), F(sl2 + F(wl * F(La[i]))), F(sxl + F(wl * x[i]))
+        D = F(F(sw * sl2) - F(sl * sl))
+        if D > 0:
+            ts, tm = F(F(F(sw * sxl) - F(sx * sl)) / D), F(F(F(sl2 * sx) - F(sl * sxl)) / D)
+            if tm > 0:
+                ts, tm = F(sxl / sl2), F(0)
+            e = err(ts, tm, La)
+            if e < best:
+                L, best, scale, mn = La, e, ts, tm
+    return scale, F(-mn), L
+
+
+def test_ssum_is_left_to_right() -> None:
+    a = np.array([[1.0, 1e-8, 1e-8, 1e-8, 1e-8, 1e-8, 1e-8, 1e-8, 1e-8, -1.0]], dtype=F)
+    seq = F(0)
+    for v in a[0]:
+        seq = F(seq + v)
+    assert ggml._ssum(a)[0] == seq == F(0)  # each 1e-8 is lost against 1.0, as in the C loop
+
+
+def test_qkx2_search_matches_scalar_c_order() -> None:
+    x = _grid(64, 32)
+    av = np.sqrt(ggml._ssum(x * x) / F(32)).astype(F)
+    w = (av[:, None] + np.abs(x)).astype(F)
+    sc, mn, L = ggml.make_qkx_quants(x, 31, w, -0.5, 0.1, 15, False, False)
+    moved = 0
+    for b in range(x.shape[0]):
+        s_ref, m_ref, l_ref = _scalar_qkx2(x[b], w[b], 31, -0.5, 0.1, 15)
+        assert (sc[b], mn[b]) == (s_ref, m_ref), b
+        assert L[b].tolist() == l_ref, b
+        moved += m_ref != -min(F(0), x[b].min())
+    assert moved > 0  # the case where min moves during the search (and so the range of later steps)

@@ -279,7 +279,7 @@ def test_hessians_with_early_stopped_forwards_equal_full_forwards():
         got = GPTQ._accumulate_hessians(blocks[0], group, inps, kws)
         xs: dict[str, list[torch.Tensor]] = {n: [] for n in group}
         hs = [blocks[0].get_submodule(n).register_forward_hook(
-            lambda mod, a, o, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1]).double())) for n in group]
+            lambda mod, a, o, n=n, xs=xs: xs[n].append(a[0].reshape(-1, a[0].shape[-1]).double())) for n in group]
         with torch.no_grad():
             for x, kw in zip(inps, kws):
                 blocks[0](x, **kw)

@@ -200,6 +200,7 @@ def test_gptq_and_rtn_records_unchanged():
         "blocksize",
         "true_sequential",
         "mse",
+        "group_grid",
         "offload",
         "include",
         "exclude",
