@@ -104,13 +104,15 @@ def memory_bandwidth(device: str | torch.device = "cpu", nbytes: int = 256 << 20
 
 
 def _cpu_times() -> tuple[float, float] | None:
-    """(busy jiffies of the whole machine, jiffies of this process) from /proc, or None."""
+    """(busy jiffies of the whole machine, jiffies of this process and its waited-for children) from /proc,
+    or None."""
     try:
         f = open("/proc/stat").readline().split()[1:]
         vals = [int(x) for x in f]
         busy = sum(vals) - vals[3] - (vals[4] if len(vals) > 4 else 0)
         s = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
-        return float(busy), float(int(s[11]) + int(s[12]))
+        # this process's CPU time and its waited-for children's (an engine timed as a subprocess is ours)
+        return float(busy), float(sum(int(v) for v in s[11:15]))
     except (OSError, ValueError, IndexError):
         return None
 
