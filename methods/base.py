@@ -372,6 +372,15 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def replace_linears(model: nn.Module, selection: ModuleSelection, make: Callable[[nn.Linear], nn.Module]) -> int:
+    """Replace every linear the selection picks (:func:`iter_linears`) by ``make(linear)``; returns how many."""
+    n = 0
+    for name, lin in list(iter_linears(model, selection.include, selection.exclude)):
+        set_module(model, name, make(lin))
+        n += 1
+    return n
+
+
 def model_storage(model: nn.Module) -> dict[str, Storage]:
     """Storage of the whole model: ``{"linear": ..., "other": ..., "total": ...}``.
 

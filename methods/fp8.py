@@ -40,9 +40,8 @@ from .base import (
     QuantizedModule,
     Storage,
     check_choice,
-    iter_linears,
     register,
-    set_module,
+    replace_linears,
     tensor_bytes,
 )
 
@@ -175,11 +174,8 @@ class FP8(Method):
 
     def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
         c = cast(FP8Config, self.config)
-        n = 0
-        for name, lin in list(iter_linears(model, c.include, c.exclude)):
-            set_module(model, name, FP8Linear.from_linear(lin, c.activations, c.weight_scale))
-            n += 1
-        self.artifacts["quantized_modules"] = n
+        self.artifacts["quantized_modules"] = replace_linears(
+            model, c, lambda lin: FP8Linear.from_linear(lin, c.activations, c.weight_scale))
         return model
 
 

@@ -37,9 +37,8 @@ from .base import (
     ModuleSelection,
     QuantizedModule,
     Storage,
-    iter_linears,
     register,
-    set_module,
+    replace_linears,
     tensor_bytes,
 )
 
@@ -134,9 +133,6 @@ class LLMInt8(Method):
 
     def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
         c = cast(LLMInt8Config, self.config)
-        n = 0
-        for name, lin in list(iter_linears(model, c.include, c.exclude)):
-            set_module(model, name, LLMInt8Linear.from_linear(lin, c.threshold).to(lin.weight.device))
-            n += 1
+        n = replace_linears(model, c, lambda lin: LLMInt8Linear.from_linear(lin, c.threshold).to(lin.weight.device))
         self.artifacts.update(quantized_modules=n, threshold=c.threshold)
         return model
