@@ -22,7 +22,10 @@ tensor with a calibrated static scale), executed by a real int8 GEMM
    of the attention matmuls) are fake-quantized too, as in the reference's fake-quant model.
 
 Diagnostics (``artifacts["outliers"]``): per smoothed group, the ratio of the largest to the median
-input-channel absmax of the activations before and after smoothing (after = absmax / s).
+input-channel absmax of the activations before and after smoothing (after = absmax / s), and the same
+ratio of the weights' input-column absmax (max over the group's linears) before and after ``diag(s) W``:
+alpha = 0 leaves the activations' ratio as it is, alpha = 1 flattens it and moves the spread to the
+weights (``w_before`` / ``w_after``).
 """
 
 from __future__ import annotations
@@ -213,6 +216,11 @@ def outlier_ratio(absmax: torch.Tensor) -> float:
     return float(absmax.max() / absmax.median().clamp(min=1e-12))
 
 
+def weight_outlier_ratio(fcs: list[nn.Linear]) -> float:
+    """:func:`outlier_ratio` of the weights' input-column absmax, max over ``fcs`` (those sharing one input)."""
+    return outlier_ratio(torch.stack([fc.weight.detach().abs().float().amax(dim=0) for fc in fcs]).amax(dim=0))
+
+
 # --------------------------------------------------------------------------- methods
 
 
@@ -231,7 +239,8 @@ class W8A8(Method):
         for g in find_smooth_groups(model):
             if g.fc_names[0] in stats:
                 r = outlier_ratio(stats[g.fc_names[0]].input_absmax)
-                rows.append({"layer": g.layer, "group": g.group, "before": r, "after": r})
+                w = weight_outlier_ratio([cast(nn.Linear, model.get_submodule(n)) for n in g.fc_names])
+                rows.append({"layer": g.layer, "group": g.group, "before": r, "after": r, "w_before": w, "w_after": w})
         self.artifacts["outliers"] = rows
 
     def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
@@ -292,13 +301,14 @@ class SmoothQuant(W8A8):
             fcs = [cast(nn.Linear, model.get_submodule(n)) for n in g.fc_names]  # present() checked
             act = stats[g.fc_names[0]].input_absmax  # the same input for every fc of the group
             s = smoothing_factors(act, fcs, c.alpha)  # step 2
+            w_before = weight_outlier_ratio(fcs)
             fold_smoothing(model.get_submodule(g.norm_name), fcs, s)  # step 3
             smoothed = act / s
             for n in g.fc_names:
                 if n in stats:
                     stats[n].input_absmax = smoothed.clone()
             rows.append({"layer": g.layer, "group": g.group, "before": outlier_ratio(act),
-                         "after": outlier_ratio(smoothed)})
+                         "after": outlier_ratio(smoothed), "w_before": w_before, "w_after": weight_outlier_ratio(fcs)})
         self.artifacts["alpha"] = float(c.alpha)
         self.artifacts["outliers"] = rows
         self.artifacts["smoothed_groups"] = len(rows)
@@ -308,10 +318,12 @@ class SmoothQuant(W8A8):
 
 
 def outlier_table(artifacts: dict[str, Any]) -> pd.DataFrame:
-    """``artifacts["outliers"]`` as a DataFrame: layer, group, before, after, reduction (before / after)."""
+    """``artifacts["outliers"]`` as a DataFrame: layer, group, before, after, w_before, w_after, reduction
+    (before / after, of the activations)."""
     import pandas as pd
 
-    df = pd.DataFrame(artifacts.get("outliers", []), columns=["layer", "group", "before", "after"])
+    cols = ["layer", "group", "before", "after", "w_before", "w_after"]
+    df = pd.DataFrame(artifacts.get("outliers", []), columns=cols)
     df["reduction"] = df["before"] / df["after"]
     return df
 
@@ -330,8 +342,11 @@ def plot_outliers(df: pd.DataFrame, path: str | Path) -> list[Path]:
         x = range(len(d))
         ax.plot(x, d["before"], "o-", label="before smoothing")
         ax.plot(x, d["after"], "s-", label="after smoothing")
+        if d["w_after"].notna().any():
+            ax.plot(x, d["w_before"], "o--", alpha=0.6, label="weights before")
+            ax.plot(x, d["w_after"], "s--", alpha=0.6, label="weights after")
         ax.set_yscale("log")
-        ax.set_title(f"{g}: max / median channel absmax")
+        ax.set_title(f"{g}: max / median input-channel absmax")
         ax.set_xlabel("layer index")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()

@@ -97,7 +97,35 @@ def test_smoothing_reduces_planted_outliers(models, arch):
     # alpha=0.5 roughly takes the square root of the activation outlier ratio
     assert all(r["after"] < 2 * r["before"] ** 0.5 + 2 for r in rows)
     df = outlier_table(m.artifacts)
-    assert list(df.columns) == ["layer", "group", "before", "after", "reduction"] and (df["reduction"] > 4).all()
+    assert list(df.columns) == ["layer", "group", "before", "after", "w_before", "w_after", "reduction"]
+    assert (df["reduction"] > 4).all()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_alpha_extremes_move_all_or_nothing(models, alpha):
+    """alpha = 1: s = max|X_j|, every smoothed activation channel's absmax is 1 (ratio 1); alpha = 0:
+    s = 1 / max|W_j|, every weight column's absmax becomes 1 (weight ratio 1), activations take the rest."""
+    model = copy.deepcopy(models["llama"])
+    plant_outliers(model)
+    m = build_method("smoothquant", {"alpha": alpha})
+    m.quantize(model, calib())
+    rows = m.artifacts["outliers"]
+    assert len(rows) == 4
+    for r in rows:
+        assert r["before"] > 20
+        if alpha == 1.0:
+            assert r["after"] == pytest.approx(1.0, rel=1e-5) and r["w_after"] > r["w_before"], r
+        else:
+            assert r["w_after"] == pytest.approx(1.0, rel=1e-5) and r["after"] > 1.0, r
+
+
+def test_w8a8_records_unsmoothed_ratios(models):
+    model = copy.deepcopy(models["llama"])
+    plant_outliers(model)
+    m = build_method("w8a8", {})
+    m.quantize(model, calib())
+    for r in m.artifacts["outliers"]:
+        assert r["after"] == r["before"] > 20 and r["w_after"] == r["w_before"] > 1
 
 
 def test_plot_outliers(tmp_path):
