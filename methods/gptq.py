@@ -162,6 +162,7 @@ class GPTQ(Method):
         model.eval()
         inps, kws = capture_block_inputs(model, blocks[0], calib)
         layer_losses: dict[str, float] = {}
+        layer_seconds: dict[str, float] = {}  # per-linear solve time (suites/obq.yaml compares it with OBQ's)
         store = None
         tmp = None
         if c.offload:
@@ -169,7 +170,12 @@ class GPTQ(Method):
                                               dir=str(self.artifact_dir) if self.artifact_dir else None)
             store = BlockStore(blocks, Path(tmp.name))
         max_resident = 0
+        # the last block holding a selected linear: later blocks need neither Hessians nor inputs (without
+        # offloading, whose store must visit every block, the loop stops there; the weights are the same)
+        last = max((b for b in range(len(blocks)) if any(k.startswith(f"{prefix}.{b}.") for k in configs)), default=-1)
         for b, block in enumerate(tqdm(blocks, desc="gptq", leave=False, disable=None, unit="block")):
+            if b > last and store is None:
+                break
             if store is not None:
                 store.load(b)
                 max_resident = max(max_resident, store.resident_block_bytes())
@@ -181,6 +187,7 @@ class GPTQ(Method):
                 for n in group:
                     lin: nn.Linear = block.get_submodule(n)
                     mc = configs[f"{bname}.{n}"]
+                    t1 = time.perf_counter()
                     r = gptq_quantize(
                         lin.weight.data,
                         Hs[n],
@@ -194,11 +201,13 @@ class GPTQ(Method):
                         mc.mse,
                         mc.group_grid,
                     )
+                    layer_seconds[f"{bname}.{n}"] = time.perf_counter() - t1
                     lin.weight.data.copy_(r.Q.to(lin.weight.dtype))
                     layer_losses[f"{bname}.{n}"] = float(r.losses.sum())
                     results[n] = r
             # outputs of the quantized block are the next block's inputs
-            inps = [block_output(block(x, **kw)) for x, kw in zip(inps, kws)]
+            if b < last or store is not None:
+                inps = [block_output(block(x, **kw)) for x, kw in zip(inps, kws)]
             for n, r in results.items():
                 lin = block.get_submodule(n)
                 mc = configs[f"{bname}.{n}"]
@@ -228,6 +237,8 @@ class GPTQ(Method):
             gptq_loss_mean=sum(losses) / max(len(losses), 1),
             gptq_loss_max=max(losses, default=0.0),
             gptq_loss_worst_layer=max(layer_losses, key=lambda n: layer_losses[n]) if losses else None,
+            layer_losses=layer_losses,
+            layer_seconds=layer_seconds,
         )
         if store is not None:
             # fp block bytes ever resident at once: one block (plus the quantized blocks before it)

@@ -289,3 +289,23 @@ def test_hessians_with_early_stopped_forwards_equal_full_forwards():
             X = torch.cat(xs[n])
             want = 2 * X.t() @ X / X.shape[0]
             assert torch.allclose(got[n].double(), want, rtol=1e-5, atol=1e-6), n
+
+
+def test_blocks_after_the_last_selected_one_are_not_run():
+    """include: block 0 only -> block 1 sees no calibration forward, and block 0's codes equal a run that
+    also visits block 1 (offload's store visits every block)."""
+    from quantbench.methods.gptq import transformer_blocks
+
+    lm = tiny_llama(seed=3, hidden=64, layers=2)
+    calib = Calibration(torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2)), "r", 0)
+    cfg = {"bits": 4, "group_size": 32, "include": ["model.layers.0.*"]}
+    m1 = copy.deepcopy(lm.model)
+    calls = []
+    _, blocks = transformer_blocks(m1)
+    h = blocks[1].register_forward_hook(lambda *a: calls.append(1))
+    build_method("gptq", cfg).quantize(m1, calib)
+    h.remove()
+    assert calls == []
+    m2 = build_method("gptq", {**cfg, "offload": True}).quantize(copy.deepcopy(lm.model), calib)
+    sd1, sd2 = m1.state_dict(), m2.state_dict()
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
