@@ -25,6 +25,15 @@ Methods:
   (STE, warm-up lambda = min(step / warmup, 1) blending fp and quantized weights and activations,
   AdamW), checkpointed and resumable, then converted to the packed inference module.  Checkpoints are
   safetensors + JSON (never pickle), resumed only when their JSON matches the run's config.
+  ``bits: 1bit`` trains BitNet's sign quantizer instead of the ternary one (per-tensor beta).
+  ``distill: true`` replaces the next-token loss by knowledge distillation from the unquantized model
+  (a frozen copy taken before the BitLinears go in): KL(p_fp || p_student) per token, temperature 1,
+  averaged over the batch's tokens (:func:`distill_loss`).  From scratch (the papers' setting):
+  ``warmup: 0`` (quantized from step 0), ``norm_init: ones`` (gains start at 1, as the papers'
+  RMSNorm does; "fit" is for pretrained weights) and ``train: all`` (embeddings and the model's norms
+  train too, in fp; the default trains only the BitLinears).
+- ``fp-train``: the same training loop (:class:`_Trainer`: batches, AdamW, constant lr, checkpoints,
+  ``loss_curve``) with no quantizer -- the fp side of a from-scratch pair.
 
 Default QAT budget (sized from a measured step on smollm2-135m, 2 threads): see ``BitNetQATConfig``.
 
@@ -42,6 +51,7 @@ climbs only while lambda ramps, then falls every step (wiki test ppl 32,882 on t
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -253,6 +263,12 @@ class TernaryLinear(QuantizedModule):
             m.bias.copy_(bias.float())
         return m
 
+    def save_spec(self) -> dict[str, Any]:
+        """The constructor's arguments (:class:`~quantbench.methods.base.Saveable`; used by ``qb.save``)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "fmt": self.fmt,
+                "granularity": self.granularity, "group_size": self.group_size, "act_bits": self.act_bits,
+                "bias": self.bias is not None, "norm": self.norm}
+
     def codes(self) -> torch.Tensor:
         return T.unpack_ternary(self.qweight, self.in_features, self.fmt)
 
@@ -343,6 +359,23 @@ class BitNet1bitConfig(ModuleSelection):
         check_choice("bitnet-1bit", "act_bits", self.act_bits, (8, None))
 
 
+TRAIN_SETS = ("linears", "all")
+NORM_INITS = ("fit", "ones")
+
+
+def _check_train(name: str, c: Any) -> None:
+    """The training budget fields shared by ``bitnet-qat`` and ``fp-train``."""
+    for k in ("steps", "seq_len", "batch_size", "checkpoint_every"):
+        if not 0 < getattr(c, k) <= 1_000_000:
+            raise ConfigError(f"{name}: {k} must be in 1..1000000, got {getattr(c, k)}")
+    warmup = getattr(c, "warmup", 0)
+    if not 0 <= warmup <= 1_000_000 or not 0 < c.lr < 1:
+        raise ConfigError(f"{name}: warmup must be in 0..1000000 and lr in (0, 1), got warmup {warmup}, lr {c.lr}")
+    if not 0 <= c.weight_decay < 1:
+        raise ConfigError(f"{name}: weight_decay must be in [0, 1), got {c.weight_decay}")
+    check_choice(name, "train", c.train, TRAIN_SETS)
+
+
 @dataclass(frozen=True)
 class BitNetQATConfig(BitNetConfig):
     """QAT budget.  Default: 40 steps x batch 4 x seq_len 256 (41k tokens; the default suite's 32 x 512
@@ -364,20 +397,40 @@ class BitNetQATConfig(BitNetConfig):
     checkpoint_every: int = 10
     norm: str = "rms"  # BitLinear input norm: "rms" (b1.58), "layer" (BitNet), "none" (no norm)
     norm_init_rows: int = 8  # calibration rows (of seq_len tokens) for the norm gains' least-squares init
+    bits: str = "ternary"  # "ternary" (b1.58, RoundClip(W / gamma)) or "1bit" (BitNet, Sign(W - alpha) * beta)
+    distill: bool = False  # loss = KL(teacher || student) per token on the unquantized model's logits (T = 1)
+    train: str = "linears"  # what AdamW trains: the BitLinears ("linears") or every parameter ("all", from scratch)
+    norm_init: str = "fit"  # BitLinear norm gains: least-squares "fit" (pretrained) or "ones" (from scratch)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("bitnet-qat", "norm", self.norm, NORMS)
+        check_choice("bitnet-qat", "bits", self.bits, ("ternary", "1bit"))
+        check_choice("bitnet-qat", "norm_init", self.norm_init, NORM_INITS)
         if not 0 < self.norm_init_rows <= 1_000_000:
             raise ConfigError(f"bitnet-qat: norm_init_rows must be in 1..1000000, got {self.norm_init_rows}")
-        for k in ("steps", "seq_len", "batch_size", "checkpoint_every"):
-            if not 0 < getattr(self, k) <= 1_000_000:
-                raise ConfigError(f"bitnet-qat: {k} must be in 1..1000000, got {getattr(self, k)}")
-        if not 0 <= self.warmup <= 1_000_000 or not 0 < self.lr < 1:
-            raise ConfigError(f"bitnet-qat: warmup must be in 0..1000000 and lr in (0, 1), got warmup "
-                              f"{self.warmup}, lr {self.lr}")
-        if not 0 <= self.weight_decay < 1:
-            raise ConfigError(f"bitnet-qat: weight_decay must be in [0, 1), got {self.weight_decay}")
+        if self.bits == "1bit" and self.granularity != "tensor":
+            raise ConfigError("bitnet-qat: bits '1bit' has one scale per tensor (BitNet's beta); "
+                              f"granularity must be 'tensor', got {self.granularity!r}")
+        _check_train("bitnet-qat", self)
+
+
+@dataclass(frozen=True)
+class FPTrainConfig(ModuleSelection):
+    """``fp-train``: bitnet-qat's training loop (same batches, AdamW, constant lr, checkpoints, loss curve) with
+    no quantizer: the fp side of a from-scratch pair."""
+
+    steps: int = 40
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    seq_len: int = 256
+    batch_size: int = 4
+    checkpoint_every: int = 10
+    train: str = "linears"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_train("fp-train", self)
 
 
 # --------------------------------------------------------------------------- methods
@@ -425,70 +478,149 @@ def qat_batch(tokens: torch.Tensor, step: int, batch_size: int, seq_len: int) ->
     return rows[idx]
 
 
-@register
-class BitNetQAT(Method):
-    name = "bitnet-qat"
-    config_cls = BitNetQATConfig
-    needs_calibration = True
-    target = "weights+activations"
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per token, temperature 1, averaged over tokens:
+    mean_t sum_v p_t(v) (log p_t(v) - log p_s(v)), computed in fp32 (every position of the batch)."""
+    v = student_logits.shape[-1]
+    log_s = F.log_softmax(student_logits.reshape(-1, v).float(), -1)
+    log_t = F.log_softmax(teacher_logits.reshape(-1, v).float(), -1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
 
-    def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
-        c: BitNetQATConfig = self.config  # type: ignore[assignment]
-        if calib is None:
-            raise ValueError("bitnet-qat needs calibration tokens")
-        # 1. replace the linears by training BitLinears (fp latent weights)
-        names = [n for n, _ in iter_linears(model, c.include, c.exclude)]
-        bitlins: dict[str, BitLinear] = {}
-        for name in names:
-            bl = BitLinear.from_linear(cast(nn.Linear, model.get_submodule(name)), granularity=c.granularity,
-                                       group_size=c.group_size, act_bits=c.act_bits, norm=c.norm)
-            set_module(model, name, bl)
-            bitlins[name] = bl
-        if c.norm != "none":
-            self._init_norm_gains(model, bitlins, calib.tokens, c)
+
+class _Trainer(Method):
+    """The training loop shared by ``bitnet-qat`` and ``fp-train``: AdamW at a constant lr on batches
+    :func:`qat_batch` cuts from the calibration tokens, next-token cross-entropy (or :func:`distill_loss`
+    against a frozen teacher), safetensors + JSON checkpoints every ``checkpoint_every`` steps, resumed when
+    their config matches, and the ``loss_curve`` artifact ([step, loss] per step)."""
+
+    needs_calibration = True
+
+    def _train(self, model: nn.Module, modules: dict[str, nn.Module], tokens: torch.Tensor,
+               on_step: Any = None, teacher: nn.Module | None = None) -> list[list[float]]:
+        """Train the parameters of ``modules`` (checkpointed by name) in ``model``; returns the loss curve.
+        ``on_step(step)`` runs before each step (bitnet-qat sets lambda there)."""
+        c = self.config
         for p in model.parameters():
             p.requires_grad_(False)
-        params = [p for bl in bitlins.values() for p in bl.parameters()]
+        params = list(dict.fromkeys(p for m in modules.values() for p in m.parameters()))  # tied: once
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)  # type: ignore[attr-defined]
         curve: list[list[float]] = []
         start = 0
-        # 2. resume from the latest checkpoint whose JSON matches this config, if any (never unpickles)
-        resumed = self._resume(bitlins, opt)
+        resumed = self._resume(modules, opt)  # the latest checkpoint whose JSON matches (never unpickles)
         if resumed is not None:
             start, curve = resumed
-        # 3. train: STE through BitLinear, warm-up lambda = min(step / warmup, 1)
+        steps, bs, seq_len = c.steps, c.batch_size, c.seq_len  # type: ignore[attr-defined]
         was_training = model.training
         model.train()
-        bar = tqdm(range(start, c.steps), desc="bitnet-qat", leave=False, initial=start, total=c.steps, disable=None)
+        bar = tqdm(range(start, steps), desc=self.name, leave=False, initial=start, total=steps, disable=None)
         for step in bar:
-            lam = min(step / c.warmup, 1.0) if c.warmup > 0 else 1.0
-            for bl in bitlins.values():
-                bl.lam = lam
-            ids = qat_batch(calib.tokens, step, c.batch_size, c.seq_len)
+            if on_step is not None:
+                on_step(step)
+            ids = qat_batch(tokens, step, bs, seq_len)
             logits = model(input_ids=ids).logits
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(input_ids=ids).logits
+                loss = distill_loss(logits, t_logits)
+            else:
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             curve.append([step + 1, float(loss.item())])
             bar.set_postfix(loss=f"{curve[-1][1]:.3f}")
             if not math.isfinite(curve[-1][1]):
-                raise FloatingPointError(f"bitnet-qat: loss is {curve[-1][1]} at step {step + 1}")
-            if self.artifact_dir is not None and ((step + 1) % c.checkpoint_every == 0 or step + 1 == c.steps):
-                self._save(step + 1, bitlins, opt, curve)
+                raise FloatingPointError(f"{self.name}: loss is {curve[-1][1]} at step {step + 1}")
+            if self.artifact_dir is not None and ((step + 1) % c.checkpoint_every == 0  # type: ignore[attr-defined]
+                                                  or step + 1 == steps):
+                self._save(step + 1, modules, opt, curve)
         model.train(was_training)
         for p in model.parameters():
             p.requires_grad_(False)
-        # 4. convert to the packed inference module (lambda = 1 quantizer on the trained latent weights)
-        for name, bl in bitlins.items():
-            set_module(model, name, to_packed(bl, "ternary", c.fmt, c.granularity, c.group_size, c.act_bits))
-        self.artifacts["quantized_modules"] = len(bitlins)
         self.artifacts["loss_curve"] = curve
+        self.artifacts["loss"] = "kl_to_fp_logits" if teacher is not None else "cross_entropy"
         if self.artifact_dir is not None:
             Path(self.artifact_dir).mkdir(parents=True, exist_ok=True)
             (Path(self.artifact_dir) / "loss_curve.json").write_text(json.dumps(curve))
+        return curve
+
+    def _checkpoints(self) -> list[QATCheckpoint]:
+        return qat_checkpoints(self.artifact_dir) if self.artifact_dir is not None else []
+
+    def _resume(self, modules: dict[str, nn.Module],
+                opt: torch.optim.Optimizer) -> tuple[int, list[list[float]]] | None:
+        """Load the latest checkpoint into ``modules`` and ``opt`` and restore the RNG: (step, loss curve),
+        or None (no checkpoint, or one that does not match this run: ignored with a warning)."""
+        if self.artifact_dir is None:
+            return None
+        legacy = sorted(p.name for p in Path(self.artifact_dir).glob("qat_step*.pt"))
+        if legacy:
+            log.warning("%s: ignoring %s in %s: pickle checkpoints are never loaded (QAT checkpoints "
+                        "are safetensors + JSON)", self.name, ", ".join(legacy), self.artifact_dir)
+        ckpts = self._checkpoints()
+        if not ckpts:
+            return None
+        ck = ckpts[-1]
+        try:
+            step, curve = load_qat_checkpoint(ck, self.config.to_dict(), modules, opt)
+        except CheckpointMismatch as e:
+            log.warning("%s: checkpoint %s ignored (%s); starting over", self.name, ck.meta, e)
+            return None
+        log.info("%s: resumed from %s (step %d)", self.name, ck.meta, step)
+        return step, curve
+
+    def _save(self, step: int, modules: dict[str, nn.Module], opt: torch.optim.Optimizer,
+              curve: list[list[float]]) -> None:
+        ck = save_qat_checkpoint(Path(self.artifact_dir), step, self.config.to_dict(),  # type: ignore[arg-type]
+                                 modules, opt, curve)
+        for old in self._checkpoints():  # keep only the latest (a checkpoint holds weights + AdamW state)
+            if old.step != ck.step:
+                old.meta.unlink()
+                old.tensors.unlink(missing_ok=True)
+
+
+@register
+class BitNetQAT(_Trainer):
+    name = "bitnet-qat"
+    config_cls = BitNetQATConfig
+    target = "weights+activations"
+
+    def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
+        c: BitNetQATConfig = self.config  # type: ignore[assignment]
+        if calib is None:
+            raise ValueError("bitnet-qat needs calibration tokens")
+        teacher = None
+        if c.distill:  # the unquantized model, frozen
+            teacher = copy.deepcopy(model).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        # 1. replace the linears by training BitLinears (fp latent weights)
+        names = [n for n, _ in iter_linears(model, c.include, c.exclude)]
+        bitlins: dict[str, BitLinear] = {}
+        for name in names:
+            bl = BitLinear.from_linear(cast(nn.Linear, model.get_submodule(name)), bits=c.bits,
+                                       granularity=c.granularity, group_size=c.group_size, act_bits=c.act_bits,
+                                       norm=c.norm)
+            set_module(model, name, bl)
+            bitlins[name] = bl
+        if c.norm != "none" and c.norm_init == "fit":
+            self._init_norm_gains(model, bitlins, calib.tokens, c)
+
+        # 2. train (resuming a matching checkpoint): STE through BitLinear, warm-up lambda = min(step / warmup, 1)
+        def set_lambda(step: int) -> None:
+            lam = min(step / c.warmup, 1.0) if c.warmup > 0 else 1.0
+            for bl in bitlins.values():
+                bl.lam = lam
+
+        modules: dict[str, nn.Module] = {"model": model} if c.train == "all" else dict(bitlins)
+        self._train(model, modules, calib.tokens, set_lambda, teacher)
+        del teacher
+        # 3. convert to the packed inference module (lambda = 1 quantizer on the trained latent weights)
+        for name, bl in bitlins.items():
+            set_module(model, name, to_packed(bl, c.bits, c.fmt, c.granularity, c.group_size, c.act_bits))
+        self.artifacts["quantized_modules"] = len(bitlins)
         return model
 
     @staticmethod
@@ -529,39 +661,23 @@ class BitNetQAT(Method):
             bl.norm_weight.copy_(norm_gain_init(*sums[n]))
         log.info("bitnet-qat: %s norm gains fitted on %d x %d calibration tokens", c.norm, rows.shape[0], c.seq_len)
 
-    def _checkpoints(self) -> list[QATCheckpoint]:
-        return qat_checkpoints(self.artifact_dir) if self.artifact_dir is not None else []
 
-    def _resume(self, bitlins: dict[str, BitLinear],
-                opt: torch.optim.Optimizer) -> tuple[int, list[list[float]]] | None:
-        """Load the latest checkpoint into ``bitlins`` and ``opt`` and restore the RNG: (step, loss curve),
-        or None (no checkpoint, or one that does not match this run: ignored with a warning)."""
-        if self.artifact_dir is None:
-            return None
-        legacy = sorted(p.name for p in Path(self.artifact_dir).glob("qat_step*.pt"))
-        if legacy:
-            log.warning("bitnet-qat: ignoring %s in %s: pickle checkpoints are never loaded (QAT checkpoints "
-                        "are safetensors + JSON)", ", ".join(legacy), self.artifact_dir)
-        ckpts = self._checkpoints()
-        if not ckpts:
-            return None
-        ck = ckpts[-1]
-        try:
-            step, curve = load_qat_checkpoint(ck, self.config.to_dict(), bitlins, opt)
-        except CheckpointMismatch as e:
-            log.warning("bitnet-qat: checkpoint %s ignored (%s); starting over", ck.meta, e)
-            return None
-        log.info("bitnet-qat: resumed from %s (step %d)", ck.meta, step)
-        return step, curve
+@register
+class FPTrain(_Trainer):
+    """``fp-train``: train the model in floating point with bitnet-qat's loop (no quantizer): the fp
+    reference of a from-scratch pair (``train: all`` trains embeddings and norms too)."""
 
-    def _save(self, step: int, bitlins: dict[str, BitLinear], opt: torch.optim.Optimizer,
-              curve: list[list[float]]) -> None:
-        ck = save_qat_checkpoint(Path(self.artifact_dir), step, self.config.to_dict(),  # type: ignore[arg-type]
-                                 bitlins, opt, curve)
-        for old in self._checkpoints():  # keep only the latest (a checkpoint holds weights + AdamW state)
-            if old.step != ck.step:
-                old.meta.unlink()
-                old.tensors.unlink(missing_ok=True)
+    name = "fp-train"
+    config_cls = FPTrainConfig
+
+    def quantize(self, model: nn.Module, calib: Calibration | None) -> nn.Module:
+        c: FPTrainConfig = self.config  # type: ignore[assignment]
+        if calib is None:
+            raise ValueError("fp-train needs calibration tokens")
+        modules: dict[str, nn.Module] = ({"model": model} if c.train == "all" else
+                                         {n: m for n, m in iter_linears(model, c.include, c.exclude)})
+        self._train(model, modules, calib.tokens)
+        return model
 
 
 # --------------------------------------------------------------------------- QAT checkpoints (no pickle)
@@ -625,7 +741,7 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])
 
 
-def save_qat_checkpoint(directory: Path, step: int, config: dict[str, Any], bitlins: dict[str, BitLinear],
+def save_qat_checkpoint(directory: Path, step: int, config: dict[str, Any], bitlins: dict[str, nn.Module],
                         opt: torch.optim.Optimizer, curve: list[list[float]]) -> QATCheckpoint:
     """Write ``qat_step<step>.safetensors`` then ``qat_step<step>.json`` (each through a temporary file,
     the JSON last: a checkpoint whose JSON exists is complete)."""
@@ -636,7 +752,7 @@ def save_qat_checkpoint(directory: Path, step: int, config: dict[str, Any], bitl
         sd = bl.state_dict()
         linear_keys.append(list(sd))
         for k, v in sd.items():
-            tensors[f"linear.{i}.{k}"] = v.detach().cpu().contiguous()
+            tensors[f"linear.{i}.{k}"] = v.detach().cpu().clone().contiguous()  # a copy: tied weights share one
     osd = opt.state_dict()
     opt_tensors: dict[str, list[str]] = {}
     opt_scalars: dict[str, dict[str, Any]] = {}
@@ -662,7 +778,7 @@ def save_qat_checkpoint(directory: Path, step: int, config: dict[str, Any], bitl
     return ck
 
 
-def load_qat_checkpoint(ck: QATCheckpoint, config: dict[str, Any], bitlins: dict[str, BitLinear],
+def load_qat_checkpoint(ck: QATCheckpoint, config: dict[str, Any], bitlins: dict[str, nn.Module],
                         opt: torch.optim.Optimizer) -> tuple[int, list[list[float]]]:
     """Check ``ck`` against this run (format, step, config, linears and their shapes, optimizer groups),
     then load it into ``bitlins`` and ``opt`` and restore the RNG state: (step, loss curve).

@@ -6,8 +6,9 @@ an existing path (an HF directory with ``config.json``, or a ``.gguf`` file), or
 resolved the way transformers resolves it (from the Hub, or from the user's HF cache when
 ``HF_HUB_OFFLINE=1``; the project never sets offline mode for the user's models). A mapping is
 ``{name?, path?, gguf_file?, dtype?, device?, device_map?}`` (``path`` is a string as above; without it
-``name`` is) or ``{random: FAMILY, hidden_size?, layers?, heads?, kv_heads?, intermediate_size?, seed?}``
-(a seeded random-init model of a family in :data:`RANDOM_FAMILIES`, byte tokenizer).
+``name`` is) or ``{random: FAMILY, hidden_size?, layers?, heads?, kv_heads?, intermediate_size?, seed?, tokenizer?}``
+(a seeded random-init model of a family in :data:`RANDOM_FAMILIES`, byte tokenizer; ``tokenizer: NAME``
+takes an embedded model's tokenizer instead, its vocabulary and special tokens: :data:`TOKENIZERS`).
 
 ``dtype`` is one of :data:`MODEL_DTYPES` (float32 default), ``device`` one of cpu (default), cuda,
 cuda:N, auto (cuda when there is one). :func:`preflight` checks, before any work, that the device
@@ -311,12 +312,37 @@ def load_smollm2() -> LoadedModel:
 RANDOM_FAMILIES = ("llama", "qwen2", "mistral", "gemma3", "opt", "phi3")
 #: the size fields of a ``{random: ...}`` spec (each a positive integer; ``seed`` may be 0)
 RANDOM_FIELDS = ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "seed")
+#: ``{random: FAMILY, tokenizer: NAME}``: the embedded models whose tokenizer a random model can take
+TOKENIZERS = ("smollm2-135m", "tiny-llama", "tiny-opt")
+
+
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer of embedded model ``name`` (:data:`TOKENIZERS`) without its weights: SmolLM2's from its
+    GGUF file (local, never the network), the tiny models' byte tokenizer."""
+    if name not in TOKENIZERS:
+        raise ConfigError(f"unknown tokenizer {name!r}{did_you_mean(name, TOKENIZERS)}; valid: {', '.join(TOKENIZERS)}")
+    if name == "smollm2-135m":
+        from transformers import AutoTokenizer
+
+        path = smollm2_path()
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    return ByteTokenizer(256)
+
+
+def tokenizer_ids(tok: Any) -> dict[str, Any]:
+    """A tokenizer's vocabulary size (``len(tok)``: base vocabulary and added tokens) and special token ids,
+    as config fields (None where it has none)."""
+    vocab = len(tok) if hasattr(tok, "__len__") else int(tok.vocab_size)
+    return {"vocab_size": vocab, "bos_token_id": getattr(tok, "bos_token_id", None),
+            "eos_token_id": getattr(tok, "eos_token_id", None), "pad_token_id": getattr(tok, "pad_token_id", None)}
 
 
 def random_config(family: str, hidden_size: int = 256, layers: int = 2, heads: int | None = None,
-                  kv_heads: int | None = None, intermediate_size: int | None = None) -> Any:
-    """A small transformers config of ``family``: vocabulary 256 (the byte tokenizer), head_dim 64 by default
-    (``heads = hidden_size // 64``), GQA (``kv_heads = heads // 2``) where the family has it."""
+                  kv_heads: int | None = None, intermediate_size: int | None = None,
+                  tokens: dict[str, Any] | None = None) -> Any:
+    """A small transformers config of ``family``: vocabulary 256 (the byte tokenizer; ``tokens``:
+    :func:`tokenizer_ids` of another tokenizer), head_dim 64 by default (``heads = hidden_size // 64``), GQA
+    (``kv_heads = heads // 2``) where the family has it."""
     import transformers as tf
 
     heads = heads or max(hidden_size // 64, 1)
@@ -325,6 +351,8 @@ def random_config(family: str, hidden_size: int = 256, layers: int = 2, heads: i
     common: dict[str, Any] = dict(vocab_size=256, hidden_size=hidden_size, num_hidden_layers=layers,
                                   num_attention_heads=heads,
                   max_position_embeddings=2048)
+    if tokens is not None:
+        common.update(tokens)
     gqa: dict[str, Any] = dict(common, intermediate_size=inter, num_key_value_heads=kv_heads)
     if family == "llama":
         return tf.LlamaConfig(**gqa, tie_word_embeddings=True)
@@ -338,19 +366,24 @@ def random_config(family: str, hidden_size: int = 256, layers: int = 2, heads: i
                                    layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
                                                 for i in range(layers)])
     if family == "opt":
-        return tf.OPTConfig(**common, ffn_dim=intermediate_size or 4 * hidden_size, word_embed_proj_dim=hidden_size,
-                            do_layer_norm_before=True, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+        return tf.OPTConfig(**{"pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 2, **common},
+                            ffn_dim=intermediate_size or 4 * hidden_size, word_embed_proj_dim=hidden_size,
+                            do_layer_norm_before=True)
     if family == "phi3":  # fused qkv_proj and gate_up_proj
-        return tf.Phi3Config(**gqa, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+        return tf.Phi3Config(**{"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **gqa},
+                             tie_word_embeddings=False)
     raise ConfigError(f"unknown random model family {family!r}{did_you_mean(family, RANDOM_FAMILIES)}")
 
 
-def random_model(family: str, seed: int = 0, name: str | None = None, **sizes: Any) -> LoadedModel:
-    """A seeded random-init model of ``family`` (:func:`random_config`) with the byte tokenizer. Norm weights
+def random_model(family: str, seed: int = 0, name: str | None = None, tokenizer: str | None = None,
+                 **sizes: Any) -> LoadedModel:
+    """A seeded random-init model of ``family`` (:func:`random_config`) with the byte tokenizer, or embedded
+    model ``tokenizer``'s tokenizer (its vocabulary size and special tokens; recorded in ``info``). Norm weights
     are perturbed (N(0, 0.1) added) so a method that mishandles a norm (Gemma's ``1 + w``) shows it."""
     from transformers import AutoModelForCausalLM
 
-    cfg = random_config(family, **sizes)
+    tok = ByteTokenizer(256) if tokenizer is None else load_tokenizer(tokenizer)
+    cfg = random_config(family, **sizes, tokens=None if tokenizer is None else tokenizer_ids(tok))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg).eval()
@@ -359,7 +392,8 @@ def random_model(family: str, seed: int = 0, name: str | None = None, **sizes: A
                 if "norm" in n and n.endswith("weight"):
                     p.add_(torch.randn_like(p) * 0.1)
     info = _tiny_info(name or f"random-{family}", model, seed)
-    return LoadedModel(model, ByteTokenizer(256), info)
+    info["tokenizer"] = tokenizer or "byte"
+    return LoadedModel(model, tok, info)
 
 
 #: named models (``quantbench ls models``): name -> a loader returning a LoadedModel
@@ -379,24 +413,10 @@ MODEL_FIELDS = ("name", "path", "gguf_file", "dtype", "device", "device_map", "r
 GGUF_MAGIC = b"GGUF"
 MAX_RANDOM_SIZE = 1 << 16
 
-_KV = ("kv-fp16", "kv-uniform", "kivi", "kvquant")
-_GEMMA_NORM = "Gemma's RMSNorm scales by (1 + weight) and folding a smoothing scale into it is not implemented"
 #: what a method cannot do on a family (``model_type`` without ``_text``): method -> why, and what it would need.
 #: Checked before any work (:func:`check_family`); a method missing here runs (tests/harness/test_families.py).
 FAMILY_LIMITS: dict[str, dict[str, str]] = {
-    "gemma3": {
-        "llamacpp": "its GGML embedding drops Gemma's embedding scale (sqrt(hidden_size)); needs the replacement "
-                    "embedding to keep embed_tokens.embed_scale",
-        "w8a8": "it looks up SmoothQuant's norm->linear groups, which refuse Gemma's (1 + weight) RMSNorm; needs "
-                "naive W8A8 to skip the smoothing-group lookup (it folds nothing)",
-        "smoothquant": f"{_GEMMA_NORM}; needs the fold weight <- (1 + weight) / s - 1",
-        "awq": f"{_GEMMA_NORM}; needs the fold weight <- (1 + weight) / s - 1",
-        **{m: "it quantizes k_proj's output, but Gemma 3 applies k_norm to the keys before RoPE, so the cache would "
-              "hold pre-norm keys; needs the key hook after k_norm" for m in _KV},
-    },
     "phi3": {
-        **{m: "Phi-3 fuses q/k/v into qkv_proj: there is no k_proj/v_proj to wrap and the method would change "
-              "nothing; needs the K and V slices of qkv_proj's output" for m in _KV},
         "smoothquant": "Phi-3 fuses qkv_proj and gate_up_proj: no norm->q/k/v or norm->gate/up group is found and "
                        "smoothing would silently do nothing; needs groups for the fused projections",
         "awq": "Phi-3's fused qkv_proj/gate_up_proj are not llama-style blocks; needs scale groups for fused "
@@ -461,7 +481,7 @@ def model_source(spec: Any) -> ModelSource:
     if not isinstance(spec, dict):
         raise ConfigError(f"a model is a name or a mapping, not {spec!r}")
     random_ = "random" in spec
-    valid = MODEL_FIELDS + (RANDOM_FIELDS if random_ else ())
+    valid = MODEL_FIELDS + (RANDOM_FIELDS + ("tokenizer",) if random_ else ())
     unknown = [k for k in spec if k not in valid]
     if unknown:
         raise ConfigError(f"unknown model field(s) {sorted(map(str, unknown))}; valid: {', '.join(valid)}")
@@ -491,6 +511,10 @@ def model_source(spec: Any) -> ModelSource:
         for k in RANDOM_FIELDS:
             if k in spec:
                 _check_int(k, spec[k], 0 if k == "seed" else 1, 2**32 - 1 if k == "seed" else MAX_RANDOM_SIZE)
+        tok = spec.get("tokenizer")
+        if tok is not None and (not isinstance(tok, str) or tok not in TOKENIZERS):
+            raise ConfigError(f"unknown random model tokenizer {tok!r}{did_you_mean(str(tok), TOKENIZERS)}; "
+                              f"valid: {', '.join(TOKENIZERS)} (an embedded model's tokenizer)")
         return ModelSource("random", spec["random"])
     if "path" in spec:
         return _path_source(spec, device_map)
@@ -558,7 +582,7 @@ def model_key(spec: Any) -> str:
         return spec if isinstance(spec, str) else str(spec["name"])
     if spec.get("random"):
         return (f"random-{spec['random']}-h{spec.get('hidden_size', 256)}-l{spec.get('layers', 2)}"
-                f"-s{spec.get('seed', 0)}")
+                f"-s{spec.get('seed', 0)}" + (f"-t{spec['tokenizer']}" if spec.get("tokenizer") else ""))
     if not _exists(spec["path"]) and is_hub_id(spec["path"]):
         return str(spec["path"]) + (f"/{spec['gguf_file']}" if spec.get("gguf_file") else "")
     path = Path(spec["path"]) / spec["gguf_file"] if spec.get("gguf_file") else Path(spec["path"])
@@ -685,8 +709,8 @@ def load_model(spec: Any, dtype: str | None = None, device: str | None = None) -
     if src.kind == "embedded":
         lm = MODELS[src.ref]()
     elif src.kind == "random":
-        lm = random_model(src.ref, name=name or model_key(spec), **{k: settings[k] for k in RANDOM_FIELDS
-                                                                     if k in settings})
+        lm = random_model(src.ref, name=name or model_key(spec), tokenizer=settings.get("tokenizer"),
+                          **{k: settings[k] for k in RANDOM_FIELDS if k in settings})
     elif src.kind == "gguf":
         lm = load_gguf(src.ref, name, torch_dtype)
     elif src.kind == "dir":

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ...methods.base import ConfigError, Method, did_you_mean, model_storage
+from ...methods.base import ConfigError, Method, QuantizedModule, did_you_mean, model_storage
 from ...methods.gguf_export import export_gguf
 from ...methods.timing import greedy_decode, sync
 from ..tools import llamacpp
@@ -224,11 +224,24 @@ def _engine_latency(ctx: CellContext, engine: str, p: LatencyParams) -> dict[str
             **mon_p, "noisy": bool(reasons), "noisy_reasons": reasons}
 
 
+def kernel_paths(model: torch.nn.Module, device: torch.device) -> dict[str, int]:
+    """How many quantized modules of ``model`` run their format's own kernel on ``device`` and how many a
+    reference path (:meth:`QuantizedModule.kernel_path`): ``{"native": n, "reference": m}``."""
+    out = {"native": 0, "reference": 0}
+    for m in model.modules():
+        if isinstance(m, QuantizedModule):
+            out["reference" if m.kernel_path(device) == "reference" else "native"] += 1
+    return out
+
+
 def measure_latency(ctx: CellContext) -> dict[str, Any]:
     """One prefill + decode measurement of the cell (memoized in ``ctx.memo['latency']``).
 
     A chain whose method names a ``serving_engine`` (llama.cpp's GGUF types) is timed in that engine,
     or reported unavailable: quantbench's reference forward for such a format is never its latency.
+    Otherwise the protocol counts the quantized modules that ran a reference path on this device
+    (``kernel_paths``; ``reference_path`` true when any did): the report marks such a timing as
+    quantbench's reference forward, not the format's speed (FP4 on any device, FP8 without a scaled GEMM).
     """
     if "latency" in ctx.memo:
         return ctx.memo["latency"]
@@ -257,6 +270,7 @@ def measure_latency(ctx: CellContext) -> dict[str, Any]:
         for _ in range(p.repeats):
             steps += _decode(model, ctx_ids, p.decode_tokens, kv)
     weight_bytes = model_storage(model)["total"].total
+    paths = kernel_paths(model, dev)
     kvb = measure_kv_bytes_per_token(model, min(p.context, 64), kv, ctx.seed)["bytes_per_token"]
     kv_read = kvb * p.batch * (p.context + p.decode_tokens / 2)  # mean cache length per step
     p50, p90 = _pct(steps, 0.5), _pct(steps, 0.9)
@@ -272,6 +286,7 @@ def measure_latency(ctx: CellContext) -> dict[str, Any]:
         "decode_steps": len(steps),
         "weight_bytes": weight_bytes, "kv_bytes_read_per_step": kv_read,
         "achieved_gb_s": gbs / 1e9, "memory_bandwidth_gb_s": bw / 1e9, "roofline_pct": 100 * gbs / bw,
+        "kernel_paths": paths, "reference_path": paths["reference"] > 0,
         **mon_p, "noisy": bool(reasons), "noisy_reasons": reasons,
     }
     if reasons:

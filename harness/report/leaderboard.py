@@ -419,7 +419,7 @@ NOISE_SIGMAS = 2.0  # a difference is "beyond noise" when |Δ| > NOISE_SIGMAS x 
 _DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
 #: weight grids of GGUF source formats a cell's grid can contain (see :func:`holds_source_grid`)
 SOURCE_GRIDS = {"GGUF Q4_1": {"block": 32, "levels": 15, "asym": True}}
-MARK_NOISY, MARK_INDEP, MARK_GRID = "~", "†", "§"
+MARK_NOISY, MARK_INDEP, MARK_GRID, MARK_REF = "~", "†", "§", "‡"
 
 
 def short_label(metric: str) -> str:
@@ -496,6 +496,11 @@ def holds_source_grid(rec: dict[str, Any]) -> bool:
         if c.get("group_size") == grid["block"] and int(bits) == bits and (2 ** int(bits) - 1) % grid["levels"] == 0:
             return True
     return False
+
+
+def is_reference_path(rec: dict[str, Any]) -> bool:
+    """Whether a latency record timed quantbench's reference forward of the format (protocol ``reference_path``)."""
+    return bool((rec.get("protocol") or {}).get("reference_path"))
 
 
 def is_noisy(rec: dict[str, Any]) -> bool:
@@ -645,10 +650,13 @@ def _value(r: dict[str, Any] | None) -> Val:
         text += f" (p90 {compact(hi)})"
     if is_noisy(r):
         text = MARK_NOISY + text
+    if is_reference_path(r):
+        text = MARK_REF + text
     return Val(v, text, se)
 
 
-_PROTO_SKIP = {"noisy", "noisy_reasons", "text_sha256", "prefill_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_p10",
+_PROTO_SKIP = {"noisy", "noisy_reasons", "kernel_paths", "reference_path",
+               "text_sha256", "prefill_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_p10",
                "prefill_tokens_per_s", "decode_steps", "weight_bytes", "kv_bytes_read_per_step", "achieved_gb_s",
                "roofline_pct", "load1_before", "load1_after", "other_processes_cpu_cores", "memory_bandwidth_gb_s",
                "packed_weights", "scales_zeros", "outliers", "unquantized", "linear_total", "other_total",
@@ -680,9 +688,18 @@ def _section(suite: str, model: str, recs: list[dict[str, Any]]) -> Section:
         if r["status"] == "ok" and r["metric"] in SHOWN:
             present.setdefault((r["metric"], protocol_tag(r)), r)
 
+    def eval_index(mk: tuple[str, str]) -> int:
+        """0 for the primary eval's perplexity, i for the i-th further eval dataset's (suite ``eval:`` list)."""
+        i = (present[mk].get("protocol") or {}).get("eval_index", 0) if mk[0] == "perplexity" else 0
+        return i if isinstance(i, int) and not isinstance(i, bool) else 0
+
     def key(mk: tuple[str, str]) -> tuple[Any, ...]:
         metric, tag = mk
-        return (GROUPS.index(GROUP_OF.get(metric, "other")), SHOWN.index(metric), _natural(tag))
+        return (GROUPS.index(GROUP_OF.get(metric, "other")), SHOWN.index(metric), eval_index(mk), _natural(tag))
+
+    # perplexity on several eval datasets (an ``eval:`` list): "ppl <dataset>" / "Δppl <dataset>" headers
+    ppl_sets = {str((present[mk].get("protocol") or {}).get("dataset")) for mk in present if mk[0] == "perplexity"}
+    by_dataset = len(ppl_sets) > 1
 
     cols: list[Column] = []
     for mk in sorted(present, key=key):
@@ -700,9 +717,10 @@ def _section(suite: str, model: str, recs: list[dict[str, Any]]) -> Section:
             if (base.get(mk) or {}).get("status") == "ok":
                 cols.append(Column(f"recovery [{tag}]", "rec", group, metric, tag, "recovery"))
             continue
-        cols.append(Column(f"{metric} [{tag}]", label, group, metric, tag, "value"))
+        ds = f" {(present[mk].get('protocol') or {}).get('dataset')}" if metric == "perplexity" and by_dataset else ""
+        cols.append(Column(f"{metric} [{tag}]", label + ds, group, metric, tag, "value"))
         if metric == "perplexity" and (base.get(mk) or {}).get("status") == "ok":
-            cols.append(Column(f"delta [{tag}]", "Δppl", group, metric, tag, "delta"))
+            cols.append(Column(f"delta [{tag}]", "Δppl" + ds, group, metric, tag, "delta"))
     # a header shown twice in a table (one metric under two protocols) carries its tag
     counts: dict[str, int] = {}
     for c in cols:
@@ -733,8 +751,11 @@ def _section(suite: str, model: str, recs: list[dict[str, Any]]) -> Section:
             elif cname == base_cell:
                 values[c.key] = Val(0.0 if c.kind == "delta" else 1.0, "ref")
             elif c.kind == "delta":
+                # the paired stderr comes from the ln_ppl_ratio on the same text only (a further eval dataset
+                # has none: its Δppl stderr is from the two independent stderrs)
                 ratio = cell_recs.get(("ln_ppl_ratio", c.tag)) or next(
-                    (x for (m, _), x in cell_recs.items() if m == "ln_ppl_ratio"), None)
+                    (x for (m, _), x in cell_recs.items() if m == "ln_ppl_ratio" and (x.get("protocol") or {}).get(
+                        "dataset") == (cr.get("protocol") or {}).get("dataset")), None)  # type: ignore[union-attr]
                 d, se, paired = paired_delta_ppl(cr, b, ratio)  # type: ignore[arg-type]
                 text = _signed(d) + (f" ± {compact(se)}" if se is not None else "") + (
                     MARK_INDEP if se is not None and not paired else "")
@@ -800,6 +821,11 @@ def _legend(cols: list[Column], present: dict[tuple[str, str], dict[str, Any]], 
     if "decode_ms_per_token" in metrics:
         out.append(("decode ms/tok", "p50 of the decode steps, in brackets p10–p90 (or the p90 alone) when "
                                      "recorded."))
+    ref = list(dict.fromkeys(r["cell"] for r in recs if r["status"] == "ok" and is_reference_path(r)))
+    if ref:
+        out.append((MARK_REF, f"timed through quantbench's reference forward (the format's codes dequantized into a "
+                              f"float GEMM on this device), not the format's own kernel, in {len(ref)} cell(s): "
+                              f"{', '.join(ref)}. Not the format's speed."))
     noisy = [r for r in recs if r["status"] == "ok" and is_noisy(r)]
     if noisy:
         reasons = sorted({str(x) for r in noisy for x in (r.get("protocol") or {}).get("noisy_reasons") or []})

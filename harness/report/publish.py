@@ -7,8 +7,9 @@ Plots (each skipped quietly when its data is absent):
 - ``latency_memory``: decode latency (p50 ms/token) vs weight memory;
 - ``kv_bits_ppl``: KV-cache bits vs perplexity for cells whose chain quantizes the KV cache;
 - ``sensitivity``: a run's ``sensitivity.json`` ({"layers", "projections", "values"}) as a heatmap;
-- ``qat_loss``: QAT loss curves (``cells/*/bitnet-qat/loss_curve.json`` or ``"loss_curve"`` in a
-  cell's ``artifacts.json``).
+- ``qat_loss``: training loss curves (QAT, fp-train: ``cells/*/bitnet-qat/loss_curve.json`` or
+  ``"loss_curve"`` in a cell's ``artifacts.json``), one panel per model, so a from-scratch pair (fp vs
+  b1.58 vs 1-bit) sits side by side in its model's panel.
 """
 
 from __future__ import annotations
@@ -438,19 +439,23 @@ def plot_qat_loss(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     curves = loss_curves(run_dirs)
     if not curves:
         return []
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, (steps, loss) in curves.items():
-        ax.plot(steps, loss, label=label, lw=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    lo = min(v for _, loss in curves.values() for v in loss)
-    hi = max(v for _, loss in curves.values() for v in loss)
-    if lo > 0 and hi / lo > 20:  # log scale only when the curve spans orders of magnitude
-        ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("QAT loss curve", fontsize=10)
+    panels: dict[str, dict[str, tuple[list[float], list[float]]]] = {}  # model (label's folder) -> cell -> curve
+    for label, curve in curves.items():
+        model, _, cell = label.rpartition("/")
+        panels.setdefault(model, {})[cell] = curve
+    fig, axes = _grid(len(panels))
+    for ax, (model, cells) in zip(axes, panels.items()):
+        for cell, (steps, loss) in cells.items():
+            ax.plot(steps, loss, label=cell, lw=1.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (nats/token; KL to the fp logits when distilled)", fontsize=8)
+        lo = min(v for _, loss in cells.values() for v in loss)
+        hi = max(v for _, loss in cells.values() for v in loss)
+        if lo > 0 and hi / lo > 20:  # log scale only when the curve spans orders of magnitude
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title(f"training loss: {model}" if model else "training loss", fontsize=10)
     return _save(fig, out_dir, "qat_loss")
 
 

@@ -86,7 +86,8 @@ def run_suite_ray(
         pending: dict[Any, tuple[Any, Cell]] = {}
         for model_spec in suite.models:
             for cell in suite.cells:
-                if (model_key(model_spec), cell.name) in done or (cell_filter and not cell_filter(cell)):
+                if (not cell.runs_on(model_spec) or (model_key(model_spec), cell.name) in done
+                        or (cell_filter and not cell_filter(cell))):
                     continue
                 opts = _task_options(suite.resources.merged(cell.resources))
                 ref = remote.options(**opts).remote(suite_ref, model_spec, cell.name, str(run_dir), seed, limit,

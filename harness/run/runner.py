@@ -34,7 +34,7 @@ from ...methods.quantize import quantize
 from ..inputs import data as datamod
 from ..inputs.models import LoadedModel, UnsupportedFamily, check_family, family_of, load_model, model_key
 from ..measure import METRICS, CellContext, MetricResult, cell_params, memory
-from ..measure.evaluate import EvalData, Reference, build_eval_data
+from ..measure.evaluate import EvalData, Reference, build_eval_data, evaluate
 from ..paths import REPO_ROOT
 from .records import (
     RecordWriter,
@@ -44,7 +44,7 @@ from .records import (
     read_records,
     utc_now,
 )
-from .suite import CalibrationSpec, Cell, Suite, resolved_yaml
+from .suite import CalibrationSpec, Cell, EvalSpec, Suite, resolved_yaml
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,15 @@ class CellRunner:
         self.base.model.eval()
         self._calib: dict[tuple, Calibration] = {}
         self.eval_data = self._eval_data()
+        #: ``eval:`` as a list: the further eval datasets (one more perplexity record each, see suite.py)
+        self.extra_eval_data = [self._eval_data(ev) for ev in suite.extra_evals]
         self.reference: Reference | None = None
-        if any(m in METRICS and METRICS[m].needs_reference for c in suite.cells for m in c.metrics):
+        if any(m in METRICS and METRICS[m].needs_reference for c in suite.cells if c.runs_on(model_spec)
+               for m in c.metrics):
             self.reference = self._reference()
 
-    def _eval_data(self) -> EvalData:
-        ev = self.suite.eval
+    def _eval_data(self, ev: EvalSpec | None = None) -> EvalData:
+        ev = ev or self.suite.eval
         ids = datamod.tokens(ev.dataset, "test", self.base.tokenizer)
         max_windows = ev.max_windows
         if self.limit is not None:
@@ -120,6 +123,10 @@ class CellRunner:
                 tm = time.perf_counter()
                 results.append((name, self._measure(name, ctx)))
                 metric_seconds[name] = round(time.perf_counter() - tm, 3)  # shared work counts once, first
+            if "perplexity" in cell.metrics and self.extra_eval_data:
+                tm = time.perf_counter()
+                dict(results)["perplexity"].extend(self._extra_perplexities(model, cell))
+                metric_seconds["perplexity"] = round(metric_seconds["perplexity"] + time.perf_counter() - tm, 3)
             self._save_artifacts(cell, methods)
         except UnsupportedFamily as e:  # a known limit of a method: nothing to measure, nothing failed
             log.warning("cell %s: %s", cell.name, e)
@@ -137,6 +144,25 @@ class CellRunner:
         log.info("cell %s: %.1f s (%s)", cell.name, prov["seconds"],
                  ", ".join(f"{k} {v:.1f}" for k, v in metric_seconds.items()))
         return self._records(cell, methods, results, run_id, prov)
+
+    def _extra_perplexities(self, model: Any, cell: Cell) -> list[MetricResult]:
+        """One perplexity result per further eval dataset (``eval_index`` 1, 2, ... in its protocol); a failing
+        one is a failed result under its own protocol, the others go on."""
+        out = []
+        for i, data in enumerate(self.extra_eval_data, 1):
+            proto = {**data.protocol, "eval_index": i}
+            try:
+                s = evaluate(model, data, None, desc=f"{cell.name} [{data.protocol['dataset']}]")
+                value = s.perplexity
+                ok = math.isfinite(value)
+                out.append(MetricResult(value if ok else None, proto, stderr=s.perplexity_stderr() if ok else None,
+                                        status="ok" if ok else "failed",
+                                        error=None if ok else f"non-finite value {value}"))
+            except Exception as e:
+                log.error("perplexity on %s of %s failed: %s", data.protocol["dataset"], cell.name, e)
+                log.debug("%s", traceback.format_exc())
+                out.append(MetricResult(None, proto, status="failed", error=f"{type(e).__name__}: {e}"))
+        return out
 
     def _measure(self, name: str, ctx: CellContext) -> list[MetricResult]:
         try:
@@ -233,8 +259,10 @@ def cell_definitions(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any
         common = {"seed": doc.get("seed"), "eval": doc.get("eval"), "limit": doc.get("limit"), "method": chain,
                   "calibration": cell.get("calibration") if _needs_calibration(chain) else None,
                   "metrics": sorted(metrics), **{b: cell.get(b, doc.get(b)) for b in blocks}}
+        only = cell.get("models")  # ``models:``: the cell runs on these model keys only
         for spec in doc.get("models") or []:
-            defs[(model_key(spec), str(cell.get("name")))] = {"model": spec, **common}
+            if only is None or model_key(spec) in only:
+                defs[(model_key(spec), str(cell.get("name")))] = {"model": spec, **common}
     return defs
 
 
@@ -348,7 +376,7 @@ def run_suite(
     run = start_run(suite, out, resume, seed, limit, force)
     done = run.done
     seed = suite.seed if seed is None else seed
-    pending = {model_key(m): [c for c in suite.cells if (model_key(m), c.name) not in done
+    pending = {model_key(m): [c for c in suite.cells if c.runs_on(m) and (model_key(m), c.name) not in done
                               and (cell_filter is None or cell_filter(c))] for m in suite.models}
     # one bar over the run's pending cells, its ETA from the finished ones; silent when stderr is no TTY
     bar = tqdm(total=sum(len(t) for t in pending.values()), desc=suite.name, unit="cell", disable=None,
@@ -364,7 +392,7 @@ def _run_models(suite: Suite, run: RunState, pending: dict[str, list[Cell]], see
     for model_spec in suite.models:
         mname = model_key(model_spec)
         todo = pending[mname]
-        skipped = len(suite.cells) - len(todo)
+        skipped = sum(c.runs_on(model_spec) for c in suite.cells) - len(todo)
         if skipped:
             log.info("%s: skipping %d recorded cell(s)", mname, skipped)
         if not todo:

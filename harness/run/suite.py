@@ -5,7 +5,7 @@ name: default
 include: [base.yaml]                # optional: suites this one extends (see below)
 models: [smollm2-135m]              # names, paths, hub ids, {name?, path, dtype?, device?}, {random: llama}
 seed: 0
-eval: {dataset: wiki, protocol: gptq, seq_len: 1024, max_windows: 16}
+eval: {dataset: wiki, protocol: gptq, seq_len: 1024, max_windows: 16}   # or a list of them (below)
 calibration: {dataset: wiki, n_samples: 32, seq_len: 512}
 metrics: [perplexity, kl_divergence, top1_agreement, bits_per_weight, weight_bytes]
 tasks: [{name: wiki_cloze, limit: 40}]   # for the accuracy metric
@@ -18,6 +18,7 @@ cells:
   - {name: rtn-w4g128, method: rtn, params: {bits: 4, group_size: 128}}
   - {name: gptq+kvquant, method: [{method: gptq, params: {bits: 4}}, {method: kvquant}]}
   - {name: gptq-w4, method: gptq, params: {bits: 4}, calibration: {n_samples: 128}, metrics: [...]}
+  - {name: fp-train, method: fp-train, models: [tiny-llama]}   # only on these models (default: all)
 ```
 
 ``include`` (a file name or a list of them, relative to the including file) composes suites the
@@ -32,6 +33,17 @@ own. A cell defined again in a later file (a later include, or the including fil
 earlier definition in place, as a later key replaces an earlier one; a cell name defined twice in
 one file, a missing file and an include cycle are errors; an included file need not be a complete
 suite.
+
+``eval`` may also be a list of eval specs (``eval: [{dataset: wiki, ...}, {dataset: kjv, ...}]``). The first
+is the primary evaluation: its perplexity is the cell's usual ``perplexity`` record, and it is the text
+every statistic against the reference (KL, top-1, ln ppl ratio, Δppl) and every existing leaderboard
+column is measured on, exactly as with a single mapping (which stays the same suite: same resolved
+definition, same records). Each further spec adds, to every cell that measures ``perplexity``, one more
+``perplexity`` record on that text, with no reference statistics; records tell them apart by their
+protocol tag (``dataset/protocol/seq_len``, ``metric.eval_tag``, as accuracy records are told apart
+by task) and carry ``eval_index`` (1, 2, ...) in their protocol; the leaderboard shows them as
+``ppl <dataset>`` columns next to the primary's.  Every spec is validated before any work (an unknown
+dataset, one without a ``test`` split, ``random``, or two specs with the same tag: one-line ConfigError).
 
 A suite file is UTF-8 YAML read by a safe loader that also refuses a key given twice in one mapping and
 a document whose aliases expand past :data:`MAX_NODES` nodes (an alias bomb); every error, in the file
@@ -52,7 +64,7 @@ from typing import Any
 import yaml
 
 from ...methods.base import ConfigError, build_method, did_you_mean
-from ..inputs.data import DATASETS, get_corpus
+from ..inputs.data import DATASETS, RANDOM, get_corpus
 from ..inputs.models import family_problems, model_key, preflight, validate_model_spec, with_settings
 from ..measure import METRICS
 from ..measure.base import validate_tolerances
@@ -63,7 +75,7 @@ from ..paths import SUITES_DIR
 
 TOP_KEYS = {"name", "description", "include", "models", "seed", "eval", "calibration", "metrics", "cells",
             "tolerances", "resources", "tasks", "latency", "executor"}
-CELL_KEYS = {"name", "method", "params", "calibration", "metrics", "resources", "tasks", "latency"}
+CELL_KEYS = {"name", "method", "params", "calibration", "metrics", "resources", "tasks", "latency", "models"}
 EXECUTORS = ("local", "ray")
 MAX_COUNT = 1_000_000  # the most samples, tokens, windows, steps... a suite may ask for
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds: 0 .. 2**32 - 1
@@ -148,10 +160,15 @@ class Cell:
     resources: ResourcesSpec = ResourcesSpec()
     tasks: list[dict[str, Any]] | None = None  # the cell's tasks, else the suite's
     latency: dict[str, int] | None = None  # the cell's own latency settings (over the suite's)
+    models: tuple[str, ...] | None = None  # ``models:``: the model keys the cell runs on (None: every model)
 
     @property
     def method_label(self) -> str:
         return "+".join(m.method for m in self.chain)
+
+    def runs_on(self, model: Any) -> bool:
+        """Whether the cell runs on model spec ``model`` (its ``models:`` list names it, or there is none)."""
+        return self.models is None or model_key(model) in self.models
 
 
 @dataclass(frozen=True)
@@ -173,10 +190,17 @@ class Suite:
     executor: ExecutorSpec = ExecutorSpec()
     raw: dict[str, Any] = field(default_factory=dict)  # the document, includes expanded (no ``include``)
     path: str | None = None
+    extra_evals: tuple[EvalSpec, ...] = ()  # ``eval:`` given as a list: the specs after the primary (``eval``)
+
+    @property
+    def evals(self) -> tuple[EvalSpec, ...]:
+        """Every eval spec, the primary first."""
+        return (self.eval, *self.extra_evals)
 
     def expand(self) -> list[tuple[Any, Cell]]:
-        """All (model spec, cell) pairs, models outermost (one base model load per model)."""
-        return [(m, c) for m in self.models for c in self.cells]
+        """All (model spec, cell) pairs a cell runs on (its ``models:``), models outermost (one base model load
+        per model)."""
+        return [(m, c) for m in self.models for c in self.cells if c.runs_on(m)]
 
     @staticmethod
     def cell_id(model: Any, cell: Cell) -> str:
@@ -342,9 +366,30 @@ def _check_latency(where: str, lat: Any) -> dict[str, Any]:
     return dict(lat)
 
 
+def _check_evals(where: str, e: Any) -> tuple[EvalSpec, tuple[EvalSpec, ...]]:
+    """``eval:`` as one mapping or a list of them: (the primary, the further specs), each validated."""
+    if not isinstance(e, list):
+        return _check_eval(where, e), ()
+    if not e:
+        raise _err(where, "eval must be a mapping or a non-empty list of them")
+    specs = [_check_eval(f"{where}[{i}]", x) for i, x in enumerate(e)]
+    seen: dict[str, int] = {}
+    for i, sp in enumerate(specs):
+        tag = f"{sp.dataset}/{sp.protocol}/{sp.seq_len}" + (f"/s{sp.stride or sp.seq_len}"
+                                                              if sp.protocol == "sliding" else "")
+        if tag in seen:
+            raise _err(f"{where}[{i}]", f"same dataset, protocol and seq_len ({tag}) as eval[{seen[tag]}]: "
+                                        "their perplexity records could not be told apart")
+        seen[tag] = i
+    return specs[0], tuple(specs[1:])
+
+
 def _check_eval(where: str, e: Any) -> EvalSpec:
     _check_keys(where, e, set(EvalSpec.__dataclass_fields__))
     spec = replace(EvalSpec(), **e)
+    if spec.dataset == RANDOM:
+        raise _err(where, f"dataset {RANDOM!r} is random token ids, for calibration only; evaluate on a text "
+                          "corpus with a test split (wiki, kjv, moby, ...)")
     _check_dataset(where, spec.dataset, "test", "test")
     if not isinstance(spec.protocol, str) or spec.protocol not in PROTOCOLS:
         raise _err(where, f"unknown protocol {_show(spec.protocol)}{did_you_mean(str(spec.protocol), PROTOCOLS)}")
@@ -597,6 +642,19 @@ def _check_models(where: str, models: list[Any]) -> None:
         model_keys.add(model_key(m))
 
 
+def _check_cell_models(where: str, names: Any, models: list[Any]) -> tuple[str, ...]:
+    """A cell's ``models:``: a non-empty list of the suite's model keys (each once)."""
+    keys = [model_key(m) for m in models]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise _err(where, f"models must be a non-empty list of the suite's model names, got {_show(names)}")
+    for n in names:
+        if n not in keys:
+            raise _err(where, f"unknown model {n!r}{did_you_mean(n, keys)}; the suite's models: {', '.join(keys)}")
+    if len(set(names)) != len(names):
+        raise _err(where, f"a model is listed twice in {_show(names)}")
+    return tuple(names)
+
+
 def preflight_suite(suite: Suite) -> list[str]:
     """Before a run: each model's device exists and its hub id resolves (ConfigError otherwise); returns the
     (model, cell) pairs whose method cannot handle the model's family, which the runner records unavailable
@@ -621,7 +679,8 @@ def with_models(suite: Suite, models: list[Any] | None = None, dtype: str | None
         specs = [with_settings(m, dtype, device) for m in specs]
     except ConfigError as e:
         raise ConfigError(f"--dtype/--device: {e}") from None
-    return replace(suite, models=tuple(specs), raw={**suite.raw, "models": specs})
+    cells = suite.cells if models is None else tuple(replace(c, models=None) for c in suite.cells)  # --model: all
+    return replace(suite, models=tuple(specs), cells=cells, raw={**suite.raw, "models": specs})
 
 
 def parse_suite(raw: dict[str, Any], path: str | None = None) -> Suite:
@@ -660,7 +719,7 @@ def _parse_suite(raw: dict[str, Any], path: str | None) -> Suite:
         raise _err(where, "models must be a non-empty list")
     _check_models(at("models"), models)
 
-    ev = _check_eval(at("eval"), raw.get("eval", {}))
+    ev, extra_evals = _check_evals(at("eval"), raw.get("eval", {}))
     calib = _check_calibration(at("calibration"), raw.get("calibration"))
     metrics = tuple(_check_metrics(at("metrics"), raw.get("metrics", ["perplexity"])))
     top_tasks = _check_tasks(at("tasks"), raw["tasks"]) if "tasks" in raw else None
@@ -692,6 +751,7 @@ def _parse_suite(raw: dict[str, Any], path: str | None) -> Suite:
             resources=_check_resources(f"{cw}.resources", c.get("resources")),
             tasks=_check_tasks(f"{cw}.tasks", c["tasks"]) if "tasks" in c else top_tasks,
             latency=_check_latency(f"{cw}.latency", c["latency"]) if "latency" in c else None,
+            models=_check_cell_models(f"{cw}.models", c["models"], models) if "models" in c else None,
         ))
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -714,6 +774,7 @@ def _parse_suite(raw: dict[str, Any], path: str | None) -> Suite:
         executor=executor,
         raw=copy.deepcopy(raw),
         path=path,
+        extra_evals=extra_evals,
     )
 
 
@@ -739,7 +800,7 @@ def resolved_yaml(suite: Suite) -> str:
         "description": suite.description,
         "models": suite.models,
         "seed": suite.seed,
-        "eval": suite.eval.to_dict(),
+        "eval": [e.to_dict() for e in suite.evals] if suite.extra_evals else suite.eval.to_dict(),
         "calibration": suite.calibration.to_dict(),
         "metrics": suite.metrics,
         "tolerances": suite.tolerances,
@@ -747,7 +808,8 @@ def resolved_yaml(suite: Suite) -> str:
         "cells": [
             {"name": c.name, "method": [m.config_dict() for m in c.chain], "calibration": c.calibration.to_dict(),
              "metrics": c.metrics, **({"resources": c.resources.to_dict()} if c.resources.to_dict() else {}),
-             **({"tasks": c.tasks} if c.tasks else {}), **({"latency": c.latency} if c.latency else {})}
+             **({"tasks": c.tasks} if c.tasks else {}), **({"latency": c.latency} if c.latency else {}),
+             **({"models": list(c.models)} if c.models is not None else {})}
             for c in suite.cells
         ],
     }

@@ -153,3 +153,17 @@ def test_llamabench_json_is_read_per_repetition(monkeypatch, tmp_path):
     assert dec_cmd[dec_cmd.index("-d") + 1] == "128" and dec_cmd[dec_cmd.index("-t") + 1] == "2"
     with pytest.raises(ValueError, match="batch 1"):
         llamacpp.bench(tmp_path / "m.gguf", 256, 128, 8, 3, 2, batch=4)
+
+
+@pytest.mark.parametrize(("method", "params", "expect_ref"), [
+    ("rtn", {"bits": 4, "group_size": 64}, False),  # packed int kernel
+    ("mxfp4", {}, True),  # FP4 codes dequantized into an fp32 GEMM: never the format's speed here
+    ("fp8-weight", {}, True),  # weight-only FP8 dequantizes to the activation dtype
+])
+def test_latency_protocol_names_reference_paths(method, params, expect_ref):
+    ctx = make_ctx(method, params)
+    (dec,) = METRICS["decode_ms_per_token"].compute(ctx)
+    paths = ctx.memo["latency"]["kernel_paths"]
+    n = 7 * 2  # tiny llama: 2 blocks x 7 linears, every one quantized
+    assert paths == ({"native": 0, "reference": n} if expect_ref else {"native": n, "reference": 0})
+    assert dec.protocol["reference_path"] is expect_ref

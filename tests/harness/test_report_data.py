@@ -168,6 +168,18 @@ def test_noisy_marker_latency_range_and_weight_split():
            "2 cores." in md
 
 
+def test_reference_path_latency_is_marked():
+    recs = cell("fp", {"perplexity": 20.0}, method="fp")
+    recs.append(rec("fp", "decode_ms_per_token", 10.0, method="fp", protocol={"reference_path": False}))
+    recs += cell("mxfp4", {"perplexity": 25.0}, method="mxfp4")
+    recs.append(rec("mxfp4", "decode_ms_per_token", 300.0, method="mxfp4",
+                    protocol={"reference_path": True, "kernel_paths": {"native": 0, "reference": 14}}))
+    md = markdown(recs)
+    assert "| ‡300.0 |" in next(ln for ln in md.splitlines() if ln.startswith("| mxfp4 |"))
+    assert "‡" not in next(ln for ln in md.splitlines() if ln.startswith("| fp |"))
+    assert "in 1 cell(s): mxfp4. Not the format's speed." in md
+
+
 def test_new_per_token_metrics_render_and_reach_the_data(tmp_path):
     recs = _recs()
     md = markdown(recs)
