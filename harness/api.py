@@ -13,12 +13,22 @@ quantization path), :func:`quantbench.harness.run.runner.run_suite`, and the met
 (:data:`quantbench.harness.measure.METRICS`), so :func:`evaluate`'s records have the runner's schema.
 A model loaded here carries its spec and the chain applied to it (``model.quantbench``), which
 :func:`evaluate` records and :func:`save` writes next to the packed buffers.
+
+``qb.save(model, dir)`` / ``qb.load(dir)``: a self-describing safetensors checkpoint (no pickle) of a chain of
+:data:`SAVEABLE` methods (fp, rtn, gptq, awq, hqq, w8a8, smoothquant, llamacpp, bitnet-ptq/1bit, fp8,
+fp8-weight, mxfp4, nvfp4 and the -a4 variants): each quantized module's class and constructor spec
+(:class:`~quantbench.methods.base.Saveable`) and its packed tensors (the bytes ``storage()`` counts), plus
+every other tensor that differs from the source model, found by comparing with a freshly loaded source at
+save time rather than declared by each method, so a fold no method declares (SmoothQuant's and AWQ's norm
+scales) cannot be missed. :func:`load` rebuilds the source (checked by fingerprint), the modules, the changed
+tensors and the ties; the logits are bit-identical. Other methods raise a ConfigError naming the method.
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import hashlib
 import json
 import logging
 import math
@@ -34,8 +44,19 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..methods.base import METHODS, Calibration, ConfigError, Method, QuantizedModule, build_method, set_module
-from ..methods.qlinear import IntQuantLinear
+from ..methods.base import (
+    METHODS,
+    MODULE_CLASSES,
+    Calibration,
+    ConfigError,
+    Method,
+    QuantizedModule,
+    QuantizedTensorModule,
+    Saveable,
+    build_method,
+    model_fingerprint,
+    set_module,
+)
 from ..methods.quantize import quantize as _quantize
 from .inputs import data as datamod
 from .inputs.data import DATASETS
@@ -54,9 +75,13 @@ log = logging.getLogger(__name__)
 
 #: the attribute a model loaded here carries: {"spec", "info", "chain": [config dicts], "methods": [Method]}
 STATE = "quantbench"
-#: methods whose result :func:`save` can write: their modules are all IntQuantLinear (the GPTQ layout)
-SAVEABLE = ("fp", "rtn", "gptq")
+#: methods whose result :func:`save` can write: every module they leave is a
+#: :class:`~quantbench.methods.base.Saveable` and every other change is to a tensor of the source model
+SAVEABLE = ("fp", "rtn", "gptq", "awq", "hqq", "w8a8", "smoothquant", "llamacpp", "bitnet-ptq", "bitnet-1bit",
+            "fp8", "fp8-weight", "mxfp4", "nvfp4", "mxfp4-a4", "nvfp4-a4")
 FORMAT = "quantbench-packed"
+#: 2: any Saveable module (class + spec), changed source tensors and ties; 1 (read only): IntQuantLinear only
+VERSION = 2
 
 
 def _state(model: nn.Module) -> dict[str, Any]:
@@ -255,46 +280,112 @@ def metrics() -> dict[str, str]:
     return out
 
 
-# --------------------------------------------------------------------------- save / load (packed linears)
+# --------------------------------------------------------------------------- save / load
+
+
+def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The outermost quantized modules (QuantizedModule / QuantizedTensorModule), by name."""
+    out: dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (QuantizedModule, QuantizedTensorModule)) and not any(
+                name.startswith(p + ".") for p in out):
+            out[name] = mod
+    return out
+
+
+def _under(key: str, prefixes: dict[str, Any]) -> bool:
+    return any(key.startswith(p + ".") for p in prefixes)
+
+
+def _tensor_owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+    mod_name, _, attr = key.rpartition(".")
+    return (model.get_submodule(mod_name) if mod_name else model), attr
+
+
+def _source_state(spec: Any, dtype: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    """The freshly loaded source model's state_dict (on the CPU) and its parameters' fingerprint."""
+    src = _load_model(spec, dtype, "cpu").model
+    return {k: v.detach() for k, v in src.state_dict().items()}, model_fingerprint(src, exact=False)
 
 
 def save(model: nn.Module, directory: str | Path) -> Path:
-    """Write a quantized model as ``quantbench.json`` (method chain with resolved params, source model spec,
-    module shapes) and ``quantized.safetensors`` (the packed buffers; no pickle). Supported: chains of
-    :data:`SAVEABLE` (their modules are all :class:`IntQuantLinear`); other methods need a per-method hook."""
+    """Write a quantized model as ``quantbench.json`` and ``quantized.safetensors`` (no pickle).
+
+    The JSON records the format version, the source model spec and dtype, the chain (resolved params),
+    each quantized module's class and constructor spec (:class:`~quantbench.methods.base.Saveable`), and
+    the tied tensors; the safetensors file holds each quantized module's packed tensors (the bytes
+    ``model_storage`` counts) and every other tensor that differs from the freshly loaded source model
+    (norm weights SmoothQuant/AWQ folded scales into, ...). Supported: chains of :data:`SAVEABLE`."""
     from safetensors.torch import save_file
 
     st = _state(model)
     if st["spec"] is None:
         raise ConfigError("qb.save needs a model loaded by qb.load_model (its source spec is recorded)")
-    names = [c["method"] for c in st["chain"]]
-    other = [n for n in names if n not in SAVEABLE]
-    if other:
-        raise ConfigError(f"qb.save writes the packed-linear layout of {', '.join(SAVEABLE)}; {other[0]!r} needs a "
-                          "save/load hook for its own modules")
+    for c in st["chain"]:
+        if c["method"] not in SAVEABLE:
+            raise ConfigError(f"qb.save does not support method {c['method']!r} (it keeps state outside saveable "
+                              f"modules); supported: {', '.join(SAVEABLE)}")
+    qmods = _quantized_modules(model)
     modules: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, IntQuantLinear):
-            modules[name] = {"in_features": mod.in_features, "out_features": mod.out_features, "bits": mod.bits,
-                             "group_size": mod.group_size, "sym": mod.sym, "bias": mod.bias is not None,
-                             "dtype": str(mod.compute_dtype).replace("torch.", "")}
-            for buf, t in mod.state_dict().items():
-                tensors[f"{name}.{buf}"] = t.detach().cpu().contiguous()
-        elif isinstance(mod, QuantizedModule):
-            raise ConfigError(f"qb.save: {name} is a {type(mod).__name__}, not a packed IntQuantLinear")
-    meta = {"format": FORMAT, "version": 1, "source": st["spec"], "dtype": st["info"].get("dtype"),
-            "chain": st["chain"], "modules": modules}
+    owner: dict[int, tuple[str, torch.Tensor]] = {}  # data_ptr -> the first key holding that storage
+    for name, mod in qmods.items():
+        assert isinstance(mod, Saveable)
+        if not mod.saveable():
+            raise ConfigError(f"qb.save: {name} is a {type(mod).__name__}, which has no save_spec")
+        modules[name] = {"class": type(mod).__name__, "spec": mod.save_spec(), "packed": getattr(mod, "packed", None)}
+        for k, t in mod.saved_tensors().items():
+            tensors[f"{name}.{k}"] = t.detach().cpu().contiguous()
+        for k, t in mod.state_dict(keep_vars=True).items():
+            owner.setdefault(t.data_ptr(), (f"{name}.{k}", t))
+    src, fingerprint = _source_state(st["spec"], st["info"].get("dtype"))
+    ties: dict[str, str] = {}
+    changed: list[str] = []
+    mine = model.state_dict(keep_vars=True)
+    for key, t in mine.items():
+        if _under(key, qmods):
+            continue
+        first = owner.get(t.data_ptr())
+        if first is not None and t.numel() and first[1].shape == t.shape and first[1].dtype == t.dtype:
+            ties[key] = first[0]  # the same storage as an earlier tensor (a tied lm_head)
+            continue
+        owner[t.data_ptr()] = (key, t)
+        s = src.get(key)
+        if s is None:
+            raise ConfigError(f"qb.save: {key} is not in the source model (a module the chain added that is not "
+                              "a saveable quantized module)")
+        if s.shape != t.shape or s.dtype != t.dtype or not torch.equal(s, t.detach().cpu()):
+            tensors[key] = t.detach().cpu().contiguous()
+            changed.append(key)
+    gone = [k for k in src if k not in mine and not _under(k, qmods)]
+    if gone:
+        raise ConfigError(f"qb.save: the chain removed {gone[0]} from the model; it cannot be rebuilt")
+    meta = {"format": FORMAT, "version": VERSION, "source": st["spec"], "dtype": st["info"].get("dtype"),
+            "source_fingerprint": fingerprint, "chain": st["chain"], "modules": modules, "changed": changed,
+            "ties": ties}
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(d / "quantized.safetensors"), metadata={"format": FORMAT})
+    meta["sha256"] = hashlib.sha256((d / "quantized.safetensors").read_bytes()).hexdigest()
     (d / "quantbench.json").write_text(json.dumps(meta, indent=1, default=str))
     return d
 
 
+def _retie(model: nn.Module, key: str, target: torch.Tensor) -> None:
+    mod, attr = _tensor_owner(model, key)
+    if getattr(mod, attr).data_ptr() == target.data_ptr():
+        return  # tied already (as the source model was)
+    if isinstance(getattr(mod, attr, None), nn.Parameter):
+        setattr(mod, attr, nn.Parameter(target, requires_grad=False))
+    else:
+        mod.register_buffer(attr, target)
+
+
 def load(directory: str | Path, device: str | None = None) -> tuple[nn.Module, Any]:
-    """A model written by :func:`save`: the source model is loaded from its spec, each quantized module is
-    rebuilt from the recorded shapes and filled from the safetensors file (no calibration is rerun)."""
+    """A model written by :func:`save`: the source model is loaded from its spec (and checked against the
+    recorded fingerprint), each quantized module is rebuilt from its class and spec and filled from the
+    safetensors file, and the changed tensors and ties are restored (no calibration is rerun)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     d = Path(directory)
@@ -302,19 +393,64 @@ def load(directory: str | Path, device: str | None = None) -> tuple[nn.Module, A
         meta = json.loads((d / "quantbench.json").read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{d} holds no readable quantbench.json ({e})") from None
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ConfigError(f"{d}/quantbench.json is not a {FORMAT} file")
+    if meta.get("version") not in (1, VERSION):
+        raise ConfigError(f"{d}/quantbench.json: format version {meta.get('version')!r}; this quantbench reads 1 "
+                          f"and {VERSION}")
+    path = d / "quantized.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"{d} holds no quantized.safetensors")
+    if "sha256" in meta and hashlib.sha256(path.read_bytes()).hexdigest() != meta["sha256"]:
+        raise ConfigError(f"{path} is not the file quantbench.json was written with (sha256 differs)")
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise ConfigError(f"{d}/quantized.safetensors cannot be read ({e})") from None
+    methods = [build_method(c["method"], {k: v for k, v in c.items() if k not in ("method", "version")})
+               for c in meta["chain"]]  # also imports the method files, which define their module classes
     model, tok = load_model(meta["source"], meta.get("dtype"), device)
-    tensors = load_file(str(d / "quantized.safetensors"))
+    if meta["version"] == 1:  # every module an IntQuantLinear, its spec the constructor's arguments
+        meta["modules"] = {n: {"class": "IntQuantLinear", "spec": m} for n, m in meta["modules"].items()}
+    elif model_fingerprint(model, exact=False) != meta["source_fingerprint"]:
+        raise ConfigError(f"{d}: the source model {meta['source']!r} is not the one the checkpoint was saved from "
+                          "(its weights changed)")
     dev = next(model.parameters()).device
+    used: set[str] = set()
     for name, m in meta["modules"].items():
-        q = IntQuantLinear(m["in_features"], m["out_features"], m["bits"], m["group_size"], m["bias"], m["sym"],
-                           getattr(torch, m["dtype"]))
-        q.load_state_dict({k.removeprefix(name + "."): v for k, v in tensors.items()
-                           if k.startswith(name + ".") and "." not in k.removeprefix(name + ".")}, strict=True)
+        cls = MODULE_CLASSES.get(m["class"])
+        if cls is None or not cls.saveable():
+            raise ConfigError(f"{d}: module {name} is a {m['class']!r}, which this quantbench cannot rebuild")
+        q = cls.from_spec(m["spec"])
+        assert isinstance(q, nn.Module)
+        own = {k.removeprefix(name + "."): v for k, v in tensors.items() if k.startswith(name + ".")
+               and "." not in k.removeprefix(name + ".")}
+        used.update(f"{name}.{k}" for k in own)
+        expect = q.state_dict()
+        for k, v in own.items():
+            if k not in expect or expect[k].dtype != v.dtype or expect[k].shape != v.shape:
+                raise ConfigError(f"{d}: tensor {name}.{k} ({v.dtype}, {tuple(v.shape)}) does not fit a "
+                                  f"{m['class']} of spec {m['spec']}")
+        try:
+            q.load_saved(own)
+        except (RuntimeError, KeyError) as e:
+            raise ConfigError(f"{d}: module {name} ({m['class']}) cannot be filled: {e}") from None
+        if m.get("packed") is not None:
+            q.packed = m["packed"]
         set_module(model, name, q.to(dev))
+    state = model.state_dict(keep_vars=True)
+    for key in meta.get("changed", []):
+        if key not in tensors or key not in state or tensors[key].shape != state[key].shape:
+            raise ConfigError(f"{d}: tensor {key} is missing from quantized.safetensors or does not fit the model")
+        with torch.no_grad():
+            state[key].data = tensors[key].to(dev)  # the saved dtype, as the quantized model had it
+        used.add(key)
+    for key, target in meta.get("ties", {}).items():
+        _retie(model, key, model.state_dict(keep_vars=True)[target].data)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise ConfigError(f"{d}: quantized.safetensors holds tensors the metadata does not name: {extra[:3]}")
     st = _state(model)
     st["chain"] = list(meta["chain"])
-    st["methods"] = [build_method(c["method"], {k: v for k, v in c.items() if k not in ("method", "version")})
-                     for c in meta["chain"]]
+    st["methods"] = methods
     return model, tok

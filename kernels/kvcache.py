@@ -791,7 +791,8 @@ class QuantizedKVCache:
 
     Keys are stored pre-RoPE (KVQuant): the model's k_proj wrappers hand their output to the
     cache (``capture``), the layer quantizes it, and returns dequantized keys with RoPE applied
-    for positions 0..T-1 (``rotary`` = the model's rotary embedding; None for models without RoPE).
+    for positions 0..T-1 (``rotary`` = the model's rotary embedding, or one per layer (Gemma 3: local and
+    global RoPE); None for models without RoPE).
 
     Packed decode: after ``cache.set_packed_decode(True)``, with the model's attention
     implementation set to :data:`PACKED_ATTENTION` (:func:`register_packed_attention`), a one-token
@@ -801,15 +802,15 @@ class QuantizedKVCache:
     """
 
     def __new__(
-        cls, specs: list[tuple[KVSpec, KVSpec]], rotary: nn.Module | None = None, captures: list[Any] | None = None
+        cls, specs: list[tuple[KVSpec, KVSpec]], rotary: Any = None, captures: list[Any] | None = None
     ) -> Any:
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
         class QuantizedKVLayer(DynamicLayer):
-            def __init__(self, k_spec: KVSpec, v_spec: KVSpec, capture: Any) -> None:
+            def __init__(self, k_spec: KVSpec, v_spec: KVSpec, capture: Any, rope: RopeTable | None) -> None:
                 super().__init__()
                 self.k_store, self.v_store = _KVStore(k_spec), _KVStore(v_spec)
-                self.capture = capture
+                self.capture, self.rope = capture, rope
                 self.keys = self.values = None
 
             def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -832,14 +833,14 @@ class QuantizedKVCache:
                     self.capture.pending_attention = self
                     return key_states, value_states
                 keys = self.k_store.materialize(self.dtype)
-                if rope is not None and self.capture is not None:
-                    keys = apply_rope(keys, *rope.get(keys.shape[2], keys))
+                if self.rope is not None and self.capture is not None:
+                    keys = apply_rope(keys, *self.rope.get(keys.shape[2], keys))
                 return keys, self.v_store.materialize(self.dtype)
 
             def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
                 r = None
-                if rope is not None and self.capture is not None:
-                    r = rope.get(self.k_store.length(), query)
+                if self.rope is not None and self.capture is not None:
+                    r = self.rope.get(self.k_store.length(), query)
                 return packed_decode_attention(query, self.k_store, self.v_store, scaling, r, mask)
 
             def get_seq_length(self) -> int:
@@ -850,9 +851,11 @@ class QuantizedKVCache:
 
         caps = captures or [None] * len(specs)
         packed = {"on": False}  # set by set_packed_decode(), with the model on PACKED_ATTENTION
-        rope = None if rotary is None else RopeTable(rotary)
+        rotaries = list(rotary) if isinstance(rotary, (list, tuple)) else [rotary] * len(specs)
+        tables = {id(r): RopeTable(r) for r in rotaries if r is not None}  # layers sharing a rotary share its table
+        ropes = [None if r is None else tables[id(r)] for r in rotaries]
         # list[Any]: Cache.__init__'s (invariant) list element type differs across transformers versions
-        layers: list[Any] = [QuantizedKVLayer(k, v, c) for (k, v), c in zip(specs, caps, strict=True)]
+        layers: list[Any] = [QuantizedKVLayer(k, v, c, r) for (k, v), c, r in zip(specs, caps, ropes, strict=True)]
         cache: Any = DynamicCache.__new__(DynamicCache)  # a DynamicCache given a kv_bytes() attribute below
         from transformers.cache_utils import Cache
 

@@ -5,7 +5,8 @@ calibration-driven, function-preserving edits of each llama-style decoder block:
 
 1. Scale search, per scaling group ``prev -> fcs`` (the linears that read one input):
    ``input_layernorm -> q,k,v``; ``v_proj -> o_proj`` (only when v's output width equals o's input
-   width: skipped under GQA, as the reference does); ``post_attention_layernorm -> gate,up``;
+   width: skipped under GQA, as the reference does); ``post_attention_layernorm -> gate,up`` (Gemma 2/3:
+   ``pre_feedforward_layernorm``; their ``(1 + weight)`` RMSNorm takes ``(1 + weight) / s - 1``);
    ``up_proj -> down_proj``.  With ``s_X`` the mean ``|X|`` per input channel of the group's input,
    each ``alpha = i / n_grid`` (``i < n_grid``) gives ``s = s_X^alpha / sqrt(max * min)``; the fcs'
    weights ``W diag(s)`` are fake-quantized and the MSE of the fcs' outputs (``X diag(s)^-1`` through
@@ -40,7 +41,7 @@ from .base import Calibration, ConfigError, Method, ModuleSelection, iter_linear
 from .gptq import block_output, capture_block_inputs, transformer_blocks
 from .quantize import layer_progress
 from .rtn import RTN, RTNConfig, rtn_quantize_weight
-from .smoothquant import fold_smoothing
+from .smoothquant import fold_smoothing, mlp_input_norm
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,6 @@ def scale_groups(block: nn.Module) -> list[ScaleGroup]:
     missing = [p for p in REQUIRED if not _has(block, p)]
     if missing:
         raise ConfigError(f"awq supports llama-style blocks only; {type(block).__name__} lacks {', '.join(missing)}")
-    if "gemma" in type(block.get_submodule("input_layernorm")).__name__.lower():
-        raise ConfigError("awq: Gemma's RMSNorm scales by (1 + weight): folding is not implemented")
     groups = [
         ScaleGroup("qkv", "input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
     ]
@@ -111,7 +110,7 @@ def scale_groups(block: nn.Module) -> list[ScaleGroup]:
     o = cast(nn.Linear, block.get_submodule("self_attn.o_proj"))
     if v.out_features == o.in_features:  # GQA: v's rows do not map one-to-one onto o's columns
         groups.append(ScaleGroup("v_o", "self_attn.v_proj", ["self_attn.o_proj"]))
-    groups.append(ScaleGroup("gate_up", "post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]))
+    groups.append(ScaleGroup("gate_up", mlp_input_norm(block), ["mlp.gate_proj", "mlp.up_proj"]))
     groups.append(ScaleGroup("up_down", "mlp.up_proj", ["mlp.down_proj"]))
     return groups
 

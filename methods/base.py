@@ -205,7 +205,53 @@ def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(int(t.numel() * t.element_size()) for t in tensors if t is not None)
 
 
-class QuantizedModule(nn.Module):
+# --------------------------------------------------------------------------- save/load protocol
+
+#: every quantized module class, by class name (filled by :class:`Saveable` as the classes are defined): the
+#: classes a saved checkpoint names (``quantbench.harness.api.load`` rebuilds its modules from here)
+MODULE_CLASSES: dict[str, type[Saveable]] = {}
+
+
+class Saveable:
+    """How a quantized module is written to and rebuilt from a self-describing checkpoint (no pickle).
+
+    A class that can be saved overrides :meth:`save_spec` (JSON-able constructor arguments; a dtype as its
+    name under ``"dtype"``); :meth:`from_spec` builds an empty instance of the same shapes (default:
+    ``cls(**spec)``), then :meth:`load_saved` fills it from :meth:`saved_tensors` (default: the state_dict;
+    a class leaves out what it derives from the rest, so the saved bytes are ``storage()``'s).
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        MODULE_CLASSES[cls.__name__] = cls
+
+    @classmethod
+    def saveable(cls) -> bool:
+        return cls.save_spec is not Saveable.save_spec
+
+    def save_spec(self) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} has no save_spec")
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Saveable:
+        kw = dict(spec)
+        if isinstance(kw.get("dtype"), str):
+            kw["dtype"] = getattr(torch, kw["dtype"])
+        return cls(**kw)
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(cast(nn.Module, self).state_dict())
+
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        cast(nn.Module, self).load_state_dict(tensors, strict=True)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"`` (a spec's JSON form of a dtype)."""
+    return str(dtype).removeprefix("torch.")
+
+
+class QuantizedModule(Saveable, nn.Module):
     """Base for modules that replace ``nn.Linear`` with quantized storage.
 
     Subclasses keep the real packed buffers and implement ``storage()``.  ``in_features``
@@ -224,8 +270,15 @@ class QuantizedModule(nn.Module):
         """The weight the module computes with, as a dense [out, in] float tensor."""
         raise NotImplementedError
 
+    def kernel_path(self, device: torch.device) -> str:
+        """``"native"`` when this module's forward on ``device`` runs its format's own kernel (the packed codes
+        into the GEMM the format is made for), ``"reference"`` when it dequantizes to a dense float weight (or
+        simulates the format) and runs a float GEMM: its latency is then quantbench's, not the format's.
+        Default: native when packed."""
+        return "native" if self.packed else "reference"
 
-class QuantizedTensorModule(nn.Module):
+
+class QuantizedTensorModule(Saveable, nn.Module):
     """Base for quantized non-linear tensors (embeddings, lm_head) counted in ``model_storage``'s "other".
 
     ``storage()`` reports the real packed bytes; the module's own buffers (e.g. a dequantized copy used

@@ -40,6 +40,7 @@ from .base import (
     QuantizedModule,
     Storage,
     check_choice,
+    dtype_name,
     register,
     replace_linears,
     tensor_bytes,
@@ -128,6 +129,12 @@ class FP8Linear(QuantizedModule):
             m.bias.copy_(linear.bias.data)
         return m
 
+    def save_spec(self) -> dict[str, object]:
+        """The constructor's arguments (:class:`~quantbench.methods.base.Saveable`)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "activations": self.activations, "weight_scale": self.weight_scale_kind,
+                "dtype": dtype_name(self.bias.dtype if self.bias is not None else torch.float32)}
+
     # -- storage ----------------------------------------------------------------------
     def dequantized_weight(self) -> torch.Tensor:
         return fp8k.dequantize_e4m3(self.qweight, self.weight_scale, dim=1)
@@ -141,6 +148,15 @@ class FP8Linear(QuantizedModule):
         )
 
     # -- execution --------------------------------------------------------------------
+    def kernel_path(self, device: torch.device) -> str:
+        """Native where the scaled FP8 GEMM runs (W8A8, packed, ``torch._scaled_mm`` on this device); weight-only
+        FP8 dequantizes to the activation dtype, and a device without the GEMM takes the float64 reference."""
+        if self.activations == "none" or not self.packed or not fp8k.USE_SCALED_MM:
+            return "reference"
+        if device.type == "cpu":
+            return "native" if fp8k.cpu_has_scaled_mm() else "reference"
+        return "native" if fp8k.cuda_supports_scaled_mm(device) else "reference"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])

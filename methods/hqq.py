@@ -44,6 +44,7 @@ from .base import (
     ModuleSelection,
     QuantizedModule,
     Storage,
+    dtype_name,
     iter_linears,
     register,
     set_module,
@@ -218,6 +219,11 @@ class HQQLinear(QuantizedModule):
             m.bias.copy_(bias)
         return m
 
+    def save_spec(self) -> dict[str, object]:
+        """The constructor's arguments (:class:`~quantbench.methods.base.Saveable`)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+                "group_size": self.group_size, "bias": self.bias is not None, "dtype": dtype_name(self.compute_dtype)}
+
     def codes(self) -> torch.Tensor:
         """Integer codes [in, out]."""
         return unpack_rows(self.qweight, self.bits, self.in_features)
@@ -252,6 +258,12 @@ class HQQLinear(QuantizedModule):
         if self._sim_weight is None:
             self._sim_weight = self.dequantized_weight().to(self.compute_dtype)
         return F.linear(x, self._sim_weight.to(x.dtype), bias)
+
+    def kernel_path(self, device: torch.device) -> str:
+        """Native where the forward takes the int4pack GEMM (CPU fast path), else a dense dequantized weight."""
+        if not self.packed:
+            return "reference"
+        return "native" if intmm.CPU_FAST_PATH and device.type == "cpu" and self.int4pack() is not None else "reference"
 
     def extra_repr(self) -> str:
         return (

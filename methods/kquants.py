@@ -32,6 +32,7 @@ from .base import (
     QuantizedTensorModule,
     Storage,
     check_choice,
+    dtype_name,
     register,
     set_module,
 )
@@ -167,8 +168,29 @@ class GGMLLinear(QuantizedModule):
         q = torch.from_numpy(ggml.quantize(w, qtype, imatrix))
         return cls(q, qtype, w.shape[1], w.shape[0], bias)
 
+    def save_spec(self) -> dict[str, Any]:
+        """The constructor's arguments, the block bytes' shape for ``qdata`` (:class:`~.base.Saveable`)."""
+        return {"qtype": self.qtype, "in_features": self.in_features, "out_features": self.out_features,
+                "qdata_shape": list(self.qdata.shape),
+                "bias_dtype": None if self.bias is None else dtype_name(self.bias.dtype)}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> GGMLLinear:
+        bias = None if spec["bias_dtype"] is None else torch.zeros(spec["out_features"],
+                                                                   dtype=getattr(torch, spec["bias_dtype"]))
+        return cls(torch.zeros(spec["qdata_shape"], dtype=torch.uint8), spec["qtype"], spec["in_features"],
+                   spec["out_features"], bias)
+
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(tensors, strict=True)
+        self._w = None  # the dequantized cache of the old blocks
+
     def dequantized_weight(self) -> torch.Tensor:
         return ggml.dequantize_torch(self.qdata, self.qtype, (self.out_features, self.in_features))
+
+    def kernel_path(self, device: torch.device) -> str:
+        """The reference: the forward multiplies by a dense dequantized copy (llama.cpp serves the format)."""
+        return "reference"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._w is None or self._w.device != x.device:
@@ -189,22 +211,49 @@ class GGMLTensor(QuantizedTensorModule):
 
     ``weight`` is the dequantized [vocab, hidden] tensor (a buffer, shared with a tied lm_head);
     ``storage()`` counts the block bytes.  ``mode`` is "embedding" (gather) or "linear" (lm_head).
+    ``embed_scale``: the scale a scaled embedding (Gemma 3: sqrt(hidden_size)) multiplies the looked-up rows by,
+    as transformers does (``rows * embed_scale.to(weight.dtype)``); None for a plain embedding.
     """
 
     qdata: torch.Tensor
     weight: torch.Tensor
+    embed_scale: torch.Tensor | None
 
     def __init__(self, qdata: torch.Tensor, qtype: str, shape: tuple[int, int], mode: str,
-                 padding_idx: int | None = None) -> None:
+                 padding_idx: int | None = None, embed_scale: float | None = None) -> None:
         super().__init__()
         self.qtype, self.shape, self.mode, self.padding_idx = qtype, tuple(shape), mode, padding_idx
         self.register_buffer("qdata", qdata)
         self.register_buffer("weight", ggml.dequantize_torch(qdata, qtype, self.shape))
+        self.register_buffer("embed_scale", None if embed_scale is None else torch.tensor(float(embed_scale)),
+                             persistent=False)
         self.num_embeddings, self.embedding_dim = self.shape
+
+    def save_spec(self) -> dict[str, Any]:
+        """The constructor's arguments, the block bytes' shape for ``qdata`` (:class:`~.base.Saveable`)."""
+        return {"qtype": self.qtype, "shape": list(self.shape), "mode": self.mode, "padding_idx": self.padding_idx,
+                "qdata_shape": list(self.qdata.shape), "dtype": dtype_name(self.weight.dtype),
+                "embed_scale": None if self.embed_scale is None else float(self.embed_scale)}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> GGMLTensor:
+        m = cls(torch.zeros(spec["qdata_shape"], dtype=torch.uint8), spec["qtype"], tuple(spec["shape"]),
+                spec["mode"], spec["padding_idx"], spec.get("embed_scale"))
+        m.weight = m.weight.to(getattr(torch, spec["dtype"]))
+        return m
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The blocks only: ``weight`` is their dequantization (``storage()`` counts the blocks)."""
+        return {"qdata": self.qdata}
+
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict({"qdata": tensors["qdata"], "weight": self.weight}, strict=True)
+        self.weight.copy_(ggml.dequantize_torch(self.qdata, self.qtype, self.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "embedding":
-            return F.embedding(x, self.weight, self.padding_idx)
+            rows = F.embedding(x, self.weight, self.padding_idx)
+            return rows if self.embed_scale is None else rows * self.embed_scale.to(self.weight.dtype)
         return F.linear(x, self.weight.to(x.dtype))
 
     def storage(self) -> Storage:
@@ -249,6 +298,16 @@ def collect_imatrix(model: nn.Module, calib: Calibration, names: list[str]) -> d
         for h in hooks:
             h.remove()
     return {n: sums[n] / counts[n] for n in sums}
+
+
+def embedding_scale(emb: nn.Module) -> float | None:
+    """The factor a scaled embedding (transformers' Gemma 3: an ``embed_scale`` buffer, sqrt(hidden_size))
+    multiplies its rows by, rounded to the weight's dtype as its forward does; None for a plain embedding."""
+    scale = getattr(emb, "embed_scale", None)
+    if scale is None:
+        return None
+    weight = cast(torch.Tensor, emb.weight)
+    return float(torch.as_tensor(scale).to(weight.dtype))
 
 
 @register
@@ -297,7 +356,7 @@ class LlamaCpp(Method):
         types["token_embd"] = te
         emb_imat = imat.get("lm_head") if tied else None
         new_emb = GGMLTensor(torch.from_numpy(ggml.quantize(emb.weight.data, te, emb_imat)), te,
-                             tuple(emb.weight.shape), "embedding", emb.padding_idx)
+                             tuple(emb.weight.shape), "embedding", emb.padding_idx, embedding_scale(emb))
         set_module(model, emb_name, new_emb)
         if tied:
             head.weight = nn.Parameter(new_emb.weight, requires_grad=False)  # same storage as the buffer

@@ -1,7 +1,8 @@
 """KVQuant (Hooper et al., 2024, arXiv:2401.18079) and its KV-cache baselines.
 
 KVQuant, in the paper's order:
-1. Per-channel key quantization, 2. pre-RoPE keys (quantize k_proj's output),
+1. Per-channel key quantization, 2. pre-RoPE keys (quantize k_proj's output; where the attention normalizes
+   its keys before RoPE, Gemma 3 and Qwen 3's ``k_norm``, the normalized keys: :class:`NormedKeys`),
 3. non-uniform datatype (NUQ): per layer, 2^b centroids from sensitivity-weighted k-means over
    normalized calibration activations, weights = Fisher information (squared gradients of the
    calibration loss w.r.t. the K/V activations; ``fisher=False``: uniform weights),
@@ -39,7 +40,9 @@ that cache's byte formula (``kv_cache_bytes``; :mod:`quantbench.methods.kvcalc` 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -181,25 +184,85 @@ class KVProj(nn.Module):
         return qdq_sequence(yh, self.spec).transpose(1, 2).reshape(B, T, HD)
 
 
+class NormedKeys(nn.Module):
+    """k_proj followed by the attention's per-head key norm (Gemma 3, Qwen 3: ``k_norm`` before RoPE), output
+    [B, T, H * D]: the keys the cache holds.  :func:`install` moves ``k_norm`` in here (the attention's
+    ``k_norm`` becomes an identity), so the key wrapper quantizes normalized keys.  The norm acts on each
+    head's D-vector, so it gives what the attention's own call on its [B, H, T, D] view gives."""
+
+    def __init__(self, proj: nn.Module, norm: nn.Module, head_dim: int) -> None:
+        super().__init__()
+        self.proj, self.norm, self.head_dim = proj, norm, head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(x)
+        B, T, HD = y.shape
+        return self.norm(y.view(B, T, HD // self.head_dim, self.head_dim)).reshape(B, T, HD)
+
+
+def _key_norm(attn: nn.Module) -> nn.Module | None:
+    """The attention's key norm applied before RoPE (``k_norm``), if it has one not yet moved."""
+    norm = getattr(attn, "k_norm", None)
+    return norm if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity) else None
+
+
+class FusedQKV(nn.Module):
+    """A fused q/k/v projection (Phi-3's ``qkv_proj``, output ``[q | k | v]``) whose K and V slices go through
+    the key and value wrappers ``k``, ``v`` (:class:`KVProj` around an identity): the keys and values the
+    attention reads are quantized, as a model with k_proj/v_proj has them."""
+
+    def __init__(self, inner: nn.Module, k: KVProj, v: KVProj, q_width: int, kv_width: int) -> None:
+        super().__init__()
+        self.inner, self.k, self.v = inner, k, v
+        self.widths = [q_width, kv_width, kv_width]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.inner(x).split(self.widths, dim=-1)
+        return torch.cat([q, self.k(k), self.v(v)], dim=-1)
+
+
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Self-attention modules with k_proj and v_proj, in layer order (llama, OPT, ...)."""
-    return [m for m in model.modules() if hasattr(m, "k_proj") and hasattr(m, "v_proj")]
+    """Self-attention modules with k_proj and v_proj (llama, OPT, ...) or a fused qkv_proj (Phi-3), in layer
+    order."""
+    return [m for m in model.modules()
+            if (hasattr(m, "k_proj") and hasattr(m, "v_proj")) or isinstance(getattr(m, "qkv_proj", None), nn.Module)]
+
+
+def _kv_pair(attn: nn.Module) -> tuple[KVProj, KVProj] | None:
+    fused = getattr(attn, "qkv_proj", None)
+    if isinstance(fused, FusedQKV):
+        return fused.k, fused.v
+    k = getattr(attn, "k_proj", None)
+    return (k, cast(KVProj, attn.v_proj)) if isinstance(k, KVProj) else None  # install() wraps both together
 
 
 def kv_wrappers(model: nn.Module) -> list[tuple[KVProj, KVProj]]:
-    # install() wraps k_proj and v_proj together
-    return [(a.k_proj, cast(KVProj, a.v_proj)) for a in attention_modules(model) if isinstance(a.k_proj, KVProj)]
+    return [p for p in map(_kv_pair, attention_modules(model)) if p is not None]
 
 
 def install(model: nn.Module, specs: list[tuple[KVSpec, KVSpec]]) -> None:
     hd = head_dim_of(model)
+    cfg: Any = model.config  # the transformers config
     for attn, (ks, vs) in zip(attention_modules(model), specs, strict=True):
+        fused = getattr(attn, "qkv_proj", None)
+        if isinstance(fused, FusedQKV):
+            fused.k.spec, fused.v.spec = ks, vs
+            continue
+        if isinstance(fused, nn.Module):  # [q | k | v] widths from the config (the inner may be quantized)
+            kv = kv_heads_of(model) * hd
+            attn.qkv_proj = FusedQKV(fused, KVProj(nn.Identity(), ks, hd), KVProj(nn.Identity(), vs, hd),
+                                     cfg.num_attention_heads * hd, kv)
+            continue
         for name, spec in (("k_proj", ks), ("v_proj", vs)):
             mod = getattr(attn, name)
             if isinstance(mod, KVProj):
                 mod.spec = spec
-            else:
-                setattr(attn, name, KVProj(mod, spec, hd))
+                continue
+            norm = _key_norm(attn) if name == "k_proj" else None
+            if norm is not None:  # quantize the keys after k_norm, as the cache holds them
+                mod = NormedKeys(mod, norm, hd)
+                attn.k_norm = nn.Identity()
+            setattr(attn, name, KVProj(mod, spec, hd))
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
@@ -515,9 +578,18 @@ def make_cache(model: nn.Module) -> Any:
     if not specs:
         install(model, [(KVSpec(), KVSpec()) for _ in attention_modules(model)])
         specs = model_specs(model)
-    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
     caps = [k for k, _ in kv_wrappers(model)]
-    return QuantizedKVCache(specs, rotary=rotary, captures=caps)
+    return QuantizedKVCache(specs, rotary=layer_rotaries(model), captures=caps)
+
+
+def layer_rotaries(model: nn.Module) -> Any:
+    """The model's rotary embedding (None without one), or, where it takes a layer type (Gemma 3: local RoPE
+    on sliding layers, global on full ones), one callable per attention layer."""
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is None or "layer_type" not in inspect.signature(rotary.forward).parameters:
+        return rotary
+    by_type = {t: functools.partial(rotary, layer_type=t) for t in {a.layer_type for a in attention_modules(model)}}
+    return [by_type[a.layer_type] for a in attention_modules(model)]
 
 
 def generate_with_cache(

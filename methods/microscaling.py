@@ -33,6 +33,7 @@ from .base import (
     ModuleSelection,
     QuantizedModule,
     Storage,
+    dtype_name,
     iter_linears,
     register,
     set_module,
@@ -96,6 +97,12 @@ class FP4Linear(QuantizedModule):
             cast(torch.Tensor, m.bias).copy_(linear.bias.data)
         return m
 
+    def save_spec(self) -> dict[str, object]:
+        """The constructor's arguments (:class:`~quantbench.methods.base.Saveable`)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "fmt": self.fmt,
+                "act_fp4": self.act_fp4, "bias": self.bias is not None,
+                "dtype": dtype_name(self.bias.dtype if self.bias is not None else torch.float32)}
+
     # -- storage ----------------------------------------------------------------------
     def dequantized_weight(self) -> torch.Tensor:
         if self.fmt == "mxfp4":
@@ -128,6 +135,10 @@ class FP4Linear(QuantizedModule):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, act_fp4={self.act_fp4}"
+
+    def kernel_path(self, device: torch.device) -> str:
+        """Always the reference: the forward dequantizes the FP4 codes and runs an fp32 GEMM (no FP4 GEMM here)."""
+        return "reference"
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,14 @@ convention (``zero - 1``) is applied only at export.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from ..kernels.intmm import int_weight_linear
 from ..kernels.intq import pack_bits, unpack_bits, unpack_rows
-from .base import QuantizedModule, Storage, tensor_bytes
+from .base import QuantizedModule, Storage, dtype_name, tensor_bytes
 
 
 class IntQuantLinear(QuantizedModule):
@@ -77,6 +79,24 @@ class IntQuantLinear(QuantizedModule):
             assert m.bias is not None  # constructed with bias=True above
             m.bias.copy_(bias)
         return m
+
+    # -- save / load (:class:`~quantbench.methods.base.Saveable`) -----------------------
+    def save_spec(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+                "group_size": self.group_size, "bias": self.bias is not None, "sym": self.sym,
+                "dtype": dtype_name(self.compute_dtype)}
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The state_dict; ``g_idx`` only with act-order (otherwise it is the constructor's i // group_size)."""
+        sd = dict(self.state_dict())
+        if not self.has_act_order():
+            del sd["g_idx"]
+        return sd
+
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        sd = dict(tensors)
+        sd.setdefault("g_idx", self.g_idx.clone())
+        self.load_state_dict(sd, strict=True)
 
     # -- decoding -------------------------------------------------------------------
     def codes(self) -> torch.Tensor:

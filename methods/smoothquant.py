@@ -8,7 +8,8 @@ tensor with a calibrated static scale), executed by a real int8 GEMM
 1. Calibration: per-input-channel activation absmax ``max|X_j|`` of every linear (forward hooks over
    the calibration tokens), plus each output's absmax for static output scales.
 2. Smoothing factor, for each group of linears sharing one normalized input
-   (llama: input_layernorm -> q,k,v and post_attention_layernorm -> gate,up;
+   (llama: input_layernorm -> q,k,v and post_attention_layernorm -> gate,up; Gemma 2/3, whose
+   post_attention_layernorm normalizes the attention output: pre_feedforward_layernorm -> gate,up;
    OPT: self_attn_layer_norm -> q,k,v and final_layer_norm -> fc1)::
 
        s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
@@ -16,7 +17,8 @@ tensor with a calibrated static scale), executed by a real int8 GEMM
    with ``max|W_j|`` the max over every weight of the group in input column j (both factors
    clamped at 1e-5 as the reference does).
 3. Folding: ``X diag(s)^-1`` goes into the preceding norm (RMSNorm weight; LayerNorm weight and
-   bias), ``diag(s) W`` into the following linears, so the fp model computes the same function.
+   bias; Gemma's RMSNorm, which scales by ``1 + weight``: ``weight <- (1 + weight) / s - 1``),
+   ``diag(s) W`` into the following linears, so the fp model computes the same function.
    o_proj / down_proj / out_proj / fc2 have no foldable predecessor and are quantized unsmoothed.
 4. Quantization of every linear to W8A8; with ``quantize_bmm_input`` the q/k/v outputs (the inputs
    of the attention matmuls) are fake-quantized too, as in the reference's fake-quant model.
@@ -61,6 +63,8 @@ log = logging.getLogger(__name__)
 CLAMP = 1e-5
 #: q/k/v projections: their outputs are the attention matmul inputs (``quantize_bmm_input``)
 BMM_INPUT_PROJS = ("q_proj", "k_proj", "v_proj")
+#: RMSNorm classes (transformers) that scale by ``1 + weight`` instead of ``weight``
+ONE_PLUS_WEIGHT_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
 
 
 # --------------------------------------------------------------------------- configs
@@ -160,8 +164,16 @@ def _submodule(mod: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
+def mlp_input_norm(block: nn.Module) -> str:
+    """The norm whose output a llama-style block's MLP reads: ``pre_feedforward_layernorm`` where the block
+    has one (Gemma 2/3: their ``post_attention_layernorm`` normalizes the attention output before the
+    residual add), else ``post_attention_layernorm``."""
+    pre_ff = _submodule(block, "pre_feedforward_layernorm")
+    return "pre_feedforward_layernorm" if isinstance(pre_ff, nn.Module) else "post_attention_layernorm"
+
+
 def find_smooth_groups(model: nn.Module) -> list[SmoothGroup]:
-    """The (norm -> linears) mappings of llama-style and OPT-style (pre-LN) decoder blocks."""
+    """The (norm -> linears) mappings of llama-style (incl. Gemma 2/3) and OPT-style (pre-LN) decoder blocks."""
     groups: list[SmoothGroup] = []
     for name, mod in model.named_modules():
         pre = f"{name}." if name else ""
@@ -170,14 +182,12 @@ def find_smooth_groups(model: nn.Module) -> list[SmoothGroup]:
             return [pre + p for p in paths if isinstance(_submodule(mod, p), nn.Linear)]
 
         if hasattr(mod, "input_layernorm") and hasattr(mod, "post_attention_layernorm"):  # llama-style
-            if "gemma" in type(mod).__name__.lower():
-                raise NotImplementedError("Gemma's RMSNorm scales by (1 + weight): folding is not implemented")
             qkv = present("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
             gate_up = present("mlp.gate_proj", "mlp.up_proj")
             if qkv:
                 groups.append(SmoothGroup(name, "qkv", pre + "input_layernorm", qkv))
             if gate_up:
-                groups.append(SmoothGroup(name, "gate_up", pre + "post_attention_layernorm", gate_up))
+                groups.append(SmoothGroup(name, "gate_up", pre + mlp_input_norm(mod), gate_up))
         elif hasattr(mod, "self_attn_layer_norm") and hasattr(mod, "final_layer_norm"):  # OPT-style
             if not getattr(mod, "do_layer_norm_before", True):
                 log.warning("%s is post-LN: its norms do not precede its linears; not smoothed", name)
@@ -201,9 +211,15 @@ def smoothing_factors(act_absmax: torch.Tensor, fcs: list[nn.Linear], alpha: flo
 
 @torch.no_grad()
 def fold_smoothing(norm: nn.Module, fcs: list[nn.Linear], s: torch.Tensor) -> None:
-    """X diag(s)^-1 into the norm (weight, and bias if any), diag(s) W into each linear."""
+    """X diag(s)^-1 into the norm (weight, and bias if any), diag(s) W into each linear.
+
+    A norm that scales by ``1 + weight`` (:data:`ONE_PLUS_WEIGHT_NORMS`) gets ``(1 + weight) / s - 1``,
+    computed in float32."""
     weight = cast(torch.Tensor, norm.weight)  # the norm's affine parameters
-    weight.div_(s.to(weight.dtype))
+    if type(norm).__name__ in ONE_PLUS_WEIGHT_NORMS:
+        weight.copy_(((1.0 + weight.float()) / s.float() - 1.0).to(weight.dtype))
+    else:
+        weight.div_(s.to(weight.dtype))
     if getattr(norm, "bias", None) is not None:
         bias = cast(torch.Tensor, norm.bias)
         bias.div_(s.to(bias.dtype))
@@ -234,9 +250,15 @@ class W8A8(Method):
     target = "weights+activations"
 
     def smooth(self, model: nn.Module, stats: dict[str, ActStats]) -> None:
-        """No smoothing: record the outlier ratios of the groups SmoothQuant would smooth."""
+        """No smoothing: record the outlier ratios of the groups SmoothQuant would smooth (diagnostics only:
+        nothing is folded, so a block whose groups cannot be found only loses its rows)."""
         rows = []
-        for g in find_smooth_groups(model):
+        try:
+            groups = find_smooth_groups(model)
+        except (NotImplementedError, ConfigError) as e:
+            log.warning("w8a8: no outlier diagnostics (%s)", e)
+            groups = []
+        for g in groups:
             if g.fc_names[0] in stats:
                 r = outlier_ratio(stats[g.fc_names[0]].input_absmax)
                 w = weight_outlier_ratio([cast(nn.Linear, model.get_submodule(n)) for n in g.fc_names])

@@ -18,12 +18,14 @@ q/k/v projections, the inputs of the attention matmuls, with ``quantize_bmm_inpu
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import int8mm
-from .base import QuantizedModule, Storage, tensor_bytes
+from .base import QuantizedModule, Storage, dtype_name, tensor_bytes
 
 ACT_SCHEMES = ("per_token", "per_tensor_static")
 
@@ -86,6 +88,12 @@ class W8A8Linear(QuantizedModule):
             assert m.bias is not None  # constructed with bias=True above
             m.bias.copy_(linear.bias.data)
         return m
+
+    def save_spec(self) -> dict[str, Any]:
+        """The constructor's arguments (:class:`~quantbench.methods.base.Saveable`)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "act_scheme": self.act_scheme, "quantize_output": self.quantize_output,
+                "dtype": dtype_name(self.bias.dtype if self.bias is not None else torch.float32)}
 
     # -- storage ----------------------------------------------------------------------
     def dequantized_weight(self) -> torch.Tensor:
