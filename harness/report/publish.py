@@ -9,7 +9,10 @@ Plots (each skipped quietly when its data is absent):
 - ``sensitivity``: a run's ``sensitivity.json`` ({"layers", "projections", "values"}) as a heatmap;
 - ``qat_loss``: training loss curves (QAT, fp-train: ``cells/*/bitnet-qat/loss_curve.json`` or
   ``"loss_curve"`` in a cell's ``artifacts.json``), one panel per model, so a from-scratch pair (fp vs
-  b1.58 vs 1-bit) sits side by side in its model's panel.
+  b1.58 vs 1-bit) sits side by side in its model's panel;
+- ``alpha_sweep`` (+ ``alpha_sweep.csv``): SmoothQuant's migration strength alpha against perplexity
+  (naive W8A8, LLM.int8() and fp as reference lines) and against the outlier statistics its cells record
+  (median over layers of the max / median input-channel absmax, activations and weights, after smoothing).
 """
 
 from __future__ import annotations
@@ -459,6 +462,82 @@ def plot_qat_loss(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     return _save(fig, out_dir, "qat_loss")
 
 
+def alpha_sweep_rows(run_dirs: list[Path], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per smoothquant / w8a8 cell with outlier diagnostics in its ``artifacts.json``: model, cell,
+    method, alpha (None for w8a8), its perplexity, and per smoothing group the median over layers of the
+    activations' and the weights' max / median input-channel absmax after smoothing (``act_<group>``,
+    ``w_<group>``)."""
+    ppl = {(m, c): r["value"] for (m, c, _), r in _rec_of(records, "perplexity").items()
+           if (r.get("protocol") or {}).get("eval_index") in (None, 0)}
+    rows = []
+    for d in run_dirs:
+        for f in sorted((d / "cells").rglob("artifacts.json")) if (d / "cells").is_dir() else []:
+            try:
+                arts = json.loads(f.read_text())
+            except (OSError, ValueError) as e:
+                log.warning("skipping %s: %s", f, e)
+                continue
+            for method in ("smoothquant", "w8a8"):
+                a = arts.get(method) if isinstance(arts, dict) else None
+                if not isinstance(a, dict) or not a.get("outliers"):
+                    continue
+                cell, model = f.parent.name, f.parent.parent.name
+                row: dict[str, Any] = {"model": model, "cell": cell, "method": method, "alpha": a.get("alpha"),
+                                       "perplexity": ppl.get((model, cell))}
+                for g in dict.fromkeys(o["group"] for o in a["outliers"]):
+                    os_ = [o for o in a["outliers"] if o["group"] == g]
+                    for key, col in (("after", "act"), ("w_after", "w")):
+                        vals = sorted(float(o[key]) for o in os_ if o.get(key) is not None)
+                        if vals:
+                            row[f"{col}_{g}"] = vals[len(vals) // 2] if len(vals) % 2 else (
+                                vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
+                rows.append(row)
+    return rows
+
+
+def plot_alpha_sweep(run_dirs: list[Path], records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    rows = alpha_sweep_rows(run_dirs, records)
+    sweep = sorted((r for r in rows if r["alpha"] is not None and r["perplexity"] is not None
+                    and "static" not in r["cell"]), key=lambda r: r["alpha"])
+    if len(sweep) < 2:
+        return []
+    import pandas as pd  # deferred: pandas is only needed for the table
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out_dir / "alpha_sweep.csv", index=False)
+    fig, axes = _grid(2)
+    ax, ax2 = axes
+    xs = [r["alpha"] for r in sweep]
+    ax.plot(xs, [r["perplexity"] for r in sweep], "o-", color=FAMILY_COLORS["activation"], label="smoothquant")
+    model = sweep[0]["model"]
+    ppl = {c: r["value"] for (m, c, _), r in _rec_of(records, "perplexity").items()
+           if m == model and (r.get("protocol") or {}).get("eval_index") in (None, 0)}
+    for r in latest(records):
+        if r["model"]["name"] == model and r["metric"] == "perplexity" and r["cell"] in ppl:
+            fam = family(r)
+            meth = str(r["method"])
+            if fam == "baseline" or (meth in ("w8a8", "llm-int8") and "static" not in r["cell"]):
+                ax.axhline(ppl[r["cell"]], ls="--" if fam == "baseline" else ":", lw=1,
+                           color=FAMILY_COLORS["baseline"] if fam == "baseline" else None, label=r["cell"])
+                ppl.pop(r["cell"])
+    ax.set_xlabel("alpha (migration strength)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"SmoothQuant alpha sweep: {model}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    groups = sorted({k[4:] for r in sweep for k in r if k.startswith("act_")})
+    for g in groups:
+        line = ax2.plot(xs, [r.get(f"act_{g}") for r in sweep], "o-", label=f"activations ({g})")[0]
+        ax2.plot(xs, [r.get(f"w_{g}") for r in sweep], "s--", color=line.get_color(), label=f"weights ({g})")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("alpha")
+    ax2.set_ylabel("max / median input-channel absmax (median over layers)", fontsize=8)
+    ax2.set_title("outliers after smoothing", fontsize=10)
+    ax2.grid(True, which="both", alpha=0.3)
+    ax2.legend(fontsize=7)
+    return _save(fig, out_dir, "alpha_sweep")
+
+
 # --------------------------------------------------------------------------- HTML
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1280px;
@@ -695,6 +774,10 @@ def render_extras(run_dirs: Iterable[str | Path], out_dir: str | Path | None = N
             plots += fn2(dirs, out)
         except Exception as e:
             log.warning("plot %s failed: %s", fn2.__name__, e)
+    try:
+        plots += plot_alpha_sweep(dirs, records, out)
+    except Exception as e:
+        log.warning("plot plot_alpha_sweep failed: %s", e)
     html_path = out / "leaderboard.html"
     html_path.write_text(render_html(records, dirs, plots), encoding="utf-8")
     written: dict[str, list[Path]] = {"html": [html_path], "plots": plots, "screenshot": []}

@@ -323,3 +323,29 @@ def test_html_leaderboard_escapes_every_name(tmp_path):
     tables.feed(page)
     lb = tables.tables[0]
     assert [r[0] for r in lb["rows"]] == ["fp", *HOSTILE, "<i>kv|"]
+
+
+def test_alpha_sweep_table_and_plot(tmp_path):
+    """The sweep's rows come from the cells' artifacts (median over layers) and the records' perplexity."""
+    d = tmp_path / "run"
+    recs = [rec("fp", "perplexity", 15.0, method="fp"), rec("w8a8", "perplexity", 16.2, method="w8a8"),
+            rec("llm-int8", "perplexity", 15.7, method="llm-int8")]
+    outl = {0.0: ([40.0, 50.0, 60.0], [1.0, 1.0, 1.0]), 0.5: ([6.0, 7.0, 9.0], [5.0, 6.0, 8.0]),
+            1.0: ([1.0, 1.0, 1.0], [30.0, 45.0, 50.0])}
+    for a, (acts, ws) in outl.items():
+        name = f"smoothquant-a{a:g}"
+        recs.append(rec(name, "perplexity", 16.0 - a, method="smoothquant"))
+        rows = [{"layer": i, "group": "qkv", "before": 50.0, "after": x, "w_before": 3.0, "w_after": w}
+                for i, (x, w) in enumerate(zip(acts, ws))]
+        art = d / "cells" / "tiny-llama" / name / "artifacts.json"
+        art.parent.mkdir(parents=True)
+        art.write_text(json.dumps({"smoothquant": {"alpha": a, "outliers": rows}}))
+    RecordWriter(d / "records.jsonl").write_cell(recs)
+    rows = publish.alpha_sweep_rows([d], recs)
+    by = {r["alpha"]: r for r in rows}
+    assert by[0.0]["act_qkv"] == 50.0 and by[0.0]["w_qkv"] == 1.0 and by[0.0]["perplexity"] == 16.0
+    assert by[1.0]["act_qkv"] == 1.0 and by[1.0]["w_qkv"] == 45.0 and by[0.5]["act_qkv"] == 7.0
+    paths = publish.plot_alpha_sweep([d], recs, tmp_path / "out")
+    assert {p.name for p in paths} == {"alpha_sweep.png", "alpha_sweep.svg"}
+    table = (tmp_path / "out" / "alpha_sweep.csv").read_text().splitlines()
+    assert table[0].startswith("model,cell,method,alpha,perplexity") and len(table) == 4
