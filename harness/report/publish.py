@@ -517,8 +517,9 @@ def plot_alpha_sweep(run_dirs: list[Path], records: list[dict[str, Any]], out_di
             fam = family(r)
             meth = str(r["method"])
             if fam == "baseline" or (meth in ("w8a8", "llm-int8") and "static" not in r["cell"]):
-                ax.axhline(ppl[r["cell"]], ls="--" if fam == "baseline" else ":", lw=1,
-                           color=FAMILY_COLORS["baseline"] if fam == "baseline" else None, label=r["cell"])
+                color = {"w8a8": FAMILY_COLORS["weight"], "llm-int8": FAMILY_COLORS["kv"]}.get(
+                    meth, FAMILY_COLORS["baseline"])
+                ax.axhline(ppl[r["cell"]], ls="--" if fam == "baseline" else ":", lw=1.3, color=color, label=r["cell"])
                 ppl.pop(r["cell"])
     ax.set_xlabel("alpha (migration strength)")
     ax.set_ylabel("perplexity")
