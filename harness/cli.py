@@ -85,8 +85,11 @@ def _threads(n: int | None) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
-    print(f"{suite.path}: ok — {len(suite.models)} model(s) x {len(suite.cells)} cell(s), "
-          f"metrics: {', '.join(suite.metrics)}")
+    pairs = sum(c.runs_on(m) for m in suite.models for c in suite.cells)
+    shape = f"{len(suite.models)} model(s) x {len(suite.cells)} cell(s)"
+    if pairs != len(suite.models) * len(suite.cells):  # cells with a models: list run on some models only
+        shape += f", {pairs} model-cell pairs"
+    print(f"{suite.path}: ok — {shape}, metrics: {', '.join(suite.metrics)}")
     return 0
 
 

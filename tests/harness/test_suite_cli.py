@@ -111,6 +111,14 @@ def test_shipped_suites_validate():
         assert s.cells and "include" not in s.raw, path
 
 
+def test_validate_counts_model_cell_pairs(capsys):
+    """bitnet.yaml's cells each name one of its two models: 8 pairs, not 2 x 8."""
+    assert main(["validate", str(SUITES_DIR / "bitnet.yaml")]) == 0
+    assert "2 model(s) x 8 cell(s), 8 model-cell pairs, metrics:" in capsys.readouterr().out
+    assert main(["validate", str(SUITES_DIR / "kv.yaml")]) == 0
+    assert "pairs" not in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- include
 
 
