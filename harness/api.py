@@ -54,6 +54,7 @@ from ..methods.base import (
     QuantizedTensorModule,
     Saveable,
     build_method,
+    dtype_name,
     model_fingerprint,
     set_module,
 )
@@ -91,7 +92,7 @@ def _state(model: nn.Module) -> dict[str, Any]:
         st = {"spec": None, "info": {"name": type(model).__name__, "source": "python object", "sha256": None,
                                      "params": sum(p.numel() for p in model.parameters()),
                                      "source_precision": None, "architecture": getattr(cfg, "model_type", None),
-                                     "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                                     "dtype": dtype_name(next(model.parameters()).dtype),
                                      "device": str(next(model.parameters()).device)},
               "chain": [], "methods": []}
         object.__setattr__(model, STATE, st)  # a plain attribute (not a submodule), copied by deepcopy
@@ -287,8 +288,7 @@ def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The outermost quantized modules (QuantizedModule / QuantizedTensorModule), by name."""
     out: dict[str, nn.Module] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, (QuantizedModule, QuantizedTensorModule)) and not any(
-                name.startswith(p + ".") for p in out):
+        if isinstance(mod, (QuantizedModule, QuantizedTensorModule)) and not _under(name, out):
             out[name] = mod
     return out
 
@@ -445,8 +445,9 @@ def load(directory: str | Path, device: str | None = None) -> tuple[nn.Module, A
         with torch.no_grad():
             state[key].data = tensors[key].to(dev)  # the saved dtype, as the quantized model had it
         used.add(key)
+    state = model.state_dict(keep_vars=True)  # the restored tensors: the ties' targets
     for key, target in meta.get("ties", {}).items():
-        _retie(model, key, model.state_dict(keep_vars=True)[target].data)
+        _retie(model, key, state[target].data)
     extra = sorted(set(tensors) - used)
     if extra:
         raise ConfigError(f"{d}: quantized.safetensors holds tensors the metadata does not name: {extra[:3]}")

@@ -85,7 +85,7 @@ def _threads(n: int | None) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
-    pairs = sum(c.runs_on(m) for m in suite.models for c in suite.cells)
+    pairs = len(suite.expand())
     shape = f"{len(suite.models)} model(s) x {len(suite.cells)} cell(s)"
     if pairs != len(suite.models) * len(suite.cells):  # cells with a models: list run on some models only
         shape += f", {pairs} model-cell pairs"

@@ -129,19 +129,24 @@ def cuda_supports_scaled_mm(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device) >= CUDA_MIN_CAPABILITY)
 
 
-def scaled_mm_applies(xq: torch.Tensor, wq: torch.Tensor) -> bool:
-    """Whether :func:`fp8_matmul` runs ``torch._scaled_mm`` for these operands."""
-    if not USE_SCALED_MM or xq.shape[0] == 0:
+def scaled_mm_supported(device: torch.device, k: int, n: int) -> bool:
+    """Whether ``torch._scaled_mm`` runs a [M, K] x [K, N] FP8 GEMM on ``device`` (switched on, the device has
+    it, and on CUDA K and N aligned)."""
+    if not USE_SCALED_MM:
         return False
-    if xq.device.type == "cpu":
+    if device.type == "cpu":
         return cpu_has_scaled_mm()
-    k, n = xq.shape[1], wq.shape[0]
-    if not cuda_supports_scaled_mm(xq.device):
+    if not cuda_supports_scaled_mm(device):
         return False
     if k % CUDA_ALIGN or n % CUDA_ALIGN:
         log.debug("_scaled_mm on CUDA needs K, N multiples of %d (got %d, %d): reference path", CUDA_ALIGN, k, n)
         return False
     return True
+
+
+def scaled_mm_applies(xq: torch.Tensor, wq: torch.Tensor) -> bool:
+    """Whether :func:`fp8_matmul` runs ``torch._scaled_mm`` for these operands."""
+    return xq.shape[0] != 0 and scaled_mm_supported(xq.device, xq.shape[1], wq.shape[0])
 
 
 def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,

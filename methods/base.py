@@ -251,6 +251,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def bias_dtype_name(bias: torch.Tensor | None) -> str:
+    """:func:`dtype_name` of a module's bias, float32 without one (the ``dtype`` of float-bias modules' specs)."""
+    return dtype_name(bias.dtype if bias is not None else torch.float32)
+
+
 class QuantizedModule(Saveable, nn.Module):
     """Base for modules that replace ``nn.Linear`` with quantized storage.
 

@@ -39,8 +39,8 @@ from .base import (
     ModuleSelection,
     QuantizedModule,
     Storage,
+    bias_dtype_name,
     check_choice,
-    dtype_name,
     register,
     replace_linears,
     tensor_bytes,
@@ -133,7 +133,7 @@ class FP8Linear(QuantizedModule):
         """The constructor's arguments (:class:`~quantbench.methods.base.Saveable`)."""
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
                 "activations": self.activations, "weight_scale": self.weight_scale_kind,
-                "dtype": dtype_name(self.bias.dtype if self.bias is not None else torch.float32)}
+                "dtype": bias_dtype_name(self.bias)}
 
     # -- storage ----------------------------------------------------------------------
     def dequantized_weight(self) -> torch.Tensor:
@@ -151,11 +151,9 @@ class FP8Linear(QuantizedModule):
     def kernel_path(self, device: torch.device) -> str:
         """Native where the scaled FP8 GEMM runs (W8A8, packed, ``torch._scaled_mm`` on this device); weight-only
         FP8 dequantizes to the activation dtype, and a device without the GEMM takes the float64 reference."""
-        if self.activations == "none" or not self.packed or not fp8k.USE_SCALED_MM:
+        if self.activations == "none" or not self.packed:
             return "reference"
-        if device.type == "cpu":
-            return "native" if fp8k.cpu_has_scaled_mm() else "reference"
-        return "native" if fp8k.cuda_supports_scaled_mm(device) else "reference"
+        return "native" if fp8k.scaled_mm_supported(device, self.in_features, self.out_features) else "reference"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -249,10 +249,14 @@ class HQQLinear(QuantizedModule):
             self._int4pack = (versions, pack)
         return self._int4pack[1]
 
+    def _fast_pack(self, device: torch.device) -> Int4Pack | None:
+        """The int4pack weight when the forward on ``device`` takes the CPU int4pack GEMM, else None."""
+        return self.int4pack() if intmm.CPU_FAST_PATH and device.type == "cpu" else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.packed:
-            if intmm.CPU_FAST_PATH and x.device.type == "cpu" and (pack := self.int4pack()) is not None:
+            if (pack := self._fast_pack(x.device)) is not None:
                 return hqq_int4pack_mm(x, pack, self.out_features, self.bias)
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
         if self._sim_weight is None:
@@ -261,9 +265,7 @@ class HQQLinear(QuantizedModule):
 
     def kernel_path(self, device: torch.device) -> str:
         """Native where the forward takes the int4pack GEMM (CPU fast path), else a dense dequantized weight."""
-        if not self.packed:
-            return "reference"
-        return "native" if intmm.CPU_FAST_PATH and device.type == "cpu" and self.int4pack() is not None else "reference"
+        return "native" if self.packed and self._fast_pack(device) is not None else "reference"
 
     def extra_repr(self) -> str:
         return (

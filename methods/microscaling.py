@@ -33,7 +33,7 @@ from .base import (
     ModuleSelection,
     QuantizedModule,
     Storage,
-    dtype_name,
+    bias_dtype_name,
     iter_linears,
     register,
     set_module,
@@ -101,7 +101,7 @@ class FP4Linear(QuantizedModule):
         """The constructor's arguments (:class:`~quantbench.methods.base.Saveable`)."""
         return {"in_features": self.in_features, "out_features": self.out_features, "fmt": self.fmt,
                 "act_fp4": self.act_fp4, "bias": self.bias is not None,
-                "dtype": dtype_name(self.bias.dtype if self.bias is not None else torch.float32)}
+                "dtype": bias_dtype_name(self.bias)}
 
     # -- storage ----------------------------------------------------------------------
     def dequantized_weight(self) -> torch.Tensor:

@@ -201,10 +201,14 @@ def find_smooth_groups(model: nn.Module) -> list[SmoothGroup]:
     return groups
 
 
+def weight_column_absmax(fcs: list[nn.Linear]) -> torch.Tensor:
+    """max|W_j| per input column j over every weight of ``fcs`` (the linears sharing one input), fp32."""
+    return torch.stack([fc.weight.detach().abs().float().amax(dim=0) for fc in fcs]).amax(dim=0)
+
+
 def smoothing_factors(act_absmax: torch.Tensor, fcs: list[nn.Linear], alpha: float) -> torch.Tensor:
     """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), max|W_j| over every weight of ``fcs`` in column j."""
-    w_absmax = torch.stack([fc.weight.detach().abs().float().amax(dim=0) for fc in fcs]).amax(dim=0)
-    w_absmax = w_absmax.clamp(min=CLAMP)
+    w_absmax = weight_column_absmax(fcs).clamp(min=CLAMP)
     s = act_absmax.float().pow(alpha) / w_absmax.pow(1.0 - alpha)
     return s.clamp(min=CLAMP)
 
@@ -234,7 +238,7 @@ def outlier_ratio(absmax: torch.Tensor) -> float:
 
 def weight_outlier_ratio(fcs: list[nn.Linear]) -> float:
     """:func:`outlier_ratio` of the weights' input-column absmax, max over ``fcs`` (those sharing one input)."""
-    return outlier_ratio(torch.stack([fc.weight.detach().abs().float().amax(dim=0) for fc in fcs]).amax(dim=0))
+    return outlier_ratio(weight_column_absmax(fcs))
 
 
 # --------------------------------------------------------------------------- methods
@@ -250,15 +254,9 @@ class W8A8(Method):
     target = "weights+activations"
 
     def smooth(self, model: nn.Module, stats: dict[str, ActStats]) -> None:
-        """No smoothing: record the outlier ratios of the groups SmoothQuant would smooth (diagnostics only:
-        nothing is folded, so a block whose groups cannot be found only loses its rows)."""
+        """No smoothing: record the outlier ratios of the groups SmoothQuant would smooth (diagnostics only)."""
         rows = []
-        try:
-            groups = find_smooth_groups(model)
-        except (NotImplementedError, ConfigError) as e:
-            log.warning("w8a8: no outlier diagnostics (%s)", e)
-            groups = []
-        for g in groups:
+        for g in find_smooth_groups(model):
             if g.fc_names[0] in stats:
                 r = outlier_ratio(stats[g.fc_names[0]].input_absmax)
                 w = weight_outlier_ratio([cast(nn.Linear, model.get_submodule(n)) for n in g.fc_names])

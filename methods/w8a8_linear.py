@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import int8mm
-from .base import QuantizedModule, Storage, dtype_name, tensor_bytes
+from .base import QuantizedModule, Storage, bias_dtype_name, tensor_bytes
 
 ACT_SCHEMES = ("per_token", "per_tensor_static")
 
@@ -93,7 +93,7 @@ class W8A8Linear(QuantizedModule):
         """The constructor's arguments (:class:`~quantbench.methods.base.Saveable`)."""
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
                 "act_scheme": self.act_scheme, "quantize_output": self.quantize_output,
-                "dtype": dtype_name(self.bias.dtype if self.bias is not None else torch.float32)}
+                "dtype": bias_dtype_name(self.bias)}
 
     # -- storage ----------------------------------------------------------------------
     def dequantized_weight(self) -> torch.Tensor:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...methods.base import ConfigError, did_you_mean
+from ...methods.base import ConfigError, did_you_mean, dtype_name
 from ...methods.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def load_gguf(path: str | Path, name: str | None = None, dtype: torch.dtype = to
         "source": str(path),
         "sha256": sha256_file(path),
         "params": _param_count(model),
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": dtype_name(dtype),
         "source_precision": _gguf_source_precision(path),
         "architecture": model.config.model_type,
     }
@@ -130,8 +130,8 @@ def load_hf_dir(path: str | Path, name: str | None = None, dtype: torch.dtype = 
         "source": str(path),
         "sha256": _weights_sha256(path),
         "params": _param_count(model),
-        "dtype": str(dtype).replace("torch.", ""),
-        "source_precision": str(src_dtype).replace("torch.", "") if src_dtype else "unknown",
+        "dtype": dtype_name(dtype),
+        "source_precision": dtype_name(src_dtype) if src_dtype else "unknown",
         "architecture": model.config.model_type,
     }
     return LoadedModel(model, tok, info)
@@ -214,9 +214,9 @@ def load_hub(repo_id: str, name: str | None = None, dtype: torch.dtype = torch.f
         "source": f"hub:{repo_id}@{snapshot.name}",  # the snapshot directory is named by the commit
         "sha256": sha256_file(local) if gguf_file else _weights_sha256(snapshot),
         "params": _param_count(model),
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": dtype_name(dtype),
         "source_precision": _gguf_source_precision(local) if gguf_file else
-        (str(src_dtype).replace("torch.", "") if src_dtype else "unknown"),
+        (dtype_name(src_dtype) if src_dtype else "unknown"),
         "architecture": model.config.model_type,
     }
     return LoadedModel(model, tok, info)

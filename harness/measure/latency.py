@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ...methods.base import ConfigError, Method, QuantizedModule, did_you_mean, model_storage
+from ...methods.base import ConfigError, Method, QuantizedModule, did_you_mean, dtype_name, model_storage
 from ...methods.gguf_export import export_gguf
 from ...methods.timing import greedy_decode, sync
 from ..tools import llamacpp
@@ -279,7 +279,7 @@ def measure_latency(ctx: CellContext) -> dict[str, Any]:
     reasons = _noise_reasons(p50, p90, mon_p, torch.get_num_threads() if dev.type == "cpu" else None)
     res = {
         **dataclasses.asdict(p), "engine": "quantbench", "device": str(dev),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": dtype_name(next(model.parameters()).dtype),
         "cache": "DynamicCache" if kv is None else f"{type(kv).__module__}.make_cache",
         "prefill_s": pre_t, "prefill_tokens_per_s": p.batch * p.prompt_len / statistics.median(pre_t),
         "decode_ms_p50": 1e3 * p50, "decode_ms_p90": 1e3 * p90, "decode_ms_p10": 1e3 * _pct(steps, 0.1),

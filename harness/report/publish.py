@@ -462,13 +462,18 @@ def plot_qat_loss(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     return _save(fig, out_dir, "qat_loss")
 
 
+def _primary_ppl(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(model, cell) -> the latest ok perplexity record of the primary eval (the first of an ``eval:`` list)."""
+    return {(m, c): r for (m, c, _), r in _rec_of(records, "perplexity").items()
+            if (r.get("protocol") or {}).get("eval_index") in (None, 0)}
+
+
 def alpha_sweep_rows(run_dirs: list[Path], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per smoothquant / w8a8 cell with outlier diagnostics in its ``artifacts.json``: model, cell,
     method, alpha (None for w8a8), its perplexity, and per smoothing group the median over layers of the
     activations' and the weights' max / median input-channel absmax after smoothing (``act_<group>``,
     ``w_<group>``)."""
-    ppl = {(m, c): r["value"] for (m, c, _), r in _rec_of(records, "perplexity").items()
-           if (r.get("protocol") or {}).get("eval_index") in (None, 0)}
+    ppl = {k: r["value"] for k, r in _primary_ppl(records).items()}
     rows = []
     for d in run_dirs:
         for f in sorted((d / "cells").rglob("artifacts.json")) if (d / "cells").is_dir() else []:
@@ -510,17 +515,12 @@ def plot_alpha_sweep(run_dirs: list[Path], records: list[dict[str, Any]], out_di
     xs = [r["alpha"] for r in sweep]
     ax.plot(xs, [r["perplexity"] for r in sweep], "o-", color=FAMILY_COLORS["activation"], label="smoothquant")
     model = sweep[0]["model"]
-    ppl = {c: r["value"] for (m, c, _), r in _rec_of(records, "perplexity").items()
-           if m == model and (r.get("protocol") or {}).get("eval_index") in (None, 0)}
-    for r in latest(records):
-        if r["model"]["name"] == model and r["metric"] == "perplexity" and r["cell"] in ppl:
-            fam = family(r)
-            meth = str(r["method"])
-            if fam == "baseline" or (meth in ("w8a8", "llm-int8") and "static" not in r["cell"]):
-                color = {"w8a8": FAMILY_COLORS["weight"], "llm-int8": FAMILY_COLORS["kv"]}.get(
-                    meth, FAMILY_COLORS["baseline"])
-                ax.axhline(ppl[r["cell"]], ls="--" if fam == "baseline" else ":", lw=1.3, color=color, label=r["cell"])
-                ppl.pop(r["cell"])
+    for (m, cell), r in _primary_ppl(records).items():  # reference lines: fp, naive W8A8, LLM.int8()
+        fam, meth = family(r), str(r["method"])
+        if m == model and (fam == "baseline" or (meth in ("w8a8", "llm-int8") and "static" not in cell)):
+            color = {"w8a8": FAMILY_COLORS["weight"], "llm-int8": FAMILY_COLORS["kv"]}.get(
+                meth, FAMILY_COLORS["baseline"])
+            ax.axhline(r["value"], ls="--" if fam == "baseline" else ":", lw=1.3, color=color, label=cell)
     ax.set_xlabel("alpha (migration strength)")
     ax.set_ylabel("perplexity")
     ax.set_title(f"SmoothQuant alpha sweep: {model}", fontsize=10)

@@ -48,6 +48,23 @@ from .suite import CalibrationSpec, Cell, EvalSpec, Suite, resolved_yaml
 
 log = logging.getLogger(__name__)
 
+
+def _guarded(what: str, cell: str, measure: Any, protocol: dict[str, Any] | None = None) -> list[MetricResult]:
+    """``measure()``'s results, with an exception recorded as one failed result (under ``protocol``) and a
+    non-finite ok value turned into a failed one (its stderr dropped): a failing measurement never stops
+    the cell's others."""
+    try:
+        res: list[MetricResult] = measure()
+    except Exception as e:
+        log.error("%s of %s failed: %s", what, cell, e)
+        log.debug("%s", traceback.format_exc())
+        return [MetricResult(None, dict(protocol or {}), status="failed", error=f"{type(e).__name__}: {e}")]
+    for r in res:
+        if r.status == "ok" and (r.value is None or (isinstance(r.value, float) and not math.isfinite(r.value))):
+            r.status, r.error = "failed", f"non-finite value {r.value}"
+            r.value = r.stderr = None
+    return res
+
 #: the files that make a directory a run directory (a new run refuses to write over them)
 RUN_FILES = ("records.jsonl", "suite.resolved.yaml", "env.json")
 
@@ -151,31 +168,16 @@ class CellRunner:
         out = []
         for i, data in enumerate(self.extra_eval_data, 1):
             proto = {**data.protocol, "eval_index": i}
-            try:
+
+            def measure(data: EvalData = data, proto: dict[str, Any] = proto) -> list[MetricResult]:
                 s = evaluate(model, data, None, desc=f"{cell.name} [{data.protocol['dataset']}]")
-                value = s.perplexity
-                ok = math.isfinite(value)
-                out.append(MetricResult(value if ok else None, proto, stderr=s.perplexity_stderr() if ok else None,
-                                        status="ok" if ok else "failed",
-                                        error=None if ok else f"non-finite value {value}"))
-            except Exception as e:
-                log.error("perplexity on %s of %s failed: %s", data.protocol["dataset"], cell.name, e)
-                log.debug("%s", traceback.format_exc())
-                out.append(MetricResult(None, proto, status="failed", error=f"{type(e).__name__}: {e}"))
+                return [MetricResult(s.perplexity, proto, stderr=s.perplexity_stderr())]
+
+            out += _guarded(f"perplexity on {data.protocol['dataset']}", cell.name, measure, proto)
         return out
 
     def _measure(self, name: str, ctx: CellContext) -> list[MetricResult]:
-        try:
-            res = METRICS[name].compute(ctx)
-        except Exception as e:
-            log.error("metric %s of %s failed: %s", name, ctx.cell, e)
-            log.debug("%s", traceback.format_exc())
-            return [MetricResult(None, status="failed", error=f"{type(e).__name__}: {e}")]
-        for r in res:
-            if r.status == "ok" and (r.value is None or (isinstance(r.value, float) and not math.isfinite(r.value))):
-                r.status, r.error = "failed", f"non-finite value {r.value}"
-                r.value = None
-        return res
+        return _guarded(f"metric {name}", ctx.cell, lambda: METRICS[name].compute(ctx))
 
     def _records(self, cell: Cell, methods: list[Method], results: list[tuple[str, list[MetricResult]]],
                  run_id: str, prov: dict[str, Any]) -> list[dict[str, Any]]:

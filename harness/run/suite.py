@@ -70,6 +70,7 @@ from ..measure import METRICS
 from ..measure.base import validate_tolerances
 from ..measure.evaluate import PROTOCOLS
 from ..measure.latency import validate_params
+from ..measure.metrics import eval_tag
 from ..measure.tasks import validate_tasks
 from ..paths import SUITES_DIR
 
@@ -375,8 +376,8 @@ def _check_evals(where: str, e: Any) -> tuple[EvalSpec, tuple[EvalSpec, ...]]:
     specs = [_check_eval(f"{where}[{i}]", x) for i, x in enumerate(e)]
     seen: dict[str, int] = {}
     for i, sp in enumerate(specs):
-        tag = f"{sp.dataset}/{sp.protocol}/{sp.seq_len}" + (f"/s{sp.stride or sp.seq_len}"
-                                                              if sp.protocol == "sliding" else "")
+        tag = eval_tag({"dataset": sp.dataset, "name": sp.protocol, "seq_len": sp.seq_len,
+                        "stride": sp.stride or sp.seq_len})
         if tag in seen:
             raise _err(f"{where}[{i}]", f"same dataset, protocol and seq_len ({tag}) as eval[{seen[tag]}]: "
                                         "their perplexity records could not be told apart")
