@@ -316,6 +316,30 @@ def token_range(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torc
     return lo.half(), hi.half()
 
 
+_SPEC_CONSTS: dict[tuple[int, ...], tuple[tuple[Any, ...], dict[str, torch.Tensor]]] = {}
+
+
+def _nuq_consts(spec: KVSpec, dev: torch.device) -> dict[str, torch.Tensor]:
+    """encode()'s per-spec float32 constants (centroid midpoints; keys: the channel thresholds, midpoint and
+    half range), computed once per spec (a decode step encodes one token, where these small ops dominate)."""
+    objs = (spec, spec.centroids, spec.lo, spec.hi)  # held by the cache, so their ids are not reused
+    key = (*map(id, objs), hash(dev))
+    hit = _SPEC_CONSTS.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], objs, strict=True)):
+        return hit[1]
+    assert spec.centroids is not None
+    c = spec.centroids.to(torch.float32)
+    out = {"mids": ((c[1:] + c[:-1]) / 2).to(dev)}
+    if spec.axis == "channel":
+        assert spec.lo is not None and spec.hi is not None
+        lo, hi = spec.lo[None, :, None, :].float().to(dev), spec.hi[None, :, None, :].float().to(dev)
+        out.update(lo=lo, hi=hi, mid=(hi + lo) / 2, hr=((hi - lo) / 2).clamp_min(1e-6))
+    if len(_SPEC_CONSTS) > 4096:
+        _SPEC_CONSTS.clear()
+    _SPEC_CONSTS[key] = (objs, out)
+    return out
+
+
 def encode(x: torch.Tensor, spec: KVSpec) -> Encoded:
     """Quantize x [B, H, n, D] (all of it) with ``spec`` into packed buffers."""
     x = x.float()
@@ -329,18 +353,18 @@ def encode(x: torch.Tensor, spec: KVSpec) -> Encoded:
     if spec.scheme != "nuq":
         raise ValueError(f"encode: scheme {spec.scheme}")
     assert spec.centroids is not None
-    if spec.axis == "channel":  # keys: per-channel thresholds = range, calibrated offline
-        assert spec.lo is not None and spec.hi is not None
-        mask = key_outlier_mask(x, spec)
-        lo, hi = spec.lo[None, :, None, :].float(), spec.hi[None, :, None, :].float()
+    cst = _nuq_consts(spec, x.device)
+    if spec.axis == "channel":  # keys: per-channel thresholds = range, calibrated offline (= key_outlier_mask)
+        mask = (x > cst["hi"]) | (x < cst["lo"])
+        xn = (x - cst["mid"]) / cst["hr"]
         scales: list[torch.Tensor] = []
     else:  # values: per-token online outliers and range
         mask = value_outlier_mask(x, spec.outlier_frac)
         lo16, hi16 = token_range(x, mask)
         scales = [lo16, hi16]
         lo, hi = lo16.float(), hi16.float()
-    xn = (x - (hi + lo) / 2) / ((hi - lo) / 2).clamp_min(1e-6)
-    codes = nearest_centroid(xn, spec.centroids)  # the original table, also with Q-Norm
+        xn = (x - (hi + lo) / 2) / ((hi - lo) / 2).clamp_min(1e-6)
+    codes = torch.bucketize(xn.contiguous(), cst["mids"])  # nearest_centroid on the original table, also with Q-Norm
     mt = mask.permute(2, 0, 1, 3).reshape(-1)
     flat = mt.nonzero().flatten()
     return Encoded(
@@ -424,7 +448,7 @@ class _KVStore:
         if need:
             h, x = x[:, :, :need], x[:, :, need:]
             self.head = h if self.head is None else torch.cat([self.head, h], 2)
-        self.tail = x if self.tail is None else torch.cat([self.tail, x], 2)
+        self.tail = x if self.tail is None or not self.tail.shape[2] else torch.cat([self.tail, x], 2)
         if self.spec.scheme == "fp16":
             return
         # tokens of the tail that the eval path's rule would quantize at this length
@@ -497,6 +521,7 @@ class PackedReader:
         self.lut: torch.Tensor | None = None  # the codes' byte table ([256 or H*P*256, 8/b])
         self.offsets: torch.Tensor | None = None
         self._out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # bh, t, d of the outliers
+        self.static: dict[str, Any] = {}  # the fused CPU kernel's per-store constants (code table, key ranges)
 
     def _codes(self, e: Encoded, table: torch.Tensor) -> torch.Tensor:
         """``table[code]`` float32 [B, H, n, D] (the byte table cached; 3 bits: :func:`lookup_codes`)."""
@@ -738,6 +763,183 @@ def fused_decode_attention(
     return out.to(q.dtype)
 
 
+# --------------------------------------------------------------------------- fused CPU decode kernel
+
+_CPU_KERNEL: dict[str, Any] = {}
+
+
+def load_cpu_decode_kernel() -> Any:
+    """The fused CPU decode-attention kernel (``kernels/kv_decode_cpu.cpp``), built with
+    ``torch.utils.cpp_extension`` on first use (then loaded from torch's extension cache) as the
+    operator ``torch.ops.<name>.decode_attention``, or None where it cannot be built (no compiler):
+    callers fall back to :func:`packed_decode_attention`.  The build is keyed by the source and this
+    CPU's flags (``-march=native``); without AVX-512 (or at head dims other than 64/128, or 8-bit
+    codes) the kernel runs its portable loops."""
+    if "mod" in _CPU_KERNEL:
+        return _CPU_KERNEL["mod"]
+    import hashlib
+    import pathlib
+
+    mod = None
+    try:
+        from torch.utils import cpp_extension
+
+        src = pathlib.Path(__file__).with_name("kv_decode_cpu.cpp")
+        h = hashlib.sha256(src.read_bytes())
+        try:
+            h.update(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).encode())
+        except (OSError, StopIteration):
+            pass
+        name = f"quantbench_kv_decode_{h.hexdigest()[:12]}"
+        cpp_extension.load(
+            name,
+            [str(src)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp-simd", f"-DQB_KV_NS={name}"],
+            is_python_module=False,
+            verbose=False,
+        )
+        mod = getattr(torch.ops, name)
+    except Exception as e:  # noqa: BLE001 - any build failure: the torch paths remain
+        log.warning("fused CPU decode kernel unavailable (%s); using packed_decode_attention", e)
+    _CPU_KERNEL["mod"] = mod
+    return mod
+
+
+_EMPTY: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    """A cached empty tensor (the kernel's "none" arguments; allocating them every step costs more than the kernel's
+    work on a short window)."""
+    key = (shape, dtype, dev)
+    if key not in _EMPTY:
+        _EMPTY[key] = torch.empty(shape, dtype=dtype, device=dev)
+    return _EMPTY[key]
+
+
+def _fp16_part(t: torch.Tensor | None, B: int, H: int, D: int, dev: torch.device) -> torch.Tensor:
+    return _empty((B, H, 0, D), torch.float16, dev) if t is None else t.contiguous()
+
+
+def _token_range_ad(cache: dict[str, Any], scales: list[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """nuq per-token values: the kernel's (a, z) = (half range, midpoint) [B, 1, n, 1] float32 of the stored fp16
+    (lo, hi), computed once per token (extended in place as the store grows; capacity doubles)."""
+    done = cache.get("tok_n", 0)
+    if done > n:
+        done = 0
+    if done < n:
+        lo, hi = (t[:, :, done:n].float() for t in scales)
+        if done == 0 or cache["tok_a"].shape[2] < n:
+            cap = max(n, 2 * done)
+            a, z = (torch.empty(*lo.shape[:2], cap, 1, device=lo.device) for _ in range(2))
+            if done:
+                a[:, :, :done], z[:, :, :done] = cache["tok_a"][:, :, :done], cache["tok_z"][:, :, :done]
+            cache["tok_a"], cache["tok_z"] = a, z
+        cache["tok_a"][:, :, done:n] = ((hi - lo) / 2).clamp_min(1e-6)
+        cache["tok_z"][:, :, done:n] = (hi + lo) / 2
+        cache["tok_n"] = n
+    return cache["tok_a"][:, :, :n], cache["tok_z"][:, :, :n]
+
+
+def _store_args(st: _KVStore, B: int, H: int, D: int, dev: torch.device) -> list[Any]:
+    """The kernel's arguments for one store: sink, codes (uint8 rows), code table, scale/offset
+    ``a``, ``z`` [B, HS, NR, NC] with token / channel group sizes, outliers, window, bits."""
+    spec, e = st.spec, st.enc
+    none = _empty((0,), torch.float32, dev)
+    nol = _empty((0,), torch.int32, dev)
+    head, tail = _fp16_part(st.head, B, H, D, dev), _fp16_part(st.tail, B, H, D, dev)
+    if e is None or not e.shape[2]:
+        return [head, _empty((0,), torch.uint8, dev), none, none, none, 1, 1, nol, none, tail, 8]
+    codes = e.codes.contiguous()
+    if spec.bits == 3:  # the int32 bit stream as little-endian bytes
+        codes = codes.view(torch.uint8)
+    cache = st.reader.static
+    if "tab" not in cache:
+        tab = torch.arange(2**spec.bits, dtype=torch.float32) if spec.scheme == "int" else spec.table().float()
+        cache["tab"] = tab.contiguous().to(dev)
+    if spec.scheme == "int":
+        a, z = (t.float() for t in e.scales)
+        tg, cg = (spec.group_size, 1) if spec.axis == "channel" else (1, D // a.shape[-1])
+    elif spec.axis == "channel":
+        if cache.get("B") != B:
+            assert spec.lo is not None and spec.hi is not None
+            lo, hi = spec.lo.float().to(dev), spec.hi.float().to(dev)
+            cache["a"] = ((hi - lo) / 2).clamp_min(1e-6).expand(B, H, D).reshape(B, H, 1, D).contiguous()
+            cache["z"] = ((hi + lo) / 2).expand(B, H, D).reshape(B, H, 1, D).contiguous()
+            cache["B"] = B
+        a, z, tg, cg = cache["a"], cache["z"], 1 << 40, 1  # one scale row for all tokens
+    else:  # nuq per token: the token's inlier range over all heads
+        a, z = _token_range_ad(cache, e.scales, e.shape[2])
+        tg, cg = 1, D
+    outl = [nol, none]
+    if e.out_idx is not None and e.out_idx.numel():
+        assert e.out_val is not None
+        outl = [e.out_idx.contiguous(), e.out_val.contiguous()]
+    return [head, codes, cache["tab"], a.contiguous(), z.contiguous(), tg, cg, *outl, tail, spec.bits]
+
+
+def cpu_fused_applies(q: torch.Tensor, k_store: _KVStore, v_store: _KVStore) -> bool:
+    """Whether :func:`cpu_decode_attention` handles this step: CPU tensors, head dim a power of two
+    >= 32, codes of 2/3/4/8 bits (or no packed span) and the kernel built."""
+    D = q.shape[-1]
+    if q.device.type != "cpu" or D % 32 or D & (D - 1):
+        return False
+    for st in (k_store, v_store):
+        if st.n_quant and (st.spec.bits not in (2, 3, 4, 8) or st.spec.scheme not in ("int", "nuq")):
+            return False
+    return load_cpu_decode_kernel() is not None
+
+
+def cpu_decode_attention(
+    q: torch.Tensor,
+    k_store: _KVStore,
+    v_store: _KVStore,
+    scaling: float,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`packed_decode_attention`'s computation in one C++ pass per store (CPU,
+    ``kernels/kv_decode_cpu.cpp``): for each token and KV head the key row is decoded from its codes
+    (table, scale/offset), rotated and dotted with the KV head's query heads; softmax; the value rows
+    are decoded the same way and accumulated with the weights; sparse outliers enter as per-token
+    corrections ((value - dense) x score coefficient / softmax weight).  No T x D float buffer.  Same
+    inputs and result as :func:`packed_decode_attention` (float32 arithmetic); requires
+    :func:`cpu_fused_applies`."""
+    mod = load_cpu_decode_kernel()
+    assert mod is not None, "cpu_decode_attention: the kernel could not be built"
+    B, Hq, _, D = q.shape
+    H = k_store.heads()
+    T = k_store.length()
+    qs = (q.float() * scaling).reshape(B, H, Hq // H, D).contiguous()
+    if rope is None:
+        cos = sin = _empty((0,), torch.float32, q.device)
+    else:
+        cos, sin = (r.reshape(-1, D)[:T].float().contiguous() for r in rope)
+    mk = _empty((0,), torch.float32, q.device)
+    if mask is not None:
+        m = mask[..., -T:].reshape(B, T)
+        mk = torch.zeros(B, T).masked_fill_(~m, -torch.inf) if m.dtype == torch.bool else m.float().contiguous()
+    out = mod.decode_attention(
+        qs, cos, sin, mk, *_store_args(k_store, B, H, D, q.device), *_store_args(v_store, B, H, D, q.device)
+    )
+    return out.reshape(B, Hq, 1, D).to(q.dtype)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_store: _KVStore,
+    v_store: _KVStore,
+    scaling: float,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A decode step's attention on the packed stores: :func:`cpu_decode_attention` where it applies
+    (CPU), else :func:`packed_decode_attention` (the torch path, any device)."""
+    if cpu_fused_applies(q, k_store, v_store):
+        return cpu_decode_attention(q, k_store, v_store, scaling, rope, mask)
+    return packed_decode_attention(q, k_store, v_store, scaling, rope, mask)
+
+
 def decode_attention_dense(
     q: torch.Tensor,
     k_store: _KVStore,
@@ -798,7 +1000,8 @@ class QuantizedKVCache:
     implementation set to :data:`PACKED_ATTENTION` (:func:`register_packed_attention`), a one-token
     step returns nothing dequantized: the layer leaves itself on its capture
     (``pending_attention``) and the attention runs on the packed store
-    (:func:`packed_decode_attention`); prefill and multi-token steps keep the dequantize path.
+    (:func:`decode_attention`: the fused CPU kernel or :func:`packed_decode_attention`); prefill and
+    multi-token steps keep the dequantize path.
     """
 
     def __new__(
@@ -841,7 +1044,7 @@ class QuantizedKVCache:
                 r = None
                 if self.rope is not None and self.capture is not None:
                     r = self.rope.get(self.k_store.length(), query)
-                return packed_decode_attention(query, self.k_store, self.v_store, scaling, r, mask)
+                return decode_attention(query, self.k_store, self.v_store, scaling, r, mask)
 
             def get_seq_length(self) -> int:
                 return self.k_store.length()
@@ -973,6 +1176,10 @@ __all__ = [
     "packed_decode_attention",
     "decode_attention_dense",
     "fused_decode_attention",
+    "cpu_decode_attention",
+    "cpu_fused_applies",
+    "decode_attention",
+    "load_cpu_decode_kernel",
     "channel_byte_lut",
     "PACKED_ATTENTION",
     "packed_attention_forward",

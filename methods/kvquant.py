@@ -29,8 +29,10 @@ attends first, then quantizes: the newest key block/value is seen once in fp16 m
 dequantization, as the paper does; it holds packed codes, fp16 scales and sparse outliers and
 reports ``kv_bytes()`` from those buffers.  :func:`generate_with_cache` (the latency metrics' and
 the KV decode benchmark's decode) runs each one-token step's attention on the packed store
-(:func:`quantbench.kernels.kvcache.packed_decode_attention`: key scales folded into lookup
-tables, value scales into the softmax weights, no dequantized K/V copy); prefill and the
+(:func:`quantbench.kernels.kvcache.decode_attention`: on CPU one fused C++ pass per store,
+:func:`~quantbench.kernels.kvcache.cpu_decode_attention`; elsewhere
+:func:`~quantbench.kernels.kvcache.packed_decode_attention`, key scales folded into lookup tables,
+value scales into the softmax weights; no dequantized K/V copy either way); prefill and the
 evaluation path are unchanged.  :func:`make_cache` builds the real quantized cache
 (:class:`quantbench.kernels.kvcache.QuantizedKVCache`) from the same per-layer specs.
 
@@ -45,6 +47,7 @@ import hashlib
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -55,6 +58,7 @@ from torch import nn
 from ..kernels.kvcache import (
     KVSpec,
     QuantizedKVCache,
+    load_cpu_decode_kernel,
     q_norm,
     qdq_sequence,
     register_packed_attention,
@@ -593,23 +597,33 @@ def layer_rotaries(model: nn.Module) -> Any:
 
 
 def generate_with_cache(
-    model: nn.Module, input_ids: torch.Tensor, n_new: int, cache: Any, timings: list[float] | None = None
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    n_new: int,
+    cache: Any,
+    timings: list[float] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> torch.Tensor:
     """:func:`~quantbench.methods.timing.greedy_decode` through ``cache`` with the wrappers capturing
     pre-RoPE keys for it; each step's seconds appended to ``timings``.
 
     With a :class:`~quantbench.kernels.kvcache.QuantizedKVCache` on an SDPA model, the one-token
-    decode steps attend on the packed store (:func:`~quantbench.kernels.kvcache.packed_decode_attention`,
-    the model's attention implementation switched to it for the call; prefill still runs SDPA)."""
+    decode steps attend on the packed store (:func:`~quantbench.kernels.kvcache.decode_attention`: on
+    CPU the fused C++ kernel :func:`~quantbench.kernels.kvcache.cpu_decode_attention`, else
+    :func:`~quantbench.kernels.kvcache.packed_decode_attention`; the model's attention implementation
+    is switched to it for the call; prefill still runs SDPA).  The CPU kernel is built or loaded
+    before the first step, so no timed step includes it.  ``clock``: as greedy_decode's."""
     cfg = getattr(model, "config", None)
     attn = getattr(cfg, "_attn_implementation", None)
     packed = hasattr(cache, "set_packed_decode") and attn == "sdpa"
     set_mode(model, "capture")
     if packed:
+        if input_ids.device.type == "cpu":
+            load_cpu_decode_kernel()
         cfg._attn_implementation = register_packed_attention()  # type: ignore[union-attr]
         cache.set_packed_decode(True)
     try:
-        return greedy_decode(model, input_ids, n_new, cache, timings)
+        return greedy_decode(model, input_ids, n_new, cache, timings, clock=clock)
     finally:
         set_mode(model, "qdq")
         if packed:
@@ -618,11 +632,17 @@ def generate_with_cache(
 
 
 def decode_ms_per_token(
-    model: nn.Module, context: int, n_new: int = 8, quantized: bool = True, seed: int = 0
+    model: nn.Module,
+    context: int,
+    n_new: int = 8,
+    quantized: bool = True,
+    seed: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
     """p50/p90 decode ms/token at ``context`` tokens (the KV decode benchmark, ``scripts/kv_decode_bench.py``):
     the quantized cache, or transformers' DynamicCache with the wrappers off (its bytes counted as fp16);
-    timed by the one decode timer, :func:`~quantbench.methods.timing.greedy_decode`."""
+    timed by the one decode timer, :func:`~quantbench.methods.timing.greedy_decode` (``clock``: wall seconds, or
+    ``time.thread_time`` for the CPU seconds of the calling thread, which other processes' load does not inflate)."""
     from transformers.cache_utils import DynamicCache
 
     g = torch.Generator().manual_seed(seed)
@@ -630,13 +650,13 @@ def decode_ms_per_token(
     times: list[float] = []
     if quantized:
         cache = make_cache(model)
-        generate_with_cache(model, ids, n_new, cache, times)
+        generate_with_cache(model, ids, n_new, cache, times, clock=clock)
         nb = cache.kv_bytes()
     else:
         set_mode(model, "off")
         try:
             cache = DynamicCache()
-            greedy_decode(model, ids, n_new, cache, times)
+            greedy_decode(model, ids, n_new, cache, times, clock=clock)
             # DynamicLayers, filled by the decode (transformers types their keys/values as optional)
             nb = {"total": sum(t.numel() * 2 for lay in cast(Any, cache.layers) for t in (lay.keys, lay.values))}
         finally:

@@ -363,6 +363,56 @@ def test_packed_decode_attention_equals_dequantize_then_attend(kind, bits):
     assert (dense - ref).norm() / ref.norm() > 1e-3
 
 
+
+def _cpu_kernel():
+    from quantbench.kernels.kvcache import load_cpu_decode_kernel
+
+    if load_cpu_decode_kernel() is None:
+        pytest.skip("the fused CPU decode kernel cannot be built here (no C++ compiler)")
+
+
+@pytest.mark.parametrize(
+    "kind,bits,B,D",
+    [("kivi", 2, 1, 64), ("kivi", 4, 1, 128), ("kvquant", 2, 1, 64), ("kvquant", 3, 1, 64), ("kvquant", 4, 2, 64),
+     ("kvquant", 4, 1, 32)],  # D = 32: the portable loops (the AVX-512 path serves D = 64 and 128)
+)
+def test_cpu_decode_attention_equals_dequantize_then_attend(kind, bits, B, D):
+    """The fused C++ kernel (codes -> table -> scale -> outliers -> RoPE -> dot, softmax, values) ==
+    dequantize, rotate, attend (float64), through sink, packed span (outliers) and fp16 window as the
+    decode steps fill and quantize the window; with a mask it equals the torch packed path."""
+    _cpu_kernel()
+    from quantbench.kernels.kvcache import cpu_decode_attention, decode_attention_dense, packed_decode_attention
+
+    H, Hq, T = 2, 6, 150
+    ks, vs = _packed_case(kind, bits, H, D)
+    k, v = 2 * _x(B, H, T, D, seed=21), _x(B, H, T, D, seed=22)
+    k[..., 5] += 4  # an outlier channel
+    cache = QuantizedKVCache([(ks, vs)])
+    cache.update(k[:, :, :137], v[:, :, :137], 0)
+    lay = cache.layers[0]
+    rope = _rope_cs(T, D)
+    for t in range(137, T):
+        cache.update(k[:, :, t : t + 1], v[:, :, t : t + 1], 0)
+        q = _x(B, Hq, 1, D, seed=t)
+        out = cpu_decode_attention(q, lay.k_store, lay.v_store, D**-0.5, rope)
+        ref = decode_attention_dense(q.double(), lay.k_store, lay.v_store, D**-0.5, rope)
+        assert out.shape == (B, Hq, 1, D)
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-4, t
+    assert lay.k_store.n_quant > 0 and lay.v_store.n_quant > 0
+    if kind == "kvquant":
+        assert lay.k_store.enc.out_idx.numel() > 0 and lay.v_store.enc.out_idx.numel() > 0
+        assert lay.k_store.head.shape[2] == 1 and lay.k_store.tail.shape[2] > 0
+    else:
+        assert lay.k_store.tail.shape[2] > 0 and lay.v_store.tail.shape[2] > 0
+    mask = torch.rand(B, 1, 1, T, generator=torch.Generator().manual_seed(1)) > 0.3
+    out = cpu_decode_attention(q, lay.k_store, lay.v_store, D**-0.5, rope, mask)
+    ref = packed_decode_attention(q, lay.k_store, lay.v_store, D**-0.5, rope, mask)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    assert ((out - cpu_decode_attention(q, lay.k_store, lay.v_store, D**-0.5, rope)).norm() / ref.norm()) > 1e-2
+    no_rope = decode_attention_dense(q.double(), lay.k_store, lay.v_store, D**-0.5)  # rope=None: keys as stored
+    out = cpu_decode_attention(q, lay.k_store, lay.v_store, D**-0.5)
+    assert ((out.double() - no_rope).norm() / no_rope.norm()).item() < 1e-4
+
 def test_packed_decode_in_the_model_equals_the_dequantize_path(monkeypatch):
     """Greedy decode of a tiny llama through the real kvquant cache: the packed attention path
     (generate_with_cache) gives the logits of the dequantize-then-SDPA path."""
@@ -383,11 +433,14 @@ def test_packed_decode_in_the_model_equals_the_dequantize_path(monkeypatch):
     import quantbench.kernels.kvcache as kvc
 
     calls = []
-    real = kvc.packed_decode_attention
-    monkeypatch.setattr(kvc, "packed_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("packed_decode_attention", "cpu_decode_attention"):  # the torch path / the fused CPU kernel
+        real = getattr(kvc, name)
+        monkeypatch.setattr(kvc, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
     c1 = meth.make_cache(model)
     out_packed = kq.generate_with_cache(model, prompt, 6, c1)
     assert len(calls) == 6 * len(c1.layers)  # every decode step of every layer attended on the packed store
+    if kvc.load_cpu_decode_kernel() is not None:
+        assert set(calls) == {"cpu_decode_attention"}  # on CPU, the fused kernel
     assert model.config._attn_implementation == "sdpa"  # restored
     c2 = meth.make_cache(model)
     kq.set_mode(model, "capture")
