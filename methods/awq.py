@@ -152,7 +152,12 @@ def search_scale(
     loss of each alpha (MSE of the concatenated outputs against the fp outputs)."""
     x = x.float()
     w = torch.cat([t.float() for t in weights], dim=0)
-    ref = x @ w.t()
+    # mean((x Wq^T - x W^T)^2) = sum_o d_o^T (x^T x) d_o / (tokens * out) with d = Wq - W: the same loss
+    # from the inputs' Gram matrix (float64), one [out, in] x [in, in] product per alpha instead of
+    # [tokens, in] x [in, out] and no subtraction of two large outputs
+    xd = x.double()
+    gram = xd.t() @ xd
+    denom = x.shape[0] * w.shape[0]
     x_mean = x.abs().mean(dim=0)
     losses: list[float] = []
     best: tuple[float, torch.Tensor, float] | None = None
@@ -160,7 +165,8 @@ def search_scale(
         alpha = i / n_grid
         s = awq_scales(x_mean, alpha)
         wq = torch.cat([fake_quantize_weight(t.float() * s, bits, group_size) for t in weights], dim=0) / s
-        loss = float((x @ wq.t() - ref).pow(2).mean())
+        d = (wq - w).double()
+        loss = float(((d @ gram) * d).sum() / denom)
         losses.append(loss)
         if best is None or loss < best[0]:
             best = (loss, s, alpha)

@@ -261,9 +261,25 @@ class GPTQ(Method):
         count: dict[str, int] = {}
         handles = []
         seen: set[str] = set()
+        # linears fed the very same input tensor (q/k/v, gate/up) share one Hessian: it is accumulated
+        # once per sample and the others alias it (bit for bit what each would have accumulated)
+        alias: dict[str, str] = {}
+        inputs: dict[str, torch.Tensor] = {}
 
         def make_hook(n: str):
             def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+                owner = next((m for m, t in inputs.items() if t is args[0]), None)
+                if n in alias or (n not in H and owner is not None):
+                    if n not in alias:
+                        alias[n] = owner  # type: ignore[assignment]  # first sample: owner found
+                    elif alias[n] != owner:
+                        raise RuntimeError(f"gptq: {n} and {alias[n]} shared an input tensor, then did not")
+                    H[n] = H[alias[n]]
+                    seen.add(n)
+                    if len(seen) == len(names):
+                        raise _Captured
+                    return
+                inputs[n] = args[0]
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                 tokens = x.shape[0]
                 if n not in H:
@@ -284,6 +300,7 @@ class GPTQ(Method):
         try:
             for x, kw in zip(inps, kws):
                 seen.clear()
+                inputs.clear()
                 try:
                     block(x, **kw)
                 except _Captured:

@@ -41,6 +41,7 @@ from ..paths import SUITES_DIR
 from ..run.records import environment, make_record, utc_now
 from ..run.runner import run_suite
 from ..run.suite import load_suite
+from . import e2e
 
 log = logging.getLogger(__name__)
 
@@ -527,7 +528,21 @@ def to_records(
     return out
 
 
+def _cmd_e2e(args: argparse.Namespace) -> int:
+    """``--e2e``: :func:`e2e.run_e2e` under ``--out``, its table printed; exit 0 only when it passes."""
+    out = Path(args.out or f"results/runs/gpu-e2e-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    if (out / "e2e.json").exists():
+        print(f"gpu-check: {out / 'e2e.json'} already exists; give --out a new or empty directory", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    result = e2e.run_e2e(out, args.e2e_device, args.model, args.cells, args.limit)
+    print(e2e.table(result, args.e2e_device))
+    return 0 if result["ok"] else 1
+
+
 def cmd_gpu_check(args: argparse.Namespace) -> int:
+    if args.e2e:
+        return _cmd_e2e(args)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
     import torch
@@ -576,6 +591,12 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--suites", help="comma-separated suites to run on the GPU afterwards, e.g. smoke,default")
     p.add_argument("--only", help="substring of the kernel names to check")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--e2e", action="store_true", help="instead of the kernel checks: suites/gpu-smoke.yaml on "
+                   "--e2e-device, then on the CPU, compared (fp/rtn perplexities to 1e-4, every cell ok)")
+    p.add_argument("--e2e-device", default="cuda", help="device of the e2e run (default cuda; cpu: the CPU form)")
+    p.add_argument("--model", action="append", help="with --e2e: replaces the suite's models (repeatable)")
+    p.add_argument("--cells", help="with --e2e: comma-separated glob patterns of cell names")
+    p.add_argument("--limit", type=int, help="with --e2e: cap on evaluation windows per cell")
     p.set_defaults(fn=cmd_gpu_check)
 
 

@@ -91,6 +91,28 @@ def test_clip_search_never_worse_than_no_clip():
     assert err_clip <= err_rtn
 
 
+def test_clip_search_picks_the_direct_formulas_argmin_per_row_and_group():
+    """The Gram-matrix error equals the direct mean((x q^T - x w^T)^2) per (row, group): same choices."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(96, 256, generator=g)
+    w = torch.randn(80, 256, generator=g)  # 80 rows: two chunks of CLIP_CHUNK, the last one short
+    w[::7, 5] = 6.0
+    lo, hi = search_clip(w, x, 3, 128, 10, 0.5)
+    xd, wd = x.double().reshape(96, 2, 128), w.double().reshape(80, 2, 128)
+    lo0, hi0 = w.reshape(80, 2, 128).amin(-1), w.reshape(80, 2, 128).amax(-1)
+    best = torch.full((80, 2), float("inf"), dtype=torch.float64)
+    want_lo, want_hi = lo0.clone(), hi0.clone()
+    for i in range(5):
+        r = 1 - i / 10
+        cw = torch.maximum(torch.minimum(w.reshape(80, 2, 128), (hi0 * r).unsqueeze(-1)), (lo0 * r).unsqueeze(-1))
+        q = fake_quantize_weight(cw.reshape(80, 256), 3, 128).double().reshape(80, 2, 128)
+        err = (torch.einsum("ngk,ogk->nog", xd, q) - torch.einsum("ngk,ogk->nog", xd, wd)).pow(2).mean(0)
+        better = err < best
+        best = torch.where(better, err, best)
+        want_lo, want_hi = torch.where(better, lo0 * r, want_lo), torch.where(better, hi0 * r, want_hi)
+    assert torch.equal(lo, want_lo) and torch.equal(hi, want_hi)
+
+
 @pytest.fixture(scope="module")
 def quantized():
     base = tiny_llama().model

@@ -291,6 +291,23 @@ def test_hessians_with_early_stopped_forwards_equal_full_forwards():
             assert torch.allclose(got[n].double(), want, rtol=1e-5, atol=1e-6), n
 
 
+def test_linears_fed_one_input_share_a_bit_identical_hessian():
+    """q/k/v (and gate/up) read one input tensor: their Hessian is accumulated once and shared, and it
+    is bit for bit the one each linear accumulates alone."""
+    from quantbench.methods.gptq import GPTQ, capture_block_inputs, transformer_blocks
+
+    lm = tiny_llama(seed=3, hidden=64, layers=2)
+    calib = Calibration(torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(2)), "r", 0)
+    _, blocks = transformer_blocks(lm.model)
+    inps, kws = capture_block_inputs(lm.model, blocks[0], calib)
+    for group in (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"]):
+        together = GPTQ._accumulate_hessians(blocks[0], group, inps, kws)
+        assert all(together[n] is together[group[0]] for n in group)  # one tensor, shared
+        for n in group:
+            alone = GPTQ._accumulate_hessians(blocks[0], [n], inps, kws)[n]
+            assert torch.equal(together[n], alone), n
+
+
 def test_blocks_after_the_last_selected_one_are_not_run():
     """include: block 0 only -> block 1 sees no calibration forward, and block 0's codes equal a run that
     also visits block 1 (offload's store visits every block)."""
