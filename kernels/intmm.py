@@ -115,8 +115,10 @@ def convert_int4pack(layer: IntPackedWeight) -> Int4Pack:
 
 def _cached(layer: IntPackedWeight, attr: str, supported: Callable, convert: Callable) -> Any:
     """``convert(layer)`` cached on the module as ``attr`` until a buffer changes (None when unsupported)."""
-    versions = _versions(layer)
     cached = getattr(layer, attr, None)
+    if cached is not None and torch.compiler.is_compiling():
+        return cached[1]  # a compiled step (methods.timing): built by the eager prefill; versions don't trace
+    versions = _versions(layer)
     if cached is None or cached[0] != versions:
         cached = (versions, convert(layer) if supported(layer) else None)
         setattr(layer, attr, cached)

@@ -8,10 +8,18 @@ bracketed by ``torch.cuda.synchronize``.  The chain's KV method (``Method.quanti
 the cache and the decoding (``make_cache``, ``generate``), else transformers' DynamicCache is used.
 The parameters are the suite's ``latency:`` block (:class:`LatencyParams`).
 
+``compile: true`` (opt-in) decodes a weight-quantized chain through transformers' StaticCache with the
+one-token step compiled (:class:`quantbench.methods.timing.StaticDecoder`), so that the per-step Python
+and dispatch overhead of the eager loop does not hide the kernels' differences; the compile seconds, the
+mode and any fallback to the eager loop (a step that cannot be traced) are in the protocol, and the
+leaderboard tag gains ``/compiled``.  A KV method's chain keeps its own cache and eager decoding.
+
 Achieved bandwidth per decode step = (weight bytes from ``model_storage`` + KV bytes read) /
 p50 step time, reported against the machine's copy bandwidth (a large tensor copy, measured
-once per process) as a roofline percentage.  The 1-minute load average and the CPU time used by
-other processes during the measurement are recorded; noisy measurements are flagged.
+once per process) as a roofline percentage; ``stream_floor_ms`` is the time those bytes take at that
+bandwidth and ``above_floor_ms`` the rest of the p50 step (the overhead the kernels did not hide).
+The 1-minute load average and the CPU time used by other processes during the measurement are
+recorded; noisy measurements are flagged.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import torch
 
 from ...methods.base import ConfigError, Method, QuantizedModule, did_you_mean, dtype_name, model_storage
 from ...methods.gguf_export import export_gguf
-from ...methods.timing import greedy_decode, sync
+from ...methods.timing import StaticDecoder, greedy_decode, sync
 from ..tools import llamacpp
 from .base import PARAM_BLOCKS, CellContext, MetricResult, metric
 from .memory import measure_kv_bytes_per_token, prefill, random_ids
@@ -54,12 +62,13 @@ class LatencyParams:
     batch: int = 1
     repeats: int = 3
     warmup: int = 1
+    compile: bool = False  # decode through a StaticCache with the step compiled (weight methods only)
 
     @classmethod
     def parse(cls, where: str, *layers: Any) -> LatencyParams:
         """Check each layer (a mapping; None when absent) and merge them, in order, over the defaults."""
         keys = [f.name for f in dataclasses.fields(cls)]
-        merged: dict[str, int] = {}
+        merged: dict[str, Any] = {}
         for p in layers:
             if p is None:
                 continue
@@ -68,20 +77,24 @@ class LatencyParams:
             for k, v in p.items():
                 if k not in keys:
                     raise ConfigError(f"{where}: unknown latency key '{k}'{did_you_mean(str(k), keys)}")
-                if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "warmup" else 1):
+                if k == "compile":
+                    if not isinstance(v, bool):
+                        raise ConfigError(f"{where}: latency.compile must be true or false, got {v!r}")
+                elif not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "warmup" else 1):
                     raise ConfigError(f"{where}: latency.{k} must be a positive integer, got {v!r}")
             merged.update(p)
         return cls(**merged)
 
 
-def validate_params(where: str, p: Any) -> dict[str, int]:
+def validate_params(where: str, p: Any) -> dict[str, Any]:
     """Check one ``latency:`` mapping (suite or cell level); returns it with the defaults filled in."""
     return dataclasses.asdict(LatencyParams.parse(where, p))
 
 
 def latency_tag(p: dict[str, Any]) -> str:
-    """Timings are comparable only at the same prompt length, context and batch."""
-    return "/".join(f"{k}{p[k]}" for k in ("prompt_len", "context", "batch") if k in p)
+    """Timings are comparable only at the same prompt length, context and batch, and decode mode."""
+    tag = "/".join(f"{k}{p[k]}" for k in ("prompt_len", "context", "batch") if k in p)
+    return tag + ("/compiled" if p.get("compile") else "")
 
 
 def memory_bandwidth(device: str | torch.device = "cpu", nbytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -141,22 +154,46 @@ class LoadMonitor:
                 "cores": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
-def _decode(model: torch.nn.Module, ids: torch.Tensor, n: int, kv: Method | None) -> list[float]:
+def _decode(model: torch.nn.Module, ids: torch.Tensor, n: int, kv: Method | None,
+            dec: StaticDecoder | None = None) -> list[float]:
     """Per-step seconds of ``n`` greedy decode steps after prefilling ``ids``: through the KV method's
-    cache and decoding where the chain has one, else a DynamicCache."""
+    cache and decoding where the chain has one, else the static decoder when given, else a DynamicCache."""
     from transformers.cache_utils import DynamicCache
 
     times: list[float] = []
     if kv is not None:
         kv.generate(model, ids, n, kv.make_cache(model), times)
+    elif dec is not None:
+        dec.decode(ids, n, times)
     else:
         greedy_decode(model, ids, n, DynamicCache(), times)
     return times
 
 
+def static_decoder(ctx: CellContext, p: LatencyParams) -> StaticDecoder | None:
+    """The cell's compiled decoder (one per cell, in ``ctx.memo``) when ``p.compile`` and the chain has no
+    KV method; else None (the eager loop)."""
+    if not p.compile or ctx.kv_method is not None:
+        return None
+    if "static_decoder" not in ctx.memo:
+        ctx.memo["static_decoder"] = StaticDecoder(ctx.model, p.context + p.decode_tokens)
+    return ctx.memo["static_decoder"]
+
+
+def _decode_protocol(ctx: CellContext, p: LatencyParams, dec: StaticDecoder | None) -> dict[str, Any]:
+    if dec is not None:
+        return dec.protocol()
+    out: dict[str, Any] = {"decode_mode": "eager"}
+    if p.compile:  # asked for, but a KV method decodes through its own cache
+        name = getattr(ctx.kv_method, "name", "?")
+        out["compile_fallback"] = f"the KV method {name} decodes through its own cache (eager)"
+    return out
+
+
 def workloads(ctx: CellContext, p: LatencyParams) -> tuple[Callable[[], int], Callable[[], int]]:
     """(prefill, decode) callables returning tokens processed (used by the energy metric)."""
     model, kv = ctx.model, ctx.kv_method
+    dec = static_decoder(ctx, p)
     pre_ids = random_ids(model, p.batch, p.prompt_len, ctx.seed)
     ctx_ids = random_ids(model, p.batch, p.context, ctx.seed + 1)
 
@@ -165,7 +202,7 @@ def workloads(ctx: CellContext, p: LatencyParams) -> tuple[Callable[[], int], Ca
         return p.batch * p.prompt_len
 
     def decode_fn() -> int:
-        _decode(model, ctx_ids, p.decode_tokens, kv)
+        _decode(model, ctx_ids, p.decode_tokens, kv, dec)
         return p.batch * p.decode_tokens
 
     return prefill_fn, decode_fn
@@ -255,9 +292,10 @@ def measure_latency(ctx: CellContext) -> dict[str, Any]:
     pre_ids = random_ids(model, p.batch, p.prompt_len, ctx.seed)
     ctx_ids = random_ids(model, p.batch, p.context, ctx.seed + 1)
     bw = memory_bandwidth(dev)
+    dec = static_decoder(ctx, p)  # compiles in its first call's untimed warm-up steps
     for _ in range(p.warmup):
         prefill(model, pre_ids, kv)
-        _decode(model, ctx_ids, min(4, p.decode_tokens), kv)
+        _decode(model, ctx_ids, min(4, p.decode_tokens), kv, dec)
     pre_t: list[float] = []
     steps: list[float] = []
     with LoadMonitor() as mon:
@@ -268,11 +306,13 @@ def measure_latency(ctx: CellContext) -> dict[str, Any]:
             sync(dev)
             pre_t.append(time.perf_counter() - t)
         for _ in range(p.repeats):
-            steps += _decode(model, ctx_ids, p.decode_tokens, kv)
+            steps += _decode(model, ctx_ids, p.decode_tokens, kv, dec)
     weight_bytes = model_storage(model)["total"].total
     paths = kernel_paths(model, dev)
     kvb = measure_kv_bytes_per_token(model, min(p.context, 64), kv, ctx.seed)["bytes_per_token"]
     kv_read = kvb * p.batch * (p.context + p.decode_tokens / 2)  # mean cache length per step
+    if dec is not None and dec.fallback is None:  # a static cache's step attends over all its max_len slots
+        kv_read = kvb * p.batch * dec.max_len
     p50, p90 = _pct(steps, 0.5), _pct(steps, 0.9)
     gbs = (weight_bytes + kv_read) / p50
     mon_p = mon.protocol()
@@ -281,11 +321,14 @@ def measure_latency(ctx: CellContext) -> dict[str, Any]:
         **dataclasses.asdict(p), "engine": "quantbench", "device": str(dev),
         "dtype": dtype_name(next(model.parameters()).dtype),
         "cache": "DynamicCache" if kv is None else f"{type(kv).__module__}.make_cache",
+        **_decode_protocol(ctx, p, dec),
         "prefill_s": pre_t, "prefill_tokens_per_s": p.batch * p.prompt_len / statistics.median(pre_t),
         "decode_ms_p50": 1e3 * p50, "decode_ms_p90": 1e3 * p90, "decode_ms_p10": 1e3 * _pct(steps, 0.1),
         "decode_steps": len(steps),
         "weight_bytes": weight_bytes, "kv_bytes_read_per_step": kv_read,
         "achieved_gb_s": gbs / 1e9, "memory_bandwidth_gb_s": bw / 1e9, "roofline_pct": 100 * gbs / bw,
+        "stream_floor_ms": 1e3 * (weight_bytes + kv_read) / bw,
+        "above_floor_ms": 1e3 * (p50 - (weight_bytes + kv_read) / bw),
         "kernel_paths": paths, "reference_path": paths["reference"] > 0,
         **mon_p, "noisy": bool(reasons), "noisy_reasons": reasons,
     }

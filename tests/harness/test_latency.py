@@ -69,7 +69,7 @@ def test_prefill_decode_records():
 def test_noisy_flag(monkeypatch):
     ctx = make_ctx()
     steps = iter([0.001, 0.001, 0.001, 0.010] * 10)
-    monkeypatch.setattr(latency, "_decode", lambda m, ids, n, kv: [next(steps) for _ in range(n)])
+    monkeypatch.setattr(latency, "_decode", lambda m, ids, n, kv, dec=None: [next(steps) for _ in range(n)])
     r = latency.measure_latency(ctx)
     assert r["noisy"] and any("p90/p50" in x for x in r["noisy_reasons"])
 
@@ -167,3 +167,51 @@ def test_latency_protocol_names_reference_paths(method, params, expect_ref):
     n = 7 * 2  # tiny llama: 2 blocks x 7 linears, every one quantized
     assert paths == ({"native": 0, "reference": n} if expect_ref else {"native": n, "reference": 0})
     assert dec.protocol["reference_path"] is expect_ref
+
+
+def test_compile_key_validates_and_tags():
+    assert latency.validate_params("s.latency", {"compile": True})["compile"] is True
+    assert latency.validate_params("s.latency", {})["compile"] is False
+    for bad in (1, "yes", None):
+        with pytest.raises(ConfigError, match="latency.compile must be true or false"):
+            parse_suite({"name": "t", "models": ["tiny-llama"], "cells": ["fp"], "latency": {"compile": bad}})
+    s = parse_suite({"name": "t", "models": ["tiny-llama"], "latency": {"compile": True},
+                     "cells": [{"method": "fp", "latency": {"compile": False}}, {"method": "rtn"}]})
+    assert cell_params(s, s.cells[0])["latency"].compile is False
+    assert cell_params(s, s.cells[1])["latency"].compile is True
+    p = {"prompt_len": 16, "context": 16, "batch": 1}
+    assert latency.latency_tag({**p, "compile": False}) == latency.latency_tag(p) == "prompt_len16/context16/batch1"
+    assert latency.latency_tag({**p, "compile": True}) == "prompt_len16/context16/batch1/compiled"
+
+
+def test_compiled_latency_record_protocol(monkeypatch):
+    """``compile: true``: the decode runs through the cell's StaticDecoder (here with its step left eager, so
+    the test does not pay a compile) and the record states the mode, cache, compile seconds and the floor."""
+    from quantbench.methods import timing
+
+    made = []
+
+    def uncompiled(model, max_len, **kw):
+        made.append(timing.StaticDecoder(model, max_len, compile=False))
+        return made[-1]
+
+    monkeypatch.setattr(latency, "StaticDecoder", uncompiled)
+    ctx = make_ctx("rtn", {"bits": 4, "group_size": 64}, latency_p={**LAT, "compile": True})
+    (dec,) = METRICS["decode_ms_per_token"].compute(ctx)
+    assert len(made) == 1 and made[0].max_len == 16 + 4  # context + decode_tokens, one decoder per cell
+    r = ctx.memo["latency"]
+    assert r["compile"] is True and r["decode_mode"] == "static-eager" and r["cache"] == "StaticCache"
+    assert r["decode_steps"] == 2 * 4 and "compile_s" in r and r["compile_fallback"] is None
+    assert METRICS["decode_ms_per_token"].protocol_tag(dec.protocol).endswith("/compiled")
+    # a static cache's step attends over all its slots: 2048 KV bytes per token x (16 + 4)
+    assert r["kv_bytes_read_per_step"] == 2048 * 20
+    floor = (r["weight_bytes"] + r["kv_bytes_read_per_step"]) / (r["memory_bandwidth_gb_s"] * 1e9)
+    assert r["stream_floor_ms"] == pytest.approx(1e3 * floor, rel=1e-9)
+    assert r["above_floor_ms"] == pytest.approx(dec.value - 1e3 * floor, rel=1e-9)
+
+
+def test_compile_keeps_a_kv_methods_own_cache():
+    ctx = make_ctx("kivi", {"bits": 2, "group_size": 8, "residual_length": 8}, latency_p={**LAT, "compile": True})
+    (dec,) = METRICS["decode_ms_per_token"].compute(ctx)
+    assert dec.protocol["cache"] == "quantbench.methods.kvquant.make_cache" and dec.protocol["decode_mode"] == "eager"
+    assert "kivi" in dec.protocol["compile_fallback"] and "static_decoder" not in ctx.memo
