@@ -5,7 +5,8 @@ Tensors keep the exact ggml block bytes of the quantized modules, named as llama
 convert_hf_to_gguf.py does for llama (the inverse of transformers' GGUF loader un-permute); ggml rows
 are independent, so permuting the rows of the block bytes is exact.  Metadata: the ``llama``
 architecture keys, and the tokenizer keys (``tokenizer.*``) copied from the source GGUF when the model
-came from one (the default smollm2 does).
+came from one (the default smollm2 does), else built from the source HF directory's tokenizer files
+by gguf-py's vocab readers.
 
 Compatibility: GGUF v3, the ggml types Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q2_K..Q6_K/F16/F32 and the llama
 key set that llama.cpp has read since the GGUF switch (llama.cpp b1000+, Aug 2023; k-quants since
@@ -14,10 +15,13 @@ June 2023); also read by transformers' ``from_pretrained(..., gguf_file=...)`` (
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, cast
 
+import gguf
+import gguf.vocab as gguf_vocab
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
@@ -57,6 +61,44 @@ def _copy_source_kv(writer: GGUFWriter, source: str, prefixes: tuple[str, ...]) 
         writer.add_key_value(name, field.contents(), vtype, sub)
         n += 1
     return n
+
+
+def _write_hf_vocab(writer: GGUFWriter, directory: Path, n_vocab: int) -> str:
+    """The ``tokenizer.*`` keys from an HF model directory's tokenizer files, read by gguf-py's own vocab
+    classes (as llama.cpp's converters do): byte-level BPE (``gpt2``), else SentencePiece (``llama``);
+    special token ids and BPE merges by ``SpecialVocab``. The token list is padded to the model's vocab size
+    with unused entries (as the converters do). No ``tokenizer.ggml.pre``: llama.cpp then uses its default
+    pre-tokenizer and says so (the converter's per-model pre-tokenizer table is not reproduced here)."""
+    vocab: Any = None
+    errors = []
+    for cls in (gguf_vocab.BpeVocab, gguf_vocab.LlamaHfVocab, gguf_vocab.SentencePieceVocab):
+        try:
+            vocab = cls(directory)
+            break
+        except (FileNotFoundError, ValueError, TypeError, ImportError) as e:  # not this kind of tokenizer
+            errors.append(f"{cls.__name__}: {e}")
+    if vocab is None:
+        raise ValueError(f"gguf export: no tokenizer gguf can read in {directory} ({'; '.join(errors)})")
+    tokens, scores, types = [], [], []
+    for text, score, ttype in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(ttype)
+    tj = directory / "tokenizer.json"
+    if tj.exists():  # added tokens: control when special, else user-defined (as llama.cpp's converter marks them)
+        for item in json.loads(tj.read_text(encoding="utf-8")).get("added_tokens") or []:
+            if 0 <= int(item["id"]) < len(types):
+                types[int(item["id"])] = gguf.TokenType.CONTROL if item.get("special") else gguf.TokenType.USER_DEFINED
+    for i in range(len(tokens), n_vocab):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model(vocab.tokenizer_model)
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    gguf_vocab.SpecialVocab(directory, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=n_vocab).add_to_gguf(writer)
+    return str(vocab.tokenizer_model)
 
 
 def export_gguf(model: nn.Module, tokenizer: Any, info: dict[str, Any], path: str | Path) -> Path:
@@ -115,8 +157,12 @@ def export_gguf(model: nn.Module, tokenizer: Any, info: dict[str, Any], path: st
     if source.endswith(".gguf") and Path(source).exists():
         n = _copy_source_kv(w, source, ("tokenizer.",))
         log.info("copied %d tokenizer fields from %s", n, source)
+    elif Path(source).is_dir():
+        model_kind = _write_hf_vocab(w, Path(source), int(cfg.vocab_size))
+        log.info("tokenizer (%s) written from the HF directory %s", model_kind, source)
     else:
-        log.warning("gguf export: source %r is not a GGUF file; no tokenizer metadata written", source)
+        log.warning("gguf export: source %r is neither a GGUF file nor an HF directory; no tokenizer metadata "
+                    "written (llama.cpp will refuse the file)", source)
     for name, data, t in tensors:
         if t == "F32":
             w.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))

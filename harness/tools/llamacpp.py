@@ -82,8 +82,11 @@ def bench(gguf: str | Path, prompt_len: int, context: int, decode_tokens: int, r
 
 
 def _bench_json(cmd: list[str]) -> dict[str, Any]:
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=tool_env()).stdout
-    tests = json.loads(out)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=tool_env())
+    if proc.returncode:
+        tail = " | ".join(ln for ln in proc.stderr.strip().splitlines()[-3:] if ln)
+        raise RuntimeError(f"llama-bench exited {proc.returncode}: {tail or 'no stderr'} ({' '.join(cmd)})")
+    tests = json.loads(proc.stdout)
     if len(tests) != 1:
         raise RuntimeError(f"llama-bench gave {len(tests)} results for one test: {' '.join(cmd)}")
     return cast(dict[str, Any], tests[0])

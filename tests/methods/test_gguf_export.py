@@ -70,3 +70,35 @@ def test_transformers_loads_same_logits(exported: tuple[torch.nn.Module, Path]) 
     with torch.no_grad():
         a, b = q(x).logits, m2(x).logits
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_hf_directory_vocab_equals_the_llama_cpp_converted_one(tmp_path: Path) -> None:
+    """A model from an HF directory gets its ``tokenizer.*`` keys from the directory's tokenizer files: for
+    SmolLM2 (byte-level BPE) the token list, types and merges equal those of the embedded GGUF, which
+    llama.cpp's converter wrote; without them llama.cpp refuses the file ("tokenizer.ggml.model" missing)."""
+    from gguf import GGUFReader, GGUFWriter
+
+    from quantbench.harness.inputs.models import load_smollm2
+    from quantbench.methods.gguf_export import _write_hf_vocab
+
+    lm = load_smollm2()
+    lm.tokenizer.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "vocab.gguf"
+    w = GGUFWriter(str(out), "llama")
+    assert _write_hf_vocab(w, tmp_path / "hf", int(lm.model.config.vocab_size)) == "gpt2"
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    def fields(path: Path | str) -> dict[str, list]:
+        r = GGUFReader(str(path))
+        return {k: r.fields[k].contents() for k in ("tokenizer.ggml.model", "tokenizer.ggml.tokens",
+                                                   "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                                                   "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")}
+
+    got, want = fields(out), fields(lm.info["source"])
+    assert len(got["tokenizer.ggml.tokens"]) == 49152
+    for k in want:
+        assert got[k] == want[k], k
