@@ -2,7 +2,7 @@
 
 The latency metrics (``harness/measure/latency.py``), KV methods' ``generate`` hooks and the KV
 decode benchmark (``kvquant.decode_ms_per_token``) all decode through :func:`greedy_decode`.
-On CUDA every timed step is bracketed by ``torch.cuda.synchronize``.
+On CUDA every timed step is measured between two CUDA events (:func:`timed`).
 
 :class:`StaticDecoder` is the opt-in compiled mode (``latency: {compile: true}``): the same greedy
 loop through transformers' ``StaticCache`` (fixed-size K/V tensors updated in place, so the step's
@@ -35,6 +35,33 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(
+    dev: torch.device, fn: Callable[[], Any], clock: Callable[[], float] = time.perf_counter
+) -> tuple[Any, float]:
+    """``fn()`` and its seconds: on CUDA (with the default wall clock) between two CUDA events recorded on the
+    current stream (the device's own time of the queued work, no host timer in it); elsewhere between two
+    ``clock`` reads, with the device synchronized before and after."""
+    if dev.type == "cuda" and clock is time.perf_counter:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        return out, start.elapsed_time(end) / 1e3  # elapsed_time is in ms
+    sync(dev)
+    t = clock()
+    out = fn()
+    sync(dev)
+    return out, clock() - t
+
+
+def timer_name(dev: torch.device, clock: Callable[[], float] = time.perf_counter) -> str:
+    """What :func:`timed` measures with on ``dev`` (recorded in latency protocols)."""
+    if dev.type == "cuda" and clock is time.perf_counter:
+        return "cuda events"
+    return getattr(clock, "__name__", "clock")
+
+
 @torch.no_grad()
 def greedy_decode(
     model: nn.Module,
@@ -59,13 +86,11 @@ def greedy_decode(
     ids = input_ids
     for _ in range(n_new):
         ids = torch.cat([ids, nxt], 1)
-        sync(dev)
-        t = clock()
-        out = fwd(nxt, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        sync(dev)
+        nxt, sec = timed(
+            dev, lambda prev=nxt: fwd(prev, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1), clock
+        )
         if times is not None:
-            times.append(clock() - t)
+            times.append(sec)
     return ids
 
 

@@ -39,7 +39,7 @@ import torch
 
 from ...methods.base import ConfigError, Method, QuantizedModule, did_you_mean, dtype_name, model_storage
 from ...methods.gguf_export import export_gguf
-from ...methods.timing import StaticDecoder, greedy_decode, sync
+from ...methods.timing import StaticDecoder, greedy_decode, sync, timed, timer_name
 from ..tools import llamacpp
 from .base import PARAM_BLOCKS, CellContext, MetricResult, metric
 from .memory import measure_kv_bytes_per_token, prefill, random_ids
@@ -300,11 +300,7 @@ def measure_latency(ctx: CellContext) -> dict[str, Any]:
     steps: list[float] = []
     with LoadMonitor() as mon:
         for _ in range(p.repeats):
-            sync(dev)
-            t = time.perf_counter()
-            prefill(model, pre_ids, kv)
-            sync(dev)
-            pre_t.append(time.perf_counter() - t)
+            pre_t.append(timed(dev, lambda: prefill(model, pre_ids, kv))[1])
         for _ in range(p.repeats):
             steps += _decode(model, ctx_ids, p.decode_tokens, kv, dec)
     weight_bytes = model_storage(model)["total"].total
@@ -322,7 +318,8 @@ def measure_latency(ctx: CellContext) -> dict[str, Any]:
         "dtype": dtype_name(next(model.parameters()).dtype),
         "cache": "DynamicCache" if kv is None else f"{type(kv).__module__}.make_cache",
         **_decode_protocol(ctx, p, dec),
-        "prefill_s": pre_t, "prefill_tokens_per_s": p.batch * p.prompt_len / statistics.median(pre_t),
+        "timer": timer_name(dev), "prefill_s": pre_t,
+        "prefill_tokens_per_s": p.batch * p.prompt_len / statistics.median(pre_t),
         "decode_ms_p50": 1e3 * p50, "decode_ms_p90": 1e3 * p90, "decode_ms_p10": 1e3 * _pct(steps, 0.1),
         "decode_steps": len(steps),
         "weight_bytes": weight_bytes, "kv_bytes_read_per_step": kv_read,

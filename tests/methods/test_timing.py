@@ -85,3 +85,31 @@ def test_greedy_decode_clock_and_step():
     out = greedy_decode(model, ids, 3, DynamicCache(), times, step=step, clock=lambda: float(next(ticks)))
     assert calls == [1, 1, 1] and times == [1.0, 1.0, 1.0] and out.shape == (1, 7)
     assert compile_mode(torch.device("cpu")) == "default" and compile_mode(torch.device("cuda")) == "reduce-overhead"
+
+
+def test_timed_returns_the_result_and_the_clock_difference():
+    import time as _time
+
+    from quantbench.methods.timing import timed, timer_name
+
+    ticks = iter([10.0, 10.25])
+    out, sec = timed(torch.device("cpu"), lambda: 42, clock=lambda: next(ticks))
+    assert out == 42 and sec == 0.25
+    assert timer_name(torch.device("cpu")) == "perf_counter"
+    assert timer_name(torch.device("cpu"), _time.thread_time) == "thread_time"
+    assert timer_name(torch.device("cuda")) == "cuda events"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_timed_on_cuda_uses_events_and_agrees_with_a_synchronized_wall_clock():
+    import time as _time
+
+    from quantbench.methods.timing import timed
+
+    a = torch.randn(4096, 4096, device="cuda")
+    timed(torch.device("cuda"), lambda: a @ a)  # warm-up
+    torch.cuda.synchronize()
+    t = _time.perf_counter()
+    _, sec = timed(torch.device("cuda"), lambda: [a @ a for _ in range(20)])
+    wall = _time.perf_counter() - t
+    assert 0 < sec <= wall * 1.05
