@@ -458,7 +458,9 @@ def baseline_label(rec: dict[str, Any]) -> str:
     """What the unquantized row really is: its dtype and the precision of the weights it was loaded from
     (``model.source_precision``), e.g. "fp32 (dequantized from GGUF Q4_1)"; the cell name when unknown."""
     model = rec.get("model") or {}
-    dtype = next((c.get("dtype") for c in chain(rec) if isinstance(c.get("dtype"), str)), None) or model.get("dtype")
+    dtype = next((c.get("dtype") for c in chain(rec) if isinstance(c.get("dtype"), str)), None)
+    if dtype in (None, "float32") and isinstance(model.get("dtype"), str):
+        dtype = model["dtype"]  # fp's default (float32) leaves the model as loaded: a bf16 run's fp row is bf16
     if not isinstance(dtype, str):
         return str(rec["cell"])
     short = _DTYPE_SHORT.get(dtype, dtype)

@@ -276,3 +276,17 @@ def test_place_labels_do_not_overlap():
         for j in range(i):
             assert not boxes[i].overlaps(boxes[j]), (i, j)
     plt.close(fig)
+
+
+@pytest.mark.parametrize("model_dtype, fp_dtype, src, want", [
+    ("bfloat16", "float32", "bfloat16", "bf16"),  # --dtype bfloat16: fp's default leaves the model in bf16
+    ("float32", "float32", "bfloat16", "fp32 (converted from bf16)"),  # loaded in float32 from a bf16 checkpoint
+    ("float32", "bfloat16", "bfloat16", "bf16"),  # fp with dtype bfloat16 casts
+    ("float32", "float32", "GGUF Q4_1", "fp32 (dequantized from GGUF Q4_1)"),
+])
+def test_baseline_label_names_the_dtype_the_row_ran_in(model_dtype, fp_dtype, src, want):
+    from quantbench.harness.report.leaderboard import baseline_label
+
+    rec = {"cell": "fp", "model": {"dtype": model_dtype, "source_precision": src},
+           "method_config": {"method": "fp", "dtype": fp_dtype}}
+    assert baseline_label(rec) == want
