@@ -184,11 +184,12 @@ def _measure(name: str, ctx: CellContext) -> list[MetricResult]:
 def evaluate(model: nn.Module, tokenizer: Any, metrics: Sequence[str] = ("perplexity",), dataset: str = "wiki",
              protocol: str = "gptq", seq_len: int = 512, stride: int | None = None, max_windows: int | None = None,
              reference: nn.Module | None = None, seed: int = 0, tasks: Any = None, latency: Any = None,
-             name: str | None = None) -> list[dict[str, Any]]:
+             name: str | None = None, batch_size: int = 1) -> list[dict[str, Any]]:
     """Records (the runner's schema, one per metric result) of ``model`` on ``dataset``'s test split.
 
     ``reference``: the unquantized model for ``kl_divergence``/``top1_agreement`` (None: those are recorded
-    ``unavailable``); ``tasks``/``latency``: the suite blocks of the same names."""
+    ``unavailable``); ``tasks``/``latency``: the suite blocks of the same names; ``batch_size``: perplexity
+    windows per forward pass (``provenance.batch_size``; the values are those of batch 1 within 1e-6 relative)."""
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ConfigError(f"unknown metric(s) {unknown}; valid: {', '.join(METRICS.names())}")
@@ -199,13 +200,13 @@ def evaluate(model: nn.Module, tokenizer: Any, metrics: Sequence[str] = ("perple
     cell = name or label
     params = _params(f"evaluate({cell})", {"tasks": tasks, "latency": latency})
     ids = datamod.tokens(dataset, "test", tokenizer)
-    ev = build_eval_data(ids, dataset, protocol, seq_len, stride, max_windows)
+    ev = build_eval_data(ids, dataset, protocol, seq_len, stride, max_windows, batch_size)
     env = environment()
     info = st["info"]
     model_info = {"name": info.get("name") if st["spec"] is None else model_key(st["spec"]),
                   **{k: info.get(k) for k in ("source", "sha256", "params", "source_precision", "dtype", "device")}}
     prov = {**env, "seed": seed, "started": utc_now(), "device": info.get("device"), "dtype": info.get("dtype"),
-            "api": "qb.evaluate"}
+            "api": "qb.evaluate", "batch_size": batch_size}
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()

@@ -33,7 +33,7 @@ from .run import export
 from .run.ray_executor import run_suite_ray
 from .run.records import read_records
 from .run.runner import run_suite
-from .run.suite import load_suite, preflight_suite, with_models
+from .run.suite import load_suite, preflight_suite, with_batch_size, with_models
 from .tools import gpu_check, sensitivity
 
 log = logging.getLogger("quantbench")
@@ -108,6 +108,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.model or args.dtype or args.device:
         models = [_model_arg(m) for m in args.model] if args.model else None
         suite = with_models(suite, models, args.dtype, args.device)
+    if args.batch_size:
+        suite = with_batch_size(suite, args.batch_size)
     for problem in preflight_suite(suite):  # devices exist and hub ids resolve, before any work
         log.warning("recorded unavailable without running (a known limit of the method): %s", problem)
     _threads(args.threads)
@@ -209,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: each model's own, else float32)")
     r.add_argument("--device", help="cpu, cuda, cuda:N or auto: load and run every model there (default: each "
                    "model's own, else cpu)")
+    r.add_argument("--batch-size", type=positive_int, metavar="N",
+                   help="perplexity/KL windows per forward pass (default: the suite's eval batch_size, else 1); "
+                        "changes no value beyond float rounding, so --resume accepts another one")
     r.set_defaults(fn=cmd_run)
 
     v = sub.add_parser("validate", help="validate a suite without running it")

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -54,6 +55,9 @@ class Window:
 class EvalData:
     windows: list[Window]
     protocol: dict[str, Any]
+    #: windows per forward pass (:func:`evaluate`); not part of the protocol: it changes no value beyond the
+    #: GEMM blocking of a batched forward (<= 1e-6 relative, tests/harness/test_evaluate.py)
+    batch_size: int = 1
 
     @property
     def n_scored(self) -> int:
@@ -99,26 +103,80 @@ def build_eval_data(
     seq_len: int = 1024,
     stride: int | None = None,
     max_windows: int | None = None,
+    batch_size: int = 1,
 ) -> EvalData:
     windows = make_windows(ids, protocol, seq_len, stride, max_windows)
     proto: dict[str, Any] = {"name": protocol, "dataset": dataset, "split": "test", "seq_len": seq_len}
     if protocol == "sliding":
         proto["stride"] = stride or seq_len
-    data = EvalData(windows, proto)
+    data = EvalData(windows, proto, _check_batch_size(batch_size))
     proto["windows"] = len(windows)
     proto["tokens"] = data.n_scored
     proto["text_sha256"] = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
     return data
 
 
+def _check_batch_size(batch_size: Any) -> int:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+class _Workspace:
+    """float32 [T, V] buffers reused from window to window: a fresh 200 MB tensor per step costs its page
+    faults (a log-softmax into a reused buffer takes half the time of one into a new tensor)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        buf = self._bufs.get(name)
+        if buf is None or tuple(buf.shape) != tuple(shape):
+            self._bufs[name] = buf = torch.empty(shape, dtype=torch.float32)
+        return buf
+
+
+def _forward_windows(model: nn.Module, windows: list[Window], batch_size: int = 1, desc: str = "eval"
+                     ) -> Iterator[tuple[int, Window, torch.Tensor]]:
+    """``(index, window, logits [len, V])`` of each window in order; the model runs ``batch_size`` windows
+    of equal length per forward (consecutive ones; a shorter last window of the sliding protocol goes alone).
+    A batched forward scores each window as one alone does (causal attention, no padding)."""
+    param = next(model.parameters(), None)  # a model loaded on a GPU (--device) reads its inputs there
+    # a transformers model builds no KV cache for a one-shot forward (the same logits, bit for bit: tested on
+    # smollm2-135m; the eval path of the KV methods quantizes in k_proj/v_proj wrappers, not in a cache)
+    kw = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+    bar = tqdm(total=len(windows), desc=desc, leave=False, disable=None)
+    i = 0
+    while i < len(windows):
+        n = windows[i].input_ids.numel()
+        j = i + 1
+        while j < len(windows) and j - i < batch_size and windows[j].input_ids.numel() == n:
+            j += 1
+        ids = torch.stack([w.input_ids for w in windows[i:j]])
+        with torch.inference_mode():
+            out = model(ids.to(param.device) if param is not None else ids, **kw)
+        logits = out.logits if hasattr(out, "logits") else out
+        for k in range(i, j):
+            yield k, windows[k], logits[k - i]
+            bar.update(1)
+        del out, logits
+        i = j
+    bar.close()
+
+
+def _window_logprobs(logits: torch.Tensor, w: Window, ws: _Workspace | None = None) -> torch.Tensor:
+    """log-softmax over the vocabulary at the positions that predict the scored targets: [T, V] float32 on
+    the CPU, from one window's ``logits`` [len, V] (into ``ws``'s buffer when given: overwritten next window)."""
+    x = logits[w.score_from - 1 : -1].float()
+    if ws is None or x.device.type != "cpu":
+        return F.log_softmax(x, dim=-1).cpu()
+    return torch.log_softmax(x, dim=-1, out=ws.get("lp", tuple(x.shape)))
+
+
 def _logprobs(model: nn.Module, w: Window) -> torch.Tensor:
     """log-softmax over the vocabulary at the positions that predict the scored targets: [T, V]."""
-    param = next(model.parameters(), None)  # a model loaded on a GPU (--device) reads its inputs there
-    device = param.device if param is not None else w.input_ids.device
-    out = model(w.input_ids.unsqueeze(0).to(device))
-    logits = out.logits if hasattr(out, "logits") else out
-    logits = logits[0, w.score_from - 1 : -1].float()
-    return F.log_softmax(logits, dim=-1).cpu()
+    ((_, _, logits),) = list(_forward_windows(model, [w]))
+    return _window_logprobs(logits, w)
 
 
 def _cat(parts: list[torch.Tensor]) -> np.ndarray:
@@ -280,9 +338,11 @@ class Reference:
         stats = EvalStats()
         arrays: dict[str, Any] = {}
         vocab = 0
-        for i, w in enumerate(tqdm(data.windows, desc="reference", leave=False, disable=None)):
+        ws = _Workspace()
+        for i, w, logits in _forward_windows(model, data.windows, data.batch_size, "reference"):
             with torch.inference_mode():
-                lp = _logprobs(model, w)
+                lp = _window_logprobs(logits, w, ws)
+            del logits
             if not arrays:
                 vocab = lp.shape[-1]
                 shapes = {"logprobs.npy": ((n, vocab), np.uint16), "scale.npy": ((n, 2), np.float32),
@@ -315,13 +375,25 @@ class Reference:
     def _slice(self, name: str, i: int) -> np.ndarray:
         return np.array(self._array(name)[self.offsets[i] : self.offsets[i + 1]])
 
-    def raw_window(self, i: int) -> torch.Tensor:
-        """Window ``i``'s stored log-probs [T, V] as decoded (within :meth:`error_bound` of float32)."""
-        return self.decode(self._slice("logprobs.npy", i), self._slice("scale.npy", i))
+    def raw_window(self, i: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Window ``i``'s stored log-probs [T, V] as decoded (within :meth:`error_bound` of float32); into
+        ``out`` (float32 [T, V]) when given. The codes are converted straight from the memory map, then
+        scaled in place: the same float32 operations, and so the same bits, as :meth:`decode`."""
+        a, b = self.offsets[i], self.offsets[i + 1]
+        codes = self._array("logprobs.npy")[a:b]
+        if out is None:
+            out = torch.empty(codes.shape, dtype=torch.float32)
+        np.copyto(out.numpy(), codes, casting="unsafe")  # uint16 -> float32, exact
+        s = torch.from_numpy(self._slice("scale.npy", i).astype(np.float32, copy=False))
+        return out.mul_(s[:, 1:]).add_(s[:, :1])
 
-    def window(self, i: int) -> torch.Tensor:
-        """Window ``i``'s log-probs [T, V], decoded and renormalized."""
-        return F.log_softmax(self.raw_window(i), dim=-1)
+    def window(self, i: int, ws: _Workspace | None = None) -> torch.Tensor:
+        """Window ``i``'s log-probs [T, V], decoded and renormalized (into ``ws``'s buffer when given)."""
+        if ws is None:
+            return F.log_softmax(self.raw_window(i), dim=-1)
+        n = int(self.offsets[i + 1] - self.offsets[i])
+        raw = self.raw_window(i, ws.get("ref_raw", (n, self.vocab)))
+        return torch.log_softmax(raw, dim=-1, out=ws.get("ref", (n, self.vocab)))
 
     def error_bound(self, i: int) -> torch.Tensor:
         """Per token of window ``i``: the largest |stored − float32| log-prob, ``step / 2`` plus the float32
@@ -349,23 +421,44 @@ def _accumulate_nll(stats: EvalStats, lp: torch.Tensor, w: Window) -> None:
     stats.tok_nll.append(nll)
 
 
+def _finite(lp: torch.Tensor) -> bool:
+    """Whether every log-prob of a log-softmax output is finite, in one read: its minimum is NaN when one
+    is NaN and -inf when one is -inf (a log-softmax gives +inf nowhere: an infinite logit makes NaNs)."""
+    return bool(torch.isfinite(lp.amin()))
+
+
+def _kl_rows(lp: torch.Tensor, ref: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+    """KL(P_ref || P_q) per row, float32: ``F.kl_div(lp, ref, log_target=True, reduction="none").sum(-1)``
+    (``exp(ref) * (ref - lp)`` per element, summed along the row) with the same float32 operations, and so
+    the same bits, in reused buffers. Overwrites ``ref`` (with ``exp(ref)``)."""
+    d = torch.sub(ref, lp, out=ws.get("kl", tuple(lp.shape)))
+    return d.mul_(ref.exp_()).sum(-1)
+
+
 def evaluate(model: nn.Module, data: EvalData, reference: Reference | None = None,
-             desc: str = "eval") -> EvalStats:
-    """Perplexity of ``model`` on ``data``; the statistics against the reference when one is given."""
+             desc: str = "eval", batch_size: int | None = None) -> EvalStats:
+    """Perplexity of ``model`` on ``data``; the statistics against the reference when one is given.
+
+    ``batch_size`` windows per forward (default ``data.batch_size``); each window is scored as it is alone."""
     stats = EvalStats(has_reference=reference is not None)
-    for i, w in enumerate(tqdm(data.windows, desc=desc, leave=False, disable=None)):
+    bs = _check_batch_size(data.batch_size if batch_size is None else batch_size)
+    ws = _Workspace()
+    for i, w, logits in _forward_windows(model, data.windows, bs, desc):
         with torch.inference_mode():
-            lp = _logprobs(model, w)
-        if not torch.isfinite(lp).all():
-            raise FloatingPointError(f"non-finite logits in window {i}")
-        _accumulate_nll(stats, lp, w)
-        if reference is not None:
-            ref = reference.window(i)
-            if ref.shape != lp.shape:
-                raise ValueError(f"reference window {i} has shape {tuple(ref.shape)}, model gives {tuple(lp.shape)}")
-            kl = F.kl_div(lp, ref, log_target=True, reduction="none").sum(-1).double()
-            stats.kl_sum += float(kl.sum())
-            stats.tok_kl.append(kl)
-            stats.top1_sum += int((reference.argmax(i) == lp.argmax(-1)).sum())
-            stats.tok_ref_nll.append(-reference.target_logprob(i).double())
+            lp = _window_logprobs(logits, w, ws)
+            del logits
+            if not _finite(lp):
+                raise FloatingPointError(f"non-finite logits in window {i}")
+            _accumulate_nll(stats, lp, w)
+            if reference is not None:
+                top1 = lp.argmax(-1)
+                ref = reference.window(i, ws)
+                if ref.shape != lp.shape:
+                    raise ValueError(f"reference window {i} has shape {tuple(ref.shape)}, "
+                                     f"model gives {tuple(lp.shape)}")
+                kl = _kl_rows(lp, ref, ws).double()
+                stats.kl_sum += float(kl.sum())
+                stats.tok_kl.append(kl)
+                stats.top1_sum += int((reference.argmax(i) == top1).sum())
+                stats.tok_ref_nll.append(-reference.target_logprob(i).double())
     return stats

@@ -24,6 +24,7 @@ The ``tasks:`` block (a cell's list replaces the suite's) is :class:`Tasks`, a l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ import random
 import re
 import tarfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -383,46 +385,125 @@ def save_lmeval_outputs(out_dir: Path, res: dict[str, Any], task: str) -> None:
     tmp.replace(path)
 
 
-def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[TaskSpec], batch_size: int = 8,
-                   limit_cap: int | None = None, out_dir: Path | None = None) -> list[dict[str, Any]]:
-    """Run each task through ``lm_eval.simple_evaluate`` on the in-memory model; one dict per task, with
-    ``samples`` (per-example scores in document order). With ``out_dir``, lm-eval's results JSON and logged
-    samples are written there (:func:`save_lmeval_outputs`)."""
-    _offline_env()
-    from lm_eval import simple_evaluate  # deferred: lm_eval is optional
-    from lm_eval.models.huggingface import HFLM  # deferred: lm_eval is optional
+#: lm-eval Task objects by (tasks directory, registry included, name, shots): a task's documents are read
+#: (``datasets.load_dataset``) once per process, not once per cell; ``simple_evaluate`` rebuilds its requests
+#: every call (``build_all_requests``), so a reused Task scores exactly as a fresh one (tests/harness/test_tasks.py)
+_TASKS: dict[tuple[str, bool, str, int], Any] = {}
 
-    for t in tasks:
+
+def _task_object(name: str, shots: int, tm: Any, include_defaults: bool) -> Any:
+    from lm_eval.tasks import get_task_dict  # deferred: lm_eval is optional
+
+    key = (str(task_dir()), include_defaults, name, shots)
+    if key not in _TASKS:
+        objs = list(get_task_dict([name], tm).values())
+        if len(objs) != 1 or not hasattr(objs[0], "build_all_requests"):  # a group of tasks: by name, every call
+            return name
+        _TASKS[key] = objs[0]
+    return _TASKS[key]
+
+
+_ENV_INFO: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def _env_info_once() -> Iterator[None]:
+    """lm-eval's ``add_env_info`` (torch's collect_env: ~30 subprocesses, seconds per task) run once per
+    process; every later results JSON gets the same entries."""
+    import lm_eval.evaluator as ev  # deferred: lm_eval is optional
+
+    real = ev.add_env_info
+
+    def once(storage: dict[str, Any]) -> None:
+        if not _ENV_INFO:
+            real(_ENV_INFO)
+        storage.update(_ENV_INFO)
+
+    ev.add_env_info = once
+    try:
+        yield
+    finally:
+        ev.add_env_info = real
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: Any) -> Iterator[None]:
+    """HFLM's one-shot forwards without a transformers KV cache (``config.use_cache`` off meanwhile): the same
+    logits bit for bit (smollm2-135m), without the cache's per-layer copies."""
+    config: Any = getattr(model, "config", None)
+    old = getattr(config, "use_cache", None)
+    if config is None or old is None:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = old
+
+
+class TaskRunner:
+    """One lm-eval HFLM over the cell's (quantized) model, shared by every task of the cell: the model is
+    wrapped once, and each task runs as its own ``simple_evaluate`` call (:meth:`run`; a failing task fails
+    alone). Batches, their order and their padding are lm-eval's, as with an HFLM per task."""
+
+    def __init__(self, model: Any, tokenizer: Any, tasks: list[TaskSpec], batch_size: int = 8) -> None:
+        _offline_env()
+        from lm_eval.models.huggingface import HFLM  # deferred: lm_eval is optional
+
+        self.batch_size = batch_size
+        for t in tasks:  # prepared before the task manager indexes the directory; a failure fails its task alone
+            try:
+                ensure_task(t.name)
+            except Exception as e:  # raised again by run(t)
+                log.debug("preparing task %s: %s", t.name, e)
+        self.include_defaults = any(t.name not in LOCAL_TASKS for t in tasks)
+        self.tm = _task_manager(self.include_defaults)
+        if any(isinstance(m, QuantizedTensorModule) for m in model.modules()):
+            # quantized embeddings/lm_head are shared modules already; HFLM's tie_weights() would try to
+            # assign their dequantized buffer as a Parameter and fail
+            model.tie_weights = lambda *a, **k: None  # type: ignore[method-assign]
+        self.lm = HFLM(pretrained=model, tokenizer=hf_tokenizer(tokenizer), batch_size=batch_size)
+
+    def run(self, t: TaskSpec, limit_cap: int | None = None, out_dir: Path | None = None) -> dict[str, Any]:
+        """Task ``t``'s result: value, stderr, ``samples`` (per-example scores in document order), ...; with
+        ``out_dir``, lm-eval's results JSON and logged samples are written there (:func:`save_lmeval_outputs`)."""
+        from lm_eval import simple_evaluate  # deferred: lm_eval is optional
+
         ensure_task(t.name)
-    include_defaults = any(t.name not in LOCAL_TASKS for t in tasks)
-    tm = _task_manager(include_defaults)
-    if any(isinstance(m, QuantizedTensorModule) for m in model.modules()):
-        # quantized embeddings/lm_head are shared modules already; HFLM's tie_weights() would try to
-        # assign their dequantized buffer as a Parameter and fail
-        model.tie_weights = lambda *a, **k: None  # type: ignore[method-assign]
-    lm = HFLM(pretrained=model, tokenizer=hf_tokenizer(tokenizer), batch_size=batch_size)
-    out = []
-    for t in tasks:
         limit = t.limit
         if limit_cap is not None:
             limit = min(limit or limit_cap, limit_cap)
-        lm.batch_size_per_gpu = t.batch_size or batch_size
-        res = simple_evaluate(model=lm, tasks=[t.name], num_fewshot=t.shots, limit=limit,
-                              task_manager=tm, log_samples=True, bootstrap_iters=1000,
-                              random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
-                              fewshot_random_seed=1234)
+        self.lm.batch_size_per_gpu = t.batch_size or self.batch_size
+        task = _task_object(t.name, t.shots, self.tm, self.include_defaults)
+        scored = hasattr(task, "get_config") and task.get_config("output_type") != "generate_until"
+        with _env_info_once(), _no_kv_cache(self.lm.model) if scored else contextlib.nullcontext():
+            res = simple_evaluate(model=self.lm, tasks=[task], num_fewshot=t.shots, limit=limit,
+                                  task_manager=self.tm, log_samples=True, bootstrap_iters=1000,
+                                  random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
+                                  fewshot_random_seed=1234)
         r = res["results"][t.name]
         n = res.get("n-samples", {}).get(t.name, {})
         metric = "acc,none" if "acc,none" in r else next(k for k in r if k.endswith(",none") and "stderr" not in k)
         stderr = r.get(metric.replace(",", "_stderr,", 1))
         if out_dir is not None:
             save_lmeval_outputs(out_dir, res, t.name)
-        out.append({"task": t.name, "metric": metric.split(",")[0], "value": float(r[metric]),
-                    "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-                    "shots": t.shots, "n": n.get("effective"), "n_total": n.get("original"),
-                    "limit": limit, "version": res.get("versions", {}).get(t.name),
-                    "samples": task_samples(res, t.name, metric)})
-    return out
+        return {"task": t.name, "metric": metric.split(",")[0], "value": float(r[metric]),
+                "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                "shots": t.shots, "n": n.get("effective"), "n_total": n.get("original"),
+                "limit": limit, "version": res.get("versions", {}).get(t.name),
+                "samples": task_samples(res, t.name, metric)}
+
+
+def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[TaskSpec], batch_size: int = 8,
+                   limit_cap: int | None = None, out_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Run each task through ``lm_eval.simple_evaluate`` on the in-memory model (one HFLM for all:
+    :class:`TaskRunner`); one dict per task, with ``samples`` (per-example scores in document order). With
+    ``out_dir``, lm-eval's results JSON and logged samples are written there (:func:`save_lmeval_outputs`)."""
+    for t in tasks:
+        ensure_task(t.name)  # a task that cannot be prepared fails the call before any work
+    runner = TaskRunner(model, tokenizer, tasks, batch_size)
+    return [runner.run(t, limit_cap, out_dir) for t in tasks]
 
 
 def task_tag(p: dict[str, Any]) -> str:
@@ -445,9 +526,11 @@ def accuracy(ctx: CellContext) -> list[MetricResult]:
                              error="lm-eval is not installed (pip install quantbench[tasks])") for t in tasks]
 
     out = []
+    runner: TaskRunner | None = None
     for t in tasks:
         try:
-            (r,) = evaluate_tasks(ctx.model, ctx.tokenizer, [t], limit_cap=ctx.limit, out_dir=ctx.artifact_dir)
+            runner = runner or TaskRunner(ctx.model, ctx.tokenizer, list(tasks))  # one HFLM for the cell's tasks
+            r = runner.run(t, limit_cap=ctx.limit, out_dir=ctx.artifact_dir)
         except Exception as e:
             log.error("task %s failed: %s", t.name, e)
             out.append(MetricResult(None, {"task": t.name, "shots": t.shots}, status="failed",

@@ -35,6 +35,7 @@ from ..inputs import data as datamod
 from ..inputs.models import LoadedModel, UnsupportedFamily, check_family, family_of, load_model, model_key
 from ..measure import METRICS, CellContext, MetricResult, cell_params, memory
 from ..measure.evaluate import EvalData, Reference, build_eval_data, evaluate
+from ..measure.metrics import eval_tag
 from ..paths import REPO_ROOT
 from .records import (
     RecordWriter,
@@ -99,7 +100,7 @@ class CellRunner:
         max_windows = ev.max_windows
         if self.limit is not None:
             max_windows = min(max_windows or self.limit, self.limit)
-        return build_eval_data(ids, ev.dataset, ev.protocol, ev.seq_len, ev.stride, max_windows)
+        return build_eval_data(ids, ev.dataset, ev.protocol, ev.seq_len, ev.stride, max_windows, ev.batch_size)
 
     def _reference(self) -> Reference:
         return Reference.load_or_build(self.base.model, self.base.info, self.eval_data,
@@ -187,11 +188,15 @@ class CellRunner:
         for name, res in results:
             spec = METRICS[name]
             for r in res:
+                rprov = prov
+                if spec.tag is eval_tag or name == "peak_memory_bytes":  # read (or measured over) an eval pass
+                    data = [self.eval_data, *self.extra_eval_data][int((r.protocol or {}).get("eval_index") or 0)]
+                    rprov = {**prov, "batch_size": data.batch_size}  # windows per forward of that pass
                 out.append(make_record(
                     run_id=run_id, suite=self.suite.name, cell=cell.name, model=self._model_info(),
                     method=cell.method_label, method_config=method_config, metric=name, value=r.value,
                     unit=spec.unit, higher_is_better=spec.higher_is_better, protocol=r.protocol,
-                    stderr=r.stderr, status=r.status, error=r.error, provenance=prov,
+                    stderr=r.stderr, status=r.status, error=r.error, provenance=rprov,
                 ))
                 if r.samples is not None:
                     out[-1]["samples"] = r.samples
@@ -249,16 +254,29 @@ def _needs_calibration(chain: list[Any]) -> bool:
     return any(n not in METHODS or METHODS[n].needs_calibration for n in names)
 
 
+def _eval_definition(ev: Any) -> Any:
+    """``eval:`` (a mapping or a list of them) without ``batch_size``: windows per forward change no value
+    (<= 1e-6 relative, the GEMM blocking of a batched forward), so a run resumes under another batch size;
+    the records say which one measured them (``provenance.batch_size``)."""
+    if isinstance(ev, dict):
+        return {k: v for k, v in ev.items() if k != "batch_size"}
+    if isinstance(ev, list):
+        return [_eval_definition(e) for e in ev]
+    return ev
+
+
 def cell_definitions(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
     """Per (model key, cell) of a resolved suite document, everything its records depend on: the model
-    spec, seed, eval and limit, the method chain's configs, the calibration (when a method of the
-    chain calibrates), the metrics and the suite blocks they read (``tasks``, ``latency``)."""
+    spec, seed, eval (but its ``batch_size``: :func:`_eval_definition`) and limit, the method chain's configs,
+    the calibration (when a method of the chain calibrates), the metrics and the suite blocks they read
+    (``tasks``, ``latency``)."""
     defs: dict[tuple[str, str], dict[str, Any]] = {}
     for cell in doc.get("cells") or []:
         chain = cell.get("method") or []
         metrics = list(cell.get("metrics") or [])
         blocks = sorted({str(METRICS[m].params) for m in metrics if m in METRICS and METRICS[m].params})
-        common = {"seed": doc.get("seed"), "eval": doc.get("eval"), "limit": doc.get("limit"), "method": chain,
+        common = {"seed": doc.get("seed"), "eval": _eval_definition(doc.get("eval")), "limit": doc.get("limit"),
+                  "method": chain,
                   "calibration": cell.get("calibration") if _needs_calibration(chain) else None,
                   "metrics": sorted(metrics), **{b: cell.get(b, doc.get(b)) for b in blocks}}
         only = cell.get("models")  # ``models:``: the cell runs on these model keys only

@@ -279,3 +279,12 @@ def test_run_seed_and_limit_are_checked(argv, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "error" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "x", "1.5"])
+def test_run_batch_size_must_be_a_positive_int(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "smoke", "--batch-size", value])
+    assert e.value.code == 2
+    err = _one_error_line(capsys)
+    assert "--batch-size" in err and "positive integer" in err and repr(value) in err

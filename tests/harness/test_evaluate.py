@@ -4,6 +4,7 @@ import io
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -316,3 +317,160 @@ def test_progress_bar_over_cells_on_a_tty(tmp_path, monkeypatch):
     assert "bar: 100%" in out and "2/2" in out and "tiny-llama/r8" in out
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # no TTY: silent
     assert list(layer_progress(range(3), desc="layers-y")) == [0, 1, 2] and sys.stderr.getvalue() == ""
+
+
+# --------------------------------------------------------------------------- batched windows, the fast pass
+
+
+def _tiny_pair():
+    from quantbench.harness.inputs.models import tiny_llama
+
+    return tiny_llama().model.eval(), tiny_llama(seed=1).model.eval()
+
+
+def _direct(model, data, ref):
+    """The pass as written before the fast path: one window per forward, F.log_softmax, isfinite, the store
+    decoded by Reference.decode and renormalized, F.kl_div; float32 everywhere as there."""
+    nll, kl, top1 = [], [], 0
+    for i, w in enumerate(data.windows):
+        with torch.inference_mode():
+            lp = F.log_softmax(model(w.input_ids[None]).logits[0, w.score_from - 1 : -1].float(), dim=-1)
+        assert torch.isfinite(lp).all()
+        nll.append(-lp.gather(1, w.input_ids[w.score_from :, None])[:, 0].double())
+        a, b = ref.offsets[i], ref.offsets[i + 1]
+        rl = F.log_softmax(Reference.decode(np.array(ref._array("logprobs.npy")[a:b]),
+                                            np.array(ref._array("scale.npy")[a:b])), dim=-1)
+        kl.append(F.kl_div(lp, rl, log_target=True, reduction="none").sum(-1).double())
+        top1 += int((ref.argmax(i) == lp.argmax(-1)).sum())
+    return torch.cat(nll), torch.cat(kl), top1
+
+
+@pytest.mark.parametrize("proto, stride", [("gptq", None), ("sliding", 40)])
+def test_fast_pass_is_bitwise_the_direct_formulas(proto, stride, tmp_path):
+    """Reused buffers, in-place decode and KL, the one-read finiteness check: the same float32 bits."""
+    ref_model, q_model = _tiny_pair()
+    ids = torch.randint(0, 256, (700,))
+    data = build_eval_data(ids, "t", proto, 96, stride, None)
+    ref, _ = Reference.build(ref_model, data, tmp_path / "ref")
+    s = evaluate(q_model, data, ref)
+    nll, kl, top1 = _direct(q_model, data, ref)
+    assert torch.equal(torch.from_numpy(s.token_nll()), nll)
+    assert torch.equal(torch.from_numpy(s.token_kl()), kl)
+    assert s.top1_sum == top1 and s.n_tokens == nll.numel() and 0 < top1 < nll.numel()
+    assert s.kl_sum == float(kl.sum()) or math.isclose(s.kl_sum, float(kl.sum()), rel_tol=1e-12)
+    for i in range(len(data.windows)):  # the store's decode into a buffer is Reference.decode's, bit for bit
+        a, b = ref.offsets[i], ref.offsets[i + 1]
+        assert torch.equal(ref.raw_window(i), Reference.decode(np.array(ref._array("logprobs.npy")[a:b]),
+                                                                np.array(ref._array("scale.npy")[a:b])))
+
+
+class Counting(nn.Module):
+    """Wraps a model; records the input shape of every forward."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.shapes = inner, []
+
+    def forward(self, ids):
+        self.shapes.append(tuple(ids.shape))
+        return self.inner(ids)
+
+
+@pytest.mark.parametrize("proto, stride", [("gptq", None), ("sliding", 70)])
+@pytest.mark.parametrize("bs", [2, 3, 8])
+def test_batched_windows_match_batch_1(proto, stride, bs, tmp_path):
+    """--batch-size N: the same windows scored the same way, N per forward (a shorter last sliding window
+    alone); every statistic within 1e-6 relative of batch 1 (GEMM blocking is the only difference)."""
+    ref_model, q_model = _tiny_pair()
+    ids = torch.randint(0, 256, (900,))
+    data = build_eval_data(ids, "t", proto, 128, stride, None)
+    ref, _ = Reference.build(ref_model, data, tmp_path / "ref")
+    one = evaluate(q_model, data, ref)
+    counted = Counting(q_model)
+    many = evaluate(counted, data, ref, batch_size=bs)
+    lens = [w.input_ids.numel() for w in data.windows]
+    assert sum(s[0] for s in counted.shapes) == len(data.windows) and max(s[0] for s in counted.shapes) <= bs
+    assert len(counted.shapes) < len(data.windows)  # batched
+    assert [s[1] for s in counted.shapes for _ in range(s[0])] == lens  # in order, equal lengths per batch
+    if proto == "sliding":
+        assert lens[-1] < lens[0] and counted.shapes[-1] == (1, lens[-1])
+    assert many.n_tokens == one.n_tokens and many.top1_sum == one.top1_sum
+    for f in ("perplexity", "kl", "top1"):
+        assert math.isclose(getattr(many, f), getattr(one, f), rel_tol=1e-6), f
+    assert max(abs(a - b) for a, b in zip(many.token_kl(), one.token_kl(), strict=True)) <= 1e-6 * one.kl
+    # the batch size is data's default too, and the reference built batched is the same store within rounding
+    data.batch_size = bs
+    assert math.isclose(evaluate(q_model, data, ref).perplexity, one.perplexity, rel_tol=1e-6)
+    ref_b, _ = Reference.build(ref_model, data, tmp_path / "ref_b")
+    assert math.isclose(evaluate(q_model, data, ref_b).kl, one.kl, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_batch_size_is_a_positive_int(bad):
+    ids = torch.randint(0, 50, (300,))
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+        build_eval_data(ids, "t", "gptq", 100, batch_size=bad)
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+        evaluate(Uniform(50), build_eval_data(ids, "t", "gptq", 100), batch_size=bad)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("bs", [1, 2])
+def test_a_non_finite_logit_fails_the_pass(value, bs):
+    """One NaN or infinite logit anywhere in a scored row is caught by the one-read check (its window named)."""
+    V = 30
+    table = torch.randn(V, V)
+    ids = torch.randint(0, V, (300,))
+    data = build_eval_data(ids, "t", "gptq", 100)
+
+    class Bad(nn.Module):
+        def forward(self, x):
+            out = table[x].clone()
+            for r in range(x.shape[0]):  # window 1: the second row of the first batch of 2
+                if torch.equal(x[r], data.windows[1].input_ids):
+                    out[r, 57, 3] = value
+            return out
+
+    with pytest.raises(FloatingPointError, match="non-finite logits in window 1"):
+        evaluate(Bad(), data, batch_size=bs)
+
+
+def test_run_batch_size_in_provenance_and_resume_under_another(tmp_path):
+    """`run --batch-size`: the records of the eval pass carry provenance.batch_size (the others do not), the
+    values are batch 1's, and --resume under another batch size reruns nothing (it is no part of a cell's
+    definition); qb.evaluate(batch_size=) records it too."""
+    import yaml
+
+    from quantbench.harness import api as qb
+    from quantbench.harness.cli import main
+    from quantbench.harness.run.records import read_records
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text(yaml.safe_dump({
+        "name": "t", "models": ["tiny-llama"], "seed": 0,
+        "eval": [{"dataset": "wiki", "protocol": "gptq", "seq_len": 32, "max_windows": 3},
+                 {"dataset": "kjv", "protocol": "gptq", "seq_len": 32, "max_windows": 3}],
+        "metrics": ["perplexity", "kl_divergence", "bits_per_weight"],
+        "cells": [{"name": "r3", "method": "rtn", "params": {"bits": 3, "group_size": 64}}]}))
+    runs = {}
+    for bs in (1, 2):
+        out = tmp_path / f"bs{bs}"
+        assert main(["run", str(suite), "--out", str(out), *(["--batch-size", str(bs)] if bs > 1 else [])]) == 0
+        runs[bs] = read_records(out / "records.jsonl")
+    by = {bs: {(r["metric"], r["protocol"].get("eval_index")): r for r in recs} for bs, recs in runs.items()}
+    assert set(by[1]) == {("perplexity", None), ("perplexity", 1), ("kl_divergence", None), ("bits_per_weight", None)}
+    for key in by[1]:
+        one, two = by[1][key], by[2][key]
+        assert one["value"] == pytest.approx(two["value"], rel=1e-6, abs=1e-9)
+        assert one["provenance"]["cell_definition"] == two["provenance"]["cell_definition"]
+        if key[0] == "bits_per_weight":
+            assert "batch_size" not in two["provenance"]
+        else:
+            assert (one["provenance"]["batch_size"], two["provenance"]["batch_size"]) == (1, 2)
+    assert main(["run", str(suite), "--out", str(tmp_path / "bs2"), "--resume", "--batch-size", "3"]) == 0
+    assert read_records(tmp_path / "bs2" / "records.jsonl") == runs[2]  # nothing rerun, nothing refused
+    model, tok = qb.load_model("tiny-llama")
+    (three,) = qb.evaluate(model, tok, seq_len=32, max_windows=3, batch_size=3)
+    (one,) = qb.evaluate(model, tok, seq_len=32, max_windows=3)
+    assert (three["provenance"]["batch_size"], one["provenance"]["batch_size"]) == (3, 1)
+    assert three["value"] == pytest.approx(one["value"], rel=1e-6)

@@ -370,3 +370,40 @@ def test_cli_run_subprocess_bad_suite_exits_2_before_writing(tmp_path):
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert lines[0].startswith("error: bad.yaml: the document expands to more than")
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- eval batch_size (--batch-size)
+
+
+@pytest.mark.parametrize("bad, message", [(0, "batch_size must be a positive integer, got 0"),
+                                          ("4", "batch_size must be a positive integer"),
+                                          (True, "batch_size must be a positive integer"),
+                                          (10**9, "batch_size must be at most 1000000")])
+def test_eval_batch_size_is_checked(bad, message):
+    doc = with_(eval={**BASE["eval"], "batch_size": bad})
+    assert message in one_line_error(parse_suite, doc)
+    doc = with_(eval=[BASE["eval"], {"dataset": "kjv", "seq_len": 64, "batch_size": bad}])
+    assert "suite.eval[1]" in one_line_error(parse_suite, doc)
+
+
+def test_eval_batch_size_resolves_but_leaves_the_cell_definition_alone():
+    """batch_size changes no value (<= 1e-6 relative), so it is not part of what --resume keys a cell on;
+    the default (1) resolves as a suite without the key did; --batch-size sets every eval spec's."""
+    from quantbench.harness.run.runner import definition_hashes
+    from quantbench.harness.run.suite import with_batch_size
+
+    plain = parse_suite(with_())
+    four = parse_suite(with_(eval={**BASE["eval"], "batch_size": 4}))
+    assert plain.eval.batch_size == 1 and four.eval.batch_size == 4
+    assert "batch_size" not in resolved_yaml(plain)
+    assert "batch_size: 4" in resolved_yaml(four)
+    assert resolved_yaml(parse_suite(with_(eval={**BASE["eval"], "batch_size": 1}))) == resolved_yaml(plain)
+    assert definition_hashes(four) == definition_hashes(plain)
+    # ... while a field that changes values does change it
+    assert definition_hashes(parse_suite(with_(eval={**BASE["eval"], "seq_len": 32}))) != definition_hashes(plain)
+    two = parse_suite(with_(eval=[BASE["eval"], {"dataset": "kjv", "seq_len": 64}]))
+    set2 = with_batch_size(two, 2)
+    assert [e.batch_size for e in set2.evals] == [2, 2] and [e.batch_size for e in two.evals] == [1, 1]
+    assert definition_hashes(set2) == definition_hashes(two)
+    with pytest.raises(ConfigError, match="--batch-size must be a positive integer"):
+        with_batch_size(plain, 0)

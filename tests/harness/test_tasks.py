@@ -177,3 +177,40 @@ def test_quantbench_lm_registered_and_quantizes():
         logp = torch.log_softmax(lm.model(ids).logits[0, :-1].float(), -1)
     ref = logp[torch.arange(4, 10), ids[0, 5:]].sum().item()
     assert ll == pytest.approx(ref, abs=1e-3)
+
+
+def test_one_hflm_and_reused_task_objects_score_as_plain_lm_eval(task_cache, tmp_path, monkeypatch):
+    """A cell's tasks share one HFLM (TaskRunner), a task's documents are read once per process, the forwards
+    build no KV cache and lm-eval's environment info is collected once: every logged request and response
+    (lm-eval's samples file, log-likelihoods included) is that of plain lm-eval, an HFLM and a Task per task."""
+    import lm_eval.tasks
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    from quantbench.harness.inputs.models import tiny_llama
+
+    lm = tiny_llama()
+    specs = list(tasks.Tasks.parse("t", [{"name": "mmlu_qb", "limit": 6}, {"name": "bb_sports_understanding"},
+                                         {"name": "wiki_cloze", "limit": 4, "batch_size": 3}]).tasks)
+    tm = tasks._task_manager(False)
+    for t in specs:  # plain lm-eval, as the accuracy metric ran it before
+        hf = HFLM(pretrained=lm.model, tokenizer=tasks.hf_tokenizer(lm.tokenizer), batch_size=t.batch_size or 4)
+        res = simple_evaluate(model=hf, tasks=[t.name], num_fewshot=t.shots, limit=t.limit, task_manager=tm,
+                              log_samples=True, bootstrap_iters=1000, random_seed=0, numpy_random_seed=1234,
+                              torch_random_seed=1234, fewshot_random_seed=1234)
+        tasks.save_lmeval_outputs(tmp_path / "plain", res, t.name)
+    calls = []
+    real = lm_eval.tasks.get_task_dict
+    monkeypatch.setattr(lm_eval.tasks, "get_task_dict", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    tasks._TASKS.clear()
+    for cell in ("a", "b"):  # two cells: one runner each, the Task objects of the first reused by the second
+        runner = tasks.TaskRunner(lm.model, lm.tokenizer, specs, batch_size=4)
+        shared = [runner.run(t, out_dir=tmp_path / cell) for t in specs]
+        assert lm.model.config.use_cache  # restored
+        plain = json.loads((tmp_path / "plain" / "lmeval/results.json").read_text())["results"]
+        assert [r["value"] for r in shared] == [plain[t.name]["acc,none"] for t in specs]
+        for t in specs:
+            name = f"lmeval/samples_{t.name}.jsonl"
+            assert (tmp_path / cell / name).read_text() == (tmp_path / "plain" / name).read_text()
+            assert '"resps"' in (tmp_path / cell / name).read_text()
+    assert sorted(c[0] for c in calls) == sorted(t.name for t in specs)  # read once, not once per cell
