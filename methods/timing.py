@@ -18,6 +18,7 @@ reason kept (``fallback``).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +63,11 @@ def timer_name(dev: torch.device, clock: Callable[[], float] = time.perf_counter
     return getattr(clock, "__name__", "clock")
 
 
+def _greedy_step(fwd: Callable[..., Any], token: torch.Tensor, cache: Any) -> torch.Tensor:
+    """One decode step's forward and its greedy next token."""
+    return fwd(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+
 @torch.no_grad()
 def greedy_decode(
     model: nn.Module,
@@ -86,9 +92,7 @@ def greedy_decode(
     ids = input_ids
     for _ in range(n_new):
         ids = torch.cat([ids, nxt], 1)
-        nxt, sec = timed(
-            dev, lambda prev=nxt: fwd(prev, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1), clock
-        )
+        nxt, sec = timed(dev, functools.partial(_greedy_step, fwd, nxt, cache), clock)
         if times is not None:
             times.append(sec)
     return ids
