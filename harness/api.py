@@ -27,7 +27,6 @@ tensors and the ties; the logits are bit-identical. Other methods raise a Config
 from __future__ import annotations
 
 import copy
-import fnmatch
 import hashlib
 import json
 import logging
@@ -67,7 +66,7 @@ from .measure import METRICS, PARAM_BLOCKS, CellContext, MetricResult
 from .measure.evaluate import PROTOCOLS, Reference, build_eval_data
 from .run.records import environment, make_record, read_records, utc_now
 from .run.runner import run_suite
-from .run.suite import Suite, load_suite, parse_suite, preflight_suite, with_models
+from .run.suite import Suite, cell_filter, load_suite, parse_suite, preflight_suite, with_models
 
 __all__ = ["load_model", "calibration", "quantize", "evaluate", "run", "methods", "metrics", "records_frame",
            "save", "load"]
@@ -257,8 +256,7 @@ def run(suite: str | Path | dict[str, Any] | Suite, models: Sequence[Any] | None
     for problem in preflight_suite(s):  # devices exist and hub ids resolve, before any work
         log.warning("recorded as failed without running: %s", problem)
     pats = [cells] if isinstance(cells, str) else list(cells or [])
-    cell_filter = (lambda c: any(fnmatch.fnmatch(c.name, p) for p in pats)) if pats else None
-    run_dir = run_suite(s, Path(out) if out else None, resume, seed, limit, cell_filter)
+    run_dir = run_suite(s, Path(out) if out else None, resume, seed, limit, cell_filter(pats))
     df = records_frame(read_records(run_dir / "records.jsonl"))
     df.attrs["run_dir"] = str(run_dir)
     return df

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import logging
 import os
 import sys
@@ -33,7 +32,7 @@ from .run import export
 from .run.ray_executor import run_suite_ray
 from .run.records import read_records
 from .run.runner import run_suite
-from .run.suite import load_suite, preflight_suite, with_batch_size, with_models
+from .run.suite import cell_filter, load_suite, preflight_suite, with_batch_size, with_models
 from .tools import gpu_check, sensitivity
 
 log = logging.getLogger("quantbench")
@@ -117,17 +116,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
     if args.force and not args.resume:
         raise ConfigError("--force applies to --resume (rerun the cells whose definition changed)")
-    cell_filter = None
-    if args.cells:
-        pats = args.cells.split(",")
-        cell_filter = lambda c: any(fnmatch.fnmatch(c.name, p) for p in pats)  # noqa: E731
+    cells = cell_filter(args.cells.split(",") if args.cells else [])
     executor = getattr(args, "executor", None) or suite.executor.name
     if executor == "ray":
         run_dir = run_suite_ray(suite, Path(args.out) if args.out else None, args.resume, args.seed, args.limit,
-                                cell_filter, address=args.address, force=args.force)
+                                cells, address=args.address, force=args.force)
     else:
         run_dir = run_suite(suite, Path(args.out) if args.out else None, args.resume, args.seed, args.limit,
-                            cell_filter, force=args.force)
+                            cells, force=args.force)
     path = write_report([run_dir])
     publish.render_extras([run_dir])
     recs = read_records(run_dir / "records.jsonl")

@@ -23,9 +23,11 @@ the int32 bit stream of :func:`quantbench.kernels.intq.pack_bits`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -777,14 +779,11 @@ def load_cpu_decode_kernel() -> Any:
     codes) the kernel runs its portable loops."""
     if "mod" in _CPU_KERNEL:
         return _CPU_KERNEL["mod"]
-    import hashlib
-    import pathlib
-
     mod = None
     try:
         from torch.utils import cpp_extension
 
-        src = pathlib.Path(__file__).with_name("kv_decode_cpu.cpp")
+        src = Path(__file__).with_name("kv_decode_cpu.cpp")
         h = hashlib.sha256(src.read_bytes())
         try:
             h.update(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).encode())
@@ -862,10 +861,8 @@ def _store_args(st: _KVStore, B: int, H: int, D: int, dev: torch.device) -> list
         tg, cg = (spec.group_size, 1) if spec.axis == "channel" else (1, D // a.shape[-1])
     elif spec.axis == "channel":
         if cache.get("B") != B:
-            assert spec.lo is not None and spec.hi is not None
-            lo, hi = spec.lo.float().to(dev), spec.hi.float().to(dev)
-            cache["a"] = ((hi - lo) / 2).clamp_min(1e-6).expand(B, H, D).reshape(B, H, 1, D).contiguous()
-            cache["z"] = ((hi + lo) / 2).expand(B, H, D).reshape(B, H, 1, D).contiguous()
+            cst = _nuq_consts(spec, dev)  # encode()'s half range and midpoint [1, H, 1, D]
+            cache["a"], cache["z"] = (cst[k].expand(B, H, 1, D).contiguous() for k in ("hr", "mid"))
             cache["B"] = B
         a, z, tg, cg = cache["a"], cache["z"], 1 << 40, 1  # one scale row for all tokens
     else:  # nuq per token: the token's inlier range over all heads

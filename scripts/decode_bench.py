@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from quantbench.harness.measure.latency import _pct as pct  # the latency metric's percentiles
+
 #: the benchmark's cells: name -> (method, params)
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "fp": ("fp", {}),
@@ -34,13 +36,6 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "rtn-w8": ("rtn", {"bits": 8, "group_size": -1}),  # per-channel int8 (_weight_int8pack_mm)
     "w8a8": ("w8a8", {}),  # SmoothQuant W8A8 (calibrated on 4 x 128 wiki tokens)
 }
-
-
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def timed(run: Any, steps: int) -> dict[str, Any]:

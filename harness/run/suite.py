@@ -53,10 +53,12 @@ or in what it says, is one line (:class:`ConfigError`), raised before anything i
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import math
 import re
 import reprlib
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -674,6 +676,15 @@ def preflight_suite(suite: Suite) -> list[str]:
         family = preflight(m)
         problems += [f"{model_key(m)}/{p}" for p in family_problems(family, chains, model_key(m))]
     return problems
+
+
+def cell_filter(patterns: Sequence[str]) -> Callable[[Any], bool] | None:
+    """``--cells``: a predicate on cells whose name matches one of the glob ``patterns``; None (every cell)
+    when there are none."""
+    pats = [p for p in patterns if p]
+    if not pats:
+        return None
+    return lambda c: any(fnmatch.fnmatch(c.name, p) for p in pats)
 
 
 def with_models(suite: Suite, models: list[Any] | None = None, dtype: str | None = None,

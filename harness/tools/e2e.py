@@ -17,7 +17,6 @@ the two run directories under ``out``; the summary table is printed.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 from collections.abc import Sequence
@@ -27,18 +26,11 @@ from typing import Any
 from ..paths import SUITES_DIR
 from ..run.records import read_records
 from ..run.runner import run_suite
-from ..run.suite import load_suite, with_models
+from ..run.suite import cell_filter, load_suite, with_models
 
 #: fp and RTN float32 perplexities on the device must equal the CPU's to this relative difference
 PPL_RTOL = 1e-4
 SUITE = SUITES_DIR / "gpu-smoke.yaml"
-
-
-def _cells(pats: str | Sequence[str] | None) -> Any:
-    if not pats:
-        return None
-    ps = [p for p in (pats.split(",") if isinstance(pats, str) else pats) if p]
-    return lambda c: any(fnmatch.fnmatch(c.name, p) for p in ps)
 
 
 def _by_cell(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
@@ -76,9 +68,10 @@ def compare_runs(device_records: list[dict[str, Any]], cpu_records: list[dict[st
 def table(result: dict[str, Any], device: str) -> str:
     lines = [f"{'model':28s} {'cell':18s} {'ppl ' + device:>14s} {'ppl cpu':>14s} {'rel diff':>9s} "
              f"{'quant s dev':>11s} {'quant s cpu':>11s}  status"]
+    def f(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
     for r in result["rows"]:
-        def f(v: Any, spec: str) -> str:
-            return "-" if v is None else format(v, spec)
         lines.append(f"{r['model'][-28:]:28s} {r['cell']:18s} {f(r['ppl_device'], '14.6f')} {f(r['ppl_cpu'], '14.6f')} "
                      f"{f(r['ppl_rel_diff'], '9.2e')} {f(r['quantize_s_device'], '11.2f')} "
                      f"{f(r['quantize_s_cpu'], '11.2f')}  {'ok' if r['ok'] else '; '.join(r['problems'])}")
@@ -94,10 +87,11 @@ def run_e2e(out: Path, device: str = "cuda", models: Sequence[Any] | None = None
     ``out/e2e.json`` and returns it."""
     s = load_suite(suite)
     ms = list(models) if models else None
+    pats = cells.split(",") if isinstance(cells, str) else list(cells or [])
     runs = {}
     for side, dev in (("device", device), ("cpu", "cpu")):
         run_dir = run_suite(with_models(s, ms, None, dev), out / f"e2e-{side}-{dev.replace(':', '')}",
-                            False, None, limit, _cells(cells))
+                            False, None, limit, cell_filter(pats))
         runs[side] = read_records(run_dir / "records.jsonl")
     result = compare_runs(runs["device"], runs["cpu"])
     result.update(device=device, suite=str(suite), limit=limit, cells=cells)
