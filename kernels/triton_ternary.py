@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .ternary import act_quant_int8
+from .triton_gemv import GEMV_MAX_M, gemv_ternary
 from .triton_tuning import autotune, cfg, grouped_tile, interpreted, launch_tuned, m_bucket, run_splitk, splitk_epilogue
 
 if TYPE_CHECKING:
@@ -103,6 +104,40 @@ def _ternary_gemm_kernel(
                     False, SPLIT_K, REDUCE)  # fmt: skip
 
 
+@triton.jit
+def _ternary_dequant_kernel(p_ptr, s_ptr, w_ptr, N, K, stride_pn, stride_pk, SCALE_PER_N: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
+    """W [N, K] (row-major, w_ptr's dtype) = (code - 1) * scale: each packed byte loaded once."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    n_mask = offs_n < N
+    b = tl.load(p_ptr + offs_n[:, None] * stride_pn + offs_b[None, :] * stride_pk,
+                mask=n_mask[:, None] & (offs_b < tl.cdiv(K, 4))[None, :], other=85).to(tl.int32)  # fmt: skip
+    if SCALE_PER_N:
+        s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
+    else:
+        s = tl.load(s_ptr + offs_n * 0)
+    shifts = tl.arange(0, 4) * 2
+    code = tl.reshape((b[:, :, None] >> shifts[None, None, :]) & 3, (BLOCK_N, BLOCK_B * 4))
+    w = (code - 1).to(tl.float32) * s[:, None]
+    offs_k = tl.program_id(1) * BLOCK_B * 4 + tl.arange(0, BLOCK_B * 4)
+    tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=n_mask[:, None] & (offs_k < K)[None, :])  # fmt: skip
+
+
+def dequantize_ternary(packed: torch.Tensor, scale: torch.Tensor, K: int, dtype: Any) -> torch.Tensor:
+    """W [N, K] in ``dtype``, ``(code - 1) * scale`` (one scale, or one per row), from 2-bit codes."""
+    N = packed.shape[0]
+    s = scale.float().reshape(-1).contiguous()
+    w = torch.empty(N, K, dtype=dtype, device=packed.device)
+    bn, bb = (32, 64) if not interpreted() else (16, 8)
+    _ternary_dequant_kernel[(triton.cdiv(N, bn), triton.cdiv(triton.cdiv(K, 4), bb))](
+        packed, s, w, N, K, packed.stride(0), packed.stride(1), SCALE_PER_N=s.numel() == N and N > 1,
+        BLOCK_N=bn, BLOCK_B=bb, num_warps=4)  # fmt: skip
+    return w
+
+
+DEQUANT_MIN_M = 512  # fp activations, from this many rows on: dequantize once + cuBLAS (as W4A16)
 _DECODE_CONFIGS = [
     cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=4, GROUP_M=8),
     cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, GROUP_M=8),
@@ -153,6 +188,12 @@ def ternary_matmul(
     out_dtype = out_dtype or (torch.float32 if int8 else x.dtype)
     if M == 0:
         return torch.zeros(0, N, device=x.device, dtype=out_dtype)
+    pinned = block_m is not None or block_n is not None or block_k is not None
+    if not pinned and M <= GEMV_MAX_M and K % 16 == 0 and packed.is_contiguous() and packed.data_ptr() % 4 == 0:
+        # batch-1 decode: the GEMV (int8 activations are exact in fp32; their row scale joins the weight scale)
+        return gemv_ternary(x, packed, s * a_s if a_s is not None else s, out_dtype)
+    if not pinned and not int8 and M >= DEQUANT_MIN_M:  # prefill: dequantize once (scale folded in) + cuBLAS
+        return (x @ dequantize_ternary(packed, s, K, x.dtype).t()).to(out_dtype)
     decode = M <= 16
     flags = dict(
         SCALE_PER_N=s.numel() == N and N > 1,
@@ -160,7 +201,6 @@ def ternary_matmul(
         INT8_ACT=int8,
         DOT_FP32=x.dtype == torch.float32 or interpreted(),
     )
-    pinned = block_m is not None or block_n is not None or block_k is not None
 
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])

@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from .intq import unpack_rows
+from .triton_gemv import GEMV_MAX_M, ONE_GROUP, gemv_gptq  # ONE_GROUP: GS of per-channel scales
 from .triton_tuning import autotune, cfg, grouped_tile, interpreted, launch_tuned, m_bucket, run_splitk, splitk_epilogue
 
 if TYPE_CHECKING:
@@ -57,7 +58,6 @@ __all__ = ["DEQUANT_MIN_M", "interpreted", "triton_int_linear", "w_int_matmul", 
 DEQUANT_MIN_M = 512  # from this many rows on: dequantize once + cuBLAS
 COMPACT_UNPACK = True  # fused kernel: load packed words once and unpack in registers (sm_90: ~1/3 the smem)
 REPACK_ACT_ORDER = True  # act-order: keep a group-sorted copy of the packed weight (+1x its 4-bit bytes)
-ONE_GROUP = 1 << 30  # GS for per-channel scales (k // GS == 0 for every k)
 
 
 @triton.jit
@@ -179,24 +179,49 @@ def _dequant_kernel(
     stride_zg,
     stride_zn,
     BITS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    GS: tl.constexpr,  # > 0: sorted groups of GS rows (BLOCK_W * PER divides GS); 0: gather through g_idx
+    BLOCK_W: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """W [K, N] (row-major, w_ptr's dtype) = s[g_idx[k], n] * (q[k, n] - z[g_idx[k], n])."""
+    """W [K, N] (row-major, w_ptr's dtype) = s[g(k), n] * (q[k, n] - z[g(k), n]).
+
+    Each packed word is loaded once ([BLOCK_W, BLOCK_N] words) and its PER fields are written as PER
+    row sets (rows k = PER * w + i, each store contiguous along N); with sorted groups the tile's scale
+    and zero rows are loaded once."""
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_mask = offs_k < K
-    mask = k_mask[:, None] & (offs_n[None, :] < N)
-    qw = tl.load(qw_ptr + (offs_k[:, None] // PER) * stride_qk + offs_n[None, :] * stride_qn, mask=mask, other=0)
-    q = (qw >> ((offs_k[:, None] % PER) * BITS)) & MASK
-    g = tl.load(g_ptr + offs_k, mask=k_mask, other=0)
-    s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=mask, other=0.0)
-    qz = tl.load(qz_ptr + g[:, None] * stride_zg + (offs_n[None, :] // PER) * stride_zn, mask=mask, other=0)
-    z = (qz >> ((offs_n[None, :] % PER) * BITS)) & MASK
-    w = (q - z).to(tl.float32) * s.to(tl.float32)
-    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+    n_mask = offs_n < N
+    qw = tl.load(
+        qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+        mask=(offs_w < tl.cdiv(K, PER))[:, None] & n_mask[None, :],
+        other=0,
+    )
+    z_word = offs_n // PER
+    z_shift = (offs_n % PER) * BITS
+    if GS > 0:
+        grp = (tl.program_id(0) * BLOCK_W * PER) // GS
+        s = tl.load(s_ptr + grp * stride_sg + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+        qz = tl.load(qz_ptr + grp * stride_zg + z_word * stride_zn, mask=n_mask, other=0)
+        z = ((qz >> z_shift) & MASK).to(tl.float32)
+    for i in tl.static_range(PER):
+        offs_k = offs_w * PER + i
+        k_mask = offs_k < K
+        q = ((qw >> (i * BITS)) & MASK).to(tl.float32)
+        if GS > 0:
+            w = (q - z[None, :]) * s[None, :]
+        else:
+            mask = k_mask[:, None] & n_mask[None, :]
+            g = tl.load(g_ptr + offs_k, mask=k_mask, other=0)
+            sg = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=mask, other=0.0)
+            qzg = tl.load(qz_ptr + g[:, None] * stride_zg + z_word[None, :] * stride_zn, mask=mask, other=0)
+            w = (q - ((qzg >> z_shift[None, :]) & MASK).to(tl.float32)) * sg.to(tl.float32)
+        tl.store(
+            w_ptr + offs_k[:, None] * N + offs_n[None, :],
+            w.to(w_ptr.dtype.element_ty),
+            mask=k_mask[:, None] & n_mask[None, :],
+        )
 
 
 def _fit_block_k(configs: list[triton.Config], named_args: Any = None, **kwargs: Any) -> list[triton.Config]:
@@ -293,13 +318,25 @@ def _layout(qweight: torch.Tensor, g_idx: torch.Tensor, n_groups: int, bits: int
 
 
 def dequantize_gptq(
-    qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor, bits: int, dtype: Any
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    dtype: Any,
+    gs: int = 0,
 ) -> torch.Tensor:
-    """W^T [K, N] in ``dtype`` from the GPTQ buffers (one Triton pass over the packed weight)."""
+    """W^T [K, N] in ``dtype`` from the GPTQ buffers (one Triton pass over the packed weight).
+
+    ``gs`` > 0: the rows are in sorted groups of ``gs`` (``ONE_GROUP``: one group) and ``g_idx`` is not
+    read; 0: each row's group is gathered through ``g_idx``."""
     K, N = g_idx.numel(), scales.shape[1]
+    per = 32 // bits
     w = torch.empty(K, N, dtype=dtype, device=qweight.device)
-    bk, bn = 32, 128 if not interpreted() else 32
-    _dequant_kernel[(triton.cdiv(K, bk), triton.cdiv(N, bn))](
+    bw, bn = (16, 128) if not interpreted() else (4, 32)
+    while gs and gs % (bw * per) and bw > 1:
+        bw //= 2
+    _dequant_kernel[(triton.cdiv(triton.cdiv(K, per), bw), triton.cdiv(N, bn))](
         qweight,
         scales,
         qzeros,
@@ -314,8 +351,10 @@ def dequantize_gptq(
         qzeros.stride(0),
         qzeros.stride(1),
         BITS=bits,
-        BLOCK_K=bk,
+        GS=gs,
+        BLOCK_W=bw,
         BLOCK_N=bn,
+        num_warps=4,
     )
     return w
 
@@ -344,10 +383,14 @@ def w_int_matmul(
     pinned = block_m is not None or block_n is not None or block_k is not None
     if M == 0:
         return x.new_zeros(0, N)
-    if M >= DEQUANT_MIN_M and not pinned:
-        w = dequantize_gptq(qweight, scales, qzeros, g_idx, bits, x.dtype)
-        return torch.addmm(bias.to(x.dtype), x, w) if bias is not None else x @ w
     lay = _layout(qweight, g_idx, scales.shape[0], bits)
+    if M >= DEQUANT_MIN_M and not pinned:
+        if lay.perm is not None:  # act-order: the group-sorted copy, the activations permuted to match
+            x = x.index_select(1, lay.perm)
+        w = dequantize_gptq(lay.qweight, scales, qzeros, g_idx, bits, x.dtype, lay.gs)
+        return torch.addmm(bias.to(x.dtype), x, w) if bias is not None else x @ w
+    if M <= GEMV_MAX_M and lay.gs and not pinned:  # batch-1 decode: the GEMV (no tl.dot, magic-number unpack)
+        return gemv_gptq(x, lay.qweight, scales, qzeros, bits, lay.gs, lay.perm, bias)
     decode = M <= 16
     perm = lay.perm
     if perm is not None and not decode:

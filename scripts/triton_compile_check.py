@@ -30,7 +30,8 @@ SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 UNIT_STRIDES = {"stride_ak", "stride_bk", "stride_cn", "stride_qn", "stride_sn", "stride_zn", "stride_xk",
                 "stride_pk", "stride_yn"}  # fmt: skip
 DIV16 = {"N", "K", "stride_am", "stride_qk", "stride_sg", "stride_zg", "stride_cm", "stride_bn", "stride_xm",
-         "stride_pn", "stride_ym", "s_qb", "s_qh", "s_kb", "s_kh", "s_kt", "s_sb", "s_sh", "s_st"}  # fmt: skip
+         "stride_pn", "stride_ym", "s_qb", "s_qh", "s_kb", "s_kh", "s_kt", "s_sb", "s_sh", "s_st", "stride_wk",
+         "stride_wn"}  # fmt: skip
 
 
 def resources(cubin: bytes) -> str:
@@ -46,11 +47,11 @@ def resources(cubin: bytes) -> str:
 
 
 def compile_one(fn: Any, ptrs: dict[str, str], meta: dict[str, Any], warps: int, stages: int, arch: int) -> Any:
-    consts = dict(meta)
+    consts = {k: v for k, v in meta.items() if v is not None}  # None: a unit stride that is not one here
     sig: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list[list[Any]]] = {}
     for i, name in enumerate(fn.arg_names):
-        if name in UNIT_STRIDES:
+        if name in UNIT_STRIDES and meta.get(name, 1) is not None:
             consts[name] = 1
         if name in consts:
             sig[name] = "constexpr"
@@ -66,6 +67,7 @@ def compile_one(fn: Any, ptrs: dict[str, str], meta: dict[str, Any], warps: int,
 
 
 def kernel_sets() -> list[tuple[str, Any, dict[str, str], list[Any], dict[str, Any]]]:
+    from quantbench.kernels import triton_gemv as gv
     from quantbench.kernels import triton_int8 as i8
     from quantbench.kernels import triton_kv_attention as kv
     from quantbench.kernels import triton_ternary as tern
@@ -80,6 +82,10 @@ def kernel_sets() -> list[tuple[str, Any, dict[str, str], list[Any], dict[str, A
     tf = dict(SCALE_PER_N=False, HAS_A_SCALE=False, INT8_ACT=False, DOT_FP32=False, REDUCE=2)
     kvp = dict(Q="fp32", KC="u8", KS="fp32", KZ="fp32", VC="u8", VS="fp32", VZ="fp32", PO="fp32", PL="fp32")
     one = [triton.Config({}, num_warps=4, num_stages=3)]
+    gvp = dict(x_ptr="fp16", perm_ptr="i32", w_ptr="i32", s_ptr="fp16", z_ptr="i32", bias_ptr="fp16", c_ptr="fp16",
+               ws_ptr="fp32", cnt_ptr="i32")  # fmt: skip
+    gvf = dict(BITS=4, GS=128, ZERO_C=-1, SCALE_MODE=0, A_PERM=False, HAS_BIAS=False, MAGIC=True, REDUCE=2,
+               stride_wn=1)  # fmt: skip
     kvf = dict(H_Q=32, H_KV=8, D=128, GROUP=32, BITS=4, BLOCK_T=64, BLOCK_H=16, DOT_PREC="tf32x3")
     return [
         ("w4a16 decode sorted", w4._w_int_matmul_kernel, w4p, w4._fit_block_k(w4._DECODE_CONFIGS, GS=128),
@@ -91,8 +97,20 @@ def kernel_sets() -> list[tuple[str, Any, dict[str, str], list[Any], dict[str, A
          dict(w4f, GS=128, A_PERM=False, REDUCE=1)),
         ("w4a16 mid", w4._w_int_matmul_kernel, w4p, w4._fit_block_k(w4._MID_CONFIGS, GS=128),
          dict(w4f, GS=128, A_PERM=False, REDUCE=0)),
-        ("w4a16 dequant", w4._dequant_kernel, dict(qw_ptr="i32", s_ptr="fp16", qz_ptr="i32", g_ptr="i32", w_ptr="fp16"),
-         [triton.Config(dict(BLOCK_K=32, BLOCK_N=128), num_warps=4, num_stages=3)], dict(BITS=4)),
+        ("w4a16 dequant sorted", w4._dequant_kernel, dict(qw_ptr="i32", s_ptr="fp16", qz_ptr="i32", g_ptr="i32",
+         w_ptr="fp16"), [triton.Config(dict(BLOCK_W=16, BLOCK_N=128), num_warps=4)], dict(BITS=4, GS=128)),
+        ("w4a16 dequant gather", w4._dequant_kernel, dict(qw_ptr="i32", s_ptr="fp16", qz_ptr="i32", g_ptr="i32",
+         w_ptr="fp16"), [triton.Config(dict(BLOCK_W=16, BLOCK_N=128), num_warps=4)], dict(BITS=4, GS=0)),
+        ("gemv gptq w4 sorted", gv._packed_gemv_kernel, gvp, gv._prune(gv._CONFIGS, GS=128, BITS=4), gvf),
+        ("gemv gptq w4 act-order", gv._packed_gemv_kernel, gvp, gv._prune(gv._CONFIGS, GS=128, BITS=4),
+         dict(gvf, A_PERM=True)),
+        ("gemv gptq w4 no magic", gv._packed_gemv_kernel, gvp, gv._prune(gv._CONFIGS[:1], GS=128, BITS=4),
+         dict(gvf, MAGIC=False)),
+        ("gemv ternary", gv._packed_gemv_kernel, dict(gvp, s_ptr="fp32", z_ptr="fp32", bias_ptr="fp32"),
+         gv._prune(gv._CONFIGS, BITS=2), dict(gvf, BITS=2, GS=gv.ONE_GROUP, ZERO_C=1, SCALE_MODE=1, stride_wn=None,
+         stride_wk=1)),
+        ("ternary dequant", tern._ternary_dequant_kernel, dict(p_ptr="u8", s_ptr="fp32", w_ptr="fp16"),
+         [triton.Config(dict(BLOCK_N=32, BLOCK_B=64), num_warps=4)], dict(SCALE_PER_N=False)),
         ("int8 decode", i8._int8_matmul_kernel, i8p, i8._DECODE_CONFIGS, dict(HAS_BIAS=True, REDUCE=2)),
         ("int8 decode atomic", i8._int8_matmul_kernel, dict(i8p, c_ptr="fp32"), i8._DECODE_CONFIGS[:1],
          dict(HAS_BIAS=True, REDUCE=1)),
