@@ -100,6 +100,9 @@ _LARGE_CONFIGS = [
     cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8),
     cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8),
     cfg(4, 4, BLOCK_M=32, BLOCK_N=128, BLOCK_K=256, SPLIT_K=1, GROUP_M=8),
+    # deeper pipelines for the large tiles (192 KiB of shared memory at 4 stages on sm_90)
+    cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, SPLIT_K=1, GROUP_M=8),
+    cfg(8, 4, BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8),
 ]
 _INTERP_DECODE = cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, GROUP_M=8)
 _INTERP_LARGE = cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GROUP_M=8)

@@ -51,3 +51,17 @@ def test_cpu_form_runs_the_same_path_and_passes(tmp_path, capsys):
         assert r["ppl_rel_diff"] == 0.0, r
     assert "e2e cpu vs cpu: PASS" in capsys.readouterr().out
     assert args.fn(args) == 2  # an --out that holds a result is refused
+
+
+def test_model_flag_takes_a_random_spec_mapping():
+    import argparse
+
+    import pytest
+
+    p = argparse.ArgumentParser()
+    add_command(p.add_subparsers())
+    args = p.parse_args(["gpu-check", "--e2e", "--model", "{random: llama, hidden_size: 256, layers: 2, seed: 0}",
+                         "--model", "smollm2-135m"])
+    assert args.model == [RANDOM, "smollm2-135m"]  # a flow mapping becomes the suite's mapping; a name stays
+    with pytest.raises(SystemExit):  # an unparsable mapping is an argument error, not a model name
+        p.parse_args(["gpu-check", "--e2e", "--model", "{random: [llama"])
