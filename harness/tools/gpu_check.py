@@ -230,7 +230,8 @@ def _ternary(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Ins
     )
 
 
-def _kv_decode(M: int, K: int, N: int, dtype: Any, device: str, seed: int, prec: str | None = None) -> _Inst:
+def _kv_decode(M: int, K: int, N: int, dtype: Any, device: str, seed: int, prec: str | None = None,
+               splits: int | None = None, block_t: int = 64) -> _Inst:
     """Decode attention: M = batch, K = context tokens T, N = query heads (8 KV heads, d_h 128)."""
     import torch
 
@@ -259,10 +260,10 @@ def _kv_decode(M: int, K: int, N: int, dtype: Any, device: str, seed: int, prec:
 
     def run() -> Any:
         if prec is None:
-            return decode_attention_triton(qd, *dev, bits)
+            return decode_attention_triton(qd, *dev, bits, block_t, splits)
         saved, kv._DOT_PREC["gpu"] = kv._DOT_PREC["gpu"], prec  # the dots' precision on the GPU
         try:
-            return decode_attention_triton(qd, *dev, bits)
+            return decode_attention_triton(qd, *dev, bits, block_t, splits)
         finally:
             kv._DOT_PREC["gpu"] = saved
 
@@ -281,6 +282,22 @@ def _kv_decode_tf32(M: int, K: int, N: int, dtype: Any, device: str, seed: int) 
     return _kv_decode(M, K, N, dtype, device, seed, prec="tf32")
 
 
+def _kv_split_cases() -> list[Case]:
+    """The KV kernel at B = 1, T = 32k with more T splits (and shorter tiles) than the default ~4
+    programs per SM: is the default split latency-bound?  (Dry run: T = 1000.)"""
+
+    def make(splits: int, block_t: int) -> Callable[..., _Inst]:
+        def prepare(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Inst:
+            return _kv_decode(M, K, N, dtype, device, seed, splits=min(splits, max(1, K // block_t)),
+                              block_t=block_t)  # fmt: skip
+
+        return prepare
+
+    return [Case(f"kv-int4-decode-attn-s{sp}-t{bt}", make(sp, bt), "split-size probe",
+                 shapes=lambda dry: [(1, 1000, 8)] if dry else [(1, 32768, 32)], tol=1e-3)
+            for sp, bt in ((128, 64), (256, 32))]  # fmt: skip
+
+
 def _kv_shapes(dry: bool) -> list[tuple[int, int, int]]:
     return [(1, 1000, 8), (2, 128, 8)] if dry else [(1, 4096, 32), (1, 32768, 32), (8, 32768, 32)]
 
@@ -295,6 +312,7 @@ def _cases() -> list[Case]:
         Case("kv-int4-decode-attn", _kv_decode, "32k context: >= 2.5x fp16 SDPA", shapes=_kv_shapes, tol=1e-3),
         Case("kv-int4-decode-attn-tf32", _kv_decode_tf32, "as above, 1xTF32 dots (cost of 3xTF32)",
              shapes=lambda dry: _kv_shapes(dry)[1:], tol=2e-3),
+        *_kv_split_cases(),
     ]
 
 
