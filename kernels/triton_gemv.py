@@ -71,6 +71,7 @@ def _packed_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,  # packed words per K tile (BLOCK_W * PER weights)
     SPLIT_K: tl.constexpr,
+    PREFETCH: tl.constexpr,  # load tile i + 1 while unpacking tile i (the loads are not pipelined otherwise)
     REDUCE: tl.constexpr,
 ):
     PER: tl.constexpr = 32 // BITS
@@ -89,13 +90,23 @@ def _packed_gemv_kernel(
         z_word = offs_bn // PER
         z_shift = (offs_bn % PER) * BITS
     acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+    if PREFETCH:  # the first tile's words; each iteration then loads the next tile's before unpacking its own
+        offs_w0 = k_lo // PER + tl.arange(0, BLOCK_W)
+        qw_next = tl.load(w_ptr + offs_w0[:, None] * stride_wk + offs_bn[None, :] * stride_wn,
+                          mask=(offs_w0 * PER < k_hi)[:, None], other=0)  # fmt: skip
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_w = k0 // PER + tl.arange(0, BLOCK_W)
-        qw = tl.load(
-            w_ptr + offs_w[:, None] * stride_wk + offs_bn[None, :] * stride_wn,
-            mask=(offs_w < n_words)[:, None],
-            other=0,
-        )
+        if PREFETCH:  # register double buffering: the next tile's loads are in flight during this unpack
+            qw = qw_next
+            nxt = offs_w + BLOCK_W
+            qw_next = tl.load(w_ptr + nxt[:, None] * stride_wk + offs_bn[None, :] * stride_wn,
+                              mask=(nxt * PER < k_hi)[:, None], other=0)  # fmt: skip
+        else:
+            qw = tl.load(
+                w_ptr + offs_w[:, None] * stride_wk + offs_bn[None, :] * stride_wn,
+                mask=(offs_w < n_words)[:, None],
+                other=0,
+            )
         grp = k0 // GS
         if ZERO_C < 0:
             z = ((tl.load(z_ptr + grp * stride_zg + z_word * stride_zn) >> z_shift) & FMASK).to(tl.float32)
@@ -152,16 +163,12 @@ def _prune(configs: list[triton.Config], named_args: Any = None, **kwargs: Any) 
 
 
 _CONFIGS = [
-    cfg(4, 3, BLOCK_N=128, BLOCK_W=16, SPLIT_K=8),
-    cfg(4, 3, BLOCK_N=128, BLOCK_W=16, SPLIT_K=16),
-    cfg(4, 4, BLOCK_N=64, BLOCK_W=16, SPLIT_K=16),
-    cfg(8, 3, BLOCK_N=256, BLOCK_W=16, SPLIT_K=8),
-    cfg(4, 3, BLOCK_N=128, BLOCK_W=8, SPLIT_K=16),
-    cfg(4, 2, BLOCK_N=128, BLOCK_W=32, SPLIT_K=8),
-    cfg(8, 3, BLOCK_N=128, BLOCK_W=32, SPLIT_K=4),
-    cfg(4, 3, BLOCK_N=64, BLOCK_W=32, SPLIT_K=32),
+    cfg(w, st, BLOCK_N=bn, BLOCK_W=bw, SPLIT_K=sk, PREFETCH=pf)
+    for pf in (0, 1)
+    for (w, st, bn, bw, sk) in ((4, 3, 128, 16, 8), (4, 3, 128, 16, 16), (4, 3, 64, 16, 16), (8, 3, 256, 16, 8),
+                                (4, 3, 128, 8, 16), (4, 2, 128, 32, 8))
 ]
-_INTERP = cfg(4, 1, BLOCK_N=32, BLOCK_W=4, SPLIT_K=2)
+_INTERP = cfg(4, 1, BLOCK_N=32, BLOCK_W=4, SPLIT_K=2, PREFETCH=1)
 _KEY = ["N", "K", "BITS", "GS", "ZERO_C", "SCALE_MODE", "A_PERM", "REDUCE", "MAGIC"]
 _tuned = autotune(_CONFIGS, _KEY, prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["c_ptr"])(
     _packed_gemv_kernel

@@ -169,6 +169,7 @@ def _dequant_kernel(
     s_ptr,
     qz_ptr,
     g_ptr,
+    perm_ptr,
     w_ptr,
     N,
     K,
@@ -180,6 +181,7 @@ def _dequant_kernel(
     stride_zn,
     BITS: tl.constexpr,
     GS: tl.constexpr,  # > 0: sorted groups of GS rows (BLOCK_W * PER divides GS); 0: gather through g_idx
+    PERM: tl.constexpr,  # packed row k is written to output row perm[k] (act-order's group-sorted copy)
     BLOCK_W: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -217,8 +219,12 @@ def _dequant_kernel(
             sg = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=mask, other=0.0)
             qzg = tl.load(qz_ptr + g[:, None] * stride_zg + z_word[None, :] * stride_zn, mask=mask, other=0)
             w = (q - ((qzg >> z_shift[None, :]) & MASK).to(tl.float32)) * sg.to(tl.float32)
+        if PERM:
+            out_k = tl.load(perm_ptr + offs_k, mask=k_mask, other=0)
+        else:
+            out_k = offs_k
         tl.store(
-            w_ptr + offs_k[:, None] * N + offs_n[None, :],
+            w_ptr + out_k[:, None] * N + offs_n[None, :],
             w.to(w_ptr.dtype.element_ty),
             mask=k_mask[:, None] & n_mask[None, :],
         )
@@ -325,11 +331,13 @@ def dequantize_gptq(
     bits: int,
     dtype: Any,
     gs: int = 0,
+    perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W^T [K, N] in ``dtype`` from the GPTQ buffers (one Triton pass over the packed weight).
 
     ``gs`` > 0: the rows are in sorted groups of ``gs`` (``ONE_GROUP``: one group) and ``g_idx`` is not
-    read; 0: each row's group is gathered through ``g_idx``."""
+    read; 0: each row's group is gathered through ``g_idx``.  ``perm``: packed row k is W's row
+    ``perm[k]`` (act-order's group-sorted copy), written there, so W^T comes out in the model's order."""
     K, N = g_idx.numel(), scales.shape[1]
     per = 32 // bits
     w = torch.empty(K, N, dtype=dtype, device=qweight.device)
@@ -341,6 +349,7 @@ def dequantize_gptq(
         scales,
         qzeros,
         g_idx,
+        perm if perm is not None else g_idx,
         w,
         N,
         K,
@@ -352,6 +361,7 @@ def dequantize_gptq(
         qzeros.stride(1),
         BITS=bits,
         GS=gs,
+        PERM=perm is not None,
         BLOCK_W=bw,
         BLOCK_N=bn,
         num_warps=4,
@@ -385,9 +395,8 @@ def w_int_matmul(
         return x.new_zeros(0, N)
     lay = _layout(qweight, g_idx, scales.shape[0], bits)
     if M >= DEQUANT_MIN_M and not pinned:
-        if lay.perm is not None:  # act-order: the group-sorted copy, the activations permuted to match
-            x = x.index_select(1, lay.perm)
-        w = dequantize_gptq(lay.qweight, scales, qzeros, g_idx, bits, x.dtype, lay.gs)
+        # act-order: the group-sorted copy, each row written back to its place (no gather of x [M, K])
+        w = dequantize_gptq(lay.qweight, scales, qzeros, g_idx, bits, x.dtype, lay.gs, lay.perm)
         return torch.addmm(bias.to(x.dtype), x, w) if bias is not None else x @ w
     if M <= GEMV_MAX_M and lay.gs and not pinned:  # batch-1 decode: the GEMV (no tl.dot, magic-number unpack)
         return gemv_gptq(x, lay.qweight, scales, qzeros, bits, lay.gs, lay.perm, bias)

@@ -277,9 +277,9 @@ def _kv_decode(M: int, K: int, N: int, dtype: Any, device: str, seed: int, prec:
     )
 
 
-def _kv_decode_tf32(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Inst:
-    """As ``_kv_decode`` with single-pass TF32 dots instead of 3xTF32: what the fp32-accurate dots cost."""
-    return _kv_decode(M, K, N, dtype, device, seed, prec="tf32")
+def _kv_decode_tf32x3(M: int, K: int, N: int, dtype: Any, device: str, seed: int) -> _Inst:
+    """As ``_kv_decode`` with fp32-accurate 3xTF32 dots instead of the default TF32: what accuracy costs."""
+    return _kv_decode(M, K, N, dtype, device, seed, prec="tf32x3")
 
 
 def _kv_split_cases() -> list[Case]:
@@ -309,9 +309,10 @@ def _cases() -> list[Case]:
         Case("w4a16-gptq-sorted", _w4a16_sorted, "as w4a16-gptq (sorted g_idx, no act-order)", tol=1e-2),
         Case("w8a8-int8", _int8, "M>=512: >= 1.5x fp16", tol=1e-2),
         Case("ternary-2bit", _ternary, "M=1: >= 3x fp16 (graph); M=2048: >= 0.8x", tol=1e-2),
-        Case("kv-int4-decode-attn", _kv_decode, "32k context: >= 2.5x fp16 SDPA", shapes=_kv_shapes, tol=1e-3),
-        Case("kv-int4-decode-attn-tf32", _kv_decode_tf32, "as above, 1xTF32 dots (cost of 3xTF32)",
-             shapes=lambda dry: _kv_shapes(dry)[1:], tol=2e-3),
+        # TF32 dots: 7e-4 relative error measured on an H200 (session 9); 3xTF32 below for comparison
+        Case("kv-int4-decode-attn", _kv_decode, "32k context: >= 2.5x fp16 SDPA", shapes=_kv_shapes, tol=2e-3),
+        Case("kv-int4-decode-attn-tf32x3", _kv_decode_tf32x3, "as above, fp32-accurate 3xTF32 dots",
+             shapes=lambda dry: _kv_shapes(dry)[1:], tol=1e-3),
         *_kv_split_cases(),
     ]
 
