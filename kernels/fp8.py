@@ -114,9 +114,10 @@ def fp8_matmul_scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tens
 @functools.cache
 def cpu_has_scaled_mm() -> bool:
     """Whether this torch build runs ``torch._scaled_mm`` on E4M3 CPU tensors with row-wise scales."""
-    a = torch.ones(2, 16, dtype=E4M3)
+    a = torch.ones(2, 16, dtype=E4M3, device="cpu")
     try:
-        y = torch._scaled_mm(a, a.t(), scale_a=torch.ones(2, 1), scale_b=torch.ones(1, 2), out_dtype=torch.float32)
+        y = torch._scaled_mm(a, a.t(), scale_a=torch.ones(2, 1, device="cpu"), scale_b=torch.ones(1, 2, device="cpu"),
+                             out_dtype=torch.float32)
     except (RuntimeError, NotImplementedError, AttributeError, TypeError) as e:
         log.debug("torch._scaled_mm is not available on CPU (%s): FP8 reference path", e)
         return False

@@ -44,36 +44,36 @@ def _is_prime(q: int) -> bool:
 def _jacobsthal(q: int) -> torch.Tensor:
     """``Q[i, j] = chi(j - i)``: the quadratic character mod the prime ``q`` (0 on the diagonal)."""
     residues = {(x * x) % q for x in range(1, q)}
-    chi = torch.tensor([0] + [1 if a in residues else -1 for a in range(1, q)], dtype=torch.int64)
-    idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
+    chi = torch.tensor([0] + [1 if a in residues else -1 for a in range(1, q)], dtype=torch.int64, device="cpu")
+    idx = (torch.arange(q, device="cpu")[None, :] - torch.arange(q, device="cpu")[:, None]) % q
     return chi[idx]
 
 
 def _paley1(q: int) -> torch.Tensor:
     """Order q + 1 for a prime q = 3 mod 4: ``H = I + S``, S = [[0, 1^T], [-1, Q]] skew-symmetric."""
     n = q + 1
-    S = torch.zeros(n, n, dtype=torch.int64)
+    S = torch.zeros(n, n, dtype=torch.int64, device="cpu")
     S[0, 1:] = 1
     S[1:, 0] = -1
     S[1:, 1:] = _jacobsthal(q)
-    return S + torch.eye(n, dtype=torch.int64)
+    return S + torch.eye(n, dtype=torch.int64, device="cpu")
 
 
 def _paley2(q: int) -> torch.Tensor:
     """Order 2 (q + 1) for a prime q = 1 mod 4: the symmetric conference matrix C = [[0, 1^T], [1, Q]],
     each 0 replaced by [[1, -1], [-1, -1]] and each +-1 by +-[[1, 1], [1, -1]]."""
     n = q + 1
-    C = torch.zeros(n, n, dtype=torch.int64)
+    C = torch.zeros(n, n, dtype=torch.int64, device="cpu")
     C[0, 1:] = 1
     C[1:, 0] = 1
     C[1:, 1:] = _jacobsthal(q)
-    A = torch.tensor([[1, 1], [1, -1]], dtype=torch.int64)
-    B = torch.tensor([[1, -1], [-1, -1]], dtype=torch.int64)
-    return torch.kron(C, A) + torch.kron(torch.eye(n, dtype=torch.int64), B)
+    A = torch.tensor([[1, 1], [1, -1]], dtype=torch.int64, device="cpu")
+    B = torch.tensor([[1, -1], [-1, -1]], dtype=torch.int64, device="cpu")
+    return torch.kron(C, A) + torch.kron(torch.eye(n, dtype=torch.int64, device="cpu"), B)
 
 
 def _sylvester(n: int) -> torch.Tensor:
-    H = torch.ones(1, 1, dtype=torch.int64)
+    H = torch.ones(1, 1, dtype=torch.int64, device="cpu")
     while H.shape[0] < n:
         H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
     return H
@@ -174,7 +174,8 @@ def hadamard_transform(x: torch.Tensor, dim: int = -1, normalized: bool = True) 
 
 
 def random_hadamard_matrix(n: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """``Q = (H / sqrt(n)) diag(s)``, ``s`` random signs from ``torch.Generator().manual_seed(seed)``."""
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
+    """``Q = (H / sqrt(n)) diag(s)``, ``s`` random signs from ``torch.Generator().manual_seed(seed)``; built on
+    the CPU (the same matrix on every device: callers move it)."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    s = torch.randint(0, 2, (n,), generator=g, device="cpu").to(torch.float64) * 2 - 1
     return (hadamard_matrix(n, normalized=True) * s[None, :]).to(dtype)

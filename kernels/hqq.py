@@ -59,7 +59,7 @@ def convert_hqq_int4pack(
     off = 8 - 2 ** (bits - 1)
     codes = unpack_rows(qweight, bits, in_features) + off  # [in, out]
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous().to(torch.int32), 2)
-    ours = torch.arange(0, in_features, G) // group_size  # our group of each op group
+    ours = torch.arange(0, in_features, G, device=scales.device) // group_size  # our group of each op group
     s = scales.float()[ours]  # [in / G, out]
     z = s * (8 - off - zeros.float()[ours])
     sz = torch.stack([s, z], dim=-1).to(torch.bfloat16).contiguous()

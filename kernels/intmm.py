@@ -101,12 +101,13 @@ def convert_int4pack(layer: IntPackedWeight) -> Int4Pack:
     # stays small: with bf16 z, an uncentred 2-bit grid loses ~10 dB to cancellation
     off = 8 - 2 ** (layer.bits - 1)
     codes = layer.codes() + off  # [in, out]
-    g_sorted = torch.arange(layer.in_features) // layer.group_size  # group of each (permuted) column
+    # group of each (permuted) column
+    g_sorted = torch.arange(layer.in_features, device=codes.device) // layer.group_size
     if perm is not None:
         codes = codes[perm]
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous().to(torch.int32), 2)
     # op group j covers (permuted) columns [j G, (j + 1) G): one of our groups
-    ours = g_sorted[torch.arange(0, layer.in_features, G)]
+    ours = g_sorted[torch.arange(0, layer.in_features, G, device=codes.device)]
     s = layer.scales.float()[ours]  # [in / G, out]
     z = s * (8 - off - layer.zeros().float()[ours])
     sz = torch.stack([s, z], dim=-1).to(torch.bfloat16).contiguous()

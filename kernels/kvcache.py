@@ -110,7 +110,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return pack_bits(codes, 3, dim=-1)
     per = 8 // bits
     c = codes.to(torch.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
-    shifts = (torch.arange(per, dtype=torch.uint8) * bits).to(codes.device)
+    shifts = torch.arange(per, dtype=torch.uint8, device=codes.device) * bits
     return (c << shifts).sum(-1, dtype=torch.uint8) if per > 1 else c[..., 0]
 
 
@@ -119,7 +119,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, D: int) -> torch.Tensor:
     if bits == 3:
         return unpack_bits(packed, 3, D, dim=-1).long()
     per = 8 // bits
-    shifts = (torch.arange(per, dtype=torch.uint8) * bits).to(packed.device)
+    shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
     c = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
     return c.reshape(*packed.shape[:-1], D).long()
 
@@ -127,8 +127,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, D: int) -> torch.Tensor:
 def byte_lut(table: torch.Tensor, bits: int) -> torch.Tensor:
     """[256, 8 // bits] float32: the ``table`` entries of the codes packed in each byte value."""
     per = 8 // bits
-    b = torch.arange(256, dtype=torch.int64)
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    b = torch.arange(256, dtype=torch.int64, device="cpu")  # built on the CPU, then moved to the table's device
+    shifts = torch.arange(per, dtype=torch.int64, device="cpu") * bits
     return table.float().cpu()[(b[:, None] >> shifts) & (2**bits - 1)].to(table.device)
 
 
@@ -145,9 +145,9 @@ def lookup_codes(
         w = by[..., 0] | (by[..., 1] << 8) | (by[..., 2] << 16)
         sh = torch.arange(0, 24, 3, dtype=torch.int32, device=packed.device)
         codes = (w.unsqueeze(-1) >> sh) & 7
-        return table.float()[codes.reshape(*packed.shape[:-1], -1)[..., :D]]
+        return table.float().to(packed.device)[codes.reshape(*packed.shape[:-1], -1)[..., :D]]
     if lut is None:
-        lut = byte_lut(table, bits)
+        lut = byte_lut(table, bits).to(packed.device)
     if packed.device.type == "cpu":  # numpy's take on uint8 indices: no index conversion, ~3x faster
         out = torch.from_numpy(np.take(lut.numpy(), packed.contiguous().numpy(), axis=0))
     else:
@@ -164,7 +164,7 @@ def int_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int) -> tuple[torch
     scale = ((xmax - zero) / (2**bits - 1)).clamp_min(1e-8).to(torch.float16).float()
     scale = torch.where(
         zero + scale * (2**bits - 1) < xmax,
-        torch.nextafter(scale.half(), torch.tensor(float("inf"), dtype=torch.float16)).float(),
+        torch.nextafter(scale.half(), torch.tensor(float("inf"), dtype=torch.float16, device=scale.device)).float(),
         scale,
     )
     return scale, zero
@@ -203,12 +203,12 @@ def weighted_kmeans_1d(x: torch.Tensor, w: torch.Tensor | None, k: int, iters: i
     order = torch.argsort(x)
     xs, ws = x[order], w[order]
     cw = torch.cumsum(ws, 0) / ws.sum()
-    q = (torch.arange(k, dtype=torch.float64) + 0.5) / k
+    q = (torch.arange(k, dtype=torch.float64, device=x.device) + 0.5) / k
     c = xs[torch.searchsorted(cw, q).clamp(max=xs.numel() - 1)]
     for _ in range(iters):
         idx = torch.bucketize(xs, (c[1:] + c[:-1]) / 2)
-        num = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, ws * xs)
-        den = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, ws)
+        num = torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, idx, ws * xs)
+        den = torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, idx, ws)
         new = torch.where(den > 0, num / den.clamp_min(1e-300), c)
         new, _ = torch.sort(new)
         if torch.allclose(new, c, atol=1e-9):
@@ -384,7 +384,8 @@ def decode(e: Encoded, spec: KVSpec, out: torch.Tensor | None = None) -> torch.T
     float32 [B, H, n, D] view (e.g. a slice of the cache's output) to write into."""
     B, H, n, D = e.shape
     if spec.scheme == "int":
-        codes = lookup_codes(e.codes, torch.arange(2**spec.bits, dtype=torch.float32), spec.bits, D)
+        table = torch.arange(2**spec.bits, dtype=torch.float32, device=e.codes.device)
+        codes = lookup_codes(e.codes, table, spec.bits, D)
         scale, zero = (t.float() for t in e.scales)
         xg = _groups(codes, spec).mul_(scale.unsqueeze(-1)).add_(zero.unsqueeze(-1))
         x = _ungroup(xg, spec, codes.shape)
@@ -392,7 +393,7 @@ def decode(e: Encoded, spec: KVSpec, out: torch.Tensor | None = None) -> torch.T
     xn = lookup_codes(e.codes, spec.table(), spec.bits, D)
     if spec.axis == "channel":
         assert spec.lo is not None and spec.hi is not None
-        lo, hi = spec.lo[None, :, None, :].float(), spec.hi[None, :, None, :].float()
+        lo, hi = spec.lo[None, :, None, :].float().to(xn.device), spec.hi[None, :, None, :].float().to(xn.device)
     else:
         lo, hi = (t.float() for t in e.scales)
     x = xn.mul_(((hi - lo) / 2).clamp_min(1e-6)).add_((hi + lo) / 2)
@@ -563,7 +564,7 @@ class PackedReader:
             assert self.offsets is not None
             k = _take_rows(self.lut, e.codes.to(torch.int32).add_(self.offsets)).reshape(B, H, n, D)
         elif spec.scheme == "int" and spec.axis == "channel":
-            c = self._codes(e, torch.arange(2**spec.bits, dtype=torch.float32))
+            c = self._codes(e, torch.arange(2**spec.bits, dtype=torch.float32, device=e.codes.device))
             g = spec.group_size
             scale, zero = (t.float().unsqueeze(3) for t in e.scales)  # [B, H, n/g, 1, D]
             return torch.addcmul(zero, c.view(B, H, n // g, g, D), scale).view(B, H, n, D)
@@ -584,7 +585,7 @@ class PackedReader:
             out.copy_(decode(e, spec))
             return
         if spec.scheme == "int":
-            c = self._codes(e, torch.arange(2**spec.bits, dtype=torch.float32))
+            c = self._codes(e, torch.arange(2**spec.bits, dtype=torch.float32, device=e.codes.device))
             scale, zero = (t.float().unsqueeze(-1) for t in e.scales)  # [B, H, n, G, 1]
             G = scale.shape[3]
             torch.addcmul(zero, c.view(B, H, n, G, D // G), scale, out=out.view(B, H, n, G, D // G))
@@ -606,7 +607,7 @@ class PackedReader:
         if spec.axis != "token":
             return p @ decode(e, spec)
         if spec.scheme == "int":
-            c = self._codes(e, torch.arange(2**spec.bits, dtype=torch.float32))
+            c = self._codes(e, torch.arange(2**spec.bits, dtype=torch.float32, device=e.codes.device))
             scale, zero = (t.float() for t in e.scales)  # [B, H, n, G]
             G = scale.shape[-1]
             g = D // G
@@ -854,7 +855,8 @@ def _store_args(st: _KVStore, B: int, H: int, D: int, dev: torch.device) -> list
         codes = codes.view(torch.uint8)
     cache = st.reader.static
     if "tab" not in cache:
-        tab = torch.arange(2**spec.bits, dtype=torch.float32) if spec.scheme == "int" else spec.table().float()
+        int_tab = spec.scheme == "int"
+        tab = torch.arange(2**spec.bits, dtype=torch.float32, device=dev) if int_tab else spec.table().float()
         cache["tab"] = tab.contiguous().to(dev)
     if spec.scheme == "int":
         a, z = (t.float() for t in e.scales)
@@ -915,7 +917,10 @@ def cpu_decode_attention(
     mk = _empty((0,), torch.float32, q.device)
     if mask is not None:
         m = mask[..., -T:].reshape(B, T)
-        mk = torch.zeros(B, T).masked_fill_(~m, -torch.inf) if m.dtype == torch.bool else m.float().contiguous()
+        if m.dtype == torch.bool:
+            mk = torch.zeros(B, T, device=q.device).masked_fill_(~m, -torch.inf)
+        else:
+            mk = m.float().contiguous()
     out = mod.decode_attention(
         qs, cos, sin, mk, *_store_args(k_store, B, H, D, q.device), *_store_args(v_store, B, H, D, q.device)
     )

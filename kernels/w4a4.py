@@ -92,7 +92,7 @@ def weight_scale_sym(w: torch.Tensor, bits: int = 4, mse: bool = True,
     scale = rounded(sym_scale(w, bits).clamp_min(1e-5 / qmax_sym(bits)))
     if not mse:
         return scale
-    best = torch.full((w.shape[0],), float("inf"))
+    best = torch.full((w.shape[0],), float("inf"), device=w.device)
     full = scale.clone()
     for i in range(int(MSE_MAXSHRINK * MSE_GRID)):
         s1 = rounded(full * (1 - i / MSE_GRID))

@@ -270,7 +270,7 @@ class AWQ(Method):
         model.eval()
         inps, kws = capture_block_inputs(model, blocks[0], calib)
         n_tok = sum(int(x.numel() // x.shape[-1]) for x in inps)
-        gen = torch.Generator().manual_seed(calib.seed)
+        gen = torch.Generator(device="cpu").manual_seed(calib.seed)  # drawn on the CPU: the same rows everywhere
         alphas: dict[str, float] = {}
         clipped = 0
         for b, block in enumerate(layer_progress(blocks, desc="awq", unit="block")):
@@ -319,7 +319,7 @@ class AWQ(Method):
         tokens (the same tokens for every linear), and the fp block's outputs (the next block's inputs)."""
         keep = min(1.0, max_tokens / max(n_tok, 1))
         feats: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-        rows: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long)]
+        rows: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long, device="cpu")]
 
         def make_hook(n: str):
             def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
@@ -333,7 +333,7 @@ class AWQ(Method):
             for x, kw in zip(inps, kws):
                 t = int(x.numel() // x.shape[-1])
                 k = max(1, min(t, round(t * keep)))
-                rows[0] = torch.randperm(t, generator=gen)[:k].sort().values.to(x.device)
+                rows[0] = torch.randperm(t, generator=gen, device="cpu")[:k].sort().values.to(x.device)
                 outs.append(block_output(block(x, **kw)))
         finally:
             for h in handles:

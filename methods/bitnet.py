@@ -188,17 +188,18 @@ class BitLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, bits: str = "ternary",
                  granularity: str = "tensor", group_size: int = 128, act_bits: int | None = 8,
-                 norm: str = "none") -> None:
-        super().__init__(in_features, out_features, bias=bias)
+                 norm: str = "none", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.bits, self.granularity, self.group_size, self.act_bits = bits, granularity, group_size, act_bits
         self.norm = norm
-        self.norm_weight = None if norm == "none" else nn.Parameter(torch.ones(in_features))
+        self.norm_weight = None if norm == "none" else nn.Parameter(torch.ones(in_features, device=device))
         self.lam = 1.0
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, **kw: Any) -> BitLinear:
-        m = cls(lin.in_features, lin.out_features, lin.bias is not None, **kw)
-        m.to(lin.weight.device, lin.weight.dtype)
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, **kw, device=lin.weight.device)
+        m.to(lin.weight.dtype)
         with torch.no_grad():
             m.weight.copy_(lin.weight)
             if lin.bias is not None:
@@ -231,18 +232,19 @@ class TernaryLinear(QuantizedModule):
     norm_weight: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, fmt: str = "2bit", granularity: str = "tensor",
-                 group_size: int = 128, act_bits: int | None = 8, bias: bool = False, norm: str = "none") -> None:
+                 group_size: int = 128, act_bits: int | None = 8, bias: bool = False, norm: str = "none",
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.granularity, self.group_size, self.act_bits = fmt, granularity, group_size, act_bits
         self.norm = norm  # BitLinear input norm applied before the activation quantizer ("none": none)
-        self.register_buffer("norm_weight", None if norm == "none" else torch.ones(in_features))
+        self.register_buffer("norm_weight", None if norm == "none" else torch.ones(in_features, device=device))
         n_scales = {"tensor": (1,), "channel": (out_features,),
                     "group": (out_features, max(in_features // group_size, 1))}[granularity]
         self.register_buffer("qweight", torch.zeros(out_features, T.packed_cols(in_features, fmt),
-                                                    dtype=torch.uint8))
-        self.register_buffer("scale", torch.ones(*n_scales, dtype=torch.float32))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+                                                    dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.ones(*n_scales, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         self.packed = True
         self.cache_codes = True
         self._codes_t: torch.Tensor | None = None
@@ -253,7 +255,7 @@ class TernaryLinear(QuantizedModule):
                    bias: torch.Tensor | None = None, norm: str = "none",
                    norm_weight: torch.Tensor | None = None) -> TernaryLinear:
         out_f, in_f = codes.shape
-        m = cls(in_f, out_f, fmt, granularity, group_size, act_bits, bias is not None, norm)
+        m = cls(in_f, out_f, fmt, granularity, group_size, act_bits, bias is not None, norm, device=codes.device)
         if m.norm_weight is not None and norm_weight is not None:
             m.norm_weight.copy_(norm_weight.float())
         m.qweight.copy_(T.pack_ternary(codes, fmt))
@@ -474,7 +476,7 @@ def qat_batch(tokens: torch.Tensor, step: int, batch_size: int, seq_len: int) ->
     if n_rows == 0:
         raise ValueError(f"calibration has {flat.numel()} tokens, fewer than seq_len={seq_len}")
     rows = flat[: n_rows * seq_len].view(n_rows, seq_len)
-    idx = torch.arange(step * batch_size, (step + 1) * batch_size) % n_rows
+    idx = torch.arange(step * batch_size, (step + 1) * batch_size, device=flat.device) % n_rows
     return rows[idx]
 
 
@@ -512,13 +514,14 @@ class _Trainer(Method):
         if resumed is not None:
             start, curve = resumed
         steps, bs, seq_len = c.steps, c.batch_size, c.seq_len  # type: ignore[attr-defined]
+        dev = next(model.parameters()).device  # batches are cut from the (CPU) calibration tokens
         was_training = model.training
         model.train()
         bar = tqdm(range(start, steps), desc=self.name, leave=False, initial=start, total=steps, disable=None)
         for step in bar:
             if on_step is not None:
                 on_step(step)
-            ids = qat_batch(tokens, step, bs, seq_len)
+            ids = qat_batch(tokens, step, bs, seq_len).to(dev)
             logits = model(input_ids=ids).logits
             if teacher is not None:
                 with torch.no_grad():
@@ -644,12 +647,13 @@ class BitNetQAT(_Trainer):
         for n, bl in bitlins.items():
             bl.lam, bl.norm = 0.0, "none"  # the fp layer: every linear sees the pretrained model's input
             handles.append(bl.register_forward_pre_hook(lambda _m, args, n=n: hook(n, args[0])))
+        dev = next(model.parameters()).device
         was_training = model.training
         model.eval()
         try:
             rows = qat_batch(tokens, 0, c.norm_init_rows, c.seq_len)
             for i in range(0, rows.shape[0], c.batch_size):
-                model(input_ids=rows[i : i + c.batch_size])
+                model(input_ids=rows[i : i + c.batch_size].to(dev))
         finally:
             for h in handles:
                 h.remove()

@@ -101,7 +101,8 @@ class FP8Linear(QuantizedModule):
     bias: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, activations: str = "dynamic",
-                 weight_scale: str = "channel", dtype: torch.dtype = torch.float32) -> None:
+                 weight_scale: str = "channel", dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         if activations not in ACTIVATIONS:
             raise ValueError(f"activations {activations!r}; valid: {ACTIVATIONS}")
@@ -109,18 +110,18 @@ class FP8Linear(QuantizedModule):
             raise ValueError(f"weight_scale {weight_scale!r}; valid: {WEIGHT_SCALES}")
         self.in_features, self.out_features = in_features, out_features
         self.activations, self.weight_scale_kind = activations, weight_scale
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=fp8k.E4M3))
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=fp8k.E4M3, device=device))
         scale_shape = (out_features,) if weight_scale == "channel" else ()
-        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.packed = True
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, activations: str = "dynamic", weight_scale: str = "channel") -> FP8Linear:
         """Quantize ``linear``'s weight (scales ``amax / 448`` per output row, or over the matrix)."""
         w = linear.weight.data
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, activations, weight_scale, w.dtype)
-        m.to(w.device)
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, activations, weight_scale, w.dtype,
+                device=w.device)
         q, s = fp8k.quantize_e4m3(w, dim=1 if weight_scale == "channel" else None)
         m.qweight.copy_(q)
         m.weight_scale.copy_(s)

@@ -111,10 +111,11 @@ def capture_block_inputs(
         raise _Captured
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    dev = next(model.parameters()).device  # the calibration tokens live on the CPU
     try:
         for tokens in calib.batches(1):
             try:
-                model(tokens, use_cache=False)
+                model(tokens.to(dev), use_cache=False)
             except _Captured:
                 pass
     finally:
@@ -283,7 +284,7 @@ class GPTQ(Method):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                 tokens = x.shape[0]
                 if n not in H:
-                    H[n] = torch.zeros(x.shape[1], x.shape[1])
+                    H[n] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
                     count[n] = 0
                 H[n] *= count[n] / (count[n] + tokens)
                 count[n] += tokens

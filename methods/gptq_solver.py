@@ -71,7 +71,7 @@ def prepare_hessian(H: torch.Tensor, W: torch.Tensor, percdamp: float) -> tuple[
     H[dead, dead] = 1
     W[:, dead] = 0
     damp = percdamp * torch.mean(torch.diag(H))
-    idx = torch.arange(H.shape[0])
+    idx = torch.arange(H.shape[0], device=H.device)
     H[idx, idx] += damp
     return H, W
 
@@ -126,7 +126,7 @@ def gptq_quantize(
     if static_groups and group_size != -1:
         static = [find_params(W[:, g * gs : (g + 1) * gs], bits, sym, mse) for g in range(n_groups)]
 
-    perm = torch.arange(columns)
+    perm = torch.arange(columns, device=W.device)
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W = W[:, perm]
@@ -135,11 +135,11 @@ def gptq_quantize(
 
     Hinv = hinv_upper_cholesky(H)
     Q = torch.zeros_like(W)
-    codes = torch.zeros(rows, columns, dtype=torch.int32)
+    codes = torch.zeros(rows, columns, dtype=torch.int32, device=W.device)
     losses = torch.zeros_like(W)
-    scales = torch.zeros(rows, n_groups)
-    zeros = torch.zeros(rows, n_groups)
-    g_perm = torch.zeros(columns, dtype=torch.int32)  # group of each processed (permuted) column
+    scales = torch.zeros(rows, n_groups, device=W.device)
+    zeros = torch.zeros(rows, n_groups, device=W.device)
+    g_perm = torch.zeros(columns, dtype=torch.int32, device=W.device)  # group of each processed (permuted) column
     scale, zero = scale_row, zero_row
 
     for i1 in range(0, columns, blocksize):

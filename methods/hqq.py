@@ -185,7 +185,7 @@ class HQQLinear(QuantizedModule):
 
     def __init__(
         self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if (in_features * bits) % 32:
@@ -193,10 +193,11 @@ class HQQLinear(QuantizedModule):
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.group_size = group_size if group_size > 0 else in_features
         n_groups = -(-in_features // self.group_size)
-        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
-        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16))
-        self.register_buffer("zeros", torch.zeros(n_groups, out_features, dtype=torch.float16))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self.register_buffer("qweight",
+                             torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("zeros", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.compute_dtype = dtype
         self.packed = True
         self._sim_weight: torch.Tensor | None = None
@@ -210,7 +211,7 @@ class HQQLinear(QuantizedModule):
         """codes [out, in] in [0, 2^bits); scales and float zeros [out, n_groups]."""
         out_f, in_f = codes.shape
         dtype = bias.dtype if bias is not None else torch.float32
-        m = cls(in_f, out_f, bits, group_size, bias is not None, dtype)
+        m = cls(in_f, out_f, bits, group_size, bias is not None, dtype, device=codes.device)
         m.qweight.copy_(pack_bits(codes.t().to(torch.int32), bits, dim=0))
         m.scales.copy_(scales.t().to(torch.float16))
         m.zeros.copy_(zeros.t().to(torch.float16))

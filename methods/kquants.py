@@ -165,7 +165,7 @@ class GGMLLinear(QuantizedModule):
     @classmethod
     def from_weight(cls, w: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None) -> GGMLLinear:
-        q = torch.from_numpy(ggml.quantize(w, qtype, imatrix))
+        q = torch.from_numpy(ggml.quantize(w, qtype, imatrix)).to(w.device)  # blocks made on the CPU
         return cls(q, qtype, w.shape[1], w.shape[0], bias)
 
     def save_spec(self) -> dict[str, Any]:
@@ -186,7 +186,8 @@ class GGMLLinear(QuantizedModule):
         self._w = None  # the dequantized cache of the old blocks
 
     def dequantized_weight(self) -> torch.Tensor:
-        return ggml.dequantize_torch(self.qdata, self.qtype, (self.out_features, self.in_features))
+        w = ggml.dequantize_torch(self.qdata, self.qtype, (self.out_features, self.in_features))
+        return w.to(self.qdata.device)
 
     def kernel_path(self, device: torch.device) -> str:
         """The reference: the forward multiplies by a dense dequantized copy (llama.cpp serves the format)."""
@@ -224,9 +225,9 @@ class GGMLTensor(QuantizedTensorModule):
         super().__init__()
         self.qtype, self.shape, self.mode, self.padding_idx = qtype, tuple(shape), mode, padding_idx
         self.register_buffer("qdata", qdata)
-        self.register_buffer("weight", ggml.dequantize_torch(qdata, qtype, self.shape))
-        self.register_buffer("embed_scale", None if embed_scale is None else torch.tensor(float(embed_scale)),
-                             persistent=False)
+        self.register_buffer("weight", ggml.dequantize_torch(qdata, qtype, self.shape).to(qdata.device))
+        self.register_buffer("embed_scale", None if embed_scale is None else
+                             torch.tensor(float(embed_scale), device=qdata.device), persistent=False)
         self.num_embeddings, self.embedding_dim = self.shape
 
     def save_spec(self) -> dict[str, Any]:
@@ -285,7 +286,7 @@ def collect_imatrix(model: nn.Module, calib: Calibration, names: list[str]) -> d
     def hook(name: str):
         def fn(_mod: nn.Module, inp: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
             x = inp[0].detach().float().reshape(-1, inp[0].shape[-1])
-            sums[name] = sums.get(name, torch.zeros(x.shape[1])) + (x * x).sum(0).cpu()
+            sums[name] = sums.get(name, torch.zeros(x.shape[1], device="cpu")) + (x * x).sum(0).cpu()
             counts[name] += x.shape[0]
         return fn
 
@@ -355,7 +356,8 @@ class LlamaCpp(Method):
         te = tensor_type("token_embd", emb.weight.shape[1], c.preset, n_layer, n_gqa, has_output, bool(imat))
         types["token_embd"] = te
         emb_imat = imat.get("lm_head") if tied else None
-        new_emb = GGMLTensor(torch.from_numpy(ggml.quantize(emb.weight.data, te, emb_imat)), te,
+        emb_q = torch.from_numpy(ggml.quantize(emb.weight.data, te, emb_imat)).to(emb.weight.device)
+        new_emb = GGMLTensor(emb_q, te,
                              tuple(emb.weight.shape), "embedding", emb.padding_idx, embedding_scale(emb))
         set_module(model, emb_name, new_emb)
         if tied:
@@ -363,7 +365,7 @@ class LlamaCpp(Method):
         elif head is not None:
             to = tensor_type("output", head.in_features, c.preset, n_layer, n_gqa, has_output, bool(imat))
             types["output"] = to
-            qo = torch.from_numpy(ggml.quantize(head.weight.data, to, imat.get("lm_head")))
+            qo = torch.from_numpy(ggml.quantize(head.weight.data, to, imat.get("lm_head"))).to(head.weight.device)
             set_module(model, "lm_head", GGMLTensor(qo, to, tuple(head.weight.shape), "linear"))
         hist = Counter(types.values())
         self.artifacts["tensor_types"] = types

@@ -454,7 +454,7 @@ def cached_record_kv(
 ) -> tuple[KVRecording, bool]:
     """:func:`record_kv` and whether it was reused: the last recording, when model, tokens and settings match."""
     toks = calib.tokens[:max_samples].contiguous()
-    key = "|".join([model_fingerprint(model), hashlib.blake2b(toks.numpy().tobytes(), digest_size=16).hexdigest(),
+    key = "|".join([model_fingerprint(model), hashlib.blake2b(toks.cpu().numpy().tobytes(), digest_size=16).hexdigest(),
                     str(fisher), str(sink)])
     if key not in _RECORD_CACHE:
         _RECORD_CACHE.clear()
@@ -482,9 +482,10 @@ def record_kv(
     packed = [(q, q.packed) for q in model.modules() if isinstance(q, QuantizedModule)]
     for q, _ in packed:
         q.packed = not fisher and q.packed
+    dev = next(model.parameters()).device
     try:
         for ids in calib.tokens[:max_samples]:
-            ids = ids.unsqueeze(0)
+            ids = ids.unsqueeze(0).to(dev)
             with torch.set_grad_enabled(fisher):
                 logits = model(ids).logits
                 if fisher:
@@ -525,7 +526,8 @@ def _fit_centroids(
     """Sensitivity-weighted k-means centroids and, with Q-Norm, the reconstruction's (scale, offset)."""
     n = xn.numel()
     if n > KMEANS_MAX_POINTS:  # seeded random subsample (a fixed stride would skip whole channels)
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:KMEANS_MAX_POINTS]
+        idx = torch.randperm(n, generator=torch.Generator("cpu").manual_seed(0), device="cpu")[:KMEANS_MAX_POINTS]
+        idx = idx.to(xn.device)  # drawn on the CPU: the same subsample on every device
         xn, w = xn[idx], None if w is None else w[idx]
     cent = weighted_kmeans_1d(xn, w, 2**c.bits, c.kmeans_iters)
     return cent, (q_norm(cent, xn) if qn else None)
@@ -645,8 +647,9 @@ def decode_ms_per_token(
     ``time.thread_time`` for the CPU seconds of the calling thread, which other processes' load does not inflate)."""
     from transformers.cache_utils import DynamicCache
 
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, cast(Any, model.config).vocab_size, (1, context), generator=g)  # transformers config
+    g = torch.Generator("cpu").manual_seed(seed)
+    ids = torch.randint(0, cast(Any, model.config).vocab_size, (1, context), generator=g,  # transformers config
+                        device="cpu").to(next(model.parameters()).device)
     times: list[float] = []
     if quantized:
         cache = make_cache(model)

@@ -51,20 +51,21 @@ class LLMInt8Linear(QuantizedModule):
     bias: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, threshold: float = 6.0,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.threshold = float(threshold)
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.packed = True
         #: outlier dimensions of the last forward (diagnostics)
         self.last_outlier_dims = 0
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: float = 6.0) -> LLMInt8Linear:
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, threshold, linear.weight.dtype)
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, threshold, linear.weight.dtype,
+                device=linear.weight.device)
         q, s = int8mm.quantize_weight_per_channel(linear.weight.data)
         m.qweight.copy_(q)
         m.weight_scale.copy_(s)

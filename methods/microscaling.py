@@ -62,7 +62,7 @@ class FP4Linear(QuantizedModule):
     bias: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, fmt: str, act_fp4: bool = False, bias: bool = False,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
         super().__init__()
         if fmt not in FORMATS:
             raise ValueError(f"FP4Linear: format {fmt!r}; valid: {FORMATS}")
@@ -72,17 +72,19 @@ class FP4Linear(QuantizedModule):
         self.fmt, self.act_fp4 = fmt, act_fp4
         n_blocks = in_features // BLOCK[fmt]
         mx = fmt == "mxfp4"
-        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scale_exp", torch.zeros(out_features, n_blocks, dtype=torch.uint8) if mx else None)
-        self.register_buffer("block_scale",
-                             None if mx else torch.zeros(out_features, n_blocks, dtype=torch.float8_e4m3fn))
-        self.register_buffer("tensor_scale", None if mx else torch.ones((), dtype=torch.float32))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scale_exp",
+                             torch.zeros(out_features, n_blocks, dtype=torch.uint8, device=device) if mx else None)
+        self.register_buffer("block_scale", None if mx else
+                             torch.zeros(out_features, n_blocks, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("tensor_scale", None if mx else torch.ones((), dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.packed = False  # only the dequantized reference path exists
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, act_fp4: bool = False) -> FP4Linear:
-        m = cls(linear.in_features, linear.out_features, fmt, act_fp4, linear.bias is not None, linear.weight.dtype)
+        m = cls(linear.in_features, linear.out_features, fmt, act_fp4, linear.bias is not None, linear.weight.dtype,
+                device=linear.weight.device)
         w = linear.weight.data.float()
         if fmt == "mxfp4":
             mxq = fp4.quantize_mx(w)

@@ -162,8 +162,8 @@ def solve_mckp(
 
 
 def module_bytes(lin: nn.Linear, bits: int, group_size: int) -> int:
-    """Bytes an IntQuantLinear of this shape stores at ``bits`` (built empty, measured from its buffers)."""
-    q = IntQuantLinear(lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None)
+    """Bytes an IntQuantLinear of this shape stores at ``bits`` (built empty on the CPU, measured from its buffers)."""
+    q = IntQuantLinear(lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None, device="cpu")
     return q.storage().total
 
 

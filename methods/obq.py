@@ -142,11 +142,11 @@ def obq_quantize(
     H, W = prepare_hessian(H.cpu(), W.cpu(), percdamp)
     gs = columns if group_size == -1 else group_size
     n_groups = math.ceil(columns / gs)
-    scales = torch.zeros(rows, n_groups)
-    zeros = torch.zeros(rows, n_groups)
+    scales = torch.zeros(rows, n_groups, device="cpu")  # the grids are fitted on the CPU copy of W
+    zeros = torch.zeros(rows, n_groups, device="cpu")
     for g in range(n_groups):
         scales[:, g], zeros[:, g] = find_params(W[:, g * gs : (g + 1) * gs], bits, sym)
-    g_idx = torch.arange(columns) // gs
+    g_idx = torch.arange(columns, device="cpu") // gs
     S_all, Z_all = scales[:, g_idx].to(dtype), zeros[:, g_idx].to(dtype)  # per-weight grid [rows, columns]
 
     L = torch.linalg.cholesky(H.double())

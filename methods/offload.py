@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -24,8 +25,10 @@ def resident_bytes(module: nn.Module) -> int:
 
 
 class BlockStore:
-    def __init__(self, blocks: nn.ModuleList, directory: Path, device: str = "cpu") -> None:
-        self.blocks, self.dir, self.device = blocks, Path(directory), device
+    def __init__(self, blocks: nn.ModuleList, directory: Path, device: str | torch.device | None = None) -> None:
+        if device is None:  # where the blocks are now: a model loaded on a GPU gets its blocks back there
+            device = next((t.device for b in blocks for t in [*b.parameters(), *b.buffers()]), torch.device("cpu"))
+        self.blocks, self.dir, self.device = blocks, Path(directory), str(device)
         self.dir.mkdir(parents=True, exist_ok=True)
         for i, block in enumerate(blocks):
             sd = {k: v.detach().contiguous() for k, v in block.state_dict().items()}

@@ -37,6 +37,7 @@ class IntQuantLinear(QuantizedModule):
         bias: bool = False,
         sym: bool = False,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if (in_features * bits) % 32 or (out_features * bits) % 32:
@@ -45,11 +46,13 @@ class IntQuantLinear(QuantizedModule):
         self.bits, self.sym = bits, sym
         self.group_size = group_size if group_size > 0 else in_features
         n_groups = -(-in_features // self.group_size)
-        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
-        self.register_buffer("qzeros", torch.zeros(n_groups, out_features * bits // 32, dtype=torch.int32))
-        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16))
-        self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32) // self.group_size)
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self.register_buffer("qweight",
+                             torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros",
+                             torch.zeros(n_groups, out_features * bits // 32, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32, device=device) // self.group_size)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.compute_dtype = dtype
         self.packed = True
         self._sim_weight: torch.Tensor | None = None
@@ -69,7 +72,7 @@ class IntQuantLinear(QuantizedModule):
         """codes [out, in] ints; scales/zeros [out, n_groups]; g_idx [in] (default: i // group_size)."""
         out_f, in_f = codes.shape
         dtype = bias.dtype if bias is not None else torch.float32
-        m = cls(in_f, out_f, bits, group_size, bias is not None, sym, dtype)
+        m = cls(in_f, out_f, bits, group_size, bias is not None, sym, dtype, device=codes.device)
         m.qweight.copy_(pack_bits(codes.t().to(torch.int32), bits, dim=0))
         m.qzeros.copy_(pack_bits(zeros.t().round().to(torch.int32), bits, dim=1))
         m.scales.copy_(scales.t().to(torch.float16))

@@ -192,7 +192,8 @@ class W4A4Linear(QuantizedModule):
     bias: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, w_bits: int = 4, a_bits: int = 4, a_clip: float = 1.0,
-                 had_outer: int = 0, had_inner: int = 1, bias: bool = False) -> None:
+                 had_outer: int = 0, had_inner: int = 1, bias: bool = False,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         if w_bits not in (4, 8) or a_bits not in (4, 8, 16):
             raise ValueError(f"W4A4Linear: w_bits {w_bits} (4, 8), a_bits {a_bits} (4, 8, 16)")
@@ -202,9 +203,10 @@ class W4A4Linear(QuantizedModule):
         self.w_bits, self.a_bits, self.a_clip = w_bits, a_bits, a_clip
         self.had_outer, self.had_inner = had_outer, had_inner
         shape = (out_features, in_features // 2) if w_bits == 4 else (out_features, in_features)
-        self.register_buffer("qweight", torch.zeros(shape, dtype=torch.uint8 if w_bits == 4 else torch.int8))
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float16))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("qweight", torch.zeros(shape, dtype=torch.uint8 if w_bits == 4 else torch.int8,
+                                                    device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float16, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         self.packed = True
 
     @classmethod
@@ -212,7 +214,7 @@ class W4A4Linear(QuantizedModule):
                    had_outer: int = 0, had_inner: int = 1, bias: torch.Tensor | None = None) -> W4A4Linear:
         """Signed codes [out, in] in [-2^(b-1), 2^(b-1) - 1] and fp16-representable scales [out]."""
         out_f, in_f = codes.shape
-        m = cls(in_f, out_f, w_bits, a_bits, a_clip, had_outer, had_inner, bias is not None)
+        m = cls(in_f, out_f, w_bits, a_bits, a_clip, had_outer, had_inner, bias is not None, device=codes.device)
         q = codes.to(torch.int8)
         m.qweight.copy_(pack_int4(q) if w_bits == 4 else q)
         m.weight_scale.copy_(scale.to(torch.float16))
@@ -370,8 +372,8 @@ def rotate_model(model: nn.Module, seed: int = 0) -> dict[str, Any]:
     heads_mode = hadamard_exists(nh)
     o_had = (nh, dh) if heads_mode else (nh * dh, 1)
     untie_lm_head(model)
-    Q = random_hadamard_matrix(d, seed)  # float64
     emb, head, final_norm = m.get_input_embeddings(), m.get_output_embeddings(), m.model.norm
+    Q = random_hadamard_matrix(d, seed).to(emb.weight.device)  # float64, built on the CPU
 
     def fold(norm: nn.Module, lins: list[nn.Linear]) -> None:
         g = cast(torch.Tensor, norm.weight).double()

@@ -56,7 +56,7 @@ def rtn_fake_quantize(w: torch.Tensor, bits: int, group_size: int = 128, sym: bo
     codes, scales, zeros = rtn_quantize_weight(w, bits, group_size, sym)
     in_f = w.shape[1]
     gs = in_f if group_size == -1 else group_size
-    g = torch.arange(in_f) // gs
+    g = torch.arange(in_f, device=w.device) // gs
     return ((codes.float() - zeros[:, g]) * scales[:, g]).to(w.dtype)
 
 
@@ -96,10 +96,11 @@ def module_hessians(model: nn.Module, windows: torch.Tensor, names: Iterable[str
 
     def hook(n: str, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        H[n] = H.get(n, torch.zeros(x.shape[1], x.shape[1])).add_(x.t() @ x)
+        H[n] = H.get(n, torch.zeros(x.shape[1], x.shape[1], device=x.device)).add_(x.t() @ x)
         count[n] += x.shape[0]
 
     handles = [model.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: hook(n, a[0])) for n in names]
+    windows = windows.to(next(model.parameters()).device)
     try:
         for w in range(windows.shape[0]):
             model(windows[w : w + 1], use_cache=False)
@@ -188,10 +189,10 @@ class SensitivityProbe:
 
     def __init__(self, model: nn.Module, windows: torch.Tensor) -> None:
         self.model = model.eval()
-        self.windows = windows
+        self.windows = windows.to(next(model.parameters()).device)
         self.prefix, self.blocks = transformer_blocks(model)
         with torch.inference_mode():
-            calib = Calibration(windows, "probe", 0)
+            calib = Calibration(self.windows, "probe", 0)
             inps, self.kwargs = capture_block_inputs(model, self.blocks[0], calib)
             # inputs[l][w]: the unquantized input of block l for window w
             self.inputs: list[list[torch.Tensor]] = [inps]
@@ -307,7 +308,7 @@ class SensitivitySpec:
 
 
 def tokens_sha(windows: torch.Tensor) -> str:
-    return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+    return hashlib.sha256(windows.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
 
 
 def cache_path(key: str) -> Path:
@@ -412,8 +413,11 @@ def measure_choice_sensitivities(
                 "values": {},
             }
         )
+    for doc in docs.values():  # a non-finite value (a broken run's) is measured again, not reused
+        doc["values"] = {n: v for n, v in doc["values"].items() if math.isfinite(v.get("kl", math.nan))}
     todo = [(c, r) for c in choices for r in rows if r["name"] not in docs[c]["values"]]
     if todo:
+        windows = windows.to(next(model.parameters()).device)  # dsha above: from the same tokens
         t0 = time.perf_counter()
         if metric == "fisher-kl":
             _measure_fisher_kl(model, windows, todo, quantize_fn, docs, paths, positions, base, seeds=seeds)
@@ -560,7 +564,8 @@ def _measure_fisher_kl(
     see the whole window): the per-choice products, positions x in x out each, dominate the cost.
     """
     T = windows.shape[1]
-    sel = torch.linspace(0, T - 1, positions).round().long().unique() if 0 < positions < T else None
+    dev = windows.device
+    sel = torch.linspace(0, T - 1, positions, device=dev).round().long().unique() if 0 < positions < T else None
     by_name: dict[str, list[tuple[int, int]]] = {}
     for c, r in todo:
         if r["kind"] != "linear":
@@ -570,8 +575,8 @@ def _measure_fisher_kl(
     orig = {n: m.weight.data for n, m in mods.items()}
     # replicates: (label seed, window), seed-major; one generator per seed drawn window after window
     reps = [(s, w) for s in range(seed, seed + seeds) for w in range(windows.shape[0])]
-    acc = {n: torch.zeros(len(reps), len(cs), dtype=torch.float64) for n, cs in by_name.items()}
-    n_tok = torch.zeros(len(reps), dtype=torch.float64)
+    acc = {n: torch.zeros(len(reps), len(cs), dtype=torch.float64, device="cpu") for n, cs in by_name.items()}
+    n_tok = torch.zeros(len(reps), dtype=torch.float64, device="cpu")
     P = T if sel is None else sel.numel()
     per_rep = P * 4 * sum(m.in_features + m.out_features for m in mods.values())  # bytes of (x, g) kept
     chunk = max(1, int(STORE_BYTES // max(per_rep, 1)))
@@ -609,12 +614,13 @@ def _measure_fisher_kl(
                 m.weight.data = _quantize(quantize_fn, n, orig[n], *base).to(orig[n].dtype)
         pending: list[int] = []
         for r, (s, w) in enumerate(tqdm(reps, desc="fisher-kl", leave=False, disable=None)):
-            gen = gens.setdefault(s, torch.Generator().manual_seed(s))
+            gen = gens.setdefault(s, torch.Generator("cpu").manual_seed(s))
             ids = windows[w : w + 1]
             emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # type: ignore[operator]  # HF model attribute on nn.Module
             logits = model(inputs_embeds=emb, use_cache=False).logits[0].float()
             lp = F.log_softmax(logits, -1)
-            y = torch.multinomial(lp.detach().exp(), 1, generator=gen)
+            # labels drawn on the CPU generator: the same draws on every device
+            y = torch.multinomial(lp.detach().exp().cpu(), 1, generator=gen).to(lp.device)
             lp.gather(1, y).sum().backward()
             n_tok[r] = ids.shape[1] if sel is None else sel.numel()
             pending.append(r)

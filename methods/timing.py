@@ -85,6 +85,9 @@ def greedy_decode(
     :class:`StaticDecoder` passes its compiled forward); the prefill always runs ``model``.  ``clock`` reads
     the time (wall seconds; ``time.thread_time`` gives the calling thread's CPU seconds instead).
     """
+    p = next(model.parameters(), None)
+    if p is not None:  # prompts may be built on the CPU
+        input_ids = input_ids.to(p.device)
     dev = input_ids.device
     fwd = model if step is None else step
     out = model(input_ids, past_key_values=cache, use_cache=True)

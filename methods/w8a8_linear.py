@@ -45,6 +45,7 @@ class W8A8Linear(QuantizedModule):
         act_scheme: str = "per_token",
         quantize_output: bool = False,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if act_scheme not in ACT_SCHEMES:
@@ -52,13 +53,13 @@ class W8A8Linear(QuantizedModule):
         self.in_features, self.out_features = in_features, out_features
         self.act_scheme = act_scheme
         self.quantize_output = quantize_output
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         static = act_scheme == "per_tensor_static"
-        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32) if static else None)
-        self.register_buffer("output_scale", torch.ones((), dtype=torch.float32)
+        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device) if static else None)
+        self.register_buffer("output_scale", torch.ones((), dtype=torch.float32, device=device)
                              if static and quantize_output else None)
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.packed = True
 
     @classmethod
@@ -72,18 +73,19 @@ class W8A8Linear(QuantizedModule):
     ) -> W8A8Linear:
         """Quantize ``linear``'s weight per output channel; static schemes take the calibrated absmax."""
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, act_scheme, quantize_output,
-                linear.weight.dtype)
+                linear.weight.dtype, device=linear.weight.device)
         q, s = int8mm.quantize_weight_per_channel(linear.weight.data)
         m.qweight.copy_(q)
         m.weight_scale.copy_(s)
         if m.input_scale is not None:
             if input_absmax is None:
                 raise ValueError("per_tensor_static needs the calibrated input absmax")
-            m.input_scale.fill_(float(torch.as_tensor(input_absmax).clamp(min=int8mm.EPS)) / int8mm.QMAX)
+            m.input_scale.fill_(float(torch.as_tensor(input_absmax, device="cpu").clamp(min=int8mm.EPS)) / int8mm.QMAX)
         if m.output_scale is not None:
             if output_absmax is None:
                 raise ValueError("static output quantization needs the calibrated output absmax")
-            m.output_scale.fill_(float(torch.as_tensor(output_absmax).clamp(min=int8mm.EPS)) / int8mm.QMAX)
+            out_absmax = torch.as_tensor(output_absmax, device="cpu")
+            m.output_scale.fill_(float(out_absmax.clamp(min=int8mm.EPS)) / int8mm.QMAX)
         if linear.bias is not None:
             assert m.bias is not None  # constructed with bias=True above
             m.bias.copy_(linear.bias.data)

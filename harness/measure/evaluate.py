@@ -132,7 +132,7 @@ class _Workspace:
     def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         buf = self._bufs.get(name)
         if buf is None or tuple(buf.shape) != tuple(shape):
-            self._bufs[name] = buf = torch.empty(shape, dtype=torch.float32)
+            self._bufs[name] = buf = torch.empty(shape, dtype=torch.float32, device="cpu")
         return buf
 
 
@@ -382,7 +382,7 @@ class Reference:
         a, b = self.offsets[i], self.offsets[i + 1]
         codes = self._array("logprobs.npy")[a:b]
         if out is None:
-            out = torch.empty(codes.shape, dtype=torch.float32)
+            out = torch.empty(codes.shape, dtype=torch.float32, device="cpu")  # numpy interop
         np.copyto(out.numpy(), codes, casting="unsafe")  # uint16 -> float32, exact
         s = torch.from_numpy(self._slice("scale.npy", i).astype(np.float32, copy=False))
         return out.mul_(s[:, 1:]).add_(s[:, :1])

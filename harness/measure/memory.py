@@ -113,9 +113,9 @@ def cache_name(cache: Any) -> str:
 
 def random_ids(model: torch.nn.Module, batch: int, n: int, seed: int) -> torch.Tensor:
     """``batch x n`` seeded random token ids on the model's device."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)  # drawn on the CPU: the same ids on every device
     dev = next(model.parameters()).device
-    return torch.randint(0, model.config.vocab_size, (batch, n), generator=g).to(dev)  # type: ignore[union-attr,arg-type]  # HF model attribute on nn.Module
+    return torch.randint(0, model.config.vocab_size, (batch, n), generator=g, device="cpu").to(dev)  # type: ignore[union-attr,arg-type]  # HF model attribute on nn.Module
 
 
 @torch.no_grad()
