@@ -79,6 +79,7 @@ say "setup done"
 # python -m MODULE ARGS... with INFO logging (each suite cell's time in the stage's log): "${PYM[@]}" MODULE ARGS...
 PYM=("$PY" -c 'import logging, runpy, sys
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+logging.getLogger("quantbench.harness.run.runner").setLevel(logging.DEBUG)  # a failing cell logs its traceback
 sys.argv = sys.argv[1:]
 runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)')
 
