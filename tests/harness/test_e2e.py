@@ -65,3 +65,24 @@ def test_model_flag_takes_a_random_spec_mapping():
     assert args.model == [RANDOM, "smollm2-135m"]  # a flow mapping becomes the suite's mapping; a name stays
     with pytest.raises(SystemExit):  # an unparsable mapping is an argument error, not a model name
         p.parse_args(["gpu-check", "--e2e", "--model", "{random: [llama"])
+
+
+def test_cpu_side_runs_the_fp32_reference_kernels(tmp_path, monkeypatch):
+    """The CPU side's packed integer weights take the fp32 reference path (the fast path is bf16), the
+    device side its own kernels; the switch is restored afterwards."""
+    from quantbench.kernels import intmm
+
+    seen = []
+
+    def fake_run_suite(suite, out, *a, **k):
+        seen.append((out.name, intmm.CPU_FAST_PATH))
+        out.mkdir(parents=True)
+        (out / "records.jsonl").write_text("")
+        return out
+
+    monkeypatch.setattr(e2e, "run_suite", fake_run_suite)
+    monkeypatch.setattr(e2e, "with_models", lambda s, *a: s)
+    before = intmm.CPU_FAST_PATH
+    e2e.run_e2e(tmp_path, "cuda:0")
+    assert seen == [("e2e-device-cuda0", before), ("e2e-cpu-cpu", False)]
+    assert intmm.CPU_FAST_PATH == before
