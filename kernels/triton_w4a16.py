@@ -458,9 +458,28 @@ def w_int_matmul(
     return out
 
 
+@torch.library.custom_op("quantbench::w_int_linear", mutates_args=())
+def _w_int_linear_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                     g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`w_int_matmul` over any leading dims, as one opaque op for ``torch.compile``: dynamo cannot trace
+    the wrapper (its cached ``g_idx`` analysis is data-dependent), so a compiled decode step (CUDA graphs)
+    keeps the kernel as one node instead of falling back to eager."""
+    shape = x.shape
+    y = w_int_matmul(x.reshape(-1, shape[-1]), qweight, scales, qzeros, g_idx, bits, bias)
+    return y.reshape(*shape[:-1], y.shape[-1])
+
+
+@_w_int_linear_op.register_fake
+def _w_int_linear_fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                       g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], scales.shape[1])
+
+
 def triton_int_linear(x: torch.Tensor, layer: IntPackedWeight) -> torch.Tensor:
     """Forward of a packed integer weight (:class:`~quantbench.kernels.intq.IntPackedWeight`) through the
-    Triton kernel (any leading dims)."""
+    Triton kernel (any leading dims); under ``torch.compile`` through the opaque custom op."""
+    if torch.compiler.is_compiling():
+        return _w_int_linear_op(x, layer.qweight, layer.scales, layer.qzeros, layer.g_idx, layer.bits, layer.bias)
     shape = x.shape
     y = w_int_matmul(
         x.reshape(-1, shape[-1]), layer.qweight, layer.scales, layer.qzeros, layer.g_idx, layer.bits, layer.bias

@@ -103,3 +103,14 @@ def test_ternary_gemv_int8_activations_exact():
 def test_gemv_ternary_refuses_unaligned_k():
     with pytest.raises(ValueError, match="K % 16"):
         triton_gemv.gemv_ternary(torch.randn(1, 60), torch.zeros(4, 15, dtype=torch.uint8), torch.ones(1))
+
+
+def test_packed_linear_compiles_fullgraph_through_the_custom_op():
+    """Under torch.compile the W4A16 forward is one opaque op (dynamo cannot trace the wrapper's data-dependent
+    g_idx analysis): fullgraph compiles and gives the eager result."""
+    layer = _layer(256, 64, 4, 128, True, bias=True)
+    x = torch.randn(1, 3, 256)
+    eager = triton_w4a16.triton_int_linear(x, layer)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: triton_w4a16.triton_int_linear(t, layer), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
