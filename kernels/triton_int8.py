@@ -124,7 +124,10 @@ def int8_matmul_triton(
 ) -> torch.Tensor:
     """``y = (xq @ wq^T) * x_scale[:, None] * w_scale[None, :] + bias``: xq [M, K] int8, wq [N, K] int8.
 
-    ``block_m/n/k`` pin the tile (no autotuning; BLOCK_K >= 32 for the int8 dot)."""
+    ``block_m/n/k`` pin the tile (no autotuning; BLOCK_K >= 32 for the int8 dot).  Under ``torch.compile``
+    the call is one opaque custom op (the autotuner and the split-K bookkeeping do not trace)."""
+    if torch.compiler.is_compiling() and block_m is None and block_n is None and block_k is None:
+        return _int8_matmul_op(xq, x_scale, wq, w_scale, bias, out_dtype)
     if xq.dtype != torch.int8 or wq.dtype != torch.int8:
         raise ValueError(f"int8 operands expected, got {xq.dtype} and {wq.dtype}")
     M, K = xq.shape
@@ -185,3 +188,15 @@ def int8_matmul_triton(
     out = torch.empty(M, N, dtype=out_dtype, device=xq.device)
     launch(out, out, out, 0)
     return out
+
+
+@torch.library.custom_op("quantbench::int8_matmul", mutates_args=())
+def _int8_matmul_op(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return int8_matmul_triton(xq, x_scale, wq, w_scale, bias, out_dtype)
+
+
+@_int8_matmul_op.register_fake
+def _int8_matmul_fake(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                      bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return xq.new_empty(xq.shape[0], wq.shape[0], dtype=out_dtype)

@@ -171,7 +171,11 @@ def ternary_matmul(
 ) -> torch.Tensor:
     """x [M, K] (int8 with ``a_scale`` [M], or float) @ unpack(packed [N, ceil(K/4)])^T * scale -> [M, N].
 
-    ``block_m/n/k`` pin the tile (no autotuning)."""
+    ``block_m/n/k`` pin the tile (no autotuning).  Under ``torch.compile`` the call is one opaque custom op
+    (the autotuner and the split-K bookkeeping do not trace)."""
+    if torch.compiler.is_compiling() and block_m is None and block_n is None and block_k is None:
+        return _ternary_matmul_op(x, packed, scale, a_scale,
+                                  out_dtype or (torch.float32 if x.dtype == torch.int8 else x.dtype))
     if x.dim() != 2 or packed.dim() != 2 or packed.dtype != torch.uint8:
         raise ValueError("x must be [M, K] and packed a uint8 [N, ceil(K/4)] matrix")
     M, K = x.shape
@@ -243,3 +247,15 @@ def triton_ternary_linear(x: torch.Tensor, layer: TernaryPackedWeight) -> torch.
     if layer.bias is not None:
         y = y + layer.bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], layer.out_features)
+
+
+@torch.library.custom_op("quantbench::ternary_matmul", mutates_args=())
+def _ternary_matmul_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, a_scale: torch.Tensor | None,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+    return ternary_matmul(x, packed, scale, a_scale, out_dtype)
+
+
+@_ternary_matmul_op.register_fake
+def _ternary_matmul_fake(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, a_scale: torch.Tensor | None,
+                         out_dtype: torch.dtype) -> torch.Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0], dtype=out_dtype)

@@ -114,3 +114,21 @@ def test_packed_linear_compiles_fullgraph_through_the_custom_op():
     torch._dynamo.reset()
     compiled = torch.compile(lambda t: triton_w4a16.triton_int_linear(t, layer), fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+
+
+def test_ternary_and_int8_kernels_compile_fullgraph_through_custom_ops():
+    """The ternary and W8A8 Triton GEMMs are opaque ops under torch.compile too (fullgraph; eager result)."""
+    from quantbench.kernels import triton_int8
+    from quantbench.kernels.int8mm import quantize_per_token, quantize_weight_per_channel
+
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(-1, 2, (40, 64), generator=g, dtype=torch.int8)
+    packed, s = T.pack_ternary(codes), torch.full((1,), 0.5)
+    x = torch.randn(5, 64, generator=g)
+    wq, ws = quantize_weight_per_channel(torch.randn(48, 64, generator=g))
+    xq, xs = quantize_per_token(x)
+    cases = [(lambda t: triton_ternary.ternary_matmul(t, packed, s, out_dtype=torch.float32), x),
+             (lambda t: triton_int8.int8_matmul_triton(t, xs, wq, ws), xq)]
+    for f, arg in cases:
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(arg), f(arg), rtol=0, atol=0)
