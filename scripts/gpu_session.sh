@@ -4,7 +4,8 @@
 #
 # Device:  OUT=<empty dir> bash scripts/gpu_session.sh        (run from the repository root)
 #   carried ignored paths: .whl (pure-python wheels the machine lacks: gguf) and .devcache (QUANTBENCH_CACHE
-#   with only the wiki corpus wheel and its byte-tokenizer token files, what the random-model runs read).
+#   with only the wiki corpus wheel and its byte-tokenizer token files, what the random-model runs read);
+#   scripts/gpu_session_prep.sh builds both here first.
 # Here (CPU): QB_DEVICE=cpu QB_STAGES=B,C PY=.venv/bin/python QB_LIMIT=1 QB_CELLS=fp,rtn-w4g128 \
 #   QB_MODEL='{random: llama, hidden_size: 256, layers: 2, seed: 0}' OUT=/tmp/gs bash scripts/gpu_session.sh
 #
