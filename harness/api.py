@@ -57,6 +57,7 @@ from ..methods.base import (
     model_fingerprint,
     set_module,
 )
+from ..methods.placement import model_device
 from ..methods.quantize import quantize as _quantize
 from .inputs import data as datamod
 from .inputs.data import DATASETS
@@ -92,7 +93,7 @@ def _state(model: nn.Module) -> dict[str, Any]:
                                      "params": sum(p.numel() for p in model.parameters()),
                                      "source_precision": None, "architecture": getattr(cfg, "model_type", None),
                                      "dtype": dtype_name(next(model.parameters()).dtype),
-                                     "device": str(next(model.parameters()).device)},
+                                     "device": str(model_device(model))},
               "chain": [], "methods": []}
         object.__setattr__(model, STATE, st)  # a plain attribute (not a submodule), copied by deepcopy
     return st
@@ -414,7 +415,7 @@ def load(directory: str | Path, device: str | None = None) -> tuple[nn.Module, A
     elif model_fingerprint(model, exact=False) != meta["source_fingerprint"]:
         raise ConfigError(f"{d}: the source model {meta['source']!r} is not the one the checkpoint was saved from "
                           "(its weights changed)")
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     used: set[str] = set()
     for name, m in meta["modules"].items():
         cls = MODULE_CLASSES.get(m["class"])

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .triton_tuning import autotune, cfg, interpreted, launch_tuned, run_splitk, splitk_epilogue
 
-__all__ = ["gemv_gptq", "gemv_ternary", "GEMV_MAX_M"]
+__all__ = ["gemv_gptq", "gemv_ternary", "fit_words", "GEMV_MAX_M"]
 
 GEMV_MAX_M = 1  # rows handled by the GEMV (M = 1: decode at batch 1); larger M takes the tl.dot kernels
 MAGIC_UNPACK = True  # fp32 magic-number unpack (False: shift, mask and convert each field; kept for tests)
@@ -145,6 +145,13 @@ def _packed_gemv_kernel(
                     HAS_BIAS, SPLIT_K, REDUCE)  # fmt: skip
 
 
+def fit_words(words: int, per: int, gs: int) -> int:
+    """``words`` halved until a tile of ``words * per`` rows lies inside one group of ``gs`` rows (0: no groups)."""
+    while gs and gs % (words * per) and words > 1:
+        words //= 2
+    return words
+
+
 def _prune(configs: list[triton.Config], named_args: Any = None, **kwargs: Any) -> list[triton.Config]:
     """A K tile must lie inside one group (halve BLOCK_W until BLOCK_W * PER divides GS); no split may be
     empty (SPLIT_K at most the number of K tiles)."""
@@ -153,8 +160,7 @@ def _prune(configs: list[triton.Config], named_args: Any = None, **kwargs: Any) 
     out: dict[tuple, triton.Config] = {}
     for c in configs:
         meta = dict(c.kwargs)
-        while gs % (meta["BLOCK_W"] * per) and meta["BLOCK_W"] > 1:
-            meta["BLOCK_W"] //= 2
+        meta["BLOCK_W"] = fit_words(meta["BLOCK_W"], per, gs)
         if k is not None:
             meta["SPLIT_K"] = max(1, min(meta["SPLIT_K"], -(-k // (meta["BLOCK_W"] * per))))
         key = (tuple(sorted(meta.items())), c.num_warps, c.num_stages)

@@ -178,10 +178,12 @@ def decode_attention_triton(
     bits: int,
     block_t: int = 64,
     num_splits: int | None = None,
+    dot_prec: str | None = None,
 ) -> torch.Tensor:
     """Triton decode attention over the packed layout (same contract as :func:`decode_attention_ref`).
 
-    ``num_splits`` (default: sized to the GPU) is how many programs share each head's T axis."""
+    ``num_splits`` (default: sized to the GPU) is how many programs share each head's T axis; ``dot_prec``
+    the GPU dots' precision (default ``_DOT_PREC["gpu"]``: TF32; ``"tf32x3"``: fp32-accurate)."""
     if not HAS_TRITON:  # pragma: no cover
         raise RuntimeError("triton is not installed")
     if bits not in (2, 4, 8):
@@ -200,7 +202,7 @@ def decode_attention_triton(
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads do not share {Hkv} KV heads evenly")
     # scores and P @ V on tensor cores in TF32, fp32 accumulation (IEEE fp32 in the interpreter and on the CPU)
-    prec = "ieee" if interpreted() or q.device.type != "cuda" else _DOT_PREC["gpu"]
+    prec = "ieee" if interpreted() or q.device.type != "cuda" else dot_prec or _DOT_PREC["gpu"]
 
     def launch(prec: str) -> None:
         kernel = _kv_decode_split_kernel if interpreted() else _kv_decode_split_tuned

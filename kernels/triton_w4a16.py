@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from .intq import unpack_rows
-from .triton_gemv import GEMV_MAX_M, ONE_GROUP, gemv_gptq  # ONE_GROUP: GS of per-channel scales
+from .triton_gemv import GEMV_MAX_M, ONE_GROUP, fit_words, gemv_gptq  # ONE_GROUP: GS of per-channel scales
 from .triton_tuning import autotune, cfg, grouped_tile, interpreted, launch_tuned, m_bucket, run_splitk, splitk_epilogue
 
 if TYPE_CHECKING:
@@ -342,8 +342,7 @@ def dequantize_gptq(
     per = 32 // bits
     w = torch.empty(K, N, dtype=dtype, device=qweight.device)
     bw, bn = (16, 128) if not interpreted() else (4, 32)
-    while gs and gs % (bw * per) and bw > 1:
-        bw //= 2
+    bw = fit_words(bw, per, gs)
     _dequant_kernel[(triton.cdiv(triton.cdiv(K, per), bw), triton.cdiv(N, bn))](
         qweight,
         scales,

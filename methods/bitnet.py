@@ -81,6 +81,7 @@ from .base import (
     set_module,
     tensor_bytes,
 )
+from .placement import model_device
 
 log = logging.getLogger(__name__)
 
@@ -514,7 +515,7 @@ class _Trainer(Method):
         if resumed is not None:
             start, curve = resumed
         steps, bs, seq_len = c.steps, c.batch_size, c.seq_len  # type: ignore[attr-defined]
-        dev = next(model.parameters()).device  # batches are cut from the (CPU) calibration tokens
+        dev = model_device(model)  # batches are cut from the (CPU) calibration tokens
         was_training = model.training
         model.train()
         bar = tqdm(range(start, steps), desc=self.name, leave=False, initial=start, total=steps, disable=None)
@@ -647,7 +648,7 @@ class BitNetQAT(_Trainer):
         for n, bl in bitlins.items():
             bl.lam, bl.norm = 0.0, "none"  # the fp layer: every linear sees the pretrained model's input
             handles.append(bl.register_forward_pre_hook(lambda _m, args, n=n: hook(n, args[0])))
-        dev = next(model.parameters()).device
+        dev = model_device(model)
         was_training = model.training
         model.eval()
         try:

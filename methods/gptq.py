@@ -38,6 +38,7 @@ from .base import (
 )
 from .gptq_solver import gptq_quantize
 from .offload import BlockStore
+from .placement import model_device
 from .qlinear import IntQuantLinear
 from .quantize import ModulePlan, module_configs
 
@@ -111,7 +112,7 @@ def capture_block_inputs(
         raise _Captured
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    dev = next(model.parameters()).device  # the calibration tokens live on the CPU
+    dev = model_device(model)  # the calibration tokens live on the CPU
     try:
         for tokens in calib.batches(1):
             try:

@@ -36,6 +36,7 @@ from .base import (
     register,
     set_module,
 )
+from .placement import model_device
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ def collect_imatrix(model: nn.Module, calib: Calibration, names: list[str]) -> d
         hooks.append(model.get_submodule(name).register_forward_hook(hook(name)))
     try:
         for batch in tqdm(list(calib.batches(1)), desc="imatrix", leave=False, disable=None):
-            model(batch.to(next(model.parameters()).device))
+            model(batch.to(model_device(model)))
     finally:
         for h in hooks:
             h.remove()

@@ -76,6 +76,7 @@ from .base import (
     register,
 )
 from .kvcalc import OUTLIER_BYTES, cache_bytes, fp16_cache_bytes, head_dim_of, kv_heads_of
+from .placement import model_device
 from .timing import greedy_decode
 
 log = logging.getLogger(__name__)
@@ -482,7 +483,7 @@ def record_kv(
     packed = [(q, q.packed) for q in model.modules() if isinstance(q, QuantizedModule)]
     for q, _ in packed:
         q.packed = not fisher and q.packed
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     try:
         for ids in calib.tokens[:max_samples]:
             ids = ids.unsqueeze(0).to(dev)
@@ -649,7 +650,7 @@ def decode_ms_per_token(
 
     g = torch.Generator("cpu").manual_seed(seed)
     ids = torch.randint(0, cast(Any, model.config).vocab_size, (1, context), generator=g,  # transformers config
-                        device="cpu").to(next(model.parameters()).device)
+                        device="cpu").to(model_device(model))
     times: list[float] = []
     if quantized:
         cache = make_cache(model)

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from .base import Calibration, ConfigError, cache_dir, iter_linears, model_fingerprint
 from .gptq import block_output, capture_block_inputs, transformer_blocks
 from .gptq_solver import gptq_quantize
+from .placement import model_device
 from .rtn import rtn_quantize_weight
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def module_hessians(model: nn.Module, windows: torch.Tensor, names: Iterable[str
         count[n] += x.shape[0]
 
     handles = [model.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: hook(n, a[0])) for n in names]
-    windows = windows.to(next(model.parameters()).device)
+    windows = windows.to(model_device(model))
     try:
         for w in range(windows.shape[0]):
             model(windows[w : w + 1], use_cache=False)
@@ -189,7 +190,7 @@ class SensitivityProbe:
 
     def __init__(self, model: nn.Module, windows: torch.Tensor) -> None:
         self.model = model.eval()
-        self.windows = windows.to(next(model.parameters()).device)
+        self.windows = windows.to(model_device(model))
         self.prefix, self.blocks = transformer_blocks(model)
         with torch.inference_mode():
             calib = Calibration(self.windows, "probe", 0)
@@ -417,7 +418,7 @@ def measure_choice_sensitivities(
         doc["values"] = {n: v for n, v in doc["values"].items() if math.isfinite(v.get("kl", math.nan))}
     todo = [(c, r) for c in choices for r in rows if r["name"] not in docs[c]["values"]]
     if todo:
-        windows = windows.to(next(model.parameters()).device)  # dsha above: from the same tokens
+        windows = windows.to(model_device(model))  # dsha above: from the same tokens
         t0 = time.perf_counter()
         if metric == "fisher-kl":
             _measure_fisher_kl(model, windows, todo, quantize_fn, docs, paths, positions, base, seeds=seeds)

@@ -52,6 +52,7 @@ from .base import (
     register,
     set_module,
 )
+from .placement import model_device
 from .w8a8_linear import ACT_SCHEMES, W8A8Linear
 
 if TYPE_CHECKING:
@@ -135,7 +136,7 @@ def _capture_act_stats(model: nn.Module, calib: Calibration, names: list[str]) -
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     try:
         torch.manual_seed(calib.seed)
-        device = next(model.parameters()).device
+        device = model_device(model)
         for batch in tqdm(list(calib.batches(1)), desc="smoothquant calibration", leave=False, disable=None):
             model(batch.to(device))
     finally:

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .placement import model_device
+
 #: untimed steps that trace and compile the step (the second one checks that no recompilation is left)
 COMPILE_WARMUP_STEPS = 2
 
@@ -85,9 +87,7 @@ def greedy_decode(
     :class:`StaticDecoder` passes its compiled forward); the prefill always runs ``model``.  ``clock`` reads
     the time (wall seconds; ``time.thread_time`` gives the calling thread's CPU seconds instead).
     """
-    p = next(model.parameters(), None)
-    if p is not None:  # prompts may be built on the CPU
-        input_ids = input_ids.to(p.device)
+    input_ids = input_ids.to(model_device(model))  # prompts may be built on the CPU
     dev = input_ids.device
     fwd = model if step is None else step
     out = model(input_ids, past_key_values=cache, use_cache=True)

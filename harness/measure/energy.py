@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ...methods.placement import model_device
 from . import latency
 from .base import CellContext, MetricResult, metric
 
@@ -120,7 +121,7 @@ def measure(counter: Any, fn: Callable[[], int], min_seconds: float = MIN_WINDOW
 def energy_j_per_token(ctx: CellContext, rapl_root: Path = RAPL_ROOT, nvml: Any = None) -> list[MetricResult]:
     """Decode J/token (value) and prefill J/token (protocol), windows of >= 1 s each, of the
     ``latency:`` block's workloads."""
-    dev = str(next(ctx.model.parameters()).device)
+    dev = str(model_device(ctx.model))
     counter, reason = find_counter(dev, rapl_root, nvml)
     if counter is None:
         return [MetricResult(None, {"device": dev}, status="unavailable", error=reason)]

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ...methods.base import ConfigError
+from ...methods.placement import model_device
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def _forward_windows(model: nn.Module, windows: list[Window], batch_size: int = 
     """``(index, window, logits [len, V])`` of each window in order; the model runs ``batch_size`` windows
     of equal length per forward (consecutive ones; a shorter last window of the sliding protocol goes alone).
     A batched forward scores each window as one alone does (causal attention, no padding)."""
-    param = next(model.parameters(), None)  # a model loaded on a GPU (--device) reads its inputs there
+    dev = model_device(model)  # a model loaded on a GPU (--device) reads its inputs there
     # a transformers model builds no KV cache for a one-shot forward (the same logits, bit for bit: tested on
     # smollm2-135m; the eval path of the KV methods quantizes in k_proj/v_proj wrappers, not in a cache)
     kw = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
@@ -154,7 +155,7 @@ def _forward_windows(model: nn.Module, windows: list[Window], batch_size: int = 
             j += 1
         ids = torch.stack([w.input_ids for w in windows[i:j]])
         with torch.inference_mode():
-            out = model(ids.to(param.device) if param is not None else ids, **kw)
+            out = model(ids.to(dev), **kw)
         logits = out.logits if hasattr(out, "logits") else out
         for k in range(i, j):
             yield k, windows[k], logits[k - i]

@@ -39,6 +39,7 @@ import torch
 
 from ...methods.base import ConfigError, Method, QuantizedModule, did_you_mean, dtype_name, model_storage
 from ...methods.gguf_export import export_gguf
+from ...methods.placement import model_device
 from ...methods.timing import StaticDecoder, greedy_decode, sync, timed, timer_name
 from ..tools import llamacpp
 from .base import PARAM_BLOCKS, CellContext, MetricResult, metric
@@ -288,7 +289,7 @@ def measure_latency(ctx: CellContext) -> dict[str, Any]:
         ctx.memo["latency"] = _engine_latency(ctx, engine, p)
         return ctx.memo["latency"]
     model, kv = ctx.model, ctx.kv_method
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     pre_ids = random_ids(model, p.batch, p.prompt_len, ctx.seed)
     ctx_ids = random_ids(model, p.batch, p.context, ctx.seed + 1)
     bw = memory_bandwidth(dev)

@@ -20,6 +20,7 @@ import torch
 
 from ...methods.base import Method
 from ...methods.kvcalc import fp16_cache_bytes, kv_shape
+from ...methods.placement import model_device
 from .base import CellContext, MetricResult, metric
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def cache_name(cache: Any) -> str:
 def random_ids(model: torch.nn.Module, batch: int, n: int, seed: int) -> torch.Tensor:
     """``batch x n`` seeded random token ids on the model's device."""
     g = torch.Generator(device="cpu").manual_seed(seed)  # drawn on the CPU: the same ids on every device
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     return torch.randint(0, model.config.vocab_size, (batch, n), generator=g, device="cpu").to(dev)  # type: ignore[union-attr,arg-type]  # HF model attribute on nn.Module
 
 

@@ -235,9 +235,7 @@ def _kv_decode(M: int, K: int, N: int, dtype: Any, device: str, seed: int, prec:
     """Decode attention: M = batch, K = context tokens T, N = query heads (8 KV heads, d_h 128)."""
     import torch
 
-    from ...kernels import triton_kv_attention as kv  # deferred: triton is optional
-
-    decode_attention_triton = kv.decode_attention_triton
+    from ...kernels.triton_kv_attention import decode_attention_triton  # deferred: triton is optional
 
     g = _gen(seed, device)  # generated where they are used: the 32k x batch-8 inputs took minutes on a CPU
     B, T, Hq, Hkv, D, bits, gs = M, K, N, max(1, N // 4), 128, 4, 32
@@ -258,17 +256,8 @@ def _kv_decode(M: int, K: int, N: int, dtype: Any, device: str, seed: int, prec:
     def fp16_attention() -> Any:
         return torch.nn.functional.scaled_dot_product_attention(q16, kf, vf)
 
-    def run() -> Any:
-        if prec is None:
-            return decode_attention_triton(qd, *dev, bits, block_t, splits)
-        saved, kv._DOT_PREC["gpu"] = kv._DOT_PREC["gpu"], prec  # the dots' precision on the GPU
-        try:
-            return decode_attention_triton(qd, *dev, bits, block_t, splits)
-        finally:
-            kv._DOT_PREC["gpu"] = saved
-
     return _Inst(
-        run,
+        lambda: decode_attention_triton(qd, *dev, bits, block_t, splits, prec),
         lambda: decode_attention_ref(q, kc, ks, kz, vc, vs, vz, bits),
         out,
         nbytes=B * Hkv * T * (D * bits / 8 * 2 + 4 * 4 * D // gs),
