@@ -33,7 +33,9 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -47,6 +49,7 @@ struct Store {
   const at::Half* tail = nullptr;
   const uint8_t* codes = nullptr;
   int64_t row_bytes = 0;
+  int64_t hstride = 0;  // bytes from one (b, h) row block of codes to the next (a store's capacity view: > n * row_bytes)
   int bits = 0;
   const float* tab = nullptr;
   const float* a = nullptr;
@@ -66,7 +69,7 @@ Store make_store(const at::Tensor& head, const at::Tensor& codes, const at::Tens
                  const at::Tensor& oidx, const at::Tensor& oval, const at::Tensor& tail, int64_t bits) {
   Store st;
   TORCH_CHECK(head.scalar_type() == at::kHalf && tail.scalar_type() == at::kHalf, "head/tail must be fp16");
-  TORCH_CHECK(head.is_contiguous() && tail.is_contiguous() && codes.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(head.is_contiguous() && tail.is_contiguous(), "contiguous head/tail");
   st.s = head.size(2);
   st.w = tail.size(2);
   st.head = head.data_ptr<at::Half>();
@@ -81,6 +84,15 @@ Store make_store(const at::Tensor& head, const at::Tensor& codes, const at::Tens
     TORCH_CHECK(tab.numel() == (1 << bits), "tab has 2**bits entries");
     st.codes = codes.data_ptr<uint8_t>();
     st.row_bytes = codes.size(3);
+    // contiguous, or the first n tokens of a [B, H, capacity, row_bytes] buffer: (b, h)'s rows start at
+    // (b * H + h) * hstride
+    TORCH_CHECK(codes.dim() == 4 && codes.stride(3) == 1 && (st.n == 1 || codes.stride(2) == st.row_bytes),
+                "codes: [B, H, n, row_bytes] with contiguous rows");
+    st.hstride = codes.size(1) == 1 ? codes.stride(0) : codes.stride(1);
+    TORCH_CHECK((codes.size(0) == 1 && codes.size(1) == 1) ||
+                    (st.hstride >= st.n * st.row_bytes &&
+                     (codes.size(0) == 1 || codes.size(1) == 1 || codes.stride(0) == codes.size(1) * codes.stride(1))),
+                "codes: the first n tokens of a [B, H, capacity, row_bytes] buffer");
     st.bits = static_cast<int>(bits);
     st.tab = tab.contiguous().data_ptr<float>();
     st.a = a.data_ptr<float>();
@@ -141,7 +153,7 @@ inline void unpack_row(const uint8_t* row, int64_t D, uint8_t* code) {
 template <int BITS>
 inline void dense_row(const Store& st, int64_t b, int64_t h, int64_t i, int64_t H, int64_t D, uint8_t* code,
                       float* out) {
-  unpack_row<BITS>(st.codes + ((b * H + h) * st.n + i) * st.row_bytes, D, code);
+  unpack_row<BITS>(st.codes + (b * H + h) * st.hstride + i * st.row_bytes, D, code);
   const int64_t hs = st.HS == 1 ? 0 : h;
   const int64_t off = ((b * st.HS + hs) * st.NR + i / st.tgroup) * st.NC;
   const float* a = st.a + off;
@@ -289,7 +301,7 @@ struct OutlierIndex {
 
 // the dense reconstruction at (b * H + h, token i of the packed span, channel d), as dense_row
 inline float dense_at(const Store& st, int64_t bh, int64_t i, int64_t d, int64_t H) {
-  const uint8_t* row = st.codes + (bh * st.n + i) * st.row_bytes;
+  const uint8_t* row = st.codes + bh * st.hstride + i * st.row_bytes;
   const int64_t bit = d * st.bits;
   uint32_t w = row[bit >> 3];
   if ((bit & 7) + st.bits > 8) w |= static_cast<uint32_t>(row[(bit >> 3) + 1]) << 8;
@@ -394,7 +406,7 @@ inline void store_row_fast(const Store& st, __m512 tab16, int64_t b, int64_t h, 
     return;
   }
   const int64_t i = t - st.s;
-  const uint8_t* row = st.codes + ((b * H + h) * st.n + i) * st.row_bytes;
+  const uint8_t* row = st.codes + (b * H + h) * st.hstride + i * st.row_bytes;
   const int64_t hs = st.HS == 1 ? 0 : h;
   const int64_t ti = st.tshift >= 0 ? i >> st.tshift : i / st.tgroup;
   const int64_t off = ((b * st.HS + hs) * st.NR + ti) * st.NC;
@@ -578,5 +590,122 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cos, const at
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// encode_nuq: kvcache.encode() of a nuq spec (2/3/4/8 bits) in one pass, for the cache's appends (a decode step
+// encodes one token per store, where encode()'s ~25 small torch ops cost ~0.1 ms each for K and V).  The same
+// float32 operations in the same order as encode(), so the buffers are equal bit for bit:
+//   keys (lo/hi/mid/hr [H, D] given: the calibrated per-channel range as encode() uses it):
+//     outlier = x > hi || x < lo;  code = #{mids < (x - mid) / hr}  (torch.bucketize, right=False)
+//   values (lo empty): per token, the k largest and k smallest of its H * D entries are outliers
+//     (value_outlier_mask), the inliers' min/max rounded to fp16 (token_range), then
+//     code = #{mids < (x - (hi + lo) / 2) / max((hi - lo) / 2, 1e-6)}
+// Returns (codes uint8 [B, H, n, D * bits / 8] (3 bits: the int32 bit stream's bytes), lo16, hi16 [B, 1, n, 1]
+// fp16 (values; empty for keys), outlier indices int32 ((i * B + b) * H + h) * D + d ascending, outlier values
+// fp16).  Where torch's choice is not determined by the values (a tie at a value token's k-th largest or
+// smallest entry: topk's pick among equal values is torch's), or on non-finite input, it returns codes with
+// no elements: the caller runs encode() instead.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> encode_nuq(
+    const at::Tensor& x, const at::Tensor& mids, const at::Tensor& lo, const at::Tensor& hi, const at::Tensor& mid,
+    const at::Tensor& hr, int64_t k_out, int64_t bits) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 4, "x: contiguous float32 [B, H, n, D]");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8");
+  TORCH_CHECK(mids.scalar_type() == at::kFloat && mids.is_contiguous() && mids.numel() == (1 << bits) - 1,
+              "mids: float32 [2**bits - 1]");
+  const int64_t B = x.size(0), H = x.size(1), n = x.size(2), D = x.size(3);
+  TORCH_CHECK((D * bits) % 32 == 0, "D * bits must fill whole int32 words");
+  const bool keys = lo.numel() > 0;
+  if (keys)
+    for (const at::Tensor* t : {&lo, &hi, &mid, &hr})
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == H * D, "lo/hi/mid/hr: float32 [H, D]");
+  const int64_t HD = H * D, rb = D * bits / 8;
+  const auto u8 = x.options().dtype(at::kByte), f16 = x.options().dtype(at::kHalf);
+  const auto fail = [&]() {
+    return std::make_tuple(at::empty({0}, u8), at::empty({0}, f16), at::empty({0}, f16),
+                           at::empty({0}, x.options().dtype(at::kInt)), at::empty({0}, f16));
+  };
+  if (!keys && (k_out < 0 || 2 * k_out > HD)) return fail();
+  if ((n * B * HD) >= (int64_t{1} << 31)) return fail();
+  const float* xp = x.data_ptr<float>();
+  const float* mp = mids.data_ptr<float>();
+  const int nm = static_cast<int>(mids.numel());
+  auto codes = at::zeros({B, H, n, rb}, u8);
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  at::Tensor lo16 = keys ? at::empty({0}, f16) : at::empty({B, 1, n, 1}, f16);
+  at::Tensor hi16 = keys ? at::empty({0}, f16) : at::empty({B, 1, n, 1}, f16);
+  std::vector<uint8_t> out(static_cast<size_t>(B * n * HD), 0);  // outlier flags, token-major (i, b, h, d)
+  std::vector<float> tmp(static_cast<size_t>(HD));
+  const auto put = [&](int64_t b, int64_t h, int64_t i, int64_t d, float xn) {
+    const uint32_t c = static_cast<uint32_t>(std::lower_bound(mp, mp + nm, xn) - mp);  // #{mids < xn}
+    uint8_t* row = cp + ((b * H + h) * n + i) * rb;
+    const int64_t bit = d * bits;
+    const uint32_t v = c << (bit & 7);
+    row[bit >> 3] |= static_cast<uint8_t>(v & 0xff);
+    if ((bit & 7) + bits > 8) row[(bit >> 3) + 1] |= static_cast<uint8_t>(v >> 8);
+  };
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = 0; i < n; ++i) {
+      uint8_t* flag = out.data() + (i * B + b) * HD;
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t d = 0; d < D; ++d) {
+          const float v = xp[((b * H + h) * n + i) * D + d];
+          if (!std::isfinite(v)) return fail();
+          tmp[h * D + d] = v;
+        }
+      if (keys) {
+        const float* l = lo.data_ptr<float>();
+        const float* u = hi.data_ptr<float>();
+        const float* md = mid.data_ptr<float>();
+        const float* r = hr.data_ptr<float>();
+        for (int64_t j = 0; j < HD; ++j) {
+          flag[j] = tmp[j] > u[j] || tmp[j] < l[j];
+          put(b, j / D, i, j % D, (tmp[j] - md[j]) / r[j]);
+        }
+        continue;
+      }
+      if (k_out > 0) {
+        std::vector<float> srt(tmp);
+        std::sort(srt.begin(), srt.end());  // ascending
+        const float top = srt[HD - k_out], bot = srt[k_out - 1];
+        if (srt[HD - k_out - 1] == top || srt[k_out] == bot) return fail();  // a tie at the k-th: torch's pick
+        for (int64_t j = 0; j < HD; ++j) flag[j] = tmp[j] >= top || tmp[j] <= bot;
+      }
+      float mn = std::numeric_limits<float>::infinity(), mx = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < HD; ++j)
+        if (!flag[j]) {
+          mn = tmp[j] < mn ? tmp[j] : mn;
+          mx = tmp[j] > mx ? tmp[j] : mx;
+        }
+      if (!(mn <= mx)) return fail();  // no inliers
+      const at::Half l16(mn), h16(mx);
+      lo16.data_ptr<at::Half>()[b * n + i] = l16;
+      hi16.data_ptr<at::Half>()[b * n + i] = h16;
+      const float lf = static_cast<float>(l16), hf = static_cast<float>(h16);
+      const float zm = (hf + lf) / 2.0f;
+      const float half_range = (hf - lf) / 2.0f;
+      const float a = half_range < 1e-6f ? 1e-6f : half_range;
+      for (int64_t j = 0; j < HD; ++j) put(b, j / D, i, j % D, (tmp[j] - zm) / a);
+    }
+  }
+  int64_t m = 0;
+  for (uint8_t f : out) m += f;
+  auto oidx = at::empty({m}, x.options().dtype(at::kInt));
+  auto oval = at::empty({m}, f16);
+  int32_t* ip = oidx.data_ptr<int32_t>();
+  at::Half* vp = oval.data_ptr<at::Half>();
+  int64_t k = 0;
+  for (int64_t f = 0; f < B * n * HD; ++f) {
+    if (!out[f]) continue;
+    const int64_t i = f / (B * HD), r = f % (B * HD), b = r / HD, hd = r % HD;
+    ip[k] = static_cast<int32_t>(f);
+    vp[k] = at::Half(xp[((b * H + hd / D) * n + i) * D + hd % D]);
+    ++k;
+  }
+  return std::make_tuple(codes, lo16, hi16, oidx, oval);
+}
+
 // an operator namespace per build (QB_KV_NS, set by the loader): two builds never clash in one process
-TORCH_LIBRARY(QB_KV_NS, m) { m.def("decode_attention", &decode_attention); }
+TORCH_LIBRARY(QB_KV_NS, m) {
+  m.def("decode_attention", &decode_attention);
+  m.def("encode_nuq", &encode_nuq);
+}

@@ -405,6 +405,37 @@ def decode(e: Encoded, spec: KVSpec, out: torch.Tensor | None = None) -> torch.T
     return x if out is None else out.copy_(x)
 
 
+def encode_cpu(x: torch.Tensor, spec: KVSpec) -> Encoded | None:
+    """:func:`encode` of a nuq spec by the fused CPU kernel's ``encode_nuq`` (``kernels/kv_decode_cpu.cpp``: the
+    same float32 operations in one pass, equal bit for bit), when that kernel is loaded and ``x`` is on the CPU;
+    None where it does not apply (other schemes, devices or bit widths, a tie among a value token's largest or
+    smallest entries, non-finite input): the caller runs :func:`encode`.  The cache's appends use it: a decode
+    step encodes one token per store, where encode()'s small torch ops cost about 0.1-0.2 ms per store."""
+    mod = _CPU_KERNEL.get("mod")
+    if mod is None or spec.scheme != "nuq" or x.device.type != "cpu" or spec.bits not in (2, 3, 4, 8):
+        return None
+    B, H, n, D = x.shape
+    if (D * spec.bits) % 32 or not x.numel():
+        return None
+    cst = _nuq_consts(spec, x.device)
+    if spec.axis == "channel":
+        lo, hi, mid, hr = (cst[k].reshape(H, D) for k in ("lo", "hi", "mid", "hr"))
+        k_out = 0
+    else:
+        lo = hi = mid = hr = _empty((0,), torch.float32, x.device)
+        k_out = max(1, int(round(spec.outlier_frac * H * D / 2))) if spec.outlier_frac > 0 else 0  # value_outlier_mask
+    codes, lo16, hi16, idx, val = mod.encode_nuq(x.float().contiguous(), cst["mids"], lo, hi, mid, hr, k_out, spec.bits)
+    if not codes.numel():
+        return None
+    return Encoded(
+        (B, H, n, D),
+        codes.view(torch.int32) if spec.bits == 3 else codes,
+        [] if spec.axis == "channel" else [lo16, hi16],
+        idx,
+        val,
+    )
+
+
 def qdq_sequence(x: torch.Tensor, spec: KVSpec) -> torch.Tensor:
     """Evaluation path: quantize-dequantize a whole sequence x [B, H, T, D] (sink and window fp16)."""
     if spec.scheme == "fp16" or spec.bits >= 16:
@@ -429,6 +460,7 @@ class _KVStore:
         self.head: torch.Tensor | None = None  # fp16 sink tokens
         self.tail: torch.Tensor | None = None  # fp16 tokens not (yet) quantized
         self.reader = PackedReader(spec)  # the packed decode attention's tables (built on first use)
+        self._bufs: dict[str, torch.Tensor] = {}  # the growable buffers self.enc's components are views of
 
     @property
     def n_quant(self) -> int:
@@ -459,9 +491,50 @@ class _KVStore:
         _, end = quantized_span(T, self.spec)
         k = end - (T - self.tail.shape[2])
         if k > 0:
-            new = encode(self.tail[:, :, :k].float(), self.spec)
-            self.enc = new if self.enc is None else self.enc.cat(new)
+            x = self.tail[:, :, :k].float()
+            new = encode_cpu(x, self.spec) or encode(x, self.spec)
+            self._extend(new)
             self.tail = self.tail[:, :, k:]
+
+    def _extend(self, new: Encoded) -> None:
+        """``self.enc`` followed by ``new`` (:meth:`Encoded.cat`'s result) without copying the store: each
+        component lives in a buffer with room to grow along the token axis (capacity doubles; the Encoded holds
+        views of its first n tokens), so a decode step copies only its own token."""
+        if self.enc is None:
+            self.enc = new
+            return
+        old = self.enc
+        B, H, n, D = old.shape
+        if new.shape[:2] != (B, H) or new.shape[3] != D:
+            raise ValueError(f"append: shapes {old.shape} and {new.shape}")
+        idx = val = None
+        if old.out_idx is not None and new.out_idx is not None:
+            if (n + new.shape[2]) * B * H * D >= 2**31:
+                raise ValueError("append: outlier indices past int32")
+            assert old.out_val is not None and new.out_val is not None
+            idx = self._grow("out_idx", old.out_idx, new.out_idx + n * B * H * D, 0)
+            val = self._grow("out_val", old.out_val, new.out_val, 0)
+        self.enc = Encoded(
+            (B, H, n + new.shape[2], D),
+            self._grow("codes", old.codes, new.codes, 2),
+            [self._grow(f"scale{i}", a, b, 2) for i, (a, b) in enumerate(zip(old.scales, new.scales, strict=True))],
+            idx,
+            val,
+        )
+
+    def _grow(self, name: str, cur: torch.Tensor, add: torch.Tensor, dim: int) -> torch.Tensor:
+        """The view of ``cur`` then ``add`` along ``dim`` in the store's buffer ``name`` (reallocated, twice the
+        size, when full or when ``cur`` is not its prefix)."""
+        used, k = cur.shape[dim], add.shape[dim]
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape[dim] < used + k or buf.data_ptr() != cur.data_ptr() or buf.dtype != cur.dtype:
+            shape = list(cur.shape)
+            shape[dim] = max(used + k, 2 * used)
+            buf = torch.empty(shape, dtype=cur.dtype, device=cur.device)
+            buf.narrow(dim, 0, used).copy_(cur)
+            self._bufs[name] = buf
+        buf.narrow(dim, used, k).copy_(add)
+        return buf.narrow(dim, 0, used + k)
 
     def materialize(self, dtype: torch.dtype) -> torch.Tensor:
         """All tokens dequantized into one fresh buffer (transient: the store keeps only the packed
@@ -850,7 +923,7 @@ def _store_args(st: _KVStore, B: int, H: int, D: int, dev: torch.device) -> list
     head, tail = _fp16_part(st.head, B, H, D, dev), _fp16_part(st.tail, B, H, D, dev)
     if e is None or not e.shape[2]:
         return [head, _empty((0,), torch.uint8, dev), none, none, none, 1, 1, nol, none, tail, 8]
-    codes = e.codes.contiguous()
+    codes = e.codes if e.codes.stride(-1) == 1 else e.codes.contiguous()  # the store's view: rows in its buffer
     if spec.bits == 3:  # the int32 bit stream as little-endian bytes
         codes = codes.view(torch.uint8)
     cache = st.reader.static

@@ -462,3 +462,61 @@ def test_packed_decode_in_the_model_equals_the_dequantize_path(monkeypatch):
             model.config._attn_implementation = "sdpa"
             kq.set_mode(model, "qdq")
     torch.testing.assert_close(pk_logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def _same_encoding(a, b):
+    assert a.shape == b.shape and a.codes.dtype == b.codes.dtype and torch.equal(a.codes, b.codes)
+    assert len(a.scales) == len(b.scales) and all(torch.equal(x, y) for x, y in zip(a.scales, b.scales, strict=True))
+    assert torch.equal(a.out_idx, b.out_idx) and torch.equal(a.out_val, b.out_val)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("B,n", [(1, 1), (2, 6)])
+def test_encode_cpu_equals_encode_bit_for_bit(bits, B, n):
+    """The C++ encoder the cache's appends use (kv_decode_cpu.cpp encode_nuq) gives encode()'s buffers exactly:
+    keys (calibrated per-channel range, outliers outside it) and values (per-token top/bottom outliers, fp16
+    range), on fp16-representable inputs as the cache feeds it; a tie at a value token's k-th largest entry
+    (where topk's pick is torch's) falls back (None)."""
+    _cpu_kernel()
+    from quantbench.kernels.kvcache import encode_cpu
+
+    H, D = 2, 64
+    cal = (_x(200, H, D, seed=3) * 2).half().float()  # per-channel thresholds as KVQuant calibrates them (1%)
+    lo, hi = cal.quantile(0.01, dim=0).half(), cal.quantile(0.99, dim=0).half()
+    cents = torch.sort(torch.rand(2**bits, generator=torch.Generator().manual_seed(bits)) * 2 - 1).values
+    ks = KVSpec("nuq", "channel", bits, outlier_frac=0.02, sink=1, centroids=cents, lo=lo, hi=hi)
+    # distinct values (no ties among a token's entries): a random permutation of a fine fp16 grid
+    g = torch.Generator().manual_seed(bits * 10 + n)
+    grid = torch.arange(-(B * H * n * D) // 2, (B * H * n * D + 1) // 2, dtype=torch.float32) / 512
+    x = grid[torch.randperm(grid.numel(), generator=g)].reshape(B, H, n, D)
+    x[..., 3] += 6  # beyond the keys' calibrated range: key outliers
+    for spec in (ks, _nuq_value_spec(bits, 1 / 64), _nuq_value_spec(bits, 0.1), _nuq_value_spec(bits, 0.0)):
+        fast = encode_cpu(x, spec)
+        assert fast is not None, spec
+        _same_encoding(fast, encode(x, spec))
+    assert encode_cpu(x, ks).out_idx.numel() > 0 and encode_cpu(x, _nuq_value_spec(bits, 0.1)).out_idx.numel() > 0
+    tie = x.clone()
+    tie[0, 1, 0, 7] = tie[0, 0, 0, 0] = tie.max() + 1  # two largest entries of token 0 equal: k = 1 is ambiguous
+    assert encode_cpu(tie, _nuq_value_spec(bits, 1 / 64)) is None
+    assert encode_cpu(x.to(torch.float64), KVSpec("int", "token", bits, 16)) is None  # int specs: encode()'s
+
+
+def test_store_appends_in_place_and_equal_encoding_the_whole():
+    """Decode-step appends write the new token into the store's buffers (capacity doubles, no copy of the store
+    per token) and leave the same encoding as encode() of the whole span."""
+    H, D, T = 2, 64, 40
+    ks, _ = _key_spec(H, D, 4)
+    vs = _nuq_value_spec(4, 1 / 16)
+    x = (_x(1, H, T, D, seed=9) * 2).half().float()
+    for spec in (ks, vs):
+        cache = QuantizedKVCache([(spec, spec)])
+        st = cache.layers[0].k_store
+        st.append(x[:, :, :20])
+        ptrs = set()
+        for t in range(20, T):
+            st.append(x[:, :, t : t + 1])
+            ptrs.add(st.enc.codes.data_ptr())
+        assert len(ptrs) == 2  # one reallocation (20 -> 38 tokens of capacity), then 39 -> 76
+        _same_encoding(st.enc, encode(x[:, :, 1:], spec))  # the sink token stays fp16
+        assert st.enc.codes.stride(2) * st.enc.codes.shape[2] < st.enc.codes.stride(1)  # a view of a larger buffer
+        assert st.enc.nbytes() == encode(x[:, :, 1:], spec).nbytes()
