@@ -207,3 +207,15 @@ def test_matches_torchao_mx_and_nvfp4_references():
     assert torch.equal(block.view(torch.uint8), n.block_scales.view(torch.uint8))
     # torchao multiplies by a reciprocal where the reference divides: an exact tie may round the other way
     assert (data.view(torch.uint8) == n.codes).float().mean() > 0.999
+
+
+def test_packed_decode_by_byte_table_equals_elementwise_decode():
+    """The byte-table decode the dequantizers use == decode_e2m1(unpack_nibbles(.)) bit for bit (-0.0 too)."""
+    every = torch.arange(256, dtype=torch.uint8)
+    ref = fp4.decode_e2m1(fp4.unpack_nibbles(every))
+    got = fp4.decode_packed_e2m1(every)
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))  # bitwise: -0.0 (code 8) is not +0.0
+    assert torch.signbit(got[16]) and not torch.signbit(got[17])  # byte 0x08: low nibble -0.0, then +0.0
+    packed = torch.randint(0, 256, (3, 5, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fp4.decode_packed_e2m1(packed), fp4.decode_e2m1(fp4.unpack_nibbles(packed)))
+    assert fp4.decode_packed_e2m1(packed).shape == (3, 5, 32)
