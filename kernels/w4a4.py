@@ -23,6 +23,7 @@ products in float64.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import int8mm
@@ -111,8 +112,17 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return u[..., 0::2] | (u[..., 1::2] << 4)
 
 
+_NIBBLES = torch.tensor([[(b & 15) - 16 * ((b >> 3) & 1), (b >> 4) - 16 * (b >> 7)] for b in range(256)],
+                        dtype=torch.int8)  # byte -> its two signed nibbles (low, high)
+
+
 def unpack_int4(p: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: int8 codes [N, 2 * K/2] in [-8, 7]."""
+    """Inverse of :func:`pack_int4`: int8 codes [N, 2 * K/2] in [-8, 7].  On the CPU one lookup per byte in a
+    [256, 2] table (the W4A4 forward unpacks its weight every call: the elementwise form's temporaries cost
+    several times the lookup); elsewhere the nibble arithmetic."""
+    if p.device.type == "cpu" and p.dtype == torch.uint8:
+        out = torch.from_numpy(np.take(_NIBBLES.numpy(), p.contiguous().numpy(), axis=0))
+        return out.reshape(*p.shape[:-1], 2 * p.shape[-1])
     lo = (p & 15).to(torch.int8)
     hi = (p >> 4).to(torch.int8)
     q = torch.stack([lo, hi], dim=-1).reshape(*p.shape[:-1], 2 * p.shape[-1])

@@ -145,6 +145,10 @@ def test_packed_int4_layout_is_exact():
     assert torch.equal(unpack_int4(p), q)
     r = torch.randint(-8, 8, (5, 64), dtype=torch.int8)
     assert torch.equal(unpack_int4(pack_int4(r)), r)
+    every = torch.arange(256, dtype=torch.uint8)  # the CPU byte table == the nibble arithmetic, every byte
+    lo, hi = (every & 15).to(torch.int8), (every >> 4).to(torch.int8)
+    ref = torch.stack([torch.where(lo >= 8, lo - 16, lo), torch.where(hi >= 8, hi - 16, hi)], -1).reshape(512)
+    assert torch.equal(unpack_int4(every), ref) and unpack_int4(every).dtype == torch.int8
 
 
 def test_int_kernel_equals_the_float_reference():
