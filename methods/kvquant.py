@@ -76,7 +76,7 @@ from .base import (
     register,
 )
 from .kvcalc import OUTLIER_BYTES, cache_bytes, fp16_cache_bytes, head_dim_of, kv_heads_of
-from .placement import model_device
+from .placement import forward_for_hooks, model_device
 from .timing import greedy_decode
 
 log = logging.getLogger(__name__)
@@ -487,11 +487,14 @@ def record_kv(
     try:
         for ids in calib.tokens[:max_samples]:
             ids = ids.unsqueeze(0).to(dev)
-            with torch.set_grad_enabled(fisher):
+            if not fisher:  # K/V are recorded in the blocks: no logits needed
+                with torch.no_grad():
+                    forward_for_hooks(model, ids)
+                continue
+            with torch.enable_grad():
                 logits = model(ids).logits
-                if fisher:
-                    loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
-                    loss.backward()
+                loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+                loss.backward()
     finally:
         for p, r in zip(model.parameters(), req, strict=True):
             p.requires_grad_(r)

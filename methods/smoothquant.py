@@ -52,7 +52,7 @@ from .base import (
     register,
     set_module,
 )
-from .placement import model_device
+from .placement import forward_for_hooks, model_device
 from .w8a8_linear import ACT_SCHEMES, W8A8Linear
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def _capture_act_stats(model: nn.Module, calib: Calibration, names: list[str]) -
         torch.manual_seed(calib.seed)
         device = model_device(model)
         for batch in tqdm(list(calib.batches(1)), desc="smoothquant calibration", leave=False, disable=None):
-            model(batch.to(device))
+            forward_for_hooks(model, batch.to(device))  # the hooked linears are the blocks' (never the lm_head)
     finally:
         for h in handles:
             h.remove()

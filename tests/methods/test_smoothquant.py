@@ -242,3 +242,47 @@ def test_w8a8_and_smoothquant_share_one_calibration_pass(monkeypatch):
     other = tiny_llama(seed=4)
     build_method("w8a8", {}).quantize(copy.deepcopy(other.model), calib)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_calibration_pass_without_full_logits_records_the_same_statistics(models, arch, monkeypatch):
+    """The statistics pass runs the model with logits_to_keep=1 (forward_for_hooks): every hooked linear's input
+    and output absmax equal a full forward's bit for bit, and a model whose forward has no logits_to_keep still
+    runs (all positions)."""
+    from quantbench.methods import placement, smoothquant
+
+    model = models[arch]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n]
+    cal = calib(3, 40, seed=5)
+    calls = []
+
+    def spy(m, x):
+        calls.append(x.shape)
+        return placement.forward_for_hooks(m, x)
+
+    monkeypatch.setattr(smoothquant, "forward_for_hooks", spy)
+    fast = smoothquant._capture_act_stats(model, cal, names)
+    assert len(calls) == 3
+    monkeypatch.setattr(smoothquant, "forward_for_hooks", lambda m, x: m(x))
+    full = smoothquant._capture_act_stats(model, cal, names)
+    for n in names:
+        assert torch.equal(fast[n].input_absmax, full[n].input_absmax) and torch.equal(fast[n].output_absmax,
+                                                                                        full[n].output_absmax)
+    ids = cal.tokens[0].unsqueeze(0)
+    seen = []
+    h = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    try:
+        placement.forward_for_hooks(model, ids)
+    finally:
+        h.remove()
+    assert seen == [1]  # the projection ran on the last position only
+
+    class NoKeep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids):
+            return self.inner(input_ids)
+
+    placement.forward_for_hooks(NoKeep(), ids)  # falls back to the plain call
