@@ -179,10 +179,32 @@ def test_quantbench_lm_registered_and_quantizes():
     assert ll == pytest.approx(ref, abs=1e-3)
 
 
+def _assert_same_samples(text, ref_text, tol=1e-5):
+    """lm-eval samples files that are equal but for the log-likelihoods in the responses, within ``tol``
+    (the continuation-only lm_head runs a GEMM of another shape: the last bits may differ)."""
+    def close(a, b):
+        if isinstance(a, float) and isinstance(b, float):
+            return abs(a - b) <= tol
+        if isinstance(a, list) and isinstance(b, list):
+            return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b, strict=True))
+        return type(a) is type(b) and a == b
+
+    rows, ref = ([json.loads(line) for line in t.splitlines()] for t in (text, ref_text))
+    assert len(rows) == len(ref) > 0
+    for r, q in zip(rows, ref, strict=True):
+        assert r.keys() == q.keys()
+        for k in r:
+            if k in ("resps", "filtered_resps"):
+                assert close(r[k], q[k]), (k, r[k], q[k])
+            else:
+                assert r[k] == q[k], k
+
+
 def test_one_hflm_and_reused_task_objects_score_as_plain_lm_eval(task_cache, tmp_path, monkeypatch):
     """A cell's tasks share one HFLM (TaskRunner), a task's documents are read once per process, the forwards
-    build no KV cache and lm-eval's environment info is collected once: every logged request and response
-    (lm-eval's samples file, log-likelihoods included) is that of plain lm-eval, an HFLM and a Task per task."""
+    build no KV cache, the lm_head runs at the continuation positions only and lm-eval's environment info is
+    collected once: every logged request and response (lm-eval's samples file) is that of plain lm-eval, an HFLM
+    and a Task per task, the log-likelihoods within 1e-5."""
     import lm_eval.tasks
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -211,6 +233,183 @@ def test_one_hflm_and_reused_task_objects_score_as_plain_lm_eval(task_cache, tmp
         assert [r["value"] for r in shared] == [plain[t.name]["acc,none"] for t in specs]
         for t in specs:
             name = f"lmeval/samples_{t.name}.jsonl"
-            assert (tmp_path / cell / name).read_text() == (tmp_path / "plain" / name).read_text()
+            _assert_same_samples((tmp_path / cell / name).read_text(), (tmp_path / "plain" / name).read_text())
             assert '"resps"' in (tmp_path / cell / name).read_text()
     assert sorted(c[0] for c in calls) == sorted(t.name for t in specs)  # read once, not once per cell
+
+
+# --------------------------------------------------------------------------- continuation-only logits
+
+
+def test_match_rows():
+    rec = {(5, 6, 7): 2, (5, 6, 0): 1, (9,): 1, (3, 0, 0): 2}
+    # right-padded rows: the recorded prefix followed by zeros; a recorded input may itself end in 0
+    assert tasks.match_rows([[5, 6, 7, 0, 0], [9, 0, 0, 0, 0], [5, 6, 0, 0, 0], [3, 0, 0, 0, 0]], rec) == [
+        (3, 2), (1, 1), (3, 1), (3, 2)]
+    assert tasks.match_rows([[5, 6, 7]], rec) == [(3, 2)]
+    assert tasks.match_rows([[5, 6, 8, 0]], rec) is None  # not recorded
+    assert tasks.match_rows([[9, 0, 0]], {**rec, (9, 0): 1}) is None  # (9) and (9, 0) both fit: ambiguous
+
+
+def _instances(reqs):
+    from lm_eval.api.instance import Instance
+
+    return [Instance("loglikelihood", {}, r, i) for i, r in enumerate(reqs)]
+
+
+def _greedy_requests(model, contexts, n_tokens):
+    """(context, continuation) pairs whose continuation is the model's own greedy one (byte tokens < 128)."""
+    import torch
+
+    out = []
+    for ctx in contexts:
+        ids = list(ctx.encode())
+        for _ in range(n_tokens):
+            with torch.no_grad():
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        cont = ids[len(ctx.encode()):]
+        if all(0 < t < 128 for t in cont):
+            out.append((ctx, "".join(map(chr, cont))))
+    return out
+
+
+def _loglikelihoods(hflm, reqs):
+    """hflm.loglikelihood(reqs) and, per _model_call, whether the continuation-only path was taken."""
+    compact = []
+    real = hflm._model_call
+
+    def call(*a, **k):
+        out = real(*a, **k)
+        compact.append(hflm._cont_plan is not None)
+        return out
+
+    hflm._model_call = call
+    return hflm.loglikelihood(_instances(reqs)), compact
+
+
+def _assert_same(got, ref):
+    assert len(got) == len(ref)
+    for (ll, greedy), (ll_ref, greedy_ref) in zip(got, ref, strict=True):
+        assert abs(ll - ll_ref) <= 1e-5 and greedy == greedy_ref
+
+
+@pytest.fixture(scope="module")
+def llama_reqs():
+    from quantbench.harness.inputs.models import tiny_llama
+
+    lm = tiny_llama()
+    greedy = _greedy_requests(lm.model, ["The cat", "Once upon", "abc", "Paris is", "x = 1", "def f(", "0123"], 2)
+    greedy += _greedy_requests(lm.model, ["Hello", "Quant", "zz"], 1)
+    assert sum(len(c) == 2 for _, c in greedy) >= 2 and sum(len(c) == 1 for _, c in greedy) >= 1
+    reqs = [*greedy,
+            ("The cat", " sat on the mat"), ("The cat", " ran"), ("The cat", "s"),  # a shared context
+            ("Question: 2+2=?\nAnswer:", " 4"), ("Question: 2+2=?\nAnswer:", " 5"),
+            ("Question: 2+2=?\nAnswer: 4", "2"),  # the same input row as " 42" would give
+            ("end with nul\x00", " next"), ("two nuls\x00\x00", "!"), ("nul cont", "\x00\x00x"),
+            ("a" * 90, " long context"), ("b", "c")]
+    return lm, reqs
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_continuation_logits_equal_plain_hflm(llama_reqs, batch_size):
+    """The continuation-only HFLM gives plain HFLM's log-likelihoods and greedy flags, with every batch on the
+    compact path and the lm_head run on far fewer positions."""
+    from lm_eval.models.huggingface import HFLM
+
+    lm, reqs = llama_reqs
+    tok = tasks.hf_tokenizer(lm.tokenizer)
+    assert HFLM(pretrained=lm.model, tokenizer=tok).tok_encode("a\x00")[-1] == 0  # a real token 0 at the end
+    rows = []
+    hook = lm.model.lm_head.register_forward_hook(lambda m, i, o: rows.append(o.shape[0] * o.shape[1]))
+    try:
+        ref = HFLM(pretrained=lm.model, tokenizer=tok, batch_size=batch_size).loglikelihood(_instances(reqs))
+        full = sum(rows)
+        rows.clear()
+        got, compact = _loglikelihoods(tasks.continuation_hflm_class()(pretrained=lm.model, tokenizer=tok,
+                                                                       batch_size=batch_size), reqs)
+    finally:
+        hook.remove()
+    _assert_same(got, ref)
+    assert any(g for _, g in ref) and not all(g for _, g in ref)
+    assert compact and all(compact)
+    assert sum(rows) * 2 < full, (sum(rows), full)
+
+
+def test_continuation_logits_fall_back_when_a_row_is_not_matched(llama_reqs):
+    """A batch with a row that matches no recorded input, or two (``abc`` and ``abc\\0``), a forward without
+    ``logits_to_keep``, a forward that ignores it and rolling loglikelihoods all give plain HFLM's results."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    lm, reqs = llama_reqs
+    tok = tasks.hf_tokenizer(lm.tokenizer)
+    ambiguous = [("abc", "d"), ("abc\x00", "e"), ("abd", "e"), ("a", "bc")]
+    ref = HFLM(pretrained=lm.model, tokenizer=tok, batch_size=8).loglikelihood(_instances(ambiguous))
+    got, compact = _loglikelihoods(tasks.continuation_hflm_class()(pretrained=lm.model, tokenizer=tok,
+                                                                   batch_size=8), ambiguous)
+    _assert_same(got, ref)
+    assert compact == [False]
+
+    hflm = tasks.continuation_hflm_class()(pretrained=lm.model, tokenizer=tok, batch_size=3)
+    ref = HFLM(pretrained=lm.model, tokenizer=tok, batch_size=3).loglikelihood(_instances(reqs))
+    real = tasks.match_rows
+    try:  # a row lm-eval built differently from the recorded input
+        tasks.match_rows = lambda batch, rec: None if len(batch) == 3 else real(batch, rec)
+        got, compact = _loglikelihoods(hflm, reqs)
+    finally:
+        tasks.match_rows = real
+    _assert_same(got, ref)
+    assert False in compact and True in compact
+
+    from lm_eval.api.instance import Instance  # rolling loglikelihoods (perplexity tasks): HFLM's own path
+
+    rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(["The cat sat.", "ab\x00c" * 9])]
+    ref_roll = HFLM(pretrained=lm.model, tokenizer=tok, batch_size=3).loglikelihood_rolling(rolling)
+    compact.clear()
+    assert hflm.loglikelihood_rolling(rolling) == ref_roll and compact and not any(compact)
+
+    class NoKeep(torch.nn.Module):  # a wrapper whose forward takes the ids only
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config, self.device = inner, inner.config, inner.device
+
+        def forward(self, input_ids):
+            return self.inner(input_ids)
+
+    class Ignores(NoKeep):  # a forward that accepts logits_to_keep and returns every position anyway
+        def forward(self, input_ids, logits_to_keep=0):
+            return self.inner(input_ids)
+
+    for wrapper, expect in ((NoKeep, False), (Ignores, True)):
+        model = wrapper(lm.model)
+        model.tie_weights = lambda *a, **k: None
+        model.name_or_path = "wrapped"
+        hflm = tasks.continuation_hflm_class()(pretrained=model, tokenizer=tok, batch_size=3)
+        got, compact = _loglikelihoods(hflm, reqs)
+        _assert_same(got, ref)
+        assert set(compact) == {expect}, wrapper
+
+
+def test_continuation_logits_quantized_lm_head(llama_reqs):
+    """A ggml-quantized lm_head (a QuantizedTensorModule) on the compact path: plain HFLM's results."""
+    import copy
+
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from quantbench.kernels import ggml
+    from quantbench.methods.kquants import GGMLTensor
+
+    lm, reqs = llama_reqs
+    model = copy.deepcopy(lm.model)
+    w = model.lm_head.weight.data.float()
+    model.lm_head = GGMLTensor(torch.from_numpy(ggml.quantize(w, "Q8_0")), "Q8_0", tuple(w.shape), "linear")
+    model.tie_weights = lambda *a, **k: None
+    tok = tasks.hf_tokenizer(lm.tokenizer)
+    ref = HFLM(pretrained=model, tokenizer=tok, batch_size=8).loglikelihood(_instances(reqs))
+    got, compact = _loglikelihoods(tasks.continuation_hflm_class()(pretrained=model, tokenizer=tok, batch_size=8),
+                                   reqs)
+    _assert_same(got, ref)
+    assert compact and all(compact)
+    fp = HFLM(pretrained=lm.model, tokenizer=tok, batch_size=8).loglikelihood(_instances(reqs))
+    assert max(abs(a[0] - b[0]) for a, b in zip(got, fp, strict=True)) > 1e-4  # the quantized head is used
