@@ -27,7 +27,7 @@ from lm_eval.models.huggingface import HFLM
 from ...methods.quantize import quantize
 from ..inputs import data
 from ..inputs.models import load_model
-from .tasks import _offline_env, hf_tokenizer, task_dir
+from .tasks import ContinuationLogits, _offline_env, hf_tokenizer, task_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,10 @@ def build_quantized(model: str = "smollm2-135m", method: str = "fp", n_samples: 
 
 
 @register_model("quantbench")
-class QuantbenchLM(HFLM):
-    """HFLM over a model quantized by quantbench (``--model_args method=...,<method params>``)."""
+class QuantbenchLM(ContinuationLogits, HFLM):
+    """HFLM over a model quantized by quantbench (``--model_args method=...,<method params>``); loglikelihood
+    forwards project only the continuation positions lm-eval reads (:class:`~.tasks.ContinuationLogits`, as
+    the suites' accuracy metric does)."""
 
     def __init__(self, model: str = "smollm2-135m", method: str = "fp", batch_size: int | str = 8,
                  n_samples: int = 32, seq_len: int = 512, calibration: str = "wiki", seed: int = 0,

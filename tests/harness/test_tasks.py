@@ -171,7 +171,13 @@ def test_quantbench_lm_registered_and_quantizes():
     import torch
     from lm_eval.api.instance import Instance
 
-    (ll, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("hello", " world"), 0)])
+    seen = []
+    hook = lm.model.lm_head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    try:
+        (ll, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("hello", " world"), 0)])
+    finally:
+        hook.remove()
+    assert seen == [6]  # the continuation-only path: the 6 positions scored, not the 10 of the input
     ids = torch.tensor([list(b"hello world")])
     with torch.no_grad():
         logp = torch.log_softmax(lm.model(ids).logits[0, :-1].float(), -1)
