@@ -34,8 +34,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
 import torch
+
+from .intq import take_rows
 
 #: E2M1 magnitudes by magnitude code (0..7); code | 8 is the negative
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -111,13 +112,8 @@ def decode_packed_e2m1(packed: torch.Tensor) -> torch.Tensor:
     if dev not in _BYTE_TABLES:
         b = torch.arange(256, device=dev)
         _BYTE_TABLES[dev] = decode_e2m1(torch.stack((b & 0xF, b >> 4), -1)).contiguous()
-    lut = _BYTE_TABLES[dev]
     p = packed.to(torch.uint8)
-    if dev.type == "cpu":  # numpy's take on uint8 indices: no int64 index tensor
-        out = torch.from_numpy(np.take(lut.numpy(), p.contiguous().numpy(), axis=0))
-    else:
-        out = torch.nn.functional.embedding(p.to(torch.int32), lut)
-    return out.reshape(*p.shape[:-1], 2 * p.shape[-1])
+    return take_rows(_BYTE_TABLES[dev], p).reshape(*p.shape[:-1], 2 * p.shape[-1])
 
 
 # --------------------------------------------------------------------------- MXFP4

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
 import torch
 
 
@@ -153,3 +154,13 @@ class IntPackedWeight(Protocol):
     def dequantized_weight(self) -> torch.Tensor: ...
 
     def extra_repr(self) -> str: ...
+
+
+def take_rows(lut: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``lut[idx]`` (rows of a lookup table, e.g. a byte's decoded values): numpy's take on the CPU (uint8/int32
+    indices used as they are, no int64 index tensor), an embedding lookup for float tables elsewhere."""
+    if idx.device.type == "cpu":
+        return torch.from_numpy(np.take(lut.numpy(), idx.contiguous().numpy(), axis=0))
+    if lut.is_floating_point():
+        return torch.nn.functional.embedding(idx.to(torch.int32), lut)
+    return lut[idx.long()]

@@ -26,15 +26,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 from torch import nn
 
-from .intq import pack_bits, unpack_bits
+from .intq import pack_bits, take_rows, unpack_bits
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +148,7 @@ def lookup_codes(
         return table.float().to(packed.device)[codes.reshape(*packed.shape[:-1], -1)[..., :D]]
     if lut is None:
         lut = byte_lut(table, bits).to(packed.device)
-    if packed.device.type == "cpu":  # numpy's take on uint8 indices: no index conversion, ~3x faster
-        out = torch.from_numpy(np.take(lut.numpy(), packed.contiguous().numpy(), axis=0))
-    else:
-        out = torch.nn.functional.embedding(packed.to(torch.int32), lut)  # [..., D * b / 8, 8 / b]
-    return out.reshape(*packed.shape[:-1], D)
+    return take_rows(lut, packed).reshape(*packed.shape[:-1], D)  # [..., D * b / 8, 8 / b] -> [..., D]
 
 
 # --------------------------------------------------------------------------- uniform int
@@ -270,22 +266,25 @@ class Encoded:
             "outliers": b(self.out_idx) + b(self.out_val),
         }
 
-    def cat(self, other: Encoded) -> Encoded:
-        """This encoding followed by ``other`` along the token axis (one buffer per component)."""
+    def cat(self, other: Encoded, join: Callable[[str, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
+            ) -> Encoded:
+        """This encoding followed by ``other`` along the token axis (one buffer per component).  ``join(name, a,
+        b, dim)`` concatenates one component (default ``torch.cat``; a store passes its in-place growth)."""
         B, H, n, D = self.shape
         if other.shape[:2] != (B, H) or other.shape[3] != D:
             raise ValueError(f"Encoded.cat: shapes {self.shape} and {other.shape}")
+        cat = join or (lambda _name, a, b, dim: torch.cat([a, b], dim))
         idx = val = None
         if self.out_idx is not None and other.out_idx is not None:
             if (n + other.shape[2]) * B * H * D >= 2**31:
                 raise ValueError("Encoded.cat: outlier indices past int32")
-            idx = torch.cat([self.out_idx, other.out_idx + n * B * H * D])
+            idx = cat("out_idx", self.out_idx, other.out_idx + n * B * H * D, 0)
             assert self.out_val is not None and other.out_val is not None
-            val = torch.cat([self.out_val, other.out_val])
+            val = cat("out_val", self.out_val, other.out_val, 0)
         return Encoded(
             (B, H, n + other.shape[2], D),
-            torch.cat([self.codes, other.codes], 2),
-            [torch.cat([x, y], 2) for x, y in zip(self.scales, other.scales, strict=True)],
+            cat("codes", self.codes, other.codes, 2),
+            [cat(f"scale{i}", x, y, 2) for i, (x, y) in enumerate(zip(self.scales, other.scales, strict=True))],
             idx,
             val,
         )
@@ -497,30 +496,10 @@ class _KVStore:
             self.tail = self.tail[:, :, k:]
 
     def _extend(self, new: Encoded) -> None:
-        """``self.enc`` followed by ``new`` (:meth:`Encoded.cat`'s result) without copying the store: each
-        component lives in a buffer with room to grow along the token axis (capacity doubles; the Encoded holds
-        views of its first n tokens), so a decode step copies only its own token."""
-        if self.enc is None:
-            self.enc = new
-            return
-        old = self.enc
-        B, H, n, D = old.shape
-        if new.shape[:2] != (B, H) or new.shape[3] != D:
-            raise ValueError(f"append: shapes {old.shape} and {new.shape}")
-        idx = val = None
-        if old.out_idx is not None and new.out_idx is not None:
-            if (n + new.shape[2]) * B * H * D >= 2**31:
-                raise ValueError("append: outlier indices past int32")
-            assert old.out_val is not None and new.out_val is not None
-            idx = self._grow("out_idx", old.out_idx, new.out_idx + n * B * H * D, 0)
-            val = self._grow("out_val", old.out_val, new.out_val, 0)
-        self.enc = Encoded(
-            (B, H, n + new.shape[2], D),
-            self._grow("codes", old.codes, new.codes, 2),
-            [self._grow(f"scale{i}", a, b, 2) for i, (a, b) in enumerate(zip(old.scales, new.scales, strict=True))],
-            idx,
-            val,
-        )
+        """``self.enc`` followed by ``new`` (:meth:`Encoded.cat`) without copying the store: each component lives
+        in a buffer with room to grow along the token axis (capacity doubles; the Encoded holds views of its
+        first n tokens), so a decode step copies only its own token."""
+        self.enc = new if self.enc is None else self.enc.cat(new, self._grow)
 
     def _grow(self, name: str, cur: torch.Tensor, add: torch.Tensor, dim: int) -> torch.Tensor:
         """The view of ``cur`` then ``add`` along ``dim`` in the store's buffer ``name`` (reallocated, twice the
@@ -581,13 +560,6 @@ def channel_byte_lut(spec: KVSpec) -> torch.Tensor:
     return (base.to(hr.device) * hr + mid).reshape(-1, per)  # the same float ops as decode()
 
 
-def _take_rows(lut: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``lut[idx]`` (rows), numpy's take on CPU (no index conversion for int32/uint8 indices)."""
-    if idx.device.type == "cpu":
-        return torch.from_numpy(np.take(lut.numpy(), idx.numpy(), axis=0))
-    return torch.nn.functional.embedding(idx.to(torch.int32), lut)
-
-
 class PackedReader:
     """Per-store state of the packed decode attention: lookup tables built once from the calibrated
     spec, and the outliers' (head, token, channel) coordinates, extended as the store grows."""
@@ -635,7 +607,7 @@ class PackedReader:
                 P = D * spec.bits // 8
                 self.offsets = (torch.arange(H * P, dtype=torch.int32, device=e.codes.device) * 256).reshape(1, H, 1, P)
             assert self.offsets is not None
-            k = _take_rows(self.lut, e.codes.to(torch.int32).add_(self.offsets)).reshape(B, H, n, D)
+            k = take_rows(self.lut, e.codes.to(torch.int32).add_(self.offsets)).reshape(B, H, n, D)
         elif spec.scheme == "int" and spec.axis == "channel":
             c = self._codes(e, torch.arange(2**spec.bits, dtype=torch.float32, device=e.codes.device))
             g = spec.group_size

@@ -23,10 +23,10 @@ products in float64.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from . import int8mm
+from .intq import take_rows
 
 MSE_NORM = 2.4
 MSE_GRID = 100
@@ -121,8 +121,7 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     [256, 2] table (the W4A4 forward unpacks its weight every call: the elementwise form's temporaries cost
     several times the lookup); elsewhere the nibble arithmetic."""
     if p.device.type == "cpu" and p.dtype == torch.uint8:
-        out = torch.from_numpy(np.take(_NIBBLES.numpy(), p.contiguous().numpy(), axis=0))
-        return out.reshape(*p.shape[:-1], 2 * p.shape[-1])
+        return take_rows(_NIBBLES, p).reshape(*p.shape[:-1], 2 * p.shape[-1])
     lo = (p & 15).to(torch.int8)
     hi = (p >> 4).to(torch.int8)
     q = torch.stack([lo, hi], dim=-1).reshape(*p.shape[:-1], 2 * p.shape[-1])
