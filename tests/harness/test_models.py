@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from quantbench.harness.inputs import models as models_mod
 from quantbench.harness.inputs.models import (
     ModelSource,
     check_family,
@@ -68,6 +69,76 @@ def test_default_model_identity(smollm2):
     assert info["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     cfg = smollm2.model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 576, 9, 3)
+
+
+def _gguf_parses(monkeypatch):
+    """A list that grows by one per GGUF file parsed (by transformers or by us)."""
+    import gguf
+
+    calls = []
+    real = gguf.GGUFReader.__init__
+
+    def counting(self, *a, **k):
+        calls.append(a[0] if a else k.get("path"))
+        real(self, *a, **k)
+
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", counting)
+    return calls
+
+
+def _same_loaded(a, b):
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert b.model.lm_head.weight.data_ptr() == b.model.model.embed_tokens.weight.data_ptr()  # still tied
+    assert a.model.config.to_dict() == b.model.config.to_dict()
+    assert a.model.generation_config.to_dict() == b.model.generation_config.to_dict()
+    assert a.info == b.info and a.model.name_or_path == b.model.name_or_path
+    text = "<|im_start|>user\nThe quick brown fox, naïve café 1234.<|im_end|>"
+    assert a.tokenizer(text).input_ids == b.tokenizer(text).input_ids
+    assert a.tokenizer.chat_template == b.tokenizer.chat_template and len(a.tokenizer) == len(b.tokenizer)
+    assert a.tokenizer.name_or_path == b.tokenizer.name_or_path
+
+
+@pytest.mark.slow
+def test_gguf_load_cache_round_trips_and_recovers(tmp_path, monkeypatch, caplog):
+    """The first load of a GGUF file parses it and writes a cache entry; the second reads the entry and parses
+    nothing, with the same tensors, configs, tokenizer and recorded identity; a damaged entry is logged, the file
+    loaded again and the entry rewritten."""
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path))
+    monkeypatch.delenv("QUANTBENCH_MODEL_CACHE", raising=False)
+    path = models_mod.smollm2_path()
+    parses = _gguf_parses(monkeypatch)
+    first = models_mod.load_gguf(path, "smollm2-135m")
+    assert len(parses) >= 1
+    entry = models_mod.gguf_cache_path(path, first.info["sha256"], torch.float32)
+    assert entry is not None and entry.parent == tmp_path / "models" and (entry / "quantbench.json").exists()
+    parses.clear()
+    second = models_mod.load_gguf(path, "smollm2-135m")
+    assert parses == []
+    _same_loaded(first, second)
+    x = torch.tensor([[1, 600, 2000, 31, 7, 4000]])
+    with torch.no_grad():
+        assert torch.equal(first.model(x).logits, second.model(x).logits)
+    (entry / "model.safetensors").write_bytes(b"not a safetensors file")
+    third = models_mod.load_gguf(path, "smollm2-135m")
+    assert len(parses) >= 1 and "unreadable" in caplog.text
+    _same_loaded(first, third)
+    parses.clear()
+    _same_loaded(first, models_mod.load_gguf(path, "smollm2-135m"))  # the rewritten entry
+    assert parses == []
+
+
+def test_gguf_cache_is_keyed_and_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path))
+    p = tmp_path / "m.Q4_0.gguf"
+    a = models_mod.gguf_cache_path(p, "ab" * 32, torch.float32)
+    assert a is not None and a.name.startswith("m.Q4_0-")
+    assert models_mod.gguf_cache_path(p, "cd" * 32, torch.float32) != a  # another file
+    assert models_mod.gguf_cache_path(p, "ab" * 32, torch.bfloat16) != a  # another dtype
+    monkeypatch.setattr(models_mod, "GGUF_CACHE_VERSION", models_mod.GGUF_CACHE_VERSION + 1)
+    assert models_mod.gguf_cache_path(p, "ab" * 32, torch.float32) != a  # another cache format
+    monkeypatch.setenv("QUANTBENCH_MODEL_CACHE", "0")
+    assert models_mod.gguf_cache_path(p, "ab" * 32, torch.float32) is None
 
 
 @pytest.mark.slow
