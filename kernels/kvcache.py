@@ -23,17 +23,16 @@ the int32 bit stream of :func:`quantbench.kernels.intq.pack_bits`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
 
+from .cpp import load_cpp_ops, loaded_cpp_ops
 from .intq import pack_bits, take_rows, unpack_bits
 
 log = logging.getLogger(__name__)
@@ -410,7 +409,7 @@ def encode_cpu(x: torch.Tensor, spec: KVSpec) -> Encoded | None:
     None where it does not apply (other schemes, devices or bit widths, a tie among a value token's largest or
     smallest entries, non-finite input): the caller runs :func:`encode`.  The cache's appends use it: a decode
     step encodes one token per store, where encode()'s small torch ops cost about 0.1-0.2 ms per store."""
-    mod = _CPU_KERNEL.get("mod")
+    mod = loaded_cpp_ops("kv_decode_cpu.cpp")
     if mod is None or spec.scheme != "nuq" or x.device.type != "cpu" or spec.bits not in (2, 3, 4, 8):
         return None
     B, H, n, D = x.shape
@@ -813,41 +812,12 @@ def fused_decode_attention(
 
 # --------------------------------------------------------------------------- fused CPU decode kernel
 
-_CPU_KERNEL: dict[str, Any] = {}
-
-
 def load_cpu_decode_kernel() -> Any:
-    """The fused CPU decode-attention kernel (``kernels/kv_decode_cpu.cpp``), built with
-    ``torch.utils.cpp_extension`` on first use (then loaded from torch's extension cache) as the
-    operator ``torch.ops.<name>.decode_attention``, or None where it cannot be built (no compiler):
-    callers fall back to :func:`packed_decode_attention`.  The build is keyed by the source and this
-    CPU's flags (``-march=native``); without AVX-512 (or at head dims other than 64/128, or 8-bit
-    codes) the kernel runs its portable loops."""
-    if "mod" in _CPU_KERNEL:
-        return _CPU_KERNEL["mod"]
-    mod = None
-    try:
-        from torch.utils import cpp_extension
-
-        src = Path(__file__).with_name("kv_decode_cpu.cpp")
-        h = hashlib.sha256(src.read_bytes())
-        try:
-            h.update(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).encode())
-        except (OSError, StopIteration):
-            pass
-        name = f"quantbench_kv_decode_{h.hexdigest()[:12]}"
-        cpp_extension.load(
-            name,
-            [str(src)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd", f"-DQB_KV_NS={name}"],
-            is_python_module=False,
-            verbose=False,
-        )
-        mod = getattr(torch.ops, name)
-    except Exception as e:  # noqa: BLE001 - any build failure: the torch paths remain
-        log.warning("fused CPU decode kernel unavailable (%s); using packed_decode_attention", e)
-    _CPU_KERNEL["mod"] = mod
-    return mod
+    """The fused CPU decode-attention kernel (``kernels/kv_decode_cpu.cpp``) as the operator
+    ``torch.ops.<name>.decode_attention`` (:func:`~quantbench.kernels.cpp.load_cpp_ops`), or None where it cannot
+    be built: callers fall back to :func:`packed_decode_attention`.  Without AVX-512 (or at head dims other than
+    64/128, or 8-bit codes) the kernel runs its portable loops."""
+    return load_cpp_ops("kv_decode_cpu.cpp", "quantbench_kv_decode", "QB_KV_NS")
 
 
 _EMPTY: dict[tuple[Any, ...], torch.Tensor] = {}

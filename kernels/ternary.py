@@ -27,7 +27,11 @@ exact formulation and is the packed path; the add/subtract formulation (sum of t
 on a CPU; bf16 dequantization pays for the conversion on every call.  Unpacking the 2-bit buffer on
 every call costs more than the matmul itself, so :class:`~quantbench.methods.bitnet.TernaryLinear`
 keeps a lazily built int8 copy of its codes (``cache_codes=True``, the default; the 2-bit buffer is
-what is stored and counted) — the same trade as the int4pack CPU path.
+what is stored and counted) — the same trade as the int4pack CPU path — for prefill.  Decode (at most
+:data:`PACKED_GEMV_MAX_ROWS` tokens) reads the 2-bit codes themselves in ``kernels/ternary_cpu.cpp``
+(AVX-512 VNNI ``vpdpbusd`` on the unsigned fields ``c + 1`` against the int8 activations, minus their sum;
+exact): pytest-benchmark, 1 thread, TernaryLinear at M = 1 (activation quantization included), median us:
+576 x 1536 62.4 (int_mm 76.9), 1536 x 576 58.1 (80.0), 2048 x 2048 111.5 (262.7).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from .cpp import load_cpp_ops, loaded_cpp_ops
 
 FORMATS = ("2bit", "base3", "1bit")
 CODES_PER_BYTE = {"2bit": 4, "base3": 5, "1bit": 8}
@@ -169,6 +175,53 @@ def ternary_linear(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], codes_t.shape[1])
+
+
+#: products with at most this many rows (tokens: decode) read the 2-bit codes in ``kernels/ternary_cpu.cpp``;
+#: longer ones (prefill) multiply the cached int8 codes with ``torch._int_mm``.  Both are exact (int32 sums).
+PACKED_GEMV_MAX_ROWS = 4
+_SOURCE = "ternary_cpu.cpp"
+
+
+def load_ternary_cpu_kernel() -> bool:
+    """Build (once; then torch's extension cache) the 2-bit CPU kernel and register its shape function for
+    ``torch.compile``; False where it cannot be built (no compiler): :func:`ternary_linear` remains."""
+    if loaded_cpp_ops(_SOURCE) is not None:
+        return True
+    mod = load_cpp_ops(_SOURCE, "quantbench_ternary", "QB_TERNARY_NS")
+    if mod is None:
+        return False
+
+    @torch.library.register_fake(f"{mod.name}::ternary_mm_2bit")
+    def _(xq: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        return xq.new_empty((xq.shape[0], packed.shape[0]), dtype=torch.int32)
+
+    return True
+
+
+def packed_gemv_applies(x: torch.Tensor) -> bool:
+    """Whether :func:`ternary_linear_2bit` serves ``x`` [..., K]: a CPU tensor of at most
+    :data:`PACKED_GEMV_MAX_ROWS` rows, with the kernel built (:func:`load_ternary_cpu_kernel`; this never builds)."""
+    return (x.device.type == "cpu" and x.numel() <= PACKED_GEMV_MAX_ROWS * x.shape[-1]
+            and loaded_cpp_ops(_SOURCE) is not None)
+
+
+def ternary_mm_2bit(xq: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """int8 activations [M, K] x 2-bit packed codes [N, ceil(K/4)] ("2bit" format) -> int32 [M, N], equal to
+    ``torch._int_mm(xq, codes^T)`` (the kernel must be loaded: :func:`load_ternary_cpu_kernel`)."""
+    return loaded_cpp_ops(_SOURCE).ternary_mm_2bit(xq, packed)
+
+
+def ternary_linear_2bit(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`ternary_linear` with int8 activations read straight from the 2-bit packed codes [N, ceil(K/4)] (no
+    int8 copy of the codes: a quarter of the bytes per decode step); the same numbers bit for bit."""
+    shape = x.shape
+    xq, qb = act_quant_int8(x.reshape(-1, shape[-1]))
+    y = ternary_mm_2bit(xq, packed).float() * (scale.float().view(1, -1) / qb)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], packed.shape[0])
 
 
 class TernaryPackedWeight(Protocol):

@@ -249,6 +249,8 @@ class TernaryLinear(QuantizedModule):
         self.packed = True
         self.cache_codes = True
         self._codes_t: torch.Tensor | None = None
+        if fmt == "2bit" and act_bits == 8 and granularity != "group" and torch.device(device or "cpu").type == "cpu":
+            T.load_ternary_cpu_kernel()  # built here, not in a forward torch.compile may be tracing
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, fmt: str = "2bit", granularity: str = "tensor",
@@ -303,6 +305,8 @@ class TernaryLinear(QuantizedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = bitlinear_norm(x, self.norm, self.norm_weight)
         if self.packed and self.granularity != "group" and x.device.type == "cpu":
+            if self.fmt == "2bit" and self.act_bits == 8 and T.packed_gemv_applies(x):  # decode: the 2-bit codes
+                return T.ternary_linear_2bit(x, self.qweight, self.scale.view(-1), self.bias)
             return T.ternary_linear(x, self._codes_transposed(), self.scale.view(-1), self.bias, self.act_bits)
         if self.packed and self.granularity != "group" and self.fmt == "2bit" and x.device.type == "cuda":
             from ..kernels.triton_ternary import triton_ternary_linear  # GPU: unpack inside the GEMM

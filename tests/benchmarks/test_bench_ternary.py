@@ -1,4 +1,5 @@
-"""Decode GEMV (M=1) over ternary weights: fp32 vs bf16 F.linear vs the packed ternary path (int8 x int8 int_mm).
+"""Decode GEMV (M=1) over ternary weights: fp32 vs bf16 F.linear vs the ternary paths: TernaryLinear's decode
+(the 2-bit packed codes, ``kernels/ternary_cpu.cpp``) and int8 x int8 ``torch._int_mm`` on the cached int8 codes.
 
 Timed by pytest-benchmark (``--benchmark-enable``); in the default run each case runs once as a correctness
 test against the fp64 product of the same quantized activations and codes.
@@ -23,7 +24,8 @@ def _one_thread():
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "ternary-int_mm", "ternary-addsub", "ternary-bf16-dequant"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "ternary-packed", "ternary-int_mm", "ternary-addsub",
+                                  "ternary-bf16-dequant"])
 def test_bench_ternary(benchmark, kind, shape):
     in_f, out_f = SHAPES[shape]
     g = torch.Generator().manual_seed(0)
@@ -43,9 +45,11 @@ def test_bench_ternary(benchmark, kind, shape):
         out = benchmark(F.linear, xb, wb)
         torch.testing.assert_close(out.double(), x.double() @ wq.double().T, rtol=3e-2, atol=3e-2)
         return
-    if kind == "ternary-int_mm":
-        layer(x)  # build the cached int8 codes
-        out = benchmark(layer, x)
+    if kind == "ternary-packed":
+        out = benchmark(layer, x)  # M = 1: the 2-bit kernel where it is built, else int_mm
+    elif kind == "ternary-int_mm":
+        ct = layer._codes_transposed()
+        out = benchmark(T.ternary_linear, x, ct, layer.scale.view(-1))
     elif kind == "ternary-addsub":
         pos, neg = T.addsub_index(codes)
         out = benchmark(lambda: T.addsub_ternary(*T.act_quant_int8(x)[:1], pos, neg).float() * gamma / qb)

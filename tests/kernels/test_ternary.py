@@ -71,3 +71,67 @@ def test_ternary_linear_matches_fp_reference(per_channel):
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
     yw = T.ternary_linear(x, codes.T.contiguous(), scale, None, act_bits=None)
     torch.testing.assert_close(yw.double(), x.double() @ (codes.double().T * scale.double()), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the 2-bit packed CPU kernel
+
+needs_kernel = pytest.mark.skipif(not T.load_ternary_cpu_kernel(), reason="no C++ compiler for kernels/ternary_cpu.cpp")
+
+
+@needs_kernel
+@pytest.mark.parametrize("k,n", [(576, 1536), (1536, 576), (64, 48), (130, 33), (7, 5), (257, 70), (1, 3)])
+def test_packed_2bit_kernel_is_exact(k, n):
+    """Against the integer reference on every row count it serves (and more), with K not a multiple of 4 or 64
+    (masked tails, padded codes) and the extreme activations -128 / 127 on every code."""
+    g = torch.Generator().manual_seed(k * 1000 + n)
+    codes = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    packed = T.pack_ternary(codes, "2bit")
+    for m in (1, 2, 3, 4, 6):
+        xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+        xq[0] = -128
+        if m > 1:
+            xq[1] = 127
+        assert torch.equal(T.ternary_mm_2bit(xq, packed).to(torch.int64), T.reference_ternary_matmul(xq, codes))
+    with pytest.raises(RuntimeError, match="activations for rows of"):
+        T.ternary_mm_2bit(torch.zeros(1, k + 4, dtype=torch.int8), packed)
+
+
+@needs_kernel
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_ternary_linear_decode_reads_the_packed_codes_bit_for_bit(per_channel, monkeypatch):
+    """TernaryLinear at M <= PACKED_GEMV_MAX_ROWS takes the 2-bit kernel (not the int8 copy of the codes), with
+    outputs equal bit for bit to the int_mm path; longer inputs, and a missing kernel, take int_mm."""
+    from quantbench.methods.bitnet import TernaryLinear
+
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(-1, 2, (96, 200), generator=g, dtype=torch.int8)
+    scale = torch.rand(96 if per_channel else 1, generator=g) + 0.1
+    m = TernaryLinear.from_codes(codes, scale, "2bit", "channel" if per_channel else "tensor",
+                                 bias=torch.randn(96, generator=g))
+    m.cache_codes = False
+    calls = []
+    real = T.ternary_mm_2bit
+    monkeypatch.setattr(T, "ternary_mm_2bit", lambda *a: calls.append(1) or real(*a))
+    for shape in [(1, 1, 200), (2, 2, 200), (1, 200)]:
+        x = torch.randn(*shape, generator=g)
+        want = T.ternary_linear(x, codes.T.contiguous(), m.scale.view(-1), m.bias)
+        calls.clear()
+        assert torch.equal(m(x), want) and calls
+    x = torch.randn(1, 5, 200, generator=g)
+    calls.clear()
+    assert torch.equal(m(x), T.ternary_linear(x, codes.T.contiguous(), m.scale.view(-1), m.bias)) and not calls
+    monkeypatch.setattr(T, "loaded_cpp_ops", lambda source: None)
+    x = torch.randn(1, 1, 200, generator=g)
+    assert torch.equal(m(x), T.ternary_linear(x, codes.T.contiguous(), m.scale.view(-1), m.bias)) and not calls
+
+
+@needs_kernel
+def test_ternary_decode_kernel_compiles_in_one_graph():
+    """torch.compile(fullgraph=True) traces the operator through its registered shape function."""
+    from quantbench.methods.bitnet import TernaryLinear
+
+    g = torch.Generator().manual_seed(3)
+    m = TernaryLinear.from_codes(torch.randint(-1, 2, (40, 72), generator=g, dtype=torch.int8), torch.tensor([0.7]))
+    x = torch.randn(1, 1, 72, generator=g)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(m, fullgraph=True)(x), m(x))
