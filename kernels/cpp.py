@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ def load_cpp_ops(source: str, prefix: str, macro: str) -> Any:
     """The operators of ``kernels/<source>`` as ``torch.ops.<prefix>_<hash>``, built on first use (then loaded from
     torch's extension cache), or None where they cannot be built (no compiler): callers keep their torch paths.
     The build is keyed by the source and this CPU's flags (``-march=native``); the source registers its operators
-    in the namespace the ``macro`` define names, so two builds never clash in one process."""
+    in the namespace the ``macro`` define names, so two builds never clash in one process.  It compiles a copy of
+    the source kept in torch's build folder: ninja rebuilds when a source's path changes, and each checkout of the
+    same code would otherwise pay the ~20-30 s compile again."""
     if source in _BUILT:
         return _BUILT[source]
     mod = None
@@ -33,7 +36,17 @@ def load_cpp_ops(source: str, prefix: str, macro: str) -> Any:
             pass
         name = f"{prefix}_{h.hexdigest()[:12]}"
         flags = ["-O3", "-march=native", "-fopenmp-simd", f"-D{macro}={name}"]
-        cpp_extension.load(name, [str(src)], extra_cflags=flags, is_python_module=False, verbose=False)
+        build_dir = getattr(cpp_extension, "_get_build_directory", None)  # torch's own folder for ``name``
+        copy, build = src, None
+        if build_dir is not None:
+            build = Path(build_dir(name, False))
+            copy = build / source
+            if not copy.exists() or copy.read_bytes() != src.read_bytes():
+                tmp = build / f"{source}.tmp-{os.getpid()}"
+                tmp.write_bytes(src.read_bytes())
+                os.replace(tmp, copy)  # whole or absent, for a concurrent build
+        cpp_extension.load(name, [str(copy)], extra_cflags=flags, build_directory=None if build is None else str(build),
+                           is_python_module=False, verbose=False)
         mod = getattr(torch.ops, name)
     except Exception as e:  # noqa: BLE001 - any build failure: the torch paths remain
         log.warning("C++ CPU operators of %s unavailable (%s); using the torch paths", source, e)

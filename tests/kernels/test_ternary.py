@@ -135,3 +135,16 @@ def test_ternary_decode_kernel_compiles_in_one_graph():
     x = torch.randn(1, 1, 72, generator=g)
     torch._dynamo.reset()
     assert torch.equal(torch.compile(m, fullgraph=True)(x), m(x))
+
+
+@needs_kernel
+def test_the_kernel_builds_from_a_copy_in_torchs_build_folder():
+    """Every checkout of the same source compiles the same path (ninja rebuilds when a source path changes)."""
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    mod = T.loaded_cpp_ops("ternary_cpu.cpp")
+    copy = Path(cpp_extension._get_build_directory(mod.name, False)) / "ternary_cpu.cpp"
+    assert copy.read_bytes() == (Path(T.__file__).parent / "ternary_cpu.cpp").read_bytes()
+    assert str(copy) in (copy.parent / "build.ninja").read_text()
