@@ -103,7 +103,7 @@ GGUF_CACHE_MAX_BYTES = 2 << 30
 def gguf_cache_path(path: Path, sha256: str, dtype: torch.dtype) -> Path | None:
     """Where :func:`load_gguf` keeps ``path`` dequantized to ``dtype`` as a transformers directory, keyed by the
     file's sha256, the dtype and the versions of the code that dequantizes it (transformers, gguf, torch);
-    None when ``$QUANTBENCH_MODEL_CACHE`` is ``0``."""
+    None when ``$QUANTBENCH_MODEL_CACHE`` is ``0`` or the cache folder cannot be created."""
     if os.environ.get("QUANTBENCH_MODEL_CACHE", "1") == "0":
         return None
     import importlib.metadata as md
@@ -111,7 +111,12 @@ def gguf_cache_path(path: Path, sha256: str, dtype: torch.dtype) -> Path | None:
     key = json.dumps({"v": GGUF_CACHE_VERSION, "sha256": sha256, "dtype": dtype_name(dtype),
                       "transformers": md.version("transformers"), "gguf": md.version("gguf"),
                       "torch": torch.__version__}, sort_keys=True)
-    return cache_dir() / "models" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    try:
+        root = cache_dir()
+    except OSError as e:  # an unwritable cache: load the file every time
+        log.debug("no model cache: %s", e)
+        return None
+    return root / "models" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def _save_gguf_cache(d: Path, model: Any, tok: Any, info: dict[str, Any]) -> None:

@@ -139,6 +139,10 @@ def test_gguf_cache_is_keyed_and_can_be_turned_off(tmp_path, monkeypatch):
     assert models_mod.gguf_cache_path(p, "ab" * 32, torch.float32) != a  # another cache format
     monkeypatch.setenv("QUANTBENCH_MODEL_CACHE", "0")
     assert models_mod.gguf_cache_path(p, "ab" * 32, torch.float32) is None
+    monkeypatch.setenv("QUANTBENCH_MODEL_CACHE", "1")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "file" / "cache"))  # cannot be created: no cache, no error
+    assert models_mod.gguf_cache_path(p, "ab" * 32, torch.float32) is None
 
 
 @pytest.mark.slow
