@@ -18,10 +18,11 @@ _BUILT: dict[str, Any] = {}
 def load_cpp_ops(source: str, prefix: str, macro: str) -> Any:
     """The operators of ``kernels/<source>`` as ``torch.ops.<prefix>_<hash>``, built on first use (then loaded from
     torch's extension cache), or None where they cannot be built (no compiler): callers keep their torch paths.
-    The build is keyed by the source and this CPU's flags (``-march=native``); the source registers its operators
-    in the namespace the ``macro`` define names, so two builds never clash in one process.  It compiles a copy of
-    the source kept in torch's build folder: ninja rebuilds when a source's path changes, and each checkout of the
-    same code would otherwise pay the ~20-30 s compile again."""
+    The build is keyed by the source, the torch installation (two virtual environments have different include
+    paths, and would rebuild each other's) and this CPU's flags (``-march=native``); the source registers its
+    operators in the namespace the ``macro`` define names, so two builds never clash in one process.  It compiles
+    a copy of the source kept in torch's build folder: ninja rebuilds when a source's path changes, and each
+    checkout of the same code would otherwise pay the ~20-30 s compile again."""
     if source in _BUILT:
         return _BUILT[source]
     mod = None
@@ -30,6 +31,7 @@ def load_cpp_ops(source: str, prefix: str, macro: str) -> Any:
 
         src = Path(__file__).with_name(source)
         h = hashlib.sha256(src.read_bytes())
+        h.update(str(Path(torch.__file__).parent).encode())  # each environment its own build (its own include paths)
         try:
             h.update(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).encode())
         except (OSError, StopIteration):
