@@ -30,7 +30,8 @@ def load_cpp_ops(source: str, prefix: str, macro: str) -> Any:
         from torch.utils import cpp_extension
 
         src = Path(__file__).with_name(source)
-        h = hashlib.sha256(src.read_bytes())
+        code = src.read_bytes()
+        h = hashlib.sha256(code)
         h.update(str(Path(torch.__file__).parent).encode())  # each environment its own build (its own include paths)
         try:
             h.update(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).encode())
@@ -43,9 +44,9 @@ def load_cpp_ops(source: str, prefix: str, macro: str) -> Any:
         if build_dir is not None:
             build = Path(build_dir(name, False))
             copy = build / source
-            if not copy.exists() or copy.read_bytes() != src.read_bytes():
+            if not copy.exists() or copy.read_bytes() != code:
                 tmp = build / f"{source}.tmp-{os.getpid()}"
-                tmp.write_bytes(src.read_bytes())
+                tmp.write_bytes(code)
                 os.replace(tmp, copy)  # whole or absent, for a concurrent build
         cpp_extension.load(name, [str(copy)], extra_cflags=flags, build_directory=None if build is None else str(build),
                            is_python_module=False, verbose=False)

@@ -36,7 +36,7 @@ exact): pytest-benchmark, 1 thread, TernaryLinear at M = 1 (activation quantizat
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -164,14 +164,10 @@ def ternary_linear(
     With ``act_bits=8`` the activations are quantized per token and the product runs in int8 ->
     int32 (``torch._int_mm``); with ``act_bits=None`` the codes are used as fp weights.
     """
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
     if act_bits == 8:
-        xq, qb = act_quant_int8(x2)
-        acc = int_mm_ternary(xq, codes_t)
-        y = acc.float() * (scale.float().view(1, -1) / qb)
-    else:
-        y = (x2.float() @ codes_t.float()) * scale.float().view(1, -1)
+        return _int8_linear(x, lambda xq: int_mm_ternary(xq, codes_t), codes_t.shape[1], scale, bias)
+    shape = x.shape
+    y = (x.reshape(-1, shape[-1]).float() @ codes_t.float()) * scale.float().view(1, -1)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], codes_t.shape[1])
@@ -216,12 +212,18 @@ def ternary_linear_2bit(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`ternary_linear` with int8 activations read straight from the 2-bit packed codes [N, ceil(K/4)] (no
     int8 copy of the codes: a quarter of the bytes per decode step); the same numbers bit for bit."""
+    return _int8_linear(x, lambda xq: ternary_mm_2bit(xq, packed), packed.shape[0], scale, bias)
+
+
+def _int8_linear(x: torch.Tensor, mm: Any, n: int, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Per-token int8 activations of ``x`` through the integer product ``mm`` (int8 [M, K] -> int32 [M, n]), then
+    the per-tensor or per-channel ``scale``, the activation scale and ``bias``."""
     shape = x.shape
     xq, qb = act_quant_int8(x.reshape(-1, shape[-1]))
-    y = ternary_mm_2bit(xq, packed).float() * (scale.float().view(1, -1) / qb)
+    y = mm(xq).float() * (scale.float().view(1, -1) / qb)
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*shape[:-1], packed.shape[0])
+    return y.to(x.dtype).reshape(*shape[:-1], n)
 
 
 class TernaryPackedWeight(Protocol):
